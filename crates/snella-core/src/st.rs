@@ -1,0 +1,1 @@
+//! safetensors reading and atomic writing (filled in below).

@@ -1,0 +1,1 @@
+//! The inter-layer allocator (spec §5).

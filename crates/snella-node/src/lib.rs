@@ -1,0 +1,2 @@
+//! napi-rs bindings of snella.
+#![deny(clippy::all)]
