@@ -29,7 +29,8 @@ pub fn gemm<T: Real>(
     }
     let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
     let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
-    T::gemm_strided(m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize, 1);
+    // SAFETY: the asserts above bound every extent by its slice.
+    unsafe { T::gemm_strided(m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize, 1) };
 }
 
 #[cfg(test)]

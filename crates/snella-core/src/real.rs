@@ -16,8 +16,11 @@ pub trait Real:
     /// The error function, `erf(x)`, used by exact GELU.
     fn erf(self) -> Self;
     /// Row-major strided GEMM kernel: see [`crate::gemm::gemm`].
+    ///
+    /// # Safety
+    /// Every pointer must be valid for the strided `m×k`, `k×n` and `m×n` extents.
     #[allow(clippy::too_many_arguments)]
-    fn gemm_strided(
+    unsafe fn gemm_strided(
         m: usize, k: usize, n: usize, alpha: Self,
         a: *const Self, rsa: isize, csa: isize,
         b: *const Self, rsb: isize, csb: isize,
@@ -29,13 +32,13 @@ impl Real for f32 {
     fn of(v: f64) -> Self { v as f32 }
     fn f64(self) -> f64 { self as f64 }
     fn erf(self) -> Self { libm::erff(self) }
-    fn gemm_strided(
+    unsafe fn gemm_strided(
         m: usize, k: usize, n: usize, alpha: Self,
         a: *const Self, rsa: isize, csa: isize,
         b: *const Self, rsb: isize, csb: isize,
         beta: Self, c: *mut Self, rsc: isize, csc: isize,
     ) {
-        // SAFETY: callers (only `gemm::gemm`) check every slice bound before calling.
+        // SAFETY: forwarded from this function's contract.
         unsafe { matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
     }
 }
@@ -44,13 +47,13 @@ impl Real for f64 {
     fn of(v: f64) -> Self { v }
     fn f64(self) -> f64 { self }
     fn erf(self) -> Self { libm::erf(self) }
-    fn gemm_strided(
+    unsafe fn gemm_strided(
         m: usize, k: usize, n: usize, alpha: Self,
         a: *const Self, rsa: isize, csa: isize,
         b: *const Self, rsb: isize, csb: isize,
         beta: Self, c: *mut Self, rsc: isize, csc: isize,
     ) {
-        // SAFETY: callers (only `gemm::gemm`) check every slice bound before calling.
+        // SAFETY: forwarded from this function's contract.
         unsafe { matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
     }
 }

@@ -1,1 +1,198 @@
-//! safetensors reading and atomic writing (filled in below).
+//! safetensors I/O: reading f32/f16/bf16 tensors into f32, and atomic writing.
+//!
+//! Parsing and header validation are done by the `safetensors` crate; this module turns its errors
+//! into [`SnellaError`]s naming the file and tensor, and writes files atomically
+//! (temporary file, fsync, rename) so that a crash mid-write leaves any previous file intact.
+
+use crate::{Result, SnellaError};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::Path;
+
+/// One tensor held in host memory as f32, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// The shape, outermost dimension first.
+    pub shape: Vec<usize>,
+    /// `shape.iter().product()` values.
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    /// A tensor from a shape and its data.
+    ///
+    /// # Panics
+    /// If `data.len()` differs from the product of `shape`.
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "HostTensor shape/data mismatch");
+        HostTensor { shape, data }
+    }
+}
+
+/// The tensors and string metadata of a safetensors file.
+#[derive(Clone, Debug, Default)]
+pub struct TensorFile {
+    /// The file the tensors came from (for error messages).
+    pub path: String,
+    /// Tensors by name, converted to f32.
+    pub tensors: HashMap<String, HostTensor>,
+    /// The `__metadata__` map of the header (empty when absent).
+    pub metadata: HashMap<String, String>,
+}
+
+impl TensorFile {
+    /// Takes tensor `name` out of the file, checking its shape.
+    ///
+    /// # Errors
+    /// [`SnellaError::Tensor`] naming the file and tensor when it is missing or has another shape.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| SnellaError::tensor(&self.path, name, "missing from the file"))?;
+        if t.shape != shape {
+            return Err(SnellaError::tensor(
+                &self.path,
+                name,
+                format!("has shape {:?}, the model config expects {:?}", t.shape, shape),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// A metadata value parsed as `T`, or `None` when absent.
+    ///
+    /// # Errors
+    /// [`SnellaError::File`] when present but not parseable.
+    pub fn meta<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>> {
+        match self.metadata.get(key) {
+            None => Ok(None),
+            Some(v) => v.trim().parse::<T>().map(Some).map_err(|_| {
+                SnellaError::file(&self.path, format!("metadata '{key}' = '{v}' is not a valid value"))
+            }),
+        }
+    }
+}
+
+fn view_to_f32(path: &str, name: &str, v: &TensorView<'_>) -> Result<Vec<f32>> {
+    let bytes = v.data();
+    let out = match v.dtype() {
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(SnellaError::tensor(path, name, format!("has dtype {other:?}; expected F32, F16 or BF16")))
+        }
+    };
+    Ok(out)
+}
+
+/// Parses safetensors bytes; `path` only names the source in errors.
+///
+/// # Errors
+/// [`SnellaError::File`] for a malformed header (truncated file, offsets outside the data, bad JSON);
+/// [`SnellaError::Tensor`] for an unsupported dtype.
+pub fn parse(path: &str, bytes: &[u8]) -> Result<TensorFile> {
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| SnellaError::file(path, format!("not a valid safetensors file: {e}")))?;
+    let metadata: HashMap<String, String> = header.metadata().clone().unwrap_or_default();
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| SnellaError::file(path, format!("not a valid safetensors file: {e}")))?;
+    let mut tensors = HashMap::new();
+    for (name, view) in st.tensors() {
+        let data = view_to_f32(path, &name, &view)?;
+        tensors.insert(name, HostTensor { shape: view.shape().to_vec(), data });
+    }
+    Ok(TensorFile { path: path.to_string(), tensors, metadata })
+}
+
+/// Reads a safetensors file.
+///
+/// # Errors
+/// [`SnellaError::File`] when the file cannot be read or parsed; see [`parse`].
+pub fn read(path: impl AsRef<Path>) -> Result<TensorFile> {
+    let p = path.as_ref();
+    let bytes = std::fs::read(p).map_err(|e| SnellaError::file(p, format!("cannot read: {e}")))?;
+    parse(&p.display().to_string(), &bytes)
+}
+
+/// Serialises f32 tensors (sorted by name) with string metadata to safetensors bytes.
+pub fn serialize(tensors: &BTreeMap<String, HostTensor>, metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    let raw: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = raw
+        .iter()
+        .map(|(n, b, s)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("consistent view")))
+        .collect();
+    let meta: HashMap<String, String> = metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    safetensors::tensor::serialize(views, &Some(meta)).expect("safetensors serialisation of f32 tensors")
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder is written, synced and
+/// renamed over `path`. Unless `overwrite`, an existing `path` is an error (nothing is lost silently).
+///
+/// # Errors
+/// [`SnellaError::File`] when `path` exists and `overwrite` is false, or on any I/O failure.
+pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8], overwrite: bool) -> Result<()> {
+    let p = path.as_ref();
+    if !overwrite && p.exists() {
+        return Err(SnellaError::file(p, "already exists; pass overwrite to replace it"));
+    }
+    let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| SnellaError::file(dir, format!("cannot create folder: {e}")))?;
+    let fname = p.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let tmp = dir.join(format!(".{fname}.tmp-{}", std::process::id()));
+    let io = |e: std::io::Error| SnellaError::file(&tmp, format!("cannot write: {e}"));
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, p).map_err(|e| SnellaError::file(p, format!("cannot rename temporary file into place: {e}")))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_errors_name_file_and_tensor() {
+        let mut t = BTreeMap::new();
+        t.insert("a.weight".to_string(), HostTensor::new(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, -6.5]));
+        let mut m = BTreeMap::new();
+        m.insert("k".to_string(), "7".to_string());
+        let bytes = serialize(&t, &m);
+        let mut f = parse("mem.safetensors", &bytes).unwrap();
+        assert_eq!(f.meta::<usize>("k").unwrap(), Some(7));
+        let e = f.clone().take("a.weight", &[3, 2]).unwrap_err().to_string();
+        assert!(e.contains("mem.safetensors") && e.contains("a.weight") && e.contains("[3, 2]"), "{e}");
+        let e = f.clone().take("b", &[1]).unwrap_err().to_string();
+        assert!(e.contains("'b'") && e.contains("missing"), "{e}");
+        assert_eq!(f.take("a.weight", &[2, 3]).unwrap().data[5], -6.5);
+        let e = parse("cut.safetensors", &bytes[..bytes.len() - 3]).unwrap_err().to_string();
+        assert!(e.contains("cut.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn atomic_write_refuses_to_overwrite_silently() {
+        let dir = std::env::temp_dir().join(format!("snella-st-{}", std::process::id()));
+        let p = dir.join("x.bin");
+        let _ = std::fs::remove_file(&p);
+        write_atomic(&p, b"one", false).unwrap();
+        assert!(write_atomic(&p, b"two", false).unwrap_err().to_string().contains("already exists"));
+        assert_eq!(std::fs::read(&p).unwrap(), b"one");
+        write_atomic(&p, b"two", true).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,4 +1,14 @@
 //! snella-model: ViT blocks, adapters (SNELLA, SNELL, LoRA), the allocator, AdamW and the training
 //! step, written as explicit layer-level forward/backward over a [`backend::Backend`].
 
+pub mod adapter;
 pub mod allocator;
+pub mod backend;
+pub mod config;
+pub mod cpu;
+pub mod linear;
+pub mod param;
+pub mod peft;
+pub mod session;
+pub mod trainer;
+pub mod vit;

@@ -1,7 +1,12 @@
 //! The sparsify rules (spec §2) applied to the merged matrix `M`, and their backward (spec §3).
+//!
+//! No mask is materialised: the kept set is tested per entry from its [`KeptSet`] description,
+//! with the tie rule resolved by one flat-index cut (see `topk::tie_cut`), so both passes are
+//! element-wise, parallel over fixed chunks, and deterministic.
 
-use super::topk::KeptSet;
+use super::topk::{mag_key, threshold_key, tie_cut, KeptSet, PAR_CHUNK};
 use crate::Real;
+use rayon::prelude::*;
 
 /// How the kept set turns `M` into `ΔW` (spec §2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,14 +19,130 @@ pub enum SparsifyRule {
     Mask,
 }
 
-/// Forward: `dw = rule(m)` over `[n_in·n_out]` entries, given the kept set from `select_topk(|m|)`.
-pub fn sparsify_fwd<T: Real>(m: &[T], set: &KeptSet, rule: SparsifyRule, dw: &mut [T]) {
-    let _ = (m, set, rule, dw);
-    todo!("helper B")
+/// `out[i] = src[i] · factor_i`, with the stop-gradient factor of `rule` computed from `m`.
+fn apply<T: Real>(m: &[T], set: &KeptSet, rule: SparsifyRule, src: &[T], out: &mut [T]) {
+    assert_eq!(m.len(), out.len(), "sparsify: output length {} differs from m ({})", out.len(), m.len());
+    assert_eq!(m.len(), src.len(), "sparsify: input length {} differs from m ({})", src.len(), m.len());
+    let thr = threshold_key(set.threshold);
+    let cut = match rule {
+        SparsifyRule::SoftThreshold => 0,
+        _ => tie_cut(m, |x: T| mag_key(x.abs()), thr, set.ties),
+    };
+    let tau = T::of(set.tau);
+    out.par_chunks_mut(PAR_CHUNK).enumerate().for_each(|(ci, o)| {
+        let base = ci * PAR_CHUNK;
+        let mc = &m[base..base + o.len()];
+        let sc = &src[base..base + o.len()];
+        let kept = |a: T, i: usize| {
+            let kk = mag_key(a);
+            kk > thr || (kk == thr && base + i < cut)
+        };
+        match rule {
+            SparsifyRule::MagnitudeProduct => {
+                for (t, ((ov, &mv), &sv)) in o.iter_mut().zip(mc).zip(sc).enumerate() {
+                    let a = mv.abs();
+                    *ov = if kept(a, t) { sv * a } else { T::zero() };
+                }
+            }
+            SparsifyRule::SoftThreshold => {
+                for ((ov, &mv), &sv) in o.iter_mut().zip(mc).zip(sc) {
+                    let f = mv.abs() - tau;
+                    *ov = if f > T::zero() { sv * f } else { T::zero() };
+                }
+            }
+            SparsifyRule::Mask => {
+                for (t, ((ov, &mv), &sv)) in o.iter_mut().zip(mc).zip(sc).enumerate() {
+                    *ov = if kept(mv.abs(), t) { sv } else { T::zero() };
+                }
+            }
+        }
+    });
 }
 
-/// Backward: `dm = Ĝ = g ⊙ factor` where the factor is the stop-gradient term of `rule`.
+/// Forward (spec §2): `dw = rule(m)` over `[n_in·n_out]` entries, given the kept set from
+/// `select_topk(|m|)`:
+/// magnitude-product `dw = m·|m|·1_S`, soft-threshold `dw = m·max(|m| − τ, 0)`, mask `dw = m·1_S`.
+///
+/// # Panics
+/// If `dw` and `m` differ in length.
+pub fn sparsify_fwd<T: Real>(m: &[T], set: &KeptSet, rule: SparsifyRule, dw: &mut [T]) {
+    apply(m, set, rule, m, dw);
+}
+
+/// Backward (spec §3): `dm = Ĝ = g ⊙ factor` where the factor is the stop-gradient term of `rule`
+/// (`|m|·1_S`, `max(|m| − τ, 0)` or `1_S`); entries outside `S` get 0.
+///
+/// # Panics
+/// If `g`, `dm` and `m` differ in length.
 pub fn sparsify_bwd<T: Real>(m: &[T], set: &KeptSet, rule: SparsifyRule, g: &[T], dm: &mut [T]) {
-    let _ = (m, set, rule, g, dm);
-    todo!("helper B")
+    apply(m, set, rule, g, dm);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::topk::{kept_mask, select_topk};
+    use super::*;
+
+    const RULES: [SparsifyRule; 3] = [SparsifyRule::MagnitudeProduct, SparsifyRule::SoftThreshold, SparsifyRule::Mask];
+
+    #[test]
+    fn rules_match_naive_with_ties() {
+        // |m| = [3, 1, 2, 2, 2, 0.5, 2]; k = 3 keeps 3 and the first two 2's (indices 2 and 3).
+        let m = vec![-3.0, 1.0, 2.0, -2.0, 2.0, 0.5, -2.0];
+        let mags: Vec<f64> = m.iter().map(|x: &f64| x.abs()).collect();
+        let set = select_topk(&mags, 3);
+        assert_eq!((set.threshold, set.ties, set.tau), (2.0, 2, 2.0));
+        let mut mask = vec![false; 7];
+        kept_mask(&mags, &set, &mut mask);
+        assert_eq!(mask, vec![true, false, true, true, false, false, false]);
+        let g = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0];
+        let mut dw = vec![0.0; 7];
+        let mut dm = vec![0.0; 7];
+        sparsify_fwd(&m, &set, SparsifyRule::MagnitudeProduct, &mut dw);
+        assert_eq!(dw, vec![-9.0, 0.0, 4.0, -4.0, 0.0, 0.0, 0.0]);
+        sparsify_bwd(&m, &set, SparsifyRule::MagnitudeProduct, &g, &mut dm);
+        assert_eq!(dm, vec![3.0, 0.0, 6.0, 8.0, 0.0, 0.0, 0.0]);
+        sparsify_fwd(&m, &set, SparsifyRule::SoftThreshold, &mut dw);
+        assert_eq!(dw, vec![-3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        sparsify_bwd(&m, &set, SparsifyRule::SoftThreshold, &g, &mut dm);
+        assert_eq!(dm, vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        sparsify_fwd(&m, &set, SparsifyRule::Mask, &mut dw);
+        assert_eq!(dw, vec![-3.0, 0.0, 2.0, -2.0, 0.0, 0.0, 0.0]);
+        sparsify_bwd(&m, &set, SparsifyRule::Mask, &g, &mut dm);
+        assert_eq!(dm, vec![1.0, 0.0, 3.0, 4.0, 0.0, 0.0, 0.0]);
+        // k = 5: τ = 1 (all 2's kept, the largest dropped is 1).
+        let set5 = select_topk(&mags, 5);
+        assert_eq!(set5.tau, 1.0);
+        sparsify_fwd(&m, &set5, SparsifyRule::SoftThreshold, &mut dw);
+        assert_eq!(dw, vec![-6.0, 0.0, 2.0, -2.0, 2.0, 0.0, -2.0]);
+    }
+
+    #[test]
+    fn large_input_matches_mask_across_chunks() {
+        // Quantised values spanning several parallel chunks, so the tie cut crosses chunk borders.
+        let n = 3 * PAR_CHUNK + 777;
+        let m: Vec<f32> = crate::gradcheck::rand_vec(n, 11, 1.0).iter().map(|&x| ((x * 8.0).round() / 8.0) as f32).collect();
+        let mags: Vec<f32> = m.iter().map(|x| x.abs()).collect();
+        let set = select_topk(&mags, n / 3);
+        let mut mask = vec![false; n];
+        kept_mask(&mags, &set, &mut mask);
+        assert!(set.ties > 0);
+        let g: Vec<f32> = (0..n).map(|i| (i % 13) as f32 - 6.0).collect();
+        for rule in RULES {
+            let mut dw = vec![0.0f32; n];
+            let mut dm = vec![0.0f32; n];
+            sparsify_fwd(&m, &set, rule, &mut dw);
+            sparsify_bwd(&m, &set, rule, &g, &mut dm);
+            for i in 0..n {
+                let a = m[i].abs();
+                let f = match rule {
+                    SparsifyRule::MagnitudeProduct => if mask[i] { a } else { 0.0 },
+                    SparsifyRule::SoftThreshold => (a - set.tau as f32).max(0.0),
+                    SparsifyRule::Mask => if mask[i] { 1.0 } else { 0.0 },
+                };
+                assert_eq!(dw[i], m[i] * f, "{rule:?} fwd at {i}");
+                assert_eq!(dm[i], g[i] * f, "{rule:?} bwd at {i}");
+            }
+        }
+    }
 }

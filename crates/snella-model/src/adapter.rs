@@ -1,0 +1,229 @@
+//! Adapters that add a parallel update `ΔW` to a frozen linear: SNELLA/SNELL (spec §1–§3) and LoRA.
+//!
+//! An adapter covers one output chunk of a linear (q, k or v of the fused `qkv`, or a whole
+//! `proj`/`fc1`/`fc2`): `ΔW: [n_in, n_out]` in the spec's layout. The model adds `ΔWᵀ` to the
+//! chunk's rows of the frozen `W0 [out, in]` and runs one GEMM with that effective weight.
+
+use crate::backend::Backend;
+use crate::param::Param;
+use snella_core::snella::merge::{coeffs, Mixture};
+use snella_core::snella::sparsify::SparsifyRule;
+use snella_core::snella::topk::{kept_count, KeptSet};
+
+/// A kernelized sparse adapter (spec §1–§3). `mixture = None` is SNELL.
+pub struct KernelAdapter<B: Backend> {
+    /// The adapter name, e.g. `blocks.0.attn.q`.
+    pub name: String,
+    /// Input features `in`.
+    pub n_in: usize,
+    /// Output features `out` of this chunk.
+    pub n_out: usize,
+    /// Kernel pieces `H`.
+    pub heads: usize,
+    /// Rank per piece `r/H`.
+    pub rh: usize,
+    /// `A: [H, in, r/H]`.
+    pub a: Param<B>,
+    /// `B: [H, out, r/H]`.
+    pub b: Param<B>,
+    /// `[α, γ, β]` (SNELLA only).
+    pub mix: Option<Param<B>>,
+    /// The current sparsity `s` (fraction zeroed), set by the allocator.
+    pub sparsity: f64,
+    /// The sparsify rule.
+    pub rule: SparsifyRule,
+}
+
+/// The merged matrix of one step: `M`, its kept set and `ΔW` (all `[n_in, n_out]`).
+pub struct Materialized<B: Backend> {
+    /// `M` (only kept for kernel adapters; LoRA has none).
+    pub m: Option<B::Buf>,
+    /// The kept set of `|M|` (kernel adapters).
+    pub set: Option<KeptSet>,
+    /// `ΔW`.
+    pub dw: B::Buf,
+}
+
+/// PyTorch's `kaiming_uniform_(a=√5)` bound for a tensor whose fan-in is `fan_in`: `1/sqrt(fan_in)`.
+fn kaiming_bound(fan_in: usize) -> f64 {
+    1.0 / (fan_in as f64).sqrt()
+}
+
+/// Uniform values in `±bound` from a seeded SplitMix64 stream.
+pub fn uniform(n: usize, bound: f64, rng: &mut u64) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            *rng = rng.wrapping_add(0x9E3779B97F4A7C15);
+            let mut z = *rng;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+            z ^= z >> 31;
+            (((z >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0) as f32 * bound as f32
+        })
+        .collect()
+}
+
+impl<B: Backend> KernelAdapter<B> {
+    /// A new adapter with spec §1 initialisation: `A ~ U(±1/sqrt(in·r/H))`, `B ~ U(±1/sqrt(out·r/H))`,
+    /// `α = 1, γ = 1, β = 0`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(be: &B, name: &str, n_in: usize, n_out: usize, rank: usize, heads: usize, mixture: bool, sparsity: f64, rule: SparsifyRule, rng: &mut u64) -> Self {
+        let rh = rank / heads;
+        let a = uniform(heads * n_in * rh, kaiming_bound(n_in * rh), rng);
+        let b = uniform(heads * n_out * rh, kaiming_bound(n_out * rh), rng);
+        KernelAdapter {
+            name: name.to_string(),
+            n_in,
+            n_out,
+            heads,
+            rh,
+            a: Param::trainable(be, format!("{name}.snella_A"), vec![heads, n_in, rh], &a),
+            b: Param::trainable(be, format!("{name}.snella_B"), vec![heads, n_out, rh], &b),
+            mix: mixture.then(|| Param::trainable(be, format!("{name}.snella_mix"), vec![3], &[1.0, 1.0, 0.0])),
+            sparsity,
+            rule,
+        }
+    }
+
+    /// Entries of `ΔW`, `N = in·out`.
+    pub fn numel(&self) -> usize {
+        self.n_in * self.n_out
+    }
+
+    /// The kept count `k = N − ⌊s·N⌋` at the current sparsity (spec §2).
+    pub fn kept(&self) -> usize {
+        kept_count(self.numel(), self.sparsity)
+    }
+
+    fn mixture(&self, be: &B) -> Option<Mixture<f32>> {
+        self.mix.as_ref().map(|p| {
+            let v = be.download(&p.value);
+            Mixture { alpha: v[0], gamma: v[1], beta: v[2] }
+        })
+    }
+
+    /// Builds `M`, selects the top-k and sparsifies (spec §1–§2).
+    pub fn materialize(&self, be: &B) -> Materialized<B> {
+        let n = self.numel();
+        let mut m = be.zeros(n);
+        be.merge_fwd(&self.a.value, &self.b.value, self.heads, self.n_in, self.n_out, self.rh, self.mixture(be), &mut m);
+        let set = be.select_topk(&m, self.kept());
+        let mut dw = be.zeros(n);
+        be.sparsify_fwd(&m, &set, self.rule, &mut dw);
+        Materialized { m: Some(m), set: Some(set), dw }
+    }
+
+    /// Backward from `G = ∂L/∂ΔW: [n_in, n_out]` (spec §3), writing the gradients of `A`, `B` and the
+    /// mixture scalars.
+    pub fn backward(&mut self, be: &B, mat: &Materialized<B>, g: &B::Buf) {
+        let (m, set) = (mat.m.as_ref().expect("kernel adapter M"), mat.set.as_ref().expect("kept set"));
+        let mut gh = be.zeros(self.numel());
+        be.sparsify_bwd(m, set, self.rule, g, &mut gh);
+        let mix = self.mixture(be);
+        let (da, db) = (self.a.train.as_mut().expect("A trainable"), self.b.train.as_mut().expect("B trainable"));
+        let dmix = be.merge_bwd(&self.a.value, &self.b.value, self.heads, self.n_in, self.n_out, self.rh, mix, &gh, &mut da.grad, &mut db.grad);
+        if let (Some(p), Some(d)) = (self.mix.as_mut(), dmix) {
+            let t = p.train.as_mut().expect("mixture trainable");
+            t.grad = be.upload(&[d.alpha, d.gamma, d.beta]);
+        }
+    }
+
+    /// The fixed kernel coefficients of this adapter (spec §1).
+    pub fn coeffs(&self) -> Vec<f64> {
+        coeffs(self.heads)
+    }
+}
+
+/// A LoRA adapter: `ΔW = downᵀ·upᵀ` (`down: [r, in]` Kaiming-uniform, `up: [out, r]` zeros), scale 1,
+/// as in the reference implementation.
+pub struct LoraAdapter<B: Backend> {
+    /// The adapter name.
+    pub name: String,
+    /// Input features.
+    pub n_in: usize,
+    /// Output features of this chunk.
+    pub n_out: usize,
+    /// Rank r.
+    pub rank: usize,
+    /// `down: [r, in]`.
+    pub down: Param<B>,
+    /// `up: [out, r]`.
+    pub up: Param<B>,
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    /// A new LoRA adapter (`up = 0`, so `ΔW = 0` at start).
+    pub fn new(be: &B, name: &str, n_in: usize, n_out: usize, rank: usize, rng: &mut u64) -> Self {
+        let down = uniform(rank * n_in, kaiming_bound(n_in), rng);
+        LoraAdapter {
+            name: name.to_string(),
+            n_in,
+            n_out,
+            rank,
+            down: Param::trainable(be, format!("{name}.lora_down"), vec![rank, n_in], &down),
+            up: Param::trainable(be, format!("{name}.lora_up"), vec![n_out, rank], &vec![0.0; n_out * rank]),
+        }
+    }
+
+    /// `ΔW [in, out] = downᵀ · upᵀ`.
+    pub fn materialize(&self, be: &B) -> Materialized<B> {
+        let mut dw = be.zeros(self.n_in * self.n_out);
+        be.gemm(true, true, self.n_in, self.n_out, self.rank, 1.0, &self.down.value, 0, &self.up.value, 0, 0.0, &mut dw, 0);
+        Materialized { m: None, set: None, dw }
+    }
+
+    /// Gradients from `G [in, out]`: `∂down = upᵀ·Gᵀ`, `∂up = Gᵀ·downᵀ`.
+    pub fn backward(&mut self, be: &B, g: &B::Buf) {
+        let (n_in, n_out, r) = (self.n_in, self.n_out, self.rank);
+        let gd = &mut self.down.train.as_mut().expect("down trainable").grad;
+        be.gemm(true, true, r, n_in, n_out, 1.0, &self.up.value, 0, g, 0, 0.0, gd, 0);
+        let gu = &mut self.up.train.as_mut().expect("up trainable").grad;
+        be.gemm(true, true, n_out, r, n_in, 1.0, g, 0, &self.down.value, 0, 0.0, gu, 0);
+    }
+}
+
+/// One adapter on one output chunk of a linear.
+pub enum Delta<B: Backend> {
+    /// SNELLA or SNELL.
+    Kernel(KernelAdapter<B>),
+    /// LoRA.
+    Lora(LoraAdapter<B>),
+}
+
+impl<B: Backend> Delta<B> {
+    /// The adapter name.
+    pub fn name(&self) -> &str {
+        match self {
+            Delta::Kernel(k) => &k.name,
+            Delta::Lora(l) => &l.name,
+        }
+    }
+    /// Builds this step's `ΔW`.
+    pub fn materialize(&self, be: &B) -> Materialized<B> {
+        match self {
+            Delta::Kernel(k) => k.materialize(be),
+            Delta::Lora(l) => l.materialize(be),
+        }
+    }
+    /// Backward from `G = ∂L/∂ΔW`.
+    pub fn backward(&mut self, be: &B, mat: &Materialized<B>, g: &B::Buf) {
+        match self {
+            Delta::Kernel(k) => k.backward(be, mat, g),
+            Delta::Lora(l) => l.backward(be, g),
+        }
+    }
+    /// The trainable parameters of the adapter.
+    pub fn params(&self) -> Vec<&Param<B>> {
+        match self {
+            Delta::Kernel(k) => [Some(&k.a), Some(&k.b), k.mix.as_ref()].into_iter().flatten().collect(),
+            Delta::Lora(l) => vec![&l.down, &l.up],
+        }
+    }
+    /// Mutable access to the trainable parameters.
+    pub fn params_mut(&mut self) -> Vec<&mut Param<B>> {
+        match self {
+            Delta::Kernel(k) => [Some(&mut k.a), Some(&mut k.b), k.mix.as_mut()].into_iter().flatten().collect(),
+            Delta::Lora(l) => vec![&mut l.down, &mut l.up],
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! The Backend seam: every op the model needs, over buffers the backend owns.
+//!
+//! The model code (`vit.rs`, `linear.rs`, adapters, trainer) calls only these methods, so a CUDA
+//! backend slots in by implementing this trait. The CPU backend ([`crate::cpu::CpuBackend`]) is the
+//! f32 reference; each method's semantics are those of the `snella_core` op of the same name.
+//! All matrices are row-major and contiguous; `*_off` arguments are element offsets into a buffer.
+
+use snella_core::snella::merge::Mixture;
+use snella_core::snella::sparsify::SparsifyRule;
+use snella_core::snella::topk::KeptSet;
+use snella_core::ops::adamw::AdamWParams;
+
+/// A compute backend (CPU or CUDA). Buffers hold f32 values.
+#[allow(clippy::too_many_arguments)]
+pub trait Backend: Clone + Send + Sync + 'static {
+    /// A device (or host) buffer of f32 values.
+    type Buf: Send + Sync;
+
+    /// A short name: `"cpu"` or `"cuda"`.
+    fn name(&self) -> &'static str;
+    /// A buffer of `n` zeros.
+    fn zeros(&self, n: usize) -> Self::Buf;
+    /// A buffer holding a copy of `data`.
+    fn upload(&self, data: &[f32]) -> Self::Buf;
+    /// A host copy of the whole buffer.
+    fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+    /// The number of f32 values in `buf`.
+    fn len(&self, buf: &Self::Buf) -> usize;
+    /// Copies `n` values from `src[src_off..]` to `dst[dst_off..]`.
+    fn copy(&self, src: &Self::Buf, src_off: usize, dst: &mut Self::Buf, dst_off: usize, n: usize);
+    /// Fills `buf` with zeros.
+    fn fill_zero(&self, buf: &mut Self::Buf);
+    /// Bytes held by a buffer (for memory reports).
+    fn bytes(&self, buf: &Self::Buf) -> usize {
+        self.len(buf) * 4
+    }
+
+    /// `C[c_off..][m,n] = alpha·op(A)·op(B) + beta·C`, see `snella_core::gemm::gemm`.
+    fn gemm(
+        &self, ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32,
+        a: &Self::Buf, a_off: usize, b: &Self::Buf, b_off: usize, beta: f32, c: &mut Self::Buf, c_off: usize,
+    );
+    /// `y += x`, element-wise (residual connections).
+    fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf);
+    /// `y[r,:] += bias` for `y: [rows, cols]`.
+    fn add_bias(&self, y: &mut Self::Buf, bias: &Self::Buf, rows: usize, cols: usize);
+    /// `db = Σ_r dy[r,:]` (or `+=` when `accumulate`).
+    fn bias_grad(&self, dy: &Self::Buf, rows: usize, cols: usize, db: &mut Self::Buf, accumulate: bool);
+    /// `dst[out,in] = src[in,out]ᵀ` (+ `dst` when `accumulate`), at element offsets.
+    fn transpose(&self, src: &Self::Buf, src_off: usize, rows: usize, cols: usize, dst: &mut Self::Buf, dst_off: usize, accumulate: bool);
+    /// LayerNorm forward (see `snella_core::ops::layernorm`).
+    fn layernorm_fwd(&self, x: &Self::Buf, g: &Self::Buf, b: &Self::Buf, rows: usize, d: usize, eps: f32, y: &mut Self::Buf, mean: &mut Self::Buf, rstd: &mut Self::Buf);
+    /// LayerNorm backward; `dg`/`db` accumulate when given.
+    fn layernorm_bwd(&self, dy: &Self::Buf, x: &Self::Buf, g: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf, rows: usize, d: usize, dx: &mut Self::Buf, dg: Option<&mut Self::Buf>, db: Option<&mut Self::Buf>);
+    /// Exact GELU forward.
+    fn gelu_fwd(&self, x: &Self::Buf, y: &mut Self::Buf);
+    /// Exact GELU backward from the pre-activation.
+    fn gelu_bwd(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
+    /// Attention core forward: `qkv [b,t,3d]` → `out [b,t,d]`, saving `probs [b,h,t,t]`.
+    fn attention_fwd(&self, qkv: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, out: &mut Self::Buf, probs: &mut Self::Buf);
+    /// Attention core backward.
+    fn attention_bwd(&self, dout: &Self::Buf, qkv: &Self::Buf, probs: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, dqkv: &mut Self::Buf);
+    /// Mean softmax cross-entropy; returns `(loss, correct)` and writes `dlogits`.
+    fn cross_entropy(&self, logits: &Self::Buf, labels: &[u32], b: usize, c: usize, dlogits: &mut Self::Buf) -> (f32, usize);
+    /// Patch unfolding of NCHW images.
+    fn im2col(&self, images: &Self::Buf, b: usize, ch: usize, h: usize, w: usize, p: usize, cols: &mut Self::Buf);
+    /// One AdamW update in place.
+    fn adamw(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, h: &AdamWParams);
+    /// Kernelized merge forward (spec §1): `m [n_in, n_out]`.
+    fn merge_fwd(&self, a: &Self::Buf, b: &Self::Buf, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<Mixture<f32>>, m: &mut Self::Buf);
+    /// Kernelized merge backward (spec §3); returns the mixture gradients.
+    fn merge_bwd(&self, a: &Self::Buf, b: &Self::Buf, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<Mixture<f32>>, dm: &Self::Buf, da: &mut Self::Buf, db: &mut Self::Buf) -> Option<Mixture<f32>>;
+    /// Exact top-k of `|m|` (spec §2).
+    fn select_topk(&self, m: &Self::Buf, k: usize) -> KeptSet;
+    /// Sparsify forward (spec §2), `dw` may alias nothing.
+    fn sparsify_fwd(&self, m: &Self::Buf, set: &KeptSet, rule: SparsifyRule, dw: &mut Self::Buf);
+    /// Sparsify backward (spec §3): `dm = g ⊙ factor`.
+    fn sparsify_bwd(&self, m: &Self::Buf, set: &KeptSet, rule: SparsifyRule, g: &Self::Buf, dm: &mut Self::Buf);
+    /// `true` when every value is finite.
+    fn all_finite(&self, x: &Self::Buf) -> bool;
+}

@@ -1,0 +1,83 @@
+//! The CPU backend: f32 on host `Vec`s, calling the `snella_core` reference ops.
+
+use crate::backend::Backend;
+use rayon::prelude::*;
+use snella_core::gemm::gemm;
+use snella_core::ops::{adamw, attention, cross_entropy, gelu, layernorm, linear, patch};
+use snella_core::snella::merge::{self, Mixture};
+use snella_core::snella::sparsify::{self, SparsifyRule};
+use snella_core::snella::topk::{self, KeptSet};
+
+/// The f32 CPU backend. Multi-threaded through rayon and matrixmultiply's threads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+#[allow(clippy::too_many_arguments)]
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+
+    fn name(&self) -> &'static str { "cpu" }
+    fn zeros(&self, n: usize) -> Vec<f32> { vec![0.0; n] }
+    fn upload(&self, data: &[f32]) -> Vec<f32> { data.to_vec() }
+    fn download(&self, buf: &Vec<f32>) -> Vec<f32> { buf.clone() }
+    fn len(&self, buf: &Vec<f32>) -> usize { buf.len() }
+    fn copy(&self, src: &Vec<f32>, so: usize, dst: &mut Vec<f32>, d: usize, n: usize) {
+        dst[d..d + n].copy_from_slice(&src[so..so + n]);
+    }
+    fn fill_zero(&self, buf: &mut Vec<f32>) { buf.fill(0.0) }
+    fn gemm(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32, a: &Vec<f32>, ao: usize, b: &Vec<f32>, bo: usize, beta: f32, c: &mut Vec<f32>, co: usize) {
+        gemm(ta, tb, m, n, k, alpha, &a[ao..], &b[bo..], beta, &mut c[co..]);
+    }
+    fn add_assign(&self, y: &mut Vec<f32>, x: &Vec<f32>) {
+        y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(y, x)| {
+            for (a, b) in y.iter_mut().zip(x) { *a += *b; }
+        });
+    }
+    fn add_bias(&self, y: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, cols: usize) { linear::add_bias(y, bias, rows, cols) }
+    fn bias_grad(&self, dy: &Vec<f32>, rows: usize, cols: usize, db: &mut Vec<f32>, acc: bool) { linear::bias_grad(dy, rows, cols, db, acc) }
+    fn transpose(&self, src: &Vec<f32>, so: usize, rows: usize, cols: usize, dst: &mut Vec<f32>, d: usize, acc: bool) {
+        let s = &src[so..so + rows * cols];
+        dst[d..d + rows * cols].par_chunks_mut(rows).enumerate().for_each(|(j, out)| {
+            for (i, o) in out.iter_mut().enumerate() {
+                let v = s[i * cols + j];
+                if acc { *o += v } else { *o = v }
+            }
+        });
+    }
+    fn layernorm_fwd(&self, x: &Vec<f32>, g: &Vec<f32>, b: &Vec<f32>, rows: usize, d: usize, eps: f32, y: &mut Vec<f32>, mean: &mut Vec<f32>, rstd: &mut Vec<f32>) {
+        layernorm::layernorm_fwd(x, g, b, rows, d, eps, y, mean, rstd)
+    }
+    fn layernorm_bwd(&self, dy: &Vec<f32>, x: &Vec<f32>, g: &Vec<f32>, mean: &Vec<f32>, rstd: &Vec<f32>, rows: usize, d: usize, dx: &mut Vec<f32>, dg: Option<&mut Vec<f32>>, db: Option<&mut Vec<f32>>) {
+        layernorm::layernorm_bwd(dy, x, g, mean, rstd, rows, d, dx, dg.map(|v| v.as_mut_slice()), db.map(|v| v.as_mut_slice()))
+    }
+    fn gelu_fwd(&self, x: &Vec<f32>, y: &mut Vec<f32>) { gelu::gelu_fwd(x, y) }
+    fn gelu_bwd(&self, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) { gelu::gelu_bwd(x, dy, dx) }
+    fn attention_fwd(&self, qkv: &Vec<f32>, b: usize, t: usize, h: usize, hd: usize, out: &mut Vec<f32>, probs: &mut Vec<f32>) {
+        attention::attention_fwd(qkv, b, t, h, hd, out, probs)
+    }
+    fn attention_bwd(&self, dout: &Vec<f32>, qkv: &Vec<f32>, probs: &Vec<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: &mut Vec<f32>) {
+        attention::attention_bwd(dout, qkv, probs, b, t, h, hd, dqkv)
+    }
+    fn cross_entropy(&self, logits: &Vec<f32>, labels: &[u32], b: usize, c: usize, dl: &mut Vec<f32>) -> (f32, usize) {
+        cross_entropy::cross_entropy(logits, labels, b, c, dl)
+    }
+    fn im2col(&self, images: &Vec<f32>, b: usize, ch: usize, h: usize, w: usize, p: usize, cols: &mut Vec<f32>) {
+        patch::im2col(images, b, ch, h, w, p, cols)
+    }
+    fn adamw(&self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, h: &adamw::AdamWParams) {
+        adamw::adamw_step(param, grad, m, v, h)
+    }
+    fn merge_fwd(&self, a: &Vec<f32>, b: &Vec<f32>, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<Mixture<f32>>, m: &mut Vec<f32>) {
+        merge::merge_fwd(a, b, heads, n_in, n_out, rh, mix, m)
+    }
+    fn merge_bwd(&self, a: &Vec<f32>, b: &Vec<f32>, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<Mixture<f32>>, dm: &Vec<f32>, da: &mut Vec<f32>, db: &mut Vec<f32>) -> Option<Mixture<f32>> {
+        merge::merge_bwd(a, b, heads, n_in, n_out, rh, mix, dm, da, db)
+    }
+    fn select_topk(&self, m: &Vec<f32>, k: usize) -> KeptSet {
+        let mags: Vec<f32> = m.par_iter().map(|v| v.abs()).collect();
+        topk::select_topk(&mags, k)
+    }
+    fn sparsify_fwd(&self, m: &Vec<f32>, set: &KeptSet, rule: SparsifyRule, dw: &mut Vec<f32>) { sparsify::sparsify_fwd(m, set, rule, dw) }
+    fn sparsify_bwd(&self, m: &Vec<f32>, set: &KeptSet, rule: SparsifyRule, g: &Vec<f32>, dm: &mut Vec<f32>) { sparsify::sparsify_bwd(m, set, rule, g, dm) }
+    fn all_finite(&self, x: &Vec<f32>) -> bool { x.iter().all(|v| v.is_finite()) }
+}

@@ -1,0 +1,224 @@
+//! The training step: forward, cross-entropy, backward, allocator statistics and AdamW with the
+//! warm-up + cosine schedule (spec §5–§6).
+
+use crate::adapter::{Delta, KernelAdapter};
+use crate::allocator::{Allocator, AllocatorConfig, LayerInfo};
+use crate::backend::Backend;
+use crate::vit::Vit;
+use snella_core::ops::adamw::AdamWParams;
+use snella_core::{Result, SnellaError};
+
+/// Optimisation settings of a run (spec §6 and §8 defaults).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    /// Epochs `T` (also the allocator's rounds).
+    pub epochs: usize,
+    /// Images per step.
+    pub batch_size: usize,
+    /// Optimizer steps per epoch (`ceil(train images / batch)`).
+    pub steps_per_epoch: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Decoupled weight decay for tensors with ≥ 2 dims (not `cls_token`).
+    pub weight_decay: f64,
+    /// Linear warm-up length in epochs.
+    pub warmup_epochs: usize,
+    /// AdamW β1.
+    pub beta1: f64,
+    /// AdamW β2.
+    pub beta2: f64,
+    /// AdamW ε.
+    pub eps: f64,
+    /// The allocator (used by SNELLA and SNELL); `rounds` is set to `epochs`.
+    pub allocator: AllocatorConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 40,
+            batch_size: 64,
+            steps_per_epoch: 1,
+            lr: 1e-3,
+            weight_decay: 0.05,
+            warmup_epochs: 4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            allocator: AllocatorConfig::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks every field, naming the first one out of range.
+    ///
+    /// # Errors
+    /// [`SnellaError::Config`] with the field name and the allowed range.
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            return Err(SnellaError::config("epochs", self.epochs, "an integer ≥ 1"));
+        }
+        if self.batch_size == 0 {
+            return Err(SnellaError::config("batchSize", self.batch_size, "an integer ≥ 1"));
+        }
+        if self.steps_per_epoch == 0 {
+            return Err(SnellaError::config("stepsPerEpoch", self.steps_per_epoch, "an integer ≥ 1 (is the training set empty?)"));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(SnellaError::config("lr", self.lr, "a finite number > 0"));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(SnellaError::config("weightDecay", self.weight_decay, "a finite number ≥ 0"));
+        }
+        if self.warmup_epochs > self.epochs {
+            return Err(SnellaError::config("warmupEpochs", self.warmup_epochs, &format!("an integer in [0, epochs = {}]", self.epochs)));
+        }
+        for (f, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(SnellaError::config(f, v, "a number in [0, 1)"));
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(SnellaError::config("eps", self.eps, "a finite number > 0"));
+        }
+        Ok(())
+    }
+}
+
+/// What one step reports.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepStats {
+    /// The optimizer step just taken (1-based).
+    pub step: u64,
+    /// Mean cross-entropy of the batch.
+    pub loss: f32,
+    /// Correct top-1 predictions in the batch.
+    pub correct: usize,
+    /// Images in the batch.
+    pub batch: usize,
+    /// The learning rate used.
+    pub lr: f64,
+}
+
+/// Training state that is not in the model: step counters and the allocator.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Trainer {
+    /// Settings.
+    pub cfg: TrainConfig,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// The epoch in progress (set by [`Trainer::begin_epoch`]).
+    pub epoch: usize,
+    /// The allocator, for SNELLA and SNELL.
+    pub allocator: Option<Allocator>,
+}
+
+/// The kernel adapters of a model, in a fixed order (blocks, then q, k, v, proj, fc1, fc2).
+pub fn kernel_adapters<B: Backend>(vit: &Vit<B>) -> Vec<&KernelAdapter<B>> {
+    vit.linears().into_iter().flat_map(|l| l.deltas.iter()).filter_map(|d| match d {
+        Some(Delta::Kernel(k)) => Some(k),
+        _ => None,
+    }).collect()
+}
+
+/// Mutable [`kernel_adapters`].
+pub fn kernel_adapters_mut<B: Backend>(vit: &mut Vit<B>) -> Vec<&mut KernelAdapter<B>> {
+    vit.linears_mut().into_iter().flat_map(|l| l.deltas.iter_mut()).filter_map(|d| match d {
+        Some(Delta::Kernel(k)) => Some(k),
+        _ => None,
+    }).collect()
+}
+
+impl Trainer {
+    /// A trainer for `vit` (with its method attached). Builds the allocator when the model has
+    /// kernel adapters.
+    ///
+    /// # Errors
+    /// [`SnellaError::Config`] from [`TrainConfig::validate`] or the allocator's validation.
+    pub fn new<B: Backend>(vit: &mut Vit<B>, mut cfg: TrainConfig) -> Result<Self> {
+        cfg.validate()?;
+        cfg.allocator.rounds = cfg.epochs;
+        let layers: Vec<LayerInfo> = kernel_adapters(vit)
+            .iter()
+            .map(|k| LayerInfo { name: k.name.clone(), n_in: k.n_in, n_out: k.n_out, a_len: k.a.numel(), b_len: k.b.numel() })
+            .collect();
+        let allocator = if layers.is_empty() { None } else { Some(Allocator::new(cfg.allocator.clone(), layers)?) };
+        if let Some(a) = &allocator {
+            for (k, s) in kernel_adapters_mut(vit).into_iter().zip(a.sparsities()) {
+                k.sparsity = *s;
+            }
+        }
+        Ok(Trainer { cfg, step: 0, epoch: 0, allocator })
+    }
+
+    /// Total optimizer steps of the run.
+    pub fn total_steps(&self) -> u64 {
+        (self.cfg.epochs * self.cfg.steps_per_epoch) as u64
+    }
+
+    /// The learning rate at 0-based step `s`: linear warm-up `lr·(s+1)/W` for `s < W`, then cosine
+    /// `lr·½(1 + cos(π(s−W)/max(1, S−W)))` (spec §6; as the reference implementation).
+    pub fn lr_at(&self, s: u64) -> f64 {
+        let warm = (self.cfg.warmup_epochs * self.cfg.steps_per_epoch) as u64;
+        let total = self.total_steps();
+        let f = if s < warm {
+            (s + 1) as f64 / warm as f64
+        } else {
+            0.5 * (1.0 + (std::f64::consts::PI * (s - warm) as f64 / (total.saturating_sub(warm)).max(1) as f64).cos())
+        };
+        self.cfg.lr * f
+    }
+
+    /// Starts epoch `t`: the allocator re-decides per-layer sparsities (spec §5).
+    pub fn begin_epoch<B: Backend>(&mut self, vit: &mut Vit<B>, t: usize) {
+        self.epoch = t;
+        if let Some(a) = self.allocator.as_mut() {
+            let s = a.begin_round(t).to_vec();
+            for (k, s) in kernel_adapters_mut(vit).into_iter().zip(s) {
+                k.sparsity = s;
+            }
+        }
+    }
+
+    /// One training step on `images: [b, C, H, W]` (normalised, NCHW) and `labels: [b]`.
+    ///
+    /// # Errors
+    /// [`SnellaError::NonFinite`] naming the loss or the first trainable tensor whose gradient is
+    /// NaN/Inf; the parameters are then left as they were before the step.
+    pub fn step<B: Backend>(&mut self, be: &B, vit: &mut Vit<B>, images: &[f32], labels: &[u32]) -> Result<StepStats> {
+        let b = labels.len();
+        let x = be.upload(images);
+        let (logits, cache) = vit.forward(be, &x, b, true);
+        let mut dlogits = be.zeros(b * vit.head.n_out);
+        let (loss, correct) = be.cross_entropy(&logits, labels, b, vit.head.n_out, &mut dlogits);
+        let step = self.step + 1;
+        if !loss.is_finite() {
+            return Err(SnellaError::NonFinite { tensor: "loss".into(), step });
+        }
+        vit.backward(be, cache.expect("train cache"), &dlogits);
+        for p in vit.params_mut() {
+            if let Some(t) = &p.train {
+                if !be.all_finite(&t.grad) {
+                    return Err(SnellaError::NonFinite { tensor: format!("{} (gradient)", p.name), step });
+                }
+            }
+        }
+        if let Some(a) = self.allocator.as_mut() {
+            for (l, k) in kernel_adapters(vit).into_iter().enumerate() {
+                let (ga, gb) = (&k.a.train.as_ref().expect("A trainable").grad, &k.b.train.as_ref().expect("B trainable").grad);
+                a.observe(step, l, &be.download(&k.a.value), &be.download(ga), &be.download(&k.b.value), &be.download(gb));
+            }
+        }
+        let lr = self.lr_at(self.step);
+        let (b1, b2, eps, wd) = (self.cfg.beta1, self.cfg.beta2, self.cfg.eps, self.cfg.weight_decay);
+        for p in vit.params_mut() {
+            if let Some(t) = p.train.as_mut() {
+                let h = AdamWParams { lr, beta1: b1, beta2: b2, eps, weight_decay: if t.decay { wd } else { 0.0 }, step };
+                be.adamw(&mut p.value, &t.grad, &mut t.m, &mut t.v, &h);
+            }
+        }
+        self.step = step;
+        Ok(StepStats { step, loss, correct, batch: b, lr })
+    }
+}

@@ -1,0 +1,298 @@
+//! The Vision Transformer (timm `VisionTransformer` naming) with explicit forward and backward.
+//!
+//! `x0 = [cls; patch_embed(img)] + pos_embed`; each block is pre-norm
+//! `h = x + proj(attn(qkv(ln1(x))))`, `x' = h + fc2(gelu(fc1(ln2(h))))`; then the final LayerNorm on
+//! the class token and the head. Backward computes `∂L/∂x` through frozen layers and parameter
+//! gradients only for trainable tensors.
+
+use crate::backend::Backend;
+use crate::config::VitConfig;
+use crate::linear::Linear;
+use crate::param::Param;
+use snella_core::st::TensorFile;
+use snella_core::Result;
+
+/// One transformer block.
+pub struct Block<B: Backend> {
+    /// `norm1.weight`, `norm1.bias`.
+    pub norm1: (Param<B>, Param<B>),
+    /// `attn.qkv` (3 output chunks: q, k, v).
+    pub qkv: Linear<B>,
+    /// `attn.proj`.
+    pub proj: Linear<B>,
+    /// `norm2.weight`, `norm2.bias`.
+    pub norm2: (Param<B>, Param<B>),
+    /// `mlp.fc1`.
+    pub fc1: Linear<B>,
+    /// `mlp.fc2`.
+    pub fc2: Linear<B>,
+}
+
+/// Saved activations of one block for the backward pass.
+pub struct BlockCache<B: Backend> {
+    x: B::Buf,
+    ln1: B::Buf,
+    m1: B::Buf,
+    r1: B::Buf,
+    qkv: B::Buf,
+    probs: B::Buf,
+    att: B::Buf,
+    h: B::Buf,
+    ln2: B::Buf,
+    m2: B::Buf,
+    r2: B::Buf,
+    f1: B::Buf,
+    g: B::Buf,
+}
+
+/// Saved activations of a whole forward pass.
+pub struct Cache<B: Backend> {
+    batch: usize,
+    cols: B::Buf,
+    blocks: Vec<BlockCache<B>>,
+    cls_in: B::Buf,
+    cls_mean: B::Buf,
+    cls_rstd: B::Buf,
+    cls_norm: B::Buf,
+}
+
+/// A ViT on backend `B`.
+pub struct Vit<B: Backend> {
+    /// Shape and normalisation.
+    pub cfg: VitConfig,
+    /// `patch_embed.proj` as a linear on unfolded patches (`weight: [D, C, p, p]`).
+    pub patch: Linear<B>,
+    /// `cls_token: [1, 1, D]`.
+    pub cls_token: Param<B>,
+    /// `pos_embed: [1, T, D]`.
+    pub pos_embed: Param<B>,
+    /// The blocks.
+    pub blocks: Vec<Block<B>>,
+    /// Final `norm.weight`, `norm.bias`.
+    pub norm: (Param<B>, Param<B>),
+    /// `head` (`[classes, D]`).
+    pub head: Linear<B>,
+}
+
+fn ln_params<B: Backend>(be: &B, f: &mut TensorFile, name: &str, d: usize) -> Result<(Param<B>, Param<B>)> {
+    let w = f.take(&format!("{name}.weight"), &[d])?;
+    let b = f.take(&format!("{name}.bias"), &[d])?;
+    Ok((Param::frozen(be, format!("{name}.weight"), vec![d], &w.data), Param::frozen(be, format!("{name}.bias"), vec![d], &b.data)))
+}
+
+fn linear<B: Backend>(be: &B, f: &mut TensorFile, name: &str, n_in: usize, n_out: usize, chunks: usize) -> Result<Linear<B>> {
+    let w = f.take(&format!("{name}.weight"), &[n_out, n_in])?;
+    let b = f.take(&format!("{name}.bias"), &[n_out])?;
+    Ok(Linear::new(be, name, n_in, n_out, chunks, &w.data, &b.data))
+}
+
+impl<B: Backend> Vit<B> {
+    /// Builds the model from a parsed checkpoint, every tensor frozen.
+    ///
+    /// # Errors
+    /// [`snella_core::SnellaError::Tensor`] naming the file and tensor when one is missing or its
+    /// shape does not fit the config.
+    pub fn from_file(be: &B, mut f: TensorFile) -> Result<Self> {
+        let cfg = VitConfig::from_file(&f)?;
+        let (d, p, c, t) = (cfg.embed_dim, cfg.patch_size, cfg.in_chans, cfg.tokens());
+        let pw = f.take("patch_embed.proj.weight", &[d, c, p, p])?;
+        let pb = f.take("patch_embed.proj.bias", &[d])?;
+        let mut patch = Linear::new(be, "patch_embed.proj", c * p * p, d, 1, &pw.data, &pb.data);
+        patch.weight.shape = vec![d, c, p, p];
+        let cls = f.take("cls_token", &[1, 1, d])?;
+        let pos = f.take("pos_embed", &[1, t, d])?;
+        let mut blocks = Vec::with_capacity(cfg.depth);
+        for i in 0..cfg.depth {
+            let n = format!("blocks.{i}");
+            blocks.push(Block {
+                norm1: ln_params(be, &mut f, &format!("{n}.norm1"), d)?,
+                qkv: linear(be, &mut f, &format!("{n}.attn.qkv"), d, 3 * d, 3)?,
+                proj: linear(be, &mut f, &format!("{n}.attn.proj"), d, d, 1)?,
+                norm2: ln_params(be, &mut f, &format!("{n}.norm2"), d)?,
+                fc1: linear(be, &mut f, &format!("{n}.mlp.fc1"), d, cfg.mlp_hidden, 1)?,
+                fc2: linear(be, &mut f, &format!("{n}.mlp.fc2"), cfg.mlp_hidden, d, 1)?,
+            });
+        }
+        let norm = ln_params(be, &mut f, "norm", d)?;
+        let head = linear(be, &mut f, "head", d, cfg.num_classes, 1)?;
+        Ok(Vit {
+            patch,
+            cls_token: Param::frozen(be, "cls_token", vec![1, 1, d], &cls.data),
+            pos_embed: Param::frozen(be, "pos_embed", vec![1, t, d], &pos.data),
+            blocks,
+            norm,
+            head,
+            cfg,
+        })
+    }
+
+    /// Every linear layer, in forward order (patch embedding, blocks, head).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear<B>> {
+        let mut v = vec![&mut self.patch];
+        for b in self.blocks.iter_mut() {
+            v.extend([&mut b.qkv, &mut b.proj, &mut b.fc1, &mut b.fc2]);
+        }
+        v.push(&mut self.head);
+        v
+    }
+
+    /// Every linear layer, in forward order.
+    pub fn linears(&self) -> Vec<&Linear<B>> {
+        let mut v = vec![&self.patch];
+        for b in self.blocks.iter() {
+            v.extend([&b.qkv, &b.proj, &b.fc1, &b.fc2]);
+        }
+        v.push(&self.head);
+        v
+    }
+
+    /// Every parameter (frozen and trainable, adapters included), in a fixed order.
+    pub fn params_mut(&mut self) -> Vec<&mut Param<B>> {
+        let mut v: Vec<&mut Param<B>> = vec![&mut self.cls_token, &mut self.pos_embed];
+        let (patch, blocks, norm, head) = (&mut self.patch, &mut self.blocks, &mut self.norm, &mut self.head);
+        fn lin<'a, B: Backend>(v: &mut Vec<&'a mut Param<B>>, l: &'a mut Linear<B>) {
+            v.push(&mut l.weight);
+            v.push(&mut l.bias);
+            for d in l.deltas.iter_mut().flatten() {
+                v.extend(d.params_mut());
+            }
+        }
+        lin(&mut v, patch);
+        for b in blocks.iter_mut() {
+            v.push(&mut b.norm1.0);
+            v.push(&mut b.norm1.1);
+            lin(&mut v, &mut b.qkv);
+            lin(&mut v, &mut b.proj);
+            v.push(&mut b.norm2.0);
+            v.push(&mut b.norm2.1);
+            lin(&mut v, &mut b.fc1);
+            lin(&mut v, &mut b.fc2);
+        }
+        v.push(&mut norm.0);
+        v.push(&mut norm.1);
+        lin(&mut v, head);
+        v
+    }
+
+    /// Forward pass on `images: [b, C, H, W]` (normalised NCHW); returns `logits: [b, classes]` and,
+    /// when `train`, the activations for [`Vit::backward`].
+    pub fn forward(&self, be: &B, images: &B::Buf, b: usize, train: bool) -> (B::Buf, Option<Cache<B>>) {
+        let cfg = &self.cfg;
+        let (d, p, t) = (cfg.embed_dim, cfg.patch_size, cfg.tokens());
+        let np = t - 1;
+        let mut cols = be.zeros(b * np * cfg.in_chans * p * p);
+        be.im2col(images, b, cfg.in_chans, cfg.img_size, cfg.img_size, p, &mut cols);
+        let pe = self.patch.forward(be, &cols, b * np);
+        let mut x = be.zeros(b * t * d);
+        for i in 0..b {
+            be.copy(&self.cls_token.value, 0, &mut x, i * t * d, d);
+            be.copy(&pe, i * np * d, &mut x, (i * t + 1) * d, np * d);
+        }
+        be.add_bias(&mut x, &self.pos_embed.value, b, t * d);
+        let mut caches = Vec::new();
+        for blk in &self.blocks {
+            let (out, c) = self.block_fwd(be, blk, x, b, train);
+            x = out;
+            if let Some(c) = c {
+                caches.push(c);
+            }
+        }
+        let mut cls_in = be.zeros(b * d);
+        for i in 0..b {
+            be.copy(&x, i * t * d, &mut cls_in, i * d, d);
+        }
+        let (mut cls_norm, mut mean, mut rstd) = (be.zeros(b * d), be.zeros(b), be.zeros(b));
+        be.layernorm_fwd(&cls_in, &self.norm.0.value, &self.norm.1.value, b, d, cfg.ln_eps, &mut cls_norm, &mut mean, &mut rstd);
+        let logits = self.head.forward(be, &cls_norm, b);
+        let cache = train.then_some(Cache { batch: b, cols, blocks: caches, cls_in, cls_mean: mean, cls_rstd: rstd, cls_norm });
+        (logits, cache)
+    }
+
+    fn block_fwd(&self, be: &B, blk: &Block<B>, x: B::Buf, b: usize, train: bool) -> (B::Buf, Option<BlockCache<B>>) {
+        let cfg = &self.cfg;
+        let (d, t, rows) = (cfg.embed_dim, cfg.tokens(), b * cfg.tokens());
+        let (mut ln1, mut m1, mut r1) = (be.zeros(rows * d), be.zeros(rows), be.zeros(rows));
+        be.layernorm_fwd(&x, &blk.norm1.0.value, &blk.norm1.1.value, rows, d, cfg.ln_eps, &mut ln1, &mut m1, &mut r1);
+        let qkv = blk.qkv.forward(be, &ln1, rows);
+        let (mut att, mut probs) = (be.zeros(rows * d), be.zeros(b * cfg.num_heads * t * t));
+        be.attention_fwd(&qkv, b, t, cfg.num_heads, cfg.head_dim(), &mut att, &mut probs);
+        let mut h = blk.proj.forward(be, &att, rows);
+        be.add_assign(&mut h, &x);
+        let (mut ln2, mut m2, mut r2) = (be.zeros(rows * d), be.zeros(rows), be.zeros(rows));
+        be.layernorm_fwd(&h, &blk.norm2.0.value, &blk.norm2.1.value, rows, d, cfg.ln_eps, &mut ln2, &mut m2, &mut r2);
+        let f1 = blk.fc1.forward(be, &ln2, rows);
+        let mut g = be.zeros(rows * cfg.mlp_hidden);
+        be.gelu_fwd(&f1, &mut g);
+        let mut out = blk.fc2.forward(be, &g, rows);
+        be.add_assign(&mut out, &h);
+        let cache = train.then_some(BlockCache { x, ln1, m1, r1, qkv, probs, att, h, ln2, m2, r2, f1, g });
+        (out, cache)
+    }
+
+    /// Backward pass from `dlogits: [b, classes]`, writing the gradient of every trainable parameter.
+    pub fn backward(&mut self, be: &B, cache: Cache<B>, dlogits: &B::Buf) {
+        let cfg = self.cfg.clone();
+        let (b, d, t) = (cache.batch, cfg.embed_dim, cfg.tokens());
+        let rows = b * t;
+        let dcls_norm = self.head.backward(be, &cache.cls_norm, dlogits, b, true).expect("dx");
+        let mut dcls = be.zeros(b * d);
+        let (ng, nb) = (&mut self.norm.0, &mut self.norm.1);
+        let dg = ng.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
+        let db = nb.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
+        be.layernorm_bwd(&dcls_norm, &cache.cls_in, &ng.value, &cache.cls_mean, &cache.cls_rstd, b, d, &mut dcls, dg, db);
+        let mut dx = be.zeros(rows * d);
+        for i in 0..b {
+            be.copy(&dcls, i * d, &mut dx, i * t * d, d);
+        }
+        for (blk, c) in self.blocks.iter_mut().zip(cache.blocks).rev() {
+            dx = Self::block_bwd(be, &cfg, blk, c, dx, b);
+        }
+        if let Some(s) = self.pos_embed.train.as_mut() {
+            be.bias_grad(&dx, b, t * d, &mut s.grad, false);
+        }
+        if let Some(s) = self.cls_token.train.as_mut() {
+            let mut rows0 = be.zeros(b * d);
+            for i in 0..b {
+                be.copy(&dx, i * t * d, &mut rows0, i * d, d);
+            }
+            be.bias_grad(&rows0, b, d, &mut s.grad, false);
+        }
+        if self.patch.weight.train.is_some() || self.patch.bias.train.is_some() || self.patch.adapted() {
+            let np = t - 1;
+            let mut dpe = be.zeros(b * np * d);
+            for i in 0..b {
+                be.copy(&dx, (i * t + 1) * d, &mut dpe, i * np * d, np * d);
+            }
+            self.patch.backward(be, &cache.cols, &dpe, b * np, false);
+        }
+    }
+
+    fn block_bwd(be: &B, cfg: &VitConfig, blk: &mut Block<B>, c: BlockCache<B>, dout: B::Buf, b: usize) -> B::Buf {
+        let (d, t, rows) = (cfg.embed_dim, cfg.tokens(), b * cfg.tokens());
+        let dg = blk.fc2.backward(be, &c.g, &dout, rows, true).expect("dx");
+        let mut df1 = be.zeros(rows * cfg.mlp_hidden);
+        be.gelu_bwd(&c.f1, &dg, &mut df1);
+        let dln2 = blk.fc1.backward(be, &c.ln2, &df1, rows, true).expect("dx");
+        let mut dh = be.zeros(rows * d);
+        {
+            let (w, bb) = (&mut blk.norm2.0, &mut blk.norm2.1);
+            let gw = w.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
+            let gb = bb.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
+            be.layernorm_bwd(&dln2, &c.h, &w.value, &c.m2, &c.r2, rows, d, &mut dh, gw, gb);
+        }
+        be.add_assign(&mut dh, &dout);
+        let datt = blk.proj.backward(be, &c.att, &dh, rows, true).expect("dx");
+        let mut dqkv = be.zeros(rows * 3 * d);
+        be.attention_bwd(&datt, &c.qkv, &c.probs, b, t, cfg.num_heads, cfg.head_dim(), &mut dqkv);
+        let dln1 = blk.qkv.backward(be, &c.ln1, &dqkv, rows, true).expect("dx");
+        let mut dx = be.zeros(rows * d);
+        {
+            let (w, bb) = (&mut blk.norm1.0, &mut blk.norm1.1);
+            let gw = w.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
+            let gb = bb.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
+            be.layernorm_bwd(&dln1, &c.x, &w.value, &c.m1, &c.r1, rows, d, &mut dx, gw, gb);
+        }
+        be.add_assign(&mut dx, &dh);
+        dx
+    }
+}

@@ -1,0 +1,241 @@
+//! `NativeModel`: a fine-tuning session (model, method, trainer) behind a mutex, with long calls
+//! offered as async tasks so the Node event loop stays free.
+
+use crate::{js_err, json_err};
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use serde_json::Value;
+use snella_core::SnellaError;
+use snella_model::cpu::CpuBackend;
+use snella_model::peft::MethodConfig;
+use snella_model::session::Session;
+use snella_model::trainer::TrainConfig;
+use std::sync::{Arc, Mutex};
+
+type Shared = Arc<Mutex<Option<Session<CpuBackend>>>>;
+
+fn with<T>(s: &Shared, f: impl FnOnce(&mut Session<CpuBackend>) -> napi::Result<T>) -> napi::Result<T> {
+    let mut g = s.lock().map_err(|_| Error::new(Status::GenericFailure, "[STATE] a previous call panicked; dispose this model"))?;
+    let sess = g.as_mut().ok_or_else(|| Error::new(Status::GenericFailure, "[DISPOSED] this model was disposed"))?;
+    f(sess)
+}
+
+/// A ViT fine-tuning session on the CPU backend.
+#[napi]
+pub struct NativeModel {
+    inner: Shared,
+}
+
+/// Resolves a device name: `cpu`, `auto` (CPU while this build has no CUDA backend) or `cuda`.
+fn resolve_device(device: &str) -> std::result::Result<(), SnellaError> {
+    match device {
+        "cpu" | "auto" => Ok(()),
+        "cuda" => Err(SnellaError::Device {
+            code: "CUDA_UNAVAILABLE".into(),
+            message: "this build of snella has no CUDA backend yet; use device 'cpu' or 'auto'".into(),
+        }),
+        other => Err(SnellaError::config("device", other, "one of 'auto', 'cpu', 'cuda'")),
+    }
+}
+
+#[napi]
+impl NativeModel {
+    /// Loads a timm-named ViT safetensors checkpoint on `device` (`auto` | `cpu` | `cuda`).
+    #[napi(factory)]
+    pub fn load(path: String, device: String) -> napi::Result<Self> {
+        resolve_device(&device).map_err(js_err)?;
+        let s = Session::load(CpuBackend, &path).map_err(js_err)?;
+        Ok(NativeModel { inner: Arc::new(Mutex::new(Some(s))) })
+    }
+
+    /// The backend in use: `"cpu"`.
+    #[napi(getter)]
+    pub fn device(&self) -> napi::Result<String> {
+        with(&self.inner, |s| Ok(snella_model::backend::Backend::name(&s.be).to_string()))
+    }
+
+    /// The ViT configuration (JSON of `VitConfig`).
+    #[napi]
+    pub fn config(&self) -> napi::Result<Value> {
+        with(&self.inner, |s| Ok(serde_json::to_value(&s.vit.cfg).expect("json")))
+    }
+
+    /// Attaches a method (`MethodConfig` as JSON, camel-cased keys are not accepted: snake_case).
+    #[napi]
+    pub fn attach(&self, cfg: Value) -> napi::Result<()> {
+        let mut c: MethodConfig = serde_json::from_value(cfg).map_err(|e| json_err("method config", e))?;
+        if c.targets.is_empty() {
+            c.targets = MethodConfig::default().targets;
+        }
+        with(&self.inner, |s| s.attach(c).map_err(js_err))
+    }
+
+    /// The attached method (JSON) or null.
+    #[napi]
+    pub fn method(&self) -> napi::Result<Value> {
+        with(&self.inner, |s| Ok(serde_json::to_value(&s.method).expect("json")))
+    }
+
+    /// Prepares training (`TrainConfig` as JSON, snake_case keys).
+    #[napi]
+    pub fn prepare(&self, cfg: Value) -> napi::Result<()> {
+        let c: TrainConfig = serde_json::from_value(cfg).map_err(|e| json_err("training config", e))?;
+        with(&self.inner, |s| s.prepare(c).map_err(js_err))
+    }
+
+    /// Starts epoch `t` (the allocator's round).
+    #[napi]
+    pub fn begin_epoch(&self, t: u32) -> napi::Result<()> {
+        with(&self.inner, |s| s.begin_epoch(t as usize).map_err(js_err))
+    }
+
+    /// One training step (async): images `[b,3,H,W]` f32, labels `[b]`.
+    #[napi(ts_return_type = "Promise<{ step: number, loss: number, correct: number, batch: number, lr: number }>")]
+    pub fn train_step(&self, images: Float32Array, labels: Uint32Array) -> AsyncTask<Job> {
+        AsyncTask::new(Job { inner: self.inner.clone(), kind: JobKind::Train(images.to_vec(), labels.to_vec()) })
+    }
+
+    /// Logits `[b, classes]` (async).
+    #[napi(ts_return_type = "Promise<Float32Array>")]
+    pub fn predict(&self, images: Float32Array, batch: u32) -> AsyncTask<Job> {
+        AsyncTask::new(Job { inner: self.inner.clone(), kind: JobKind::Predict(images.to_vec(), batch as usize) })
+    }
+
+    /// `{ lossSum, correct }` over a labelled batch (async).
+    #[napi(ts_return_type = "Promise<{ lossSum: number, correct: number }>")]
+    pub fn evaluate(&self, images: Float32Array, labels: Uint32Array) -> AsyncTask<Job> {
+        AsyncTask::new(Job { inner: self.inner.clone(), kind: JobKind::Evaluate(images.to_vec(), labels.to_vec()) })
+    }
+
+    /// Per-layer report (JSON array of `LayerReport`).
+    #[napi]
+    pub fn report(&self) -> napi::Result<Value> {
+        with(&self.inner, |s| Ok(serde_json::to_value(s.report()).expect("json")))
+    }
+
+    /// Allocator history and events (JSON) or null.
+    #[napi]
+    pub fn allocator(&self) -> napi::Result<Value> {
+        with(&self.inner, |s| {
+            Ok(match s.trainer.as_ref().and_then(|t| t.allocator.as_ref()) {
+                None => Value::Null,
+                Some(a) => serde_json::json!({ "history": a.history(), "events": a.events() }),
+            })
+        })
+    }
+
+    /// Trainer state: `{ step, epoch }` or null.
+    #[napi]
+    pub fn progress(&self) -> napi::Result<Value> {
+        with(&self.inner, |s| Ok(s.trainer.as_ref().map(|t| serde_json::json!({ "step": t.step, "epoch": t.epoch })).unwrap_or(Value::Null)))
+    }
+
+    /// Number of trainable values.
+    #[napi]
+    pub fn trainable_count(&self) -> napi::Result<u32> {
+        with(&self.inner, |s| Ok(s.trainable_count() as u32))
+    }
+
+    /// Saves the adapter folder (atomic; refuses to overwrite unless asked).
+    #[napi]
+    pub fn save_adapter(&self, dir: String, overwrite: bool) -> napi::Result<()> {
+        with(&self.inner, |s| s.save_adapter(&dir, overwrite).map_err(js_err))
+    }
+
+    /// Loads an adapter folder into this base model.
+    #[napi]
+    pub fn load_adapter(&self, dir: String) -> napi::Result<()> {
+        with(&self.inner, |s| s.load_adapter(&dir).map_err(js_err))
+    }
+
+    /// Merges adapters into the weights (spec §7).
+    #[napi]
+    pub fn merge(&self) -> napi::Result<()> {
+        with(&self.inner, |s| {
+            s.merge();
+            Ok(())
+        })
+    }
+
+    /// Restores the original weights bit-exactly.
+    #[napi]
+    pub fn unmerge(&self) -> napi::Result<()> {
+        with(&self.inner, |s| {
+            s.unmerge();
+            Ok(())
+        })
+    }
+
+    /// A frozen or trainable tensor by name, as `{ shape, data }` (for tests and export).
+    #[napi]
+    pub fn tensor(&self, name: String) -> napi::Result<Value> {
+        with(&self.inner, |s| {
+            let be = s.be;
+            let p = s.vit.params_mut().into_iter().find(|p| p.name == name).ok_or_else(|| {
+                Error::new(Status::InvalidArg, format!("[TENSOR] no tensor named '{name}'"))
+            })?;
+            Ok(serde_json::json!({ "shape": p.shape, "data": p.to_host(&be) }))
+        })
+    }
+
+    /// Frees the model; later calls fail with `[DISPOSED]`. Idempotent.
+    #[napi]
+    pub fn dispose(&self) {
+        if let Ok(mut g) = self.inner.lock() {
+            *g = None;
+        }
+    }
+
+    /// Whether [`NativeModel::dispose`] was called.
+    #[napi(getter)]
+    pub fn disposed(&self) -> bool {
+        self.inner.lock().map(|g| g.is_none()).unwrap_or(true)
+    }
+}
+
+/// The work of an async call.
+pub enum JobKind {
+    /// A training step.
+    Train(Vec<f32>, Vec<u32>),
+    /// Logits.
+    Predict(Vec<f32>, usize),
+    /// Loss and accuracy.
+    Evaluate(Vec<f32>, Vec<u32>),
+}
+
+/// An async call on the model, run on the libuv thread pool.
+pub struct Job {
+    inner: Shared,
+    kind: JobKind,
+}
+
+/// The result of a [`Job`].
+pub enum JobOut {
+    /// JSON result.
+    Json(Value),
+    /// Logits.
+    Floats(Vec<f32>),
+}
+
+impl Task for Job {
+    type Output = JobOut;
+    type JsValue = Unknown<'static>;
+
+    fn compute(&mut self) -> napi::Result<JobOut> {
+        with(&self.inner, |s| match &self.kind {
+            JobKind::Train(x, y) => s.train_step(x, y).map(|r| JobOut::Json(serde_json::to_value(r).expect("json"))).map_err(js_err),
+            JobKind::Predict(x, b) => s.predict(x, *b).map(JobOut::Floats).map_err(js_err),
+            JobKind::Evaluate(x, y) => s
+                .evaluate(x, y)
+                .map(|(l, c)| JobOut::Json(serde_json::json!({ "lossSum": l, "correct": c })))
+                .map_err(js_err),
+        })
+    }
+
+    fn resolve(&mut self, env: Env, out: JobOut) -> napi::Result<Unknown<'static>> {
+        match out {
+            JobOut::Json(v) => env.to_js_value(&v).map(|u| unsafe { std::mem::transmute::<Unknown<'_>, Unknown<'static>>(u) }),
+            JobOut::Floats(v) => Float32Array::new(v).into_unknown(&env).map(|u| unsafe { std::mem::transmute::<Unknown<'_>, Unknown<'static>>(u) }),
+        }
+    }
+}

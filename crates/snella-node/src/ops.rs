@@ -1,0 +1,1 @@
+//! Single-op bindings for tests and microbenchmarks.
