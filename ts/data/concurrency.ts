@@ -5,8 +5,8 @@
  */
 
 /**
- * Runs `fn` over `items` with at most `limit` calls in flight, preserving
- * nothing but completion: results are written by `fn` itself.
+ * Runs `fn` on every item, starting them in index order with at most
+ * `limit` calls in flight; `fn` stores its own results.
  *
  * After the first rejection no new call is started and the returned promise
  * rejects with that error once the calls already in flight have settled

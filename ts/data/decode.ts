@@ -18,6 +18,10 @@ export class ImageDecodeError extends Error {
   /** What went wrong, one line (e.g. `"VipsJpeg: premature end of JPEG image"`). */
   readonly reason: string;
 
+  /**
+   * @param file - the file's name as shown to the user.
+   * @param reason - what went wrong, one line.
+   */
   constructor(file: string, reason: string) {
     super(`${file}: cannot decode image: ${reason}`);
     this.name = 'ImageDecodeError';

@@ -34,11 +34,17 @@ export interface DatasetOptions {
 
 /** {@link DatasetOptions} with every default filled in. */
 export interface ResolvedDatasetOptions {
+  /** Output side in pixels, integer ≥ 1. */
   imageSize: number;
+  /** A copy of the normalisation (default ImageNet). */
   normalization: Normalization;
+  /** Bad-image policy (default `'error'`). */
   onBadImage: BadImagePolicy;
+  /** Number of classes if given, else undefined (derived by the data set). */
   numClasses: number | undefined;
+  /** Whether decoded images are cached (default true). */
   cache: boolean;
+  /** Concurrent decodes (default 8). */
   concurrency: number;
 }
 

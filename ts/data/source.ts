@@ -105,8 +105,9 @@ export class DirSource implements ImageSource {
   }
 
   /**
-   * {@inheritDoc ImageSource.list}
-   * Symbolic links are followed.
+   * Every regular file under the folder, as POSIX paths relative to it,
+   * sorted by code unit; hidden files and folders are left out and symbolic
+   * links are followed.
    * @throws Error if the folder cannot be read.
    */
   async list(): Promise<string[]> {
@@ -183,7 +184,8 @@ export class TarSource implements ImageSource {
    * @param archivePath - path of an uncompressed `.tar` file.
    * @throws Error if the file cannot be opened, has a header with a bad
    *   checksum (not a tar, or corrupt: the byte offset is given), or ends
-   *   inside an entry (truncated).
+   *   inside an entry or a header block (truncated). An empty file is an
+   *   empty archive.
    */
   static async open(archivePath: string): Promise<TarSource> {
     const location = path.resolve(archivePath);
@@ -220,10 +222,14 @@ export class TarSource implements ImageSource {
       let ex: HeaderData | undefined;
       let gex: HeaderData | undefined;
       let pos = 0;
+      let ended = false;
       while (pos + BLOCK <= fileSize) {
         const block = await readAt(pos, BLOCK);
         const h = new Header(block, 0, ex, gex);
-        if (h.nullBlock) break; // end-of-archive marker
+        if (h.nullBlock) {
+          ended = true; // end-of-archive marker
+          break;
+        }
         if (!h.cksumValid) {
           throw new Error(
             `${location} is not a valid tar archive (bad header checksum at byte ${pos})`,
@@ -255,7 +261,10 @@ export class TarSource implements ImageSource {
           case 'File':
           case 'OldFile':
           case 'ContiguousFile': {
-            const rel = h.path === undefined ? '' : normalizeRelPath(h.path);
+            // A pax/GNU long name replaces the header's name outright; node-tar's
+            // Header would still prepend the ustar prefix field to it.
+            const name = ex?.path ?? h.path;
+            const rel = name === undefined ? '' : normalizeRelPath(name);
             if (rel) index.set(rel, { offset: dataStart, size });
             ex = undefined;
             break;
@@ -264,6 +273,14 @@ export class TarSource implements ImageSource {
             ex = undefined;
         }
         pos = dataStart + Math.ceil(size / BLOCK) * BLOCK;
+      }
+      // Without an end marker the archive must end exactly after an entry.
+      if (!ended && pos !== fileSize) {
+        throw new Error(
+          `tar archive ${location} is truncated or not a tar file: it ends at byte ${fileSize}, inside ${
+            pos > fileSize ? 'the padding of its last entry' : `the header block at byte ${pos}`
+          }`,
+        );
       }
       return new TarSource(location, index);
     } finally {

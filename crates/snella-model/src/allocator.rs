@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 use snella_core::snella::importance::importance_update;
+use snella_core::st::{HostTensor, TensorFile};
 use snella_core::{Result, SnellaError};
 
 /// The allocator's schedule and EMA settings (spec §5).
@@ -123,6 +124,9 @@ struct LayerState {
     name: String,
     /// `N_l = in·out`.
     n: usize,
+    /// Registered lengths of `A` and `B` (the EMA vectors may be stripped for serialisation).
+    a_len: usize,
+    b_len: usize,
     ibar_a: Vec<f32>,
     ubar_a: Vec<f32>,
     ibar_b: Vec<f32>,
@@ -167,6 +171,8 @@ impl Allocator {
                 Ok(LayerState {
                     name: l.name,
                     n,
+                    a_len: l.a_len,
+                    b_len: l.b_len,
                     ibar_a: vec![0.0; l.a_len],
                     ubar_a: vec![0.0; l.a_len],
                     ibar_b: vec![0.0; l.b_len],
@@ -299,7 +305,7 @@ impl Allocator {
         let scores = self.scores();
         if t <= ti {
             self.sparsities = vec![self.cfg.s0; self.layers.len()];
-        } else if t > tt - tf || t % self.cfg.interval == 0 {
+        } else if t > tt - tf || t.is_multiple_of(self.cfg.interval) {
             let v = self.volumes(budget, &scores);
             self.sparsities =
                 v.iter().zip(&self.layers).map(|(vl, l)| (1.0 - vl / l.n as f64).clamp(0.0, 1.0)).collect();
@@ -322,6 +328,53 @@ impl Allocator {
     pub fn events(&self) -> &[AllocatorEvent] {
         &self.events
     }
+
+    /// The per-element EMAs (spec §5) as named 1-D tensors for a safetensors file:
+    /// `allocator.<layer>.<A|B>.<ibar|ubar>`. Pairs with [`Allocator::strip_state`] (keeps the
+    /// JSON state small) and [`Allocator::load_state_tensors`].
+    pub fn state_tensors(&self) -> Vec<(String, HostTensor)> {
+        let mut out = Vec::with_capacity(4 * self.layers.len());
+        for l in &self.layers {
+            for (param, kind, v) in
+                [("A", "ibar", &l.ibar_a), ("A", "ubar", &l.ubar_a), ("B", "ibar", &l.ibar_b), ("B", "ubar", &l.ubar_b)]
+            {
+                out.push((state_name(&l.name, param, kind), HostTensor::new(vec![v.len()], v.clone())));
+            }
+        }
+        out
+    }
+
+    /// Drops the per-element EMAs (spec §5) so that serialising the allocator stores only its
+    /// schedule, sparsities, history and events; restore them with
+    /// [`Allocator::load_state_tensors`] before the next [`Allocator::observe`].
+    pub fn strip_state(&mut self) {
+        for l in &mut self.layers {
+            for v in [&mut l.ibar_a, &mut l.ubar_a, &mut l.ibar_b, &mut l.ubar_b] {
+                *v = Vec::new();
+            }
+        }
+    }
+
+    /// Restores the per-element EMAs (spec §5) from the tensors written by
+    /// [`Allocator::state_tensors`], taking them out of `f`.
+    ///
+    /// # Errors
+    /// [`SnellaError::Tensor`] naming the file and tensor when one is missing or has the wrong length.
+    pub fn load_state_tensors(&mut self, f: &mut TensorFile) -> Result<()> {
+        for l in &mut self.layers {
+            let (a_len, b_len) = (l.a_len, l.b_len);
+            l.ibar_a = f.take(&state_name(&l.name, "A", "ibar"), &[a_len])?.data;
+            l.ubar_a = f.take(&state_name(&l.name, "A", "ubar"), &[a_len])?.data;
+            l.ibar_b = f.take(&state_name(&l.name, "B", "ibar"), &[b_len])?.data;
+            l.ubar_b = f.take(&state_name(&l.name, "B", "ubar"), &[b_len])?.data;
+        }
+        Ok(())
+    }
+}
+
+/// The tensor name of one EMA vector in [`Allocator::state_tensors`].
+fn state_name(layer: &str, param: &str, kind: &str) -> String {
+    format!("allocator.{layer}.{param}.{kind}")
 }
 
 #[cfg(test)]
@@ -462,5 +515,20 @@ mod tests {
         assert_eq!(back, al);
         assert_eq!(back.events().len(), 1);
         assert_eq!(back.history()[0].sparsities, al.sparsities());
+        // Stripped JSON + state tensors restore the same allocator.
+        let mut f = TensorFile::default();
+        for (name, t) in al.state_tensors() {
+            f.tensors.insert(name, t);
+        }
+        assert_eq!(f.tensors["allocator.b.A.ubar"].shape, vec![16]);
+        let mut stripped = al.clone();
+        stripped.strip_state();
+        let mut back: Allocator = serde_json::from_str(&serde_json::to_string(&stripped).unwrap()).unwrap();
+        assert_ne!(back, al);
+        back.load_state_tensors(&mut f).unwrap();
+        assert_eq!(back, al);
+        let mut empty = TensorFile::default();
+        let err = back.load_state_tensors(&mut empty).unwrap_err().to_string();
+        assert!(err.contains("allocator.a.A.ibar"), "{err}");
     }
 }

@@ -241,7 +241,7 @@ pub fn merge_bwd<T: Real>(
                     // p ← P ⊙ (Ĝ − rowsum(Ĝ⊙P)); ∂L/∂K = Ĝ + (α/γ)·p.
                     let ag = mx.alpha / g;
                     for ((pv, &gv), dkv) in p.iter_mut().zip(grow).zip(dk.iter_mut()) {
-                        *pv = *pv * (gv - s);
+                        *pv *= gv - s;
                         *dkv = gv + ag * *pv;
                     }
                     out.sums[2] += dot(&p, &k).f64();

@@ -19,41 +19,72 @@ pub enum SparsifyRule {
     Mask,
 }
 
+/// `out = src ⊙ factor` over a run of entries in which "kept" means `|m| ≥ thr` (`GE`) or
+/// `|m| > thr`; a plain comparison, so the loop is branch-free and vectorises.
+fn run<T: Real, const GE: bool>(rule: SparsifyRule, m: &[T], src: &[T], out: &mut [T], thr: T) {
+    let keep = |a: T| if GE { a >= thr } else { a > thr };
+    match rule {
+        SparsifyRule::MagnitudeProduct => {
+            for ((ov, &mv), &sv) in out.iter_mut().zip(m).zip(src) {
+                let a = mv.abs();
+                *ov = sv * if keep(a) { a } else { T::zero() };
+            }
+        }
+        SparsifyRule::Mask => {
+            for ((ov, &mv), &sv) in out.iter_mut().zip(m).zip(src) {
+                *ov = sv * if keep(mv.abs()) { T::one() } else { T::zero() };
+            }
+        }
+        SparsifyRule::SoftThreshold => unreachable!("soft-threshold needs no kept set"),
+    }
+}
+
 /// `out[i] = src[i] · factor_i`, with the stop-gradient factor of `rule` computed from `m`.
 fn apply<T: Real>(m: &[T], set: &KeptSet, rule: SparsifyRule, src: &[T], out: &mut [T]) {
     assert_eq!(m.len(), out.len(), "sparsify: output length {} differs from m ({})", out.len(), m.len());
     assert_eq!(m.len(), src.len(), "sparsify: input length {} differs from m ({})", src.len(), m.len());
+    if rule == SparsifyRule::SoftThreshold {
+        let tau = T::of(set.tau);
+        out.par_chunks_mut(PAR_CHUNK).zip(m.par_chunks(PAR_CHUNK)).zip(src.par_chunks(PAR_CHUNK)).for_each(
+            |((o, mc), sc)| {
+                for ((ov, &mv), &sv) in o.iter_mut().zip(mc).zip(sc) {
+                    let f = mv.abs() - tau;
+                    *ov = sv * if f > T::zero() { f } else { T::zero() };
+                }
+            },
+        );
+        return;
+    }
     let thr = threshold_key(set.threshold);
-    let cut = match rule {
-        SparsifyRule::SoftThreshold => 0,
-        _ => tie_cut(m, |x: T| mag_key(x.abs()), thr, set.ties),
+    // Fast path: with a positive threshold exactly representable in T, the key order equals the
+    // order of T (NaN is never kept), and the tie rule is "≥ thr before `cut`, > thr from `cut` on".
+    let thr_t = T::of(set.threshold);
+    let fast = thr > 0 && thr_t.f64() == f64::from_bits(thr);
+    let cut = if fast {
+        tie_cut(m, |x: T| x.abs() == thr_t, set.ties)
+    } else {
+        tie_cut(m, |x: T| mag_key(x.abs()) == thr, set.ties)
     };
-    let tau = T::of(set.tau);
     out.par_chunks_mut(PAR_CHUNK).enumerate().for_each(|(ci, o)| {
         let base = ci * PAR_CHUNK;
         let mc = &m[base..base + o.len()];
         let sc = &src[base..base + o.len()];
-        let kept = |a: T, i: usize| {
-            let kk = mag_key(a);
-            kk > thr || (kk == thr && base + i < cut)
-        };
-        match rule {
-            SparsifyRule::MagnitudeProduct => {
-                for (t, ((ov, &mv), &sv)) in o.iter_mut().zip(mc).zip(sc).enumerate() {
-                    let a = mv.abs();
-                    *ov = if kept(a, t) { sv * a } else { T::zero() };
-                }
-            }
-            SparsifyRule::SoftThreshold => {
-                for ((ov, &mv), &sv) in o.iter_mut().zip(mc).zip(sc) {
-                    let f = mv.abs() - tau;
-                    *ov = if f > T::zero() { sv * f } else { T::zero() };
-                }
-            }
-            SparsifyRule::Mask => {
-                for (t, ((ov, &mv), &sv)) in o.iter_mut().zip(mc).zip(sc).enumerate() {
-                    *ov = if kept(mv.abs(), t) { sv } else { T::zero() };
-                }
+        if fast {
+            let lc = cut.clamp(base, base + o.len()) - base;
+            let (o1, o2) = o.split_at_mut(lc);
+            run::<T, true>(rule, &mc[..lc], &sc[..lc], o1, thr_t);
+            run::<T, false>(rule, &mc[lc..], &sc[lc..], o2, thr_t);
+        } else {
+            for (t, ((ov, &mv), &sv)) in o.iter_mut().zip(mc).zip(sc).enumerate() {
+                let a = mv.abs();
+                let kk = mag_key(a);
+                let keep = kk > thr || (kk == thr && base + t < cut);
+                let f = match (rule, keep) {
+                    (_, false) => T::zero(),
+                    (SparsifyRule::MagnitudeProduct, true) => a,
+                    (_, true) => T::one(),
+                };
+                *ov = sv * f;
             }
         }
     });
@@ -143,6 +174,53 @@ mod tests {
                 assert_eq!(dw[i], m[i] * f, "{rule:?} fwd at {i}");
                 assert_eq!(dm[i], g[i] * f, "{rule:?} bwd at {i}");
             }
+        }
+    }
+}
+#[cfg(test)]
+mod tmpbench {
+    use super::*;
+    use super::super::topk::*;
+    #[test]
+    #[ignore]
+    fn tmp_bench_sparsify() {
+        let n = 768 * 3072;
+        let m: Vec<f32> = crate::gradcheck::rand_vec(n, 11, 1.0).iter().map(|&x| x as f32).collect();
+        let mags: Vec<f32> = m.iter().map(|x| x.abs()).collect();
+        let set = select_topk(&mags, n / 2);
+        let mut dw = vec![0.0f32; n];
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let cut = tie_cut(&m, |x: f32| mag_key(x.abs()) == threshold_key(set.threshold), set.ties);
+            let t1 = t.elapsed();
+            let t = std::time::Instant::now();
+            sparsify_fwd(&m, &set, SparsifyRule::MagnitudeProduct, &mut dw);
+            let t2 = t.elapsed();
+            let t = std::time::Instant::now();
+            sparsify_fwd(&m, &set, SparsifyRule::SoftThreshold, &mut dw);
+            let t3 = t.elapsed();
+            let t = std::time::Instant::now();
+            let s2 = select_topk(&mags, n / 2);
+            let t4 = t.elapsed();
+            let t = std::time::Instant::now();
+            let thr = threshold_key(set.threshold);
+            for (i, (o, &mv)) in dw.iter_mut().zip(&m).enumerate() {
+                let a = mv.abs();
+                let kk = mag_key(a);
+                let keep = (kk > thr) | ((kk == thr) & (i < cut));
+                *o = mv * if keep { a } else { 0.0 };
+            }
+            let t5 = t.elapsed();
+            let t = std::time::Instant::now();
+            let thrf = set.threshold as f32;
+            for (i, (o, &mv)) in dw.iter_mut().zip(&m).enumerate() {
+                let a = mv.abs();
+                let keep = (a > thrf) | ((a == thrf) & (i < cut));
+                *o = mv * if keep { a } else { 0.0 };
+            }
+            let t6 = t.elapsed();
+            eprintln!("seq-key {t5:?} seq-f32 {t6:?}");
+            eprintln!("cut {cut} {t1:?} mp {t2:?} st {t3:?} topk {t4:?} {s2:?}");
         }
     }
 }

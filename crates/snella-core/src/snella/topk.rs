@@ -53,35 +53,40 @@ pub fn kept_count(n: usize, sparsity: f64) -> usize {
 }
 
 /// Histogram of the digit `(key >> shift) & (2^bits − 1)` over the keys `key & pmask == prefix`,
-/// and the bitwise OR of those keys.
+/// and the bitwise OR of those keys. One histogram per thread-sized slice (integer counts, so the
+/// result does not depend on how the work is split).
 fn hist_pass<S: Copy + Sync, F: Fn(S) -> u64 + Sync>(
     data: &[S], key: F, prefix: u64, pmask: u64, shift: u32, bits: u32,
 ) -> (Vec<u64>, u64) {
     let nb = 1usize << bits;
     let dmask = (nb - 1) as u64;
-    data.par_chunks(PAR_CHUNK)
-        .fold(
-            || (vec![0u64; nb], 0u64),
-            |(mut h, mut or), chunk| {
-                for &x in chunk {
-                    let kk = key(x);
-                    if kk & pmask == prefix {
-                        h[((kk >> shift) & dmask) as usize] += 1;
-                        or |= kk;
-                    }
+    let parts = rayon::current_num_threads().clamp(1, 64).min(data.len().div_ceil(PAR_CHUNK)).max(1);
+    // u32 counts: each slice must hold fewer than 2^32 keys.
+    let slice = data.len().div_ceil(parts).clamp(1, u32::MAX as usize);
+    let hists: Vec<(Vec<u32>, u64)> = data
+        .par_chunks(slice)
+        .map(|chunk| {
+            let mut h = vec![0u32; nb];
+            let mut or = 0u64;
+            for &x in chunk {
+                let kk = key(x);
+                if kk & pmask == prefix {
+                    h[((kk >> shift) & dmask) as usize] += 1;
+                    or |= kk;
                 }
-                (h, or)
-            },
-        )
-        .reduce(
-            || (vec![0u64; nb], 0u64),
-            |(mut a, oa), (b, ob)| {
-                for (x, y) in a.iter_mut().zip(&b) {
-                    *x += y;
-                }
-                (a, oa | ob)
-            },
-        )
+            }
+            (h, or)
+        })
+        .collect();
+    let mut total = vec![0u64; nb];
+    let mut or = 0u64;
+    for (h, o) in &hists {
+        for (t, &c) in total.iter_mut().zip(h) {
+            *t += c as u64;
+        }
+        or |= o;
+    }
+    (total, or)
 }
 
 /// The keys with `key & pmask == prefix`, in any order.
@@ -116,16 +121,24 @@ pub fn select_topk<T: Real>(mags: &[T], k: usize) -> KeptSet {
     let mut need = k; // rank (from the top, 1-based) of the target among keys matching `prefix`
     let mut hi = 63u32; // bits [lo_bound, hi) remain to fix; bit 63 is always 0
     let mut lo_bound = 0u32;
+    // `cands`: every key matching `prefix` once gathered. `tau_pool`: the latest gathered set that
+    // also holds the (k+1)-th largest key (it had more than `need` entries), for `tau`.
     let mut cands: Option<Vec<u64>> = None;
+    let mut tau_pool: Option<Vec<u64>> = None;
+    let mut cands_hold_next = false;
     let mut bucket_count = n;
     let mut first = true;
+    let dbg = std::env::var("TOPK_DBG").is_ok();
+    let t0 = std::time::Instant::now();
     while hi > lo_bound {
-        let width = if first && n >= 1 << 20 { 16 } else { 11 }.min(hi - lo_bound);
+        if dbg { eprintln!("pass hi={hi} cands={:?} t={:?}", cands.as_ref().map(Vec::len), t0.elapsed()); }
+        let width = if first && n >= 1 << 16 { 16 } else { 11 }.min(hi - lo_bound);
         let shift = hi - width;
         let (h, or) = match &cands {
             None => hist_pass(mags, mag_key::<T>, prefix, pmask, shift, width),
             Some(c) => hist_pass(c, |x| x, prefix, pmask, shift, width),
         };
+        if dbg { eprintln!("  hist done t={:?}", t0.elapsed()); }
         if first {
             // Bits below the lowest set bit of any key are 0 in every key: nothing to select there
             // (f32 magnitudes leave the low 29 bits of their f64 pattern empty).
@@ -147,46 +160,55 @@ pub fn select_topk<T: Real>(mags: &[T], k: usize) -> KeptSet {
         prefix |= (b as u64) << shift;
         pmask |= ((h.len() - 1) as u64) << shift;
         hi = shift;
-        if hi > lo_bound {
-            let pool = cands.as_ref().map_or(n, Vec::len);
-            if bucket_count <= pool / 4 {
-                cands = Some(match &cands {
-                    None => gather(mags, mag_key::<T>, prefix, pmask),
-                    Some(c) => gather(c, |x| x, prefix, pmask),
-                });
+        let pool = cands.as_ref().map_or(n, Vec::len);
+        if hi > lo_bound && bucket_count <= pool / 2 {
+            let new = match &cands {
+                None => gather(mags, mag_key::<T>, prefix, pmask),
+                Some(c) => gather(c, |x| x, prefix, pmask),
+            };
+            if need < new.len() {
+                tau_pool = None;
+            } else if cands_hold_next {
+                tau_pool = cands.take();
             }
+            cands_hold_next = need < new.len();
+            cands = Some(new);
         }
     }
+    if dbg { eprintln!("loop done t={:?} need={need} bc={bucket_count} hold={cands_hold_next} pool={}", t0.elapsed(), tau_pool.is_some()); }
     let threshold = f64::from_bits(prefix);
+    let below = |c: &[u64]| c.iter().map(|&kk| if kk < prefix { kk } else { 0 }).max().unwrap_or(0);
     let tau = if k == n {
         0.0
     } else if need < bucket_count {
         threshold
+    } else if let Some(c) = if cands_hold_next { cands.as_ref() } else { tau_pool.as_ref() } {
+        f64::from_bits(below(c))
     } else {
-        let below = mags
+        let m = mags
             .par_chunks(PAR_CHUNK)
-            .map(|c| c.iter().map(|&x| mag_key(x)).filter(|&kk| kk < prefix).max().unwrap_or(0))
+            .map(|c| c.iter().map(|&x| mag_key(x)).map(|kk| if kk < prefix { kk } else { 0 }).max().unwrap_or(0))
             .max()
             .unwrap_or(0);
-        f64::from_bits(below)
+        f64::from_bits(m)
     };
     KeptSet { threshold, ties: need, k, tau }
 }
 
-/// One past the flat index of the last kept tie (spec §2 tie rule): entries `i < cut` with key
-/// equal to the threshold key are kept. 0 when `ties == 0`; `data.len()` if fewer ties exist.
-pub(crate) fn tie_cut<S: Copy + Sync, F: Fn(S) -> u64 + Sync>(data: &[S], key: F, thr: u64, ties: usize) -> usize {
+/// One past the flat index of the last kept tie (spec §2 tie rule): entries `i < cut` that are
+/// ties (`is_tie`: magnitude equal to the threshold) are kept. 0 when `ties == 0`; `data.len()` if fewer ties exist.
+pub(crate) fn tie_cut<S: Copy + Sync, F: Fn(S) -> bool + Sync>(data: &[S], is_tie: F, ties: usize) -> usize {
     if ties == 0 {
         return 0;
     }
     let counts: Vec<usize> =
-        data.par_chunks(PAR_CHUNK).map(|c| c.iter().filter(|&&x| key(x) == thr).count()).collect();
+        data.par_chunks(PAR_CHUNK).map(|c| c.iter().map(|&x| is_tie(x) as usize).sum()).collect();
     let mut seen = 0usize;
     for (ci, &c) in counts.iter().enumerate() {
         if seen + c >= ties {
             let base = ci * PAR_CHUNK;
             for (t, &x) in data[base..(base + PAR_CHUNK).min(data.len())].iter().enumerate() {
-                if key(x) == thr {
+                if is_tie(x) {
                     seen += 1;
                     if seen == ties {
                         return base + t + 1;
@@ -207,12 +229,12 @@ pub(crate) fn tie_cut<S: Copy + Sync, F: Fn(S) -> u64 + Sync>(data: &[S], key: F
 pub fn kept_mask<T: Real>(mags: &[T], set: &KeptSet, mask: &mut [bool]) {
     assert_eq!(mags.len(), mask.len(), "kept_mask: mask length differs from mags");
     let thr = threshold_key(set.threshold);
-    let cut = tie_cut(mags, mag_key::<T>, thr, set.ties);
+    let cut = tie_cut(mags, |x: T| mag_key(x) == thr, set.ties);
     mask.par_chunks_mut(PAR_CHUNK).zip(mags.par_chunks(PAR_CHUNK)).enumerate().for_each(|(ci, (mk, mg))| {
         let base = ci * PAR_CHUNK;
         for (t, (o, &x)) in mk.iter_mut().zip(mg).enumerate() {
             let kk = mag_key(x);
-            *o = kk > thr || (kk == thr && base + t < cut);
+            *o = (kk > thr) | ((kk == thr) & (base + t < cut));
         }
     });
 }

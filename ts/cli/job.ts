@@ -1,0 +1,187 @@
+/**
+ * The main job shared by `snella train` and `snella demo`: load, attach, train with a progress bar,
+ * evaluate, summarise sparsity and save the adapter.
+ * @module
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { SingleBar } from 'cli-progress';
+import { ImageDataset } from '../data';
+import { SnellaError } from '../errors';
+import { VitModel, type Device, type Method, type LayerReport } from '../model';
+import { evaluate, train, type EpochInfo } from '../train';
+
+/** Everything a run needs; CLI flags map 1:1 onto these. */
+export interface JobOptions {
+  /** Checkpoint (timm-named safetensors). */
+  model: string;
+  /** Data folder: list files + images.tar/images (VTAB-1k style), or class subfolders. */
+  data: string;
+  /** Training split (list file name without `.txt`), ignored for ImageFolder data. */
+  trainSplit: string;
+  /** Test split. For ImageFolder data, a separate folder given by `testData`. */
+  testSplit: string;
+  /** Separate test folder (ImageFolder data). */
+  testData?: string;
+  /** Method. */
+  method: Method;
+  /** Rank r. */
+  rank: number;
+  /** Kernel pieces H. */
+  heads: number;
+  /** Initial sparsity s0. */
+  s0: number;
+  /** Target sparsity sT. */
+  sT: number;
+  /** Allocator β1. */
+  beta1: number;
+  /** Allocator β2. */
+  beta2: number;
+  /** Epochs. */
+  epochs: number;
+  /** Batch size. */
+  batch: number;
+  /** Learning rate. */
+  lr: number;
+  /** Weight decay. */
+  wd: number;
+  /** Warm-up epochs. */
+  warmup: number;
+  /** Seed. */
+  seed: number;
+  /** Output folder for the adapter and results. */
+  out: string;
+  /** Device. */
+  device: Device;
+  /** Print one JSON line instead of human output. */
+  json: boolean;
+  /** Replace existing output files. */
+  overwrite: boolean;
+}
+
+/** The summary a run prints (and writes as `results.json`). */
+export interface JobResult {
+  /** Method. */
+  method: Method;
+  /** Test top-1 in [0, 1]. */
+  testTop1: number;
+  /** Test images. */
+  testCount: number;
+  /** Training wall seconds. */
+  trainSeconds: number;
+  /** Training images per second. */
+  imagesPerSecond: number;
+  /** Trainable values. */
+  trainable: number;
+  /** Fraction of adapter entries kept (SNELLA/SNELL). */
+  keptFraction?: number;
+  /** Per-epoch summaries. */
+  epochs: EpochInfo[];
+  /** Device used. */
+  device: string;
+  /** Where the adapter was written. */
+  adapterDir: string;
+}
+
+/** Opens `root` with `split` when it names a list file, subfolder or archive there, else as a whole. */
+function openSplit(root: string, split: string, size: number, norm: { mean: [number, number, number]; std: [number, number, number] }) {
+  const has = [`${split}.txt`, split, `${split}.tar`].some((f) => fs.existsSync(path.join(root, f)));
+  return ImageDataset.open(root, has ? split : undefined, { imageSize: size, normalization: norm });
+}
+
+/** A compact per-block sparsity summary: one line per block with q/k/v/proj/fc1/fc2 sparsities. */
+export function sparsitySummary(rep: LayerReport[]): string {
+  const rows = new Map<string, string[]>();
+  for (const l of rep) {
+    const m = /^blocks\.(\d+)\.(?:attn|mlp)\.(\w+)$/.exec(l.name);
+    const key = m ? `block ${m[1].padStart(2)}` : l.name;
+    const cell = `${m ? m[2] : ''} ${(l.sparsity * 100).toFixed(1)}%`;
+    rows.set(key, [...(rows.get(key) ?? []), cell]);
+  }
+  const total = rep.reduce((s, l) => s + l.entries, 0);
+  const kept = rep.reduce((s, l) => s + l.kept, 0);
+  const lines = [...rows].map(([k, v]) => `  ${k}: ${v.join('  ')}`);
+  lines.push(`  overall: ${kept} of ${total} entries kept (sparsity ${((1 - kept / total) * 100).toFixed(1)}%)`);
+  return lines.join('\n');
+}
+
+/**
+ * Runs the main job.
+ * @throws {@link SnellaError} for bad options, files or data (the message names what is wrong).
+ */
+export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobResult> {
+  const log = (s: string) => {
+    if (!o.json) process.stdout.write(s + '\n');
+  };
+  const adapterDir = path.join(o.out, 'adapter');
+  if (!o.overwrite && fs.existsSync(path.join(adapterDir, 'adapter_model.safetensors'))) {
+    throw new SnellaError('FILE', `${adapterDir}: an adapter is already there; pass --overwrite or another --out`);
+  }
+  const model = VitModel.load(o.model, { device: o.device });
+  try {
+    if (model.deviceReason) log(`device: cpu (${model.deviceReason})`);
+    const cfg = model.config;
+    const norm = { mean: cfg.mean, std: cfg.std };
+    const trainDs = await openSplit(o.data, o.trainSplit, cfg.img_size, norm);
+    const testDs = await openSplit(o.testData ?? o.data, o.testSplit, cfg.img_size, norm);
+    await Promise.all([trainDs.prepare(), testDs.prepare()]);
+    const numClasses = trainDs.numClasses;
+    model.attach({ method: o.method, numClasses, rank: o.rank, heads: o.heads, s0: o.s0, seed: o.seed });
+    log(`snella ${o.method}: ${path.basename(o.model)} (${cfg.depth} blocks, dim ${cfg.embed_dim}, ${cfg.img_size}px) on ${model.device}`);
+    log(`data: ${trainDs.length} training and ${testDs.length} test images, ${numClasses} classes; ${model.trainableCount} trainable values`);
+    const bar = new SingleBar({
+      format: 'epoch {epoch}/{epochs} |{bar}| {value}/{total} steps | loss {loss} | {ips} img/s | eta {eta}s',
+      hideCursor: true,
+      noTTYOutput: !o.json,
+      notTTYSchedule: 5000,
+      stream: process.stdout,
+    });
+    const steps = Math.ceil(trainDs.length / o.batch) * o.epochs;
+    if (!o.json) bar.start(steps, 0, { epoch: 1, epochs: o.epochs, loss: '-', ips: '-' });
+    const r = await train(model, {
+      train: trainDs,
+      epochs: o.epochs,
+      batchSize: o.batch,
+      lr: o.lr,
+      weightDecay: o.wd,
+      warmupEpochs: o.warmup,
+      sT: o.sT,
+      allocatorBeta1: o.beta1,
+      allocatorBeta2: o.beta2,
+      seed: o.seed,
+      signal,
+      callbacks: {
+        onStep: (s) => {
+          if (!o.json) bar.update(s.step, { epoch: s.epoch + 1, epochs: o.epochs, loss: s.loss.toFixed(3), ips: s.imagesPerSecond.toFixed(1) });
+        },
+      },
+    });
+    if (!o.json) bar.stop();
+    const test = await evaluate(model, testDs);
+    const rep = model.report();
+    const total = rep.reduce((s, l) => s + l.entries, 0);
+    model.saveAdapter(adapterDir, { overwrite: o.overwrite });
+    const result: JobResult = {
+      method: o.method,
+      testTop1: test.top1,
+      testCount: test.count,
+      trainSeconds: r.seconds,
+      imagesPerSecond: r.imagesPerSecond,
+      trainable: model.trainableCount,
+      keptFraction: total ? rep.reduce((s, l) => s + l.kept, 0) / total : undefined,
+      epochs: r.epochs,
+      device: model.device,
+      adapterDir,
+    };
+    fs.writeFileSync(path.join(o.out, 'results.json'), JSON.stringify(result, null, 2));
+    if (r.aborted) log('stopped early (signal)');
+    log(`test top-1: ${(test.top1 * 100).toFixed(2)}% on ${test.count} images (loss ${test.loss.toFixed(4)})`);
+    log(`training: ${r.seconds.toFixed(1)} s, ${r.imagesPerSecond.toFixed(1)} images/s`);
+    if (rep.length) log(`per-layer sparsity (fraction zeroed):\n${sparsitySummary(rep)}`);
+    log(`adapter written to ${adapterDir}/ (adapter_model.safetensors, adapter_config.json)`);
+    if (o.json) process.stdout.write(JSON.stringify(result) + '\n');
+    return result;
+  } finally {
+    model.dispose();
+  }
+}

@@ -1,0 +1,102 @@
+#!/usr/bin/env node
+/**
+ * The `snella` command line: `snella demo` and `snella train`.
+ * @module
+ */
+import * as path from 'node:path';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { SnellaError } from '../errors';
+import { runJob, type JobOptions } from './job';
+
+/** Exit codes: 0 success, 1 failure, 2 bad usage, 130 interrupted. */
+export const EXIT = { ok: 0, failure: 1, usage: 2, interrupted: 130 } as const;
+
+const ASSETS = path.resolve(__dirname, '../../assets');
+
+function num(name: string, lo: number, hi: number, int = false) {
+  return (v: string): number => {
+    const x = Number(v);
+    if (!Number.isFinite(x) || x < lo || x > hi || (int && !Number.isInteger(x))) {
+      throw new InvalidArgumentError(`--${name} must be ${int ? 'an integer' : 'a number'} in [${lo}, ${hi}]`);
+    }
+    return x;
+  };
+}
+
+function withRecipe(c: Command, d: Partial<JobOptions>): Command {
+  return c
+    .addOption(new Option('--method <m>', 'fine-tuning method').choices(['snella', 'snell', 'lora', 'linear', 'full']).default(d.method ?? 'snella'))
+    .option('--rank <r>', 'rank r of SNELLA/SNELL/LoRA', num('rank', 1, 4096, true), d.rank ?? 8)
+    .option('--heads <h>', 'kernel pieces H (spec §1)', num('heads', 1, 64, true), 2)
+    .option('--s0 <s>', 'initial sparsity (fraction zeroed)', num('s0', 0, 0.999999), d.s0 ?? 0.01)
+    .option('--sT <s>', 'target sparsity (fraction zeroed)', num('sT', 0, 0.999999), d.sT ?? 0.5)
+    .option('--beta1 <b>', 'allocator importance EMA β1', num('beta1', 0, 0.999999), 0.85)
+    .option('--beta2 <b>', 'allocator uncertainty EMA β2', num('beta2', 0, 0.999999), 0.85)
+    .option('--epochs <n>', 'epochs', num('epochs', 1, 100000, true), d.epochs ?? 40)
+    .option('--batch <n>', 'batch size', num('batch', 1, 65536, true), d.batch ?? 64)
+    .option('--lr <x>', 'peak learning rate', num('lr', 1e-12, 10), d.lr ?? 1e-3)
+    .option('--wd <x>', 'AdamW weight decay', num('wd', 0, 10), 0.05)
+    .option('--warmup <n>', 'warm-up epochs', num('warmup', 0, 100000, true), d.warmup ?? 4)
+    .option('--seed <n>', 'seed of init and batch order', num('seed', 0, 2 ** 32 - 1, true), 0)
+    .option('--train-split <name>', 'training list file (without .txt) or subfolder', d.trainSplit ?? 'train800val200')
+    .option('--test-split <name>', 'test list file or subfolder', d.testSplit ?? 'test')
+    .option('--test-data <dir>', 'a separate test folder (ImageFolder data)')
+    .option('--out <dir>', 'output folder (adapter, results.json)', d.out ?? 'runs/latest')
+    .option('--overwrite', 'replace an adapter already in --out', false)
+    .addOption(new Option('--device <d>', 'compute device').choices(['auto', 'cpu', 'cuda']).default('auto'))
+    .option('--json', 'print one JSON result line, no progress bar', false);
+}
+
+async function run(o: JobOptions): Promise<number> {
+  const ac = new AbortController();
+  const onInt = () => {
+    if (ac.signal.aborted) process.exit(EXIT.interrupted);
+    process.stderr.write('\ninterrupt: stopping at the next step boundary (Ctrl-C again to quit now)\n');
+    ac.abort();
+  };
+  process.on('SIGINT', onInt);
+  try {
+    const r = await runJob(o, ac.signal);
+    return ac.signal.aborted ? EXIT.interrupted : r ? EXIT.ok : EXIT.failure;
+  } catch (e) {
+    const msg = e instanceof SnellaError ? `error [${e.code}]: ${e.message}` : `error: ${(e as Error).stack ?? e}`;
+    if (o.json) process.stdout.write(JSON.stringify({ error: msg }) + '\n');
+    process.stderr.write(msg + '\n');
+    return e instanceof SnellaError && e.code === 'CONFIG' ? EXIT.usage : EXIT.failure;
+  } finally {
+    process.off('SIGINT', onInt);
+  }
+}
+
+/** Builds the command tree (exported for tests). */
+export function program(): Command {
+  const p = new Command('snella').description('SNELLA sparse fine-tuning of Vision Transformers').showHelpAfterError();
+  withRecipe(
+    p.command('train').description('fine-tune a ViT checkpoint on an image dataset (defaults: the reference recipe, spec §8)'),
+    {},
+  )
+    .requiredOption('--model <file>', 'timm-named ViT safetensors checkpoint')
+    .requiredOption('--data <dir>', 'data folder: VTAB-1k list files + images.tar, or ImageFolder class subfolders')
+    .action(async (o) => {
+      process.exitCode = await run(o as JobOptions);
+    });
+  withRecipe(
+    p.command('demo').description('a short SNELLA run of the bundled ViT-Tiny on a bundled 10-class Flowers-102 subset'),
+    { epochs: 6, batch: 32, lr: 2e-3, warmup: 1, sT: 0.5, trainSplit: 'train', testSplit: 'test', out: 'runs/demo' },
+  )
+    .option('--model <file>', 'checkpoint', path.join(ASSETS, 'models/vit_tiny_patch8_64.safetensors'))
+    .option('--data <dir>', 'data folder', path.join(ASSETS, 'flowers10-64'))
+    .action(async (o) => {
+      process.exitCode = await run({ ...(o as JobOptions), overwrite: true });
+    });
+  return p;
+}
+
+if (require.main === module) {
+  program()
+    .parseAsync(process.argv)
+    .catch((e) => {
+      process.stderr.write(`error: ${(e as Error).message}\n`);
+      process.exitCode = EXIT.usage;
+    });
+}
