@@ -82,7 +82,7 @@ export function program(): Command {
     });
   withRecipe(
     p.command('demo').description('a short SNELLA run of the bundled ViT-Tiny on a bundled 10-class Flowers-102 subset'),
-    { epochs: 6, batch: 32, lr: 2e-3, warmup: 1, sT: 0.5, trainSplit: 'train', testSplit: 'test', out: 'runs/demo' },
+    { epochs: 10, batch: 32, lr: 2e-3, warmup: 1, sT: 0.5, trainSplit: 'train', testSplit: 'test', out: 'runs/demo' },
   )
     .option('--model <file>', 'checkpoint', path.join(ASSETS, 'models/vit_tiny_patch8_64.safetensors'))
     .option('--data <dir>', 'data folder', path.join(ASSETS, 'flowers10-64'))

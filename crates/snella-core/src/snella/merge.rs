@@ -61,8 +61,9 @@ fn clamp_gamma<T: Real>(gamma: T) -> (T, bool) {
 }
 
 /// Row `i` of the distances and the kernel: `d[h·out + j] = D_h[i,j]`, `k[j] = K[i,j]`.
+/// Every `D_h[i,j]` is summed over `r = 0..rh` in order; the loops run over `j` and vectorise.
 #[allow(clippy::too_many_arguments)]
-#[inline]
+#[inline(always)]
 fn row_kernel<T: Real>(
     a: &[T], bt: &[T], c: &[T], i: usize, n_in: usize, n_out: usize, rh: usize, d: &mut [T], k: &mut [T],
 ) {
@@ -84,7 +85,7 @@ fn row_kernel<T: Real>(
 }
 
 /// `p = softmax(k / g)` over one row.
-#[inline]
+#[inline(always)]
 fn row_softmax<T: Real>(k: &[T], g: T, p: &mut [T]) {
     let zmax = k.iter().fold(T::neg_infinity(), |m, &x| m.max(x / g));
     let mut s = T::zero();
@@ -101,7 +102,7 @@ fn row_softmax<T: Real>(k: &[T], g: T, p: &mut [T]) {
 const LANES: usize = 8;
 
 /// `Σ x·y` in a fixed order (8 lanes, then the lanes pairwise, then the tail).
-#[inline]
+#[inline(always)]
 fn dot<T: Real>(x: &[T], y: &[T]) -> T {
     let mut acc = [T::zero(); LANES];
     let (xc, yc) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
@@ -119,7 +120,7 @@ fn dot<T: Real>(x: &[T], y: &[T]) -> T {
 }
 
 /// `Σ x` in a fixed order (8 lanes, then the lanes pairwise, then the tail).
-#[inline]
+#[inline(always)]
 fn sum<T: Real>(x: &[T]) -> T {
     let mut acc = [T::zero(); LANES];
     let xc = x.chunks_exact(LANES);
@@ -143,6 +144,156 @@ fn check_shapes<T>(a: &[T], b: &[T], heads: usize, n_in: usize, n_out: usize, rh
     assert_eq!(m.len(), n_in * n_out, "{what}: M has {} elements, expected [in={n_in}, out={n_out}]", m.len());
 }
 
+/// The read-only inputs shared by every row of one merge call.
+struct Ctx<'a, T> {
+    a: &'a [T],
+    /// `B` transposed to `[H, rh, out]`.
+    bt: &'a [T],
+    /// `c_h` as `T`.
+    c: &'a [T],
+    n_in: usize,
+    n_out: usize,
+    rh: usize,
+    mixture: Option<Mixture<T>>,
+    /// `max(γ, GAMMA_MIN)` (1 without mixture).
+    g: T,
+}
+
+/// Forward of row `i` into `mrow` (scratch `d: [H·out]`, `p: [out]`).
+#[inline(always)]
+fn fwd_row<T: Real>(cx: &Ctx<T>, i: usize, d: &mut [T], p: &mut [T], mrow: &mut [T]) {
+    row_kernel(cx.a, cx.bt, cx.c, i, cx.n_in, cx.n_out, cx.rh, d, mrow);
+    if let Some(mx) = cx.mixture {
+        row_softmax(mrow, cx.g, p);
+        for (mv, &pv) in mrow.iter_mut().zip(p.iter()) {
+            *mv = *mv + mx.alpha * pv + mx.beta;
+        }
+    }
+}
+
+/// One row chunk's share of the backward.
+struct ChunkGrad<T> {
+    /// `∂L/∂A` of the chunk's rows, `[H, rows, rh]`.
+    da: Vec<T>,
+    /// Partial `Σ_i E_h[i,j]·A[h,i,r]` as `[H, rh + 1, out]`; row `rh` holds `Σ_i E_h[i,j]`.
+    dbt: Vec<T>,
+    /// Partial `Σ Ĝ⊙P`, `Σ Ĝ`, `Σ P⊙K⊙(Ĝ − rowsum(Ĝ⊙P))`.
+    sums: [f64; 3],
+}
+
+/// Backward over rows `r0..r1` (spec §3): recomputes `D`, `K`, `P` row by row, forms
+/// `∂L/∂K` and `E_h`, writes the rows of `∂L/∂A` and accumulates this chunk's `∂L/∂B` partials.
+#[inline(always)]
+fn bwd_chunk<T: Real>(cx: &Ctx<T>, dm: &[T], r0: usize, r1: usize) -> ChunkGrad<T> {
+    let (n_in, n_out, rh, g) = (cx.n_in, cx.n_out, cx.rh, cx.g);
+    let heads = cx.c.len();
+    let rows = r1 - r0;
+    let mut out =
+        ChunkGrad { da: vec![T::zero(); heads * rows * rh], dbt: vec![T::zero(); heads * (rh + 1) * n_out], sums: [0.0; 3] };
+    let mut d = vec![T::zero(); heads * n_out];
+    let mut k = vec![T::zero(); n_out];
+    let mut p = vec![T::zero(); n_out];
+    let mut dk = vec![T::zero(); n_out];
+    let mut e = vec![T::zero(); n_out];
+    for i in r0..r1 {
+        row_kernel(cx.a, cx.bt, cx.c, i, n_in, n_out, rh, &mut d, &mut k);
+        let grow = &dm[i * n_out..(i + 1) * n_out];
+        let dkrow: &[T] = if let Some(mx) = cx.mixture {
+            row_softmax(&k, g, &mut p);
+            let s = dot(grow, &p);
+            out.sums[0] += s.f64();
+            out.sums[1] += sum(grow).f64();
+            // p ← P ⊙ (Ĝ − rowsum(Ĝ⊙P)); ∂L/∂K = Ĝ + (α/γ)·p.
+            let ag = mx.alpha / g;
+            for ((pv, &gv), dkv) in p.iter_mut().zip(grow).zip(dk.iter_mut()) {
+                *pv *= gv - s;
+                *dkv = gv + ag * *pv;
+            }
+            out.sums[2] += dot(&p, &k).f64();
+            &dk
+        } else {
+            grow
+        };
+        for (h, (dh, &ch)) in d.chunks_exact(n_out).zip(cx.c).enumerate() {
+            // E_h = c_h·∂L/∂K ⊘ D_h, 0 where D_h = 0.
+            for ((ev, &dv), &gk) in e.iter_mut().zip(dh).zip(dkrow) {
+                *ev = if dv == T::zero() { T::zero() } else { ch * gk / dv };
+            }
+            let rowsum = sum(&e);
+            let arow = &cx.a[(h * n_in + i) * rh..(h * n_in + i + 1) * rh];
+            let darow = &mut out.da[(h * rows + i - r0) * rh..(h * rows + i - r0 + 1) * rh];
+            let btb = &cx.bt[h * rh * n_out..(h + 1) * rh * n_out];
+            for ((dav, &av), brow) in darow.iter_mut().zip(arow).zip(btb.chunks_exact(n_out)) {
+                *dav = av * rowsum - dot(&e, brow);
+            }
+            let part = &mut out.dbt[h * (rh + 1) * n_out..(h + 1) * (rh + 1) * n_out];
+            let (acc_ea, acc_e) = part.split_at_mut(rh * n_out);
+            for (&av, accrow) in arow.iter().zip(acc_ea.chunks_exact_mut(n_out)) {
+                for (x, &ev) in accrow.iter_mut().zip(&e) {
+                    *x += ev * av;
+                }
+            }
+            for (x, &ev) in acc_e.iter_mut().zip(&e) {
+                *x += ev;
+            }
+        }
+    }
+    out
+}
+
+/// The row loops compiled for AVX2, chosen at run time. Rust never contracts `a·b + c` into an FMA
+/// and every reduction above has an explicit order, so these return bit-identical results to the
+/// baseline build; only the vector width differs.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{bwd_chunk, fwd_row, ChunkGrad, Ctx};
+    use crate::Real;
+
+    /// Whether the running CPU supports AVX2 (cached by the standard library).
+    #[inline]
+    pub(super) fn available() -> bool {
+        std::env::var_os("NO_AVX_TMP").is_none() && std::is_x86_feature_detected!("avx2")
+    }
+
+    /// [`fwd_row`] compiled with AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 ([`available`]).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn fwd_row_avx2<T: Real>(cx: &Ctx<T>, i: usize, d: &mut [T], p: &mut [T], mrow: &mut [T]) {
+        fwd_row(cx, i, d, p, mrow)
+    }
+
+    /// [`bwd_chunk`] compiled with AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 ([`available`]).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn bwd_chunk_avx2<T: Real>(cx: &Ctx<T>, dm: &[T], r0: usize, r1: usize) -> ChunkGrad<T> {
+        bwd_chunk(cx, dm, r0, r1)
+    }
+}
+
+/// [`fwd_row`], with AVX2 when available.
+fn fwd_row_dispatch<T: Real>(cx: &Ctx<T>, i: usize, d: &mut [T], p: &mut [T], mrow: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        // SAFETY: AVX2 support was just checked.
+        return unsafe { avx2::fwd_row_avx2(cx, i, d, p, mrow) };
+    }
+    fwd_row(cx, i, d, p, mrow)
+}
+
+/// [`bwd_chunk`], with AVX2 when available.
+fn bwd_chunk_dispatch<T: Real>(cx: &Ctx<T>, dm: &[T], r0: usize, r1: usize) -> ChunkGrad<T> {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        // SAFETY: AVX2 support was just checked.
+        return unsafe { avx2::bwd_chunk_avx2(cx, dm, r0, r1) };
+    }
+    bwd_chunk(cx, dm, r0, r1)
+}
+
 /// Forward (spec §1): writes `m: [n_in, n_out]`, `M = K + α·softmax_j(K/max(γ, GAMMA_MIN)) + β`.
 /// `mixture = None` is the SNELL variant (`M = K`).
 ///
@@ -161,29 +312,12 @@ pub fn merge_fwd<T: Real>(
     }
     let bt = transpose_b(b, heads, n_out, rh);
     let c: Vec<T> = coeffs(heads).into_iter().map(T::of).collect();
+    let g = mixture.map_or(T::one(), |mx| clamp_gamma(mx.gamma).0);
+    let cx = Ctx { a, bt: &bt, c: &c, n_in, n_out, rh, mixture, g };
     m.par_chunks_mut(n_out).enumerate().with_min_len(4).for_each_init(
         || (vec![T::zero(); heads * n_out], vec![T::zero(); n_out]),
-        |(d, p), (i, mrow)| {
-            row_kernel(a, &bt, &c, i, n_in, n_out, rh, d, mrow);
-            if let Some(mx) = mixture {
-                let (g, _) = clamp_gamma(mx.gamma);
-                row_softmax(mrow, g, p);
-                for (mv, &pv) in mrow.iter_mut().zip(p.iter()) {
-                    *mv = *mv + mx.alpha * pv + mx.beta;
-                }
-            }
-        },
+        |(d, p), (i, mrow)| fwd_row_dispatch(&cx, i, d, p, mrow),
     );
-}
-
-/// One row chunk's share of the backward.
-struct ChunkGrad<T> {
-    /// `∂L/∂A` of the chunk's rows, `[H, rows, rh]`.
-    da: Vec<T>,
-    /// Partial `Σ_i E_h[i,j]·A[h,i,r]` as `[H, rh + 1, out]`; row `rh` holds `Σ_i E_h[i,j]`.
-    dbt: Vec<T>,
-    /// Partial `Σ Ĝ⊙P`, `Σ Ĝ`, `Σ P⊙K⊙(Ĝ − rowsum(Ĝ⊙P))`.
-    sums: [f64; 3],
 }
 
 /// Backward (spec §3): from `dm = Ĝ = ∂L/∂M: [n_in, n_out]` writes `da: [H, n_in, rh]`,
@@ -204,76 +338,20 @@ pub fn merge_bwd<T: Real>(
     check_shapes(a, b, heads, n_in, n_out, rh, dm, "merge_bwd");
     assert_eq!(da.len(), a.len(), "merge_bwd: dA has {} elements, A has {}", da.len(), a.len());
     assert_eq!(db.len(), b.len(), "merge_bwd: dB has {} elements, B has {}", db.len(), b.len());
-    da.fill(T::zero());
-    db.fill(T::zero());
-    let zero_mix = Mixture { alpha: T::zero(), gamma: T::zero(), beta: T::zero() };
     if n_in == 0 || n_out == 0 {
-        return mixture.map(|_| zero_mix);
+        da.fill(T::zero());
+        db.fill(T::zero());
+        return mixture.map(|_| Mixture { alpha: T::zero(), gamma: T::zero(), beta: T::zero() });
     }
     let bt = transpose_b(b, heads, n_out, rh);
     let c: Vec<T> = coeffs(heads).into_iter().map(T::of).collect();
     let (g, clamped) = mixture.map_or((T::one(), false), |mx| clamp_gamma(mx.gamma));
+    let cx = Ctx { a, bt: &bt, c: &c, n_in, n_out, rh, mixture, g };
     let rows_per = n_in.div_ceil(BWD_CHUNKS);
     let nchunks = n_in.div_ceil(rows_per);
     let chunks: Vec<ChunkGrad<T>> = (0..nchunks)
         .into_par_iter()
-        .map(|ci| {
-            let (r0, r1) = (ci * rows_per, ((ci + 1) * rows_per).min(n_in));
-            let rows = r1 - r0;
-            let mut out = ChunkGrad {
-                da: vec![T::zero(); heads * rows * rh],
-                dbt: vec![T::zero(); heads * (rh + 1) * n_out],
-                sums: [0.0; 3],
-            };
-            let mut d = vec![T::zero(); heads * n_out];
-            let mut k = vec![T::zero(); n_out];
-            let mut p = vec![T::zero(); n_out];
-            let mut dk = vec![T::zero(); n_out];
-            let mut e = vec![T::zero(); n_out];
-            for i in r0..r1 {
-                row_kernel(a, &bt, &c, i, n_in, n_out, rh, &mut d, &mut k);
-                let grow = &dm[i * n_out..(i + 1) * n_out];
-                let dkrow: &[T] = if let Some(mx) = mixture {
-                    row_softmax(&k, g, &mut p);
-                    let s = dot(grow, &p);
-                    out.sums[0] += s.f64();
-                    out.sums[1] += sum(grow).f64();
-                    // p ← P ⊙ (Ĝ − rowsum(Ĝ⊙P)); ∂L/∂K = Ĝ + (α/γ)·p.
-                    let ag = mx.alpha / g;
-                    for ((pv, &gv), dkv) in p.iter_mut().zip(grow).zip(dk.iter_mut()) {
-                        *pv *= gv - s;
-                        *dkv = gv + ag * *pv;
-                    }
-                    out.sums[2] += dot(&p, &k).f64();
-                    &dk
-                } else {
-                    grow
-                };
-                for (h, (dh, &ch)) in d.chunks_exact(n_out).zip(&c).enumerate() {
-                    for ((ev, &dv), &gk) in e.iter_mut().zip(dh).zip(dkrow) {
-                        *ev = if dv == T::zero() { T::zero() } else { ch * gk / dv };
-                    }
-                    let rowsum = sum(&e);
-                    let arow = &a[(h * n_in + i) * rh..(h * n_in + i + 1) * rh];
-                    let darow = &mut out.da[(h * rows + i - r0) * rh..(h * rows + i - r0 + 1) * rh];
-                    let btb = &bt[h * rh * n_out..(h + 1) * rh * n_out];
-                    for ((dav, &av), brow) in darow.iter_mut().zip(arow).zip(btb.chunks_exact(n_out)) {
-                        *dav = av * rowsum - dot(&e, brow);
-                    }
-                    let part = &mut out.dbt[h * (rh + 1) * n_out..(h + 1) * (rh + 1) * n_out];
-                    let (acc_ea, acc_e) = part.split_at_mut(rh * n_out);
-                    for (&av, accrow) in arow.iter().zip(acc_ea.chunks_exact_mut(n_out)) {
-                        for (x, &ev) in accrow.iter_mut().zip(&e) {
-                            *x += ev * av;
-                        }
-                    }
-                    for (x, &ev) in acc_e.iter_mut().zip(&e) {
-                        *x += ev;
-                    }
-                }
-            }
-            out
-        })
+        .map(|ci| bwd_chunk_dispatch(&cx, dm, ci * rows_per, ((ci + 1) * rows_per).min(n_in)))
         .collect();
     // ∂L/∂A: copy each chunk's rows into place.
     for (ci, ch) in chunks.iter().enumerate() {

@@ -128,17 +128,13 @@ pub fn select_topk<T: Real>(mags: &[T], k: usize) -> KeptSet {
     let mut cands_hold_next = false;
     let mut bucket_count = n;
     let mut first = true;
-    let dbg = std::env::var("TOPK_DBG").is_ok();
-    let t0 = std::time::Instant::now();
     while hi > lo_bound {
-        if dbg { eprintln!("pass hi={hi} cands={:?} t={:?}", cands.as_ref().map(Vec::len), t0.elapsed()); }
         let width = if first && n >= 1 << 16 { 16 } else { 11 }.min(hi - lo_bound);
         let shift = hi - width;
         let (h, or) = match &cands {
             None => hist_pass(mags, mag_key::<T>, prefix, pmask, shift, width),
             Some(c) => hist_pass(c, |x| x, prefix, pmask, shift, width),
         };
-        if dbg { eprintln!("  hist done t={:?}", t0.elapsed()); }
         if first {
             // Bits below the lowest set bit of any key are 0 in every key: nothing to select there
             // (f32 magnitudes leave the low 29 bits of their f64 pattern empty).
@@ -175,7 +171,6 @@ pub fn select_topk<T: Real>(mags: &[T], k: usize) -> KeptSet {
             cands = Some(new);
         }
     }
-    if dbg { eprintln!("loop done t={:?} need={need} bc={bucket_count} hold={cands_hold_next} pool={}", t0.elapsed(), tau_pool.is_some()); }
     let threshold = f64::from_bits(prefix);
     let below = |c: &[u64]| c.iter().map(|&kk| if kk < prefix { kk } else { 0 }).max().unwrap_or(0);
     let tau = if k == n {
