@@ -86,52 +86,93 @@ fn row_kernel<T: Real>(
 
 /// `p = softmax(k / g)` over one row.
 #[inline(always)]
-fn row_softmax<T: Real>(k: &[T], g: T, p: &mut [T]) {
+fn row_softmax<T: Real, const AVX: bool>(k: &[T], g: T, p: &mut [T]) {
     let zmax = k.iter().fold(T::neg_infinity(), |m, &x| m.max(x / g));
-    let mut s = T::zero();
     for (pv, &kv) in p.iter_mut().zip(k) {
         *pv = (kv / g - zmax).exp();
-        s += *pv;
     }
+    let s = sum::<T, AVX>(p);
     for pv in p.iter_mut() {
         *pv = *pv / s;
     }
 }
 
-/// Lanes of the fixed-order sums below (8 independent accumulators, which vectorise).
-const LANES: usize = 8;
+/// Lanes of the fixed-order sums below: 32 independent accumulators (four AVX2 registers).
+const LANES: usize = 32;
 
-/// `Σ x·y` in a fixed order (8 lanes, then the lanes pairwise, then the tail).
+/// Adds the lanes pairwise (`l` with `l + 16`, then `l + 8`, …): the one fixed combine order of
+/// every lane sum here, scalar or SIMD.
 #[inline(always)]
-fn dot<T: Real>(x: &[T], y: &[T]) -> T {
+fn combine<T: Real>(mut acc: [T; LANES]) -> T {
+    let mut w = LANES / 2;
+    while w > 0 {
+        for l in 0..w {
+            let v = acc[l + w];
+            acc[l] += v;
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+/// Whether `T` is `f32` (the SIMD paths are written for f32).
+#[inline(always)]
+fn is_f32<T: Real>() -> bool {
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+}
+
+/// Reinterprets `&[T]` as `&[f32]`.
+///
+/// # Safety
+/// `T` must be `f32` ([`is_f32`]).
+#[inline(always)]
+unsafe fn as_f32<T>(x: &[T]) -> &[f32] {
+    std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len())
+}
+
+/// `Σ x·y` in a fixed order: lane `l` sums the products at indices `≡ l (mod 32)` of the
+/// 32-aligned head, the lanes are combined by [`combine`], then the tail is added in order.
+/// With `AVX` (the caller guarantees AVX2) f32 runs on four AVX2 registers with the same
+/// per-lane arithmetic, hence the same bits.
+#[inline(always)]
+fn dot<T: Real, const AVX: bool>(x: &[T], y: &[T]) -> T {
+    #[cfg(target_arch = "x86_64")]
+    if AVX && is_f32::<T>() {
+        // SAFETY: T is f32 (checked), and AVX is only set on the AVX2 code path.
+        return unsafe { T::of(avx2::dot_f32(as_f32(x), as_f32(y)) as f64) };
+    }
+    let n = x.len().min(y.len());
+    let head = n - n % LANES;
     let mut acc = [T::zero(); LANES];
-    let (xc, yc) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
-    let (xr, yr) = (xc.remainder(), yc.remainder());
-    for (xa, ya) in xc.zip(yc) {
+    for (xa, ya) in x[..head].chunks_exact(LANES).zip(y[..head].chunks_exact(LANES)) {
         for l in 0..LANES {
             acc[l] += xa[l] * ya[l];
         }
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-    for (&a, &b) in xr.iter().zip(yr) {
+    let mut s = combine(acc);
+    for (&a, &b) in x[head..n].iter().zip(&y[head..n]) {
         s += a * b;
     }
     s
 }
 
-/// `Σ x` in a fixed order (8 lanes, then the lanes pairwise, then the tail).
+/// `Σ x` in the fixed order of [`dot`].
 #[inline(always)]
-fn sum<T: Real>(x: &[T]) -> T {
+fn sum<T: Real, const AVX: bool>(x: &[T]) -> T {
+    #[cfg(target_arch = "x86_64")]
+    if AVX && is_f32::<T>() {
+        // SAFETY: T is f32 (checked), and AVX is only set on the AVX2 code path.
+        return unsafe { T::of(avx2::sum_f32(as_f32(x)) as f64) };
+    }
+    let head = x.len() - x.len() % LANES;
     let mut acc = [T::zero(); LANES];
-    let xc = x.chunks_exact(LANES);
-    let xr = xc.remainder();
-    for xa in xc {
+    for xa in x[..head].chunks_exact(LANES) {
         for l in 0..LANES {
             acc[l] += xa[l];
         }
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-    for &a in xr {
+    let mut s = combine(acc);
+    for &a in &x[head..] {
         s += a;
     }
     s
@@ -161,10 +202,10 @@ struct Ctx<'a, T> {
 
 /// Forward of row `i` into `mrow` (scratch `d: [H·out]`, `p: [out]`).
 #[inline(always)]
-fn fwd_row<T: Real>(cx: &Ctx<T>, i: usize, d: &mut [T], p: &mut [T], mrow: &mut [T]) {
+fn fwd_row<T: Real, const AVX: bool>(cx: &Ctx<T>, i: usize, d: &mut [T], p: &mut [T], mrow: &mut [T]) {
     row_kernel(cx.a, cx.bt, cx.c, i, cx.n_in, cx.n_out, cx.rh, d, mrow);
     if let Some(mx) = cx.mixture {
-        row_softmax(mrow, cx.g, p);
+        row_softmax::<T, AVX>(mrow, cx.g, p);
         for (mv, &pv) in mrow.iter_mut().zip(p.iter()) {
             *mv = *mv + mx.alpha * pv + mx.beta;
         }
@@ -184,7 +225,7 @@ struct ChunkGrad<T> {
 /// Backward over rows `r0..r1` (spec §3): recomputes `D`, `K`, `P` row by row, forms
 /// `∂L/∂K` and `E_h`, writes the rows of `∂L/∂A` and accumulates this chunk's `∂L/∂B` partials.
 #[inline(always)]
-fn bwd_chunk<T: Real>(cx: &Ctx<T>, dm: &[T], r0: usize, r1: usize) -> ChunkGrad<T> {
+fn bwd_chunk<T: Real, const AVX: bool>(cx: &Ctx<T>, dm: &[T], r0: usize, r1: usize) -> ChunkGrad<T> {
     let (n_in, n_out, rh, g) = (cx.n_in, cx.n_out, cx.rh, cx.g);
     let heads = cx.c.len();
     let rows = r1 - r0;
@@ -199,17 +240,17 @@ fn bwd_chunk<T: Real>(cx: &Ctx<T>, dm: &[T], r0: usize, r1: usize) -> ChunkGrad<
         row_kernel(cx.a, cx.bt, cx.c, i, n_in, n_out, rh, &mut d, &mut k);
         let grow = &dm[i * n_out..(i + 1) * n_out];
         let dkrow: &[T] = if let Some(mx) = cx.mixture {
-            row_softmax(&k, g, &mut p);
-            let s = dot(grow, &p);
+            row_softmax::<T, AVX>(&k, g, &mut p);
+            let s = dot::<T, AVX>(grow, &p);
             out.sums[0] += s.f64();
-            out.sums[1] += sum(grow).f64();
+            out.sums[1] += sum::<T, AVX>(grow).f64();
             // p ← P ⊙ (Ĝ − rowsum(Ĝ⊙P)); ∂L/∂K = Ĝ + (α/γ)·p.
             let ag = mx.alpha / g;
             for ((pv, &gv), dkv) in p.iter_mut().zip(grow).zip(dk.iter_mut()) {
                 *pv *= gv - s;
                 *dkv = gv + ag * *pv;
             }
-            out.sums[2] += dot(&p, &k).f64();
+            out.sums[2] += dot::<T, AVX>(&p, &k).f64();
             &dk
         } else {
             grow
@@ -219,12 +260,12 @@ fn bwd_chunk<T: Real>(cx: &Ctx<T>, dm: &[T], r0: usize, r1: usize) -> ChunkGrad<
             for ((ev, &dv), &gk) in e.iter_mut().zip(dh).zip(dkrow) {
                 *ev = if dv == T::zero() { T::zero() } else { ch * gk / dv };
             }
-            let rowsum = sum(&e);
+            let rowsum = sum::<T, AVX>(&e);
             let arow = &cx.a[(h * n_in + i) * rh..(h * n_in + i + 1) * rh];
             let darow = &mut out.da[(h * rows + i - r0) * rh..(h * rows + i - r0 + 1) * rh];
             let btb = &cx.bt[h * rh * n_out..(h + 1) * rh * n_out];
             for ((dav, &av), brow) in darow.iter_mut().zip(arow).zip(btb.chunks_exact(n_out)) {
-                *dav = av * rowsum - dot(&e, brow);
+                *dav = av * rowsum - dot::<T, AVX>(&e, brow);
             }
             let part = &mut out.dbt[h * (rh + 1) * n_out..(h + 1) * (rh + 1) * n_out];
             let (acc_ea, acc_e) = part.split_at_mut(rh * n_out);
@@ -242,17 +283,18 @@ fn bwd_chunk<T: Real>(cx: &Ctx<T>, dm: &[T], r0: usize, r1: usize) -> ChunkGrad<
 }
 
 /// The row loops compiled for AVX2, chosen at run time. Rust never contracts `a·b + c` into an FMA
-/// and every reduction above has an explicit order, so these return bit-identical results to the
-/// baseline build; only the vector width differs.
+/// and every reduction here has one explicit order (the lane layout of [`dot`]), so these return
+/// bit-identical results to the baseline build; only the vector width differs.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{bwd_chunk, fwd_row, ChunkGrad, Ctx};
+    use super::{bwd_chunk, combine, fwd_row, ChunkGrad, Ctx, LANES};
     use crate::Real;
+    use std::arch::x86_64::*;
 
     /// Whether the running CPU supports AVX2 (cached by the standard library).
     #[inline]
     pub(super) fn available() -> bool {
-        std::env::var_os("NO_AVX_TMP").is_none() && std::is_x86_feature_detected!("avx2")
+        std::is_x86_feature_detected!("avx2")
     }
 
     /// [`fwd_row`] compiled with AVX2.
@@ -261,7 +303,7 @@ mod avx2 {
     /// The CPU must support AVX2 ([`available`]).
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn fwd_row_avx2<T: Real>(cx: &Ctx<T>, i: usize, d: &mut [T], p: &mut [T], mrow: &mut [T]) {
-        fwd_row(cx, i, d, p, mrow)
+        fwd_row::<T, true>(cx, i, d, p, mrow)
     }
 
     /// [`bwd_chunk`] compiled with AVX2.
@@ -270,7 +312,70 @@ mod avx2 {
     /// The CPU must support AVX2 ([`available`]).
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn bwd_chunk_avx2<T: Real>(cx: &Ctx<T>, dm: &[T], r0: usize, r1: usize) -> ChunkGrad<T> {
-        bwd_chunk(cx, dm, r0, r1)
+        bwd_chunk::<T, true>(cx, dm, r0, r1)
+    }
+
+    /// Four 8-lane registers as the 32 lanes of [`super::dot`] (register `q` holds lanes `8q..8q+8`).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn lanes(v: [__m256; 4]) -> [f32; LANES] {
+        let mut out = [0f32; LANES];
+        for (q, r) in v.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * q), *r);
+        }
+        out
+    }
+
+    /// [`super::dot`] for f32.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
+        let n = x.len().min(y.len());
+        let head = n - n % LANES;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let (px, py) = (x.as_ptr(), y.as_ptr());
+        let mut i = 0;
+        while i < head {
+            for (q, a) in acc.iter_mut().enumerate() {
+                // SAFETY: i + 8q + 8 ≤ head ≤ n, within both slices.
+                let prod = _mm256_mul_ps(_mm256_loadu_ps(px.add(i + 8 * q)), _mm256_loadu_ps(py.add(i + 8 * q)));
+                *a = _mm256_add_ps(*a, prod);
+            }
+            i += LANES;
+        }
+        let mut s = combine(lanes(acc));
+        for (&a, &b) in x[head..n].iter().zip(&y[head..n]) {
+            s += a * b;
+        }
+        s
+    }
+
+    /// [`super::sum`] for f32.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn sum_f32(x: &[f32]) -> f32 {
+        let head = x.len() - x.len() % LANES;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let px = x.as_ptr();
+        let mut i = 0;
+        while i < head {
+            for (q, a) in acc.iter_mut().enumerate() {
+                // SAFETY: i + 8q + 8 ≤ head ≤ x.len().
+                *a = _mm256_add_ps(*a, _mm256_loadu_ps(px.add(i + 8 * q)));
+            }
+            i += LANES;
+        }
+        let mut s = combine(lanes(acc));
+        for &a in &x[head..] {
+            s += a;
+        }
+        s
     }
 }
 
@@ -281,7 +386,7 @@ fn fwd_row_dispatch<T: Real>(cx: &Ctx<T>, i: usize, d: &mut [T], p: &mut [T], mr
         // SAFETY: AVX2 support was just checked.
         return unsafe { avx2::fwd_row_avx2(cx, i, d, p, mrow) };
     }
-    fwd_row(cx, i, d, p, mrow)
+    fwd_row::<T, false>(cx, i, d, p, mrow)
 }
 
 /// [`bwd_chunk`], with AVX2 when available.
@@ -291,7 +396,7 @@ fn bwd_chunk_dispatch<T: Real>(cx: &Ctx<T>, dm: &[T], r0: usize, r1: usize) -> C
         // SAFETY: AVX2 support was just checked.
         return unsafe { avx2::bwd_chunk_avx2(cx, dm, r0, r1) };
     }
-    bwd_chunk(cx, dm, r0, r1)
+    bwd_chunk::<T, false>(cx, dm, r0, r1)
 }
 
 /// Forward (spec §1): writes `m: [n_in, n_out]`, `M = K + α·softmax_j(K/max(γ, GAMMA_MIN)) + β`.
@@ -588,6 +693,41 @@ mod tests {
             assert_eq!(r1.3.beta.to_bits(), r.3.beta.to_bits());
         }
         assert!(r1.1.iter().any(|&v| v != 0.0) && r1.2.iter().any(|&v| v != 0.0));
+    }
+
+    #[test]
+    fn simd_and_scalar_paths_are_bit_identical() {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for n in [0usize, 1, 31, 32, 33, 100, 777] {
+            let x: Vec<f32> = rand_vec(n, 1, 2.0).iter().map(|&v| v as f32).collect();
+            let y: Vec<f32> = rand_vec(n, 2, 2.0).iter().map(|&v| v as f32).collect();
+            #[cfg(target_arch = "x86_64")]
+            if avx2::available() {
+                // SAFETY: AVX2 checked.
+                let (d, s) = unsafe { (avx2::dot_f32(&x, &y), avx2::sum_f32(&x)) };
+                assert_eq!(d.to_bits(), dot::<f32, false>(&x, &y).to_bits(), "dot n={n}");
+                assert_eq!(s.to_bits(), sum::<f32, false>(&x).to_bits(), "sum n={n}");
+            }
+            // f64 reference within rounding.
+            let d64: f64 = x.iter().zip(&y).map(|(&a, &b)| a as f64 * b as f64).sum();
+            assert!((dot::<f32, false>(&x, &y) as f64 - d64).abs() < 1e-4 * (1.0 + d64.abs()));
+        }
+        let (n_in, n_out, rh) = (13, 203, 5);
+        let a: Vec<f32> = rand_vec(H * n_in * rh, 1, 0.3).iter().map(|&v| v as f32).collect();
+        let b: Vec<f32> = rand_vec(H * n_out * rh, 2, 0.3).iter().map(|&v| v as f32).collect();
+        let g: Vec<f32> = rand_vec(n_in * n_out, 3, 1.0).iter().map(|&v| v as f32).collect();
+        let bt = transpose_b(&b, H, n_out, rh);
+        let c: Vec<f32> = coeffs(H).into_iter().map(|v| v as f32).collect();
+        let cx = Ctx { a: &a, bt: &bt, c: &c, n_in, n_out, rh, mixture: Some(Mixture { alpha: 0.8, gamma: 0.7, beta: 0.1 }), g: 0.7 };
+        let (mut d, mut p) = (vec![0.0f32; H * n_out], vec![0.0f32; n_out]);
+        let (mut m1, mut m2) = (vec![0.0f32; n_out], vec![0.0f32; n_out]);
+        fwd_row::<f32, false>(&cx, 4, &mut d, &mut p, &mut m1);
+        fwd_row_dispatch(&cx, 4, &mut d, &mut p, &mut m2);
+        assert_eq!(bits(&m1), bits(&m2));
+        let (g1, g2) = (bwd_chunk::<f32, false>(&cx, &g, 2, 11), bwd_chunk_dispatch(&cx, &g, 2, 11));
+        assert_eq!(bits(&g1.da), bits(&g2.da));
+        assert_eq!(bits(&g1.dbt), bits(&g2.dbt));
+        assert_eq!(g1.sums.map(f64::to_bits), g2.sums.map(f64::to_bits));
     }
 
     /// Timing of the training-step sizes; run with `--ignored --nocapture`.
