@@ -8,8 +8,10 @@
 //! Both passes work row by row (input feature `i`), in parallel over rows. `B` is first transposed
 //! to `[H, rh, out]` so every inner loop runs over the output features `j` and vectorises. The
 //! backward's cross-row sums (`∂L/∂B`, the mixture scalars) are formed per fixed row chunk
-//! ([`BWD_CHUNKS`] chunks, independent of the thread count) and added in chunk order, so results
-//! are bit-identical on every run and every machine.
+//! (`BWD_CHUNKS` = 8 chunks, independent of the thread count) and added in chunk order, so results
+//! are bit-identical on every run and for every thread count. On x86-64 CPUs with AVX2 the row
+//! loops run in an AVX2 build of the same code (chosen at run time); its per-element arithmetic
+//! and reduction order are those of the baseline build, so it returns the same bits.
 
 use crate::Real;
 use rayon::prelude::*;
@@ -21,7 +23,7 @@ pub const GAMMA_MIN: f64 = 1e-4;
 /// fixed so the reduction order, hence every bit of the result, never depends on the threads).
 const BWD_CHUNKS: usize = 8;
 
-/// The mixture scalars of a SNELLA adapter (or their gradients).
+/// The mixture scalars of a SNELLA adapter (spec §1), or their gradients (spec §3).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Mixture<T> {
     /// Softmax weight α (init 1).

@@ -11,7 +11,7 @@
 use crate::Real;
 use rayon::prelude::*;
 
-/// The kept set `S` of one layer, described without a mask: every entry with `|M| > threshold`
+/// The kept set `S` of one layer (spec §2), described without a mask: every entry with `|M| > threshold`
 /// is kept, plus the first `ties` entries (in flat index order) with `|M| == threshold`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct KeptSet {
