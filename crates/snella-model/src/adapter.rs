@@ -6,9 +6,9 @@
 
 use crate::backend::Backend;
 use crate::param::Param;
-use snella_core::snella::merge::{coeffs, Mixture};
+use snella_core::snella::merge::coeffs;
 use snella_core::snella::sparsify::SparsifyRule;
-use snella_core::snella::topk::{kept_count, KeptSet};
+use snella_core::snella::topk::kept_count;
 
 /// A kernelized sparse adapter (spec §1–§3). `mixture = None` is SNELL.
 pub struct KernelAdapter<B: Backend> {
@@ -39,7 +39,7 @@ pub struct Materialized<B: Backend> {
     /// `M` (only kept for kernel adapters; LoRA has none).
     pub m: Option<B::Buf>,
     /// The kept set of `|M|` (kernel adapters).
-    pub set: Option<KeptSet>,
+    pub set: Option<B::Kept>,
     /// `ΔW`.
     pub dw: B::Buf,
 }
@@ -95,18 +95,11 @@ impl<B: Backend> KernelAdapter<B> {
         kept_count(self.numel(), self.sparsity)
     }
 
-    fn mixture(&self, be: &B) -> Option<Mixture<f32>> {
-        self.mix.as_ref().map(|p| {
-            let v = be.download(&p.value);
-            Mixture { alpha: v[0], gamma: v[1], beta: v[2] }
-        })
-    }
-
     /// Builds `M`, selects the top-k and sparsifies (spec §1–§2).
     pub fn materialize(&self, be: &B) -> Materialized<B> {
         let n = self.numel();
         let mut m = be.zeros(n);
-        be.merge_fwd(&self.a.value, &self.b.value, self.heads, self.n_in, self.n_out, self.rh, self.mixture(be), &mut m);
+        be.merge_fwd(&self.a.value, &self.b.value, self.heads, self.n_in, self.n_out, self.rh, self.mix.as_ref().map(|p| &p.value), &mut m);
         let set = be.select_topk(&m, self.kept());
         let mut dw = be.zeros(n);
         be.sparsify_fwd(&m, &set, self.rule, &mut dw);
@@ -119,13 +112,12 @@ impl<B: Backend> KernelAdapter<B> {
         let (m, set) = (mat.m.as_ref().expect("kernel adapter M"), mat.set.as_ref().expect("kept set"));
         let mut gh = be.zeros(self.numel());
         be.sparsify_bwd(m, set, self.rule, g, &mut gh);
-        let mix = self.mixture(be);
         let (da, db) = (self.a.train.as_mut().expect("A trainable"), self.b.train.as_mut().expect("B trainable"));
-        let dmix = be.merge_bwd(&self.a.value, &self.b.value, self.heads, self.n_in, self.n_out, self.rh, mix, &gh, &mut da.grad, &mut db.grad);
-        if let (Some(p), Some(d)) = (self.mix.as_mut(), dmix) {
-            let t = p.train.as_mut().expect("mixture trainable");
-            t.grad = be.upload(&[d.alpha, d.gamma, d.beta]);
-        }
+        let (mix, dmix) = match self.mix.as_mut() {
+            Some(p) => (Some(&p.value), Some(&mut p.train.as_mut().expect("mixture trainable").grad)),
+            None => (None, None),
+        };
+        be.merge_bwd(&self.a.value, &self.b.value, self.heads, self.n_in, self.n_out, self.rh, mix, &gh, &mut da.grad, &mut db.grad, dmix);
     }
 
     /// The fixed kernel coefficients of this adapter (spec §1).

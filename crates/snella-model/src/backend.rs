@@ -5,7 +5,6 @@
 //! f32 reference; each method's semantics are those of the `snella_core` op of the same name.
 //! All matrices are row-major and contiguous; `*_off` arguments are element offsets into a buffer.
 
-use snella_core::snella::merge::Mixture;
 use snella_core::snella::sparsify::SparsifyRule;
 use snella_core::snella::topk::KeptSet;
 use snella_core::ops::adamw::AdamWParams;
@@ -15,6 +14,9 @@ use snella_core::ops::adamw::AdamWParams;
 pub trait Backend: Clone + Send + Sync + 'static {
     /// A device (or host) buffer of f32 values.
     type Buf: Send + Sync;
+    /// A layer's kept set (spec §2) as the backend holds it (host struct on CPU, device words on CUDA),
+    /// so selecting and applying it needs no host round trip.
+    type Kept: Send + Sync;
 
     /// A short name: `"cpu"` or `"cuda"`.
     fn name(&self) -> &'static str;
@@ -66,16 +68,19 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn im2col(&self, images: &Self::Buf, b: usize, ch: usize, h: usize, w: usize, p: usize, cols: &mut Self::Buf);
     /// One AdamW update in place.
     fn adamw(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, h: &AdamWParams);
-    /// Kernelized merge forward (spec §1): `m [n_in, n_out]`.
-    fn merge_fwd(&self, a: &Self::Buf, b: &Self::Buf, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<Mixture<f32>>, m: &mut Self::Buf);
-    /// Kernelized merge backward (spec §3); returns the mixture gradients.
-    fn merge_bwd(&self, a: &Self::Buf, b: &Self::Buf, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<Mixture<f32>>, dm: &Self::Buf, da: &mut Self::Buf, db: &mut Self::Buf) -> Option<Mixture<f32>>;
+    /// Kernelized merge forward (spec §1): `m [n_in, n_out]`; `mix` holds `[α, γ, β]` (SNELLA) or is
+    /// `None` (SNELL).
+    fn merge_fwd(&self, a: &Self::Buf, b: &Self::Buf, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&Self::Buf>, m: &mut Self::Buf);
+    /// Kernelized merge backward (spec §3): writes `da`, `db` and, with a mixture, `dmix = [∂α, ∂γ, ∂β]`.
+    fn merge_bwd(&self, a: &Self::Buf, b: &Self::Buf, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&Self::Buf>, dm: &Self::Buf, da: &mut Self::Buf, db: &mut Self::Buf, dmix: Option<&mut Self::Buf>);
     /// Exact top-k of `|m|` (spec §2).
-    fn select_topk(&self, m: &Self::Buf, k: usize) -> KeptSet;
-    /// Sparsify forward (spec §2), `dw` may alias nothing.
-    fn sparsify_fwd(&self, m: &Self::Buf, set: &KeptSet, rule: SparsifyRule, dw: &mut Self::Buf);
+    fn select_topk(&self, m: &Self::Buf, k: usize) -> Self::Kept;
+    /// The host description of a kept set (for reports and tests; may synchronise the device).
+    fn kept_set(&self, kept: &Self::Kept) -> KeptSet;
+    /// Sparsify forward (spec §2).
+    fn sparsify_fwd(&self, m: &Self::Buf, set: &Self::Kept, rule: SparsifyRule, dw: &mut Self::Buf);
     /// Sparsify backward (spec §3): `dm = g ⊙ factor`.
-    fn sparsify_bwd(&self, m: &Self::Buf, set: &KeptSet, rule: SparsifyRule, g: &Self::Buf, dm: &mut Self::Buf);
+    fn sparsify_bwd(&self, m: &Self::Buf, set: &Self::Kept, rule: SparsifyRule, g: &Self::Buf, dm: &mut Self::Buf);
     /// `true` when every value is finite.
     fn all_finite(&self, x: &Self::Buf) -> bool;
 }

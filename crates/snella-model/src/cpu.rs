@@ -8,6 +8,11 @@ use snella_core::snella::merge::{self, Mixture};
 use snella_core::snella::sparsify::{self, SparsifyRule};
 use snella_core::snella::topk::{self, KeptSet};
 
+/// `[α, γ, β]` as a [`Mixture`].
+fn mixture(v: &Vec<f32>) -> Mixture<f32> {
+    Mixture { alpha: v[0], gamma: v[1], beta: v[2] }
+}
+
 /// The f32 CPU backend. Multi-threaded through rayon and matrixmultiply's threads.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
@@ -15,6 +20,7 @@ pub struct CpuBackend;
 #[allow(clippy::too_many_arguments)]
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
+    type Kept = KeptSet;
 
     fn name(&self) -> &'static str { "cpu" }
     fn zeros(&self, n: usize) -> Vec<f32> { vec![0.0; n] }
@@ -67,12 +73,16 @@ impl Backend for CpuBackend {
     fn adamw(&self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, h: &adamw::AdamWParams) {
         adamw::adamw_step(param, grad, m, v, h)
     }
-    fn merge_fwd(&self, a: &Vec<f32>, b: &Vec<f32>, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<Mixture<f32>>, m: &mut Vec<f32>) {
-        merge::merge_fwd(a, b, heads, n_in, n_out, rh, mix, m)
+    fn merge_fwd(&self, a: &Vec<f32>, b: &Vec<f32>, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&Vec<f32>>, m: &mut Vec<f32>) {
+        merge::merge_fwd(a, b, heads, n_in, n_out, rh, mix.map(mixture), m)
     }
-    fn merge_bwd(&self, a: &Vec<f32>, b: &Vec<f32>, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<Mixture<f32>>, dm: &Vec<f32>, da: &mut Vec<f32>, db: &mut Vec<f32>) -> Option<Mixture<f32>> {
-        merge::merge_bwd(a, b, heads, n_in, n_out, rh, mix, dm, da, db)
+    fn merge_bwd(&self, a: &Vec<f32>, b: &Vec<f32>, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&Vec<f32>>, dm: &Vec<f32>, da: &mut Vec<f32>, db: &mut Vec<f32>, dmix: Option<&mut Vec<f32>>) {
+        let g = merge::merge_bwd(a, b, heads, n_in, n_out, rh, mix.map(mixture), dm, da, db);
+        if let (Some(g), Some(out)) = (g, dmix) {
+            out.copy_from_slice(&[g.alpha, g.gamma, g.beta]);
+        }
     }
+    fn kept_set(&self, kept: &KeptSet) -> KeptSet { *kept }
     fn select_topk(&self, m: &Vec<f32>, k: usize) -> KeptSet {
         let mags: Vec<f32> = m.par_iter().map(|v| v.abs()).collect();
         topk::select_topk(&mags, k)

@@ -1,0 +1,47 @@
+//! Launchers of `kernels/elementwise.cu`: residual add, bias add and the transpose(-add).
+
+use super::grid;
+use crate::device::{cuda_err, Gpu};
+use super::{In, Out};
+use cudarc::driver::PushKernelArg;
+use snella_core::SnellaError;
+
+/// `y += x` over `n` elements.
+///
+/// # Errors
+/// `CUDA_ERROR` on a launch failure.
+pub fn add_assign(gpu: &Gpu, y: &mut Out, x: &In, n: usize) -> Result<(), SnellaError> {
+    let f = gpu.func("snella_add_assign");
+    let n32 = n as u32;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(y).arg(x).arg(&n32);
+    // SAFETY: y and x hold n floats; the kernel bounds-checks i < n.
+    unsafe { b.launch(grid(n)) }.map(|_| ()).map_err(|e| cuda_err("snella_add_assign", e))
+}
+
+/// `y[r, c] += bias[c]` for `y: [rows, cols]`.
+///
+/// # Errors
+/// `CUDA_ERROR` on a launch failure.
+pub fn add_bias(gpu: &Gpu, y: &mut Out, bias: &In, rows: usize, cols: usize) -> Result<(), SnellaError> {
+    let f = gpu.func("snella_add_bias");
+    let (r, c) = (rows as u32, cols as u32);
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(y).arg(bias).arg(&r).arg(&c);
+    // SAFETY: y holds rows·cols floats and bias cols; bounds-checked in the kernel.
+    unsafe { b.launch(grid(rows * cols)) }.map(|_| ()).map_err(|e| cuda_err("snella_add_bias", e))
+}
+
+/// `dst[j, i] (+)= src[i, j]` for `src: [rows, cols]`.
+///
+/// # Errors
+/// `CUDA_ERROR` on a launch failure.
+pub fn transpose(gpu: &Gpu, src: &In, rows: usize, cols: usize, dst: &mut Out, accumulate: bool) -> Result<(), SnellaError> {
+    let f = gpu.func("snella_transpose");
+    let (r, c, acc) = (rows as u32, cols as u32, accumulate as u32);
+    let cfg = cudarc::driver::LaunchConfig { grid_dim: ((cols as u32).div_ceil(32), (rows as u32).div_ceil(32), 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(src).arg(dst).arg(&r).arg(&c).arg(&acc);
+    // SAFETY: src holds rows·cols floats and dst cols·rows; bounds-checked in the kernel.
+    unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err("snella_transpose", e))
+}

@@ -1,0 +1,35 @@
+// Element-wise ops of the ViT step: residual add, bias add and transpose(-add).
+// Forward and backward are the same ops here (add is its own adjoint; transpose likewise).
+// CPU references: snella-model's CpuBackend (add_assign, transpose) and snella_core::ops::linear::add_bias.
+#include "common.cuh"
+
+// y[i] += x[i], i < n.
+extern "C" __global__ void snella_add_assign(float* __restrict__ y, const float* __restrict__ x, unsigned n) {
+  unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] += x[i];
+}
+
+// y[r, c] += bias[c] for y [rows, cols].
+extern "C" __global__ void snella_add_bias(float* __restrict__ y, const float* __restrict__ bias, unsigned rows, unsigned cols) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < (size_t)rows * cols) y[i] += bias[i % cols];
+}
+
+// dst[j, i] = src[i, j] (or +=) for src [rows, cols], through a 32x33 shared tile.
+extern "C" __global__ void snella_transpose(const float* __restrict__ src, float* __restrict__ dst, unsigned rows, unsigned cols, unsigned accumulate) {
+  __shared__ float tile[32][33];
+  unsigned c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
+  for (unsigned dy = threadIdx.y; dy < 32; dy += blockDim.y) {
+    unsigned r = r0 + dy, c = c0 + threadIdx.x;
+    if (r < rows && c < cols) tile[dy][threadIdx.x] = src[(size_t)r * cols + c];
+  }
+  __syncthreads();
+  for (unsigned dy = threadIdx.y; dy < 32; dy += blockDim.y) {
+    unsigned c = c0 + dy, r = r0 + threadIdx.x;  // dst row c, column r
+    if (r < rows && c < cols) {
+      size_t o = (size_t)c * rows + r;
+      float v = tile[threadIdx.x][dy];
+      dst[o] = accumulate ? dst[o] + v : v;
+    }
+  }
+}
