@@ -9,11 +9,11 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
-/** A ViT fine-tuning session on the CPU backend. */
+/** A ViT fine-tuning session on the CPU or a CUDA backend. */
 export declare class NativeModel {
-  /** Loads a timm-named ViT safetensors checkpoint on `device` (`auto` | `cpu` | `cuda`). */
+  /** Loads a timm-named ViT safetensors checkpoint on `device` (`cpu` | `cuda` | `cuda:N`). */
   static load(path: string, device: string): NativeModel
-  /** The backend in use: `"cpu"`. */
+  /** The backend in use: `"cpu"` or `"cuda"`. */
   get device(): string
   /** The ViT configuration (JSON of `VitConfig`). */
   config(): any
@@ -54,3 +54,19 @@ export declare class NativeModel {
   /** Whether [`NativeModel::dispose`] was called. */
   get disposed(): boolean
 }
+
+/** One tensor of a safetensors file, converted to f32. */
+export interface HostTensorJs {
+  /** Shape, outermost first. */
+  shape: Array<number>
+  /** Values, row-major. */
+  data: Float32Array
+}
+
+/**
+ * Reads every tensor of a safetensors file (F32, F16 or BF16) as f32, with the file's metadata.
+ *
+ * # Errors
+ * `[FILE]` naming the file for a missing or malformed file; `[TENSOR]` for an unsupported dtype.
+ */
+export declare function readSafetensors(path: string): [Record<string, HostTensorJs>, Record<string, string>]

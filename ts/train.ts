@@ -3,7 +3,7 @@
  * allocator at each epoch start, callbacks and cancellation through an `AbortSignal`.
  * @module
  */
-import { BatchLoader, type BatchSource } from './data';
+import { BatchLoader, type BatchSource } from './data/loader';
 import { nativeAsync, native, SnellaError } from './errors';
 import type { VitModel } from './model';
 

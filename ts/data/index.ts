@@ -10,6 +10,7 @@ export { decodeImage, ImageDecodeError } from './decode';
 export { IMAGE_EXTENSIONS, ImageDataset, type SampleRef, type SkippedImage } from './dataset';
 export { parseListText, readListFile, type ListEntry } from './listfile';
 export { BatchLoader, type Batch, type BatchLoaderOptions, type BatchSource } from './loader';
+export { TensorDataset } from './tensor';
 export {
   IMAGENET_NORMALIZATION,
   normalizationTable,

@@ -6,6 +6,8 @@ pub mod allocator;
 pub mod backend;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod linear;
 pub mod param;
 pub mod peft;

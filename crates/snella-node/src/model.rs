@@ -12,52 +12,90 @@ use snella_model::session::Session;
 use snella_model::trainer::TrainConfig;
 use std::sync::{Arc, Mutex};
 
-type Shared = Arc<Mutex<Option<Session<CpuBackend>>>>;
-
-fn with<T>(s: &Shared, f: impl FnOnce(&mut Session<CpuBackend>) -> napi::Result<T>) -> napi::Result<T> {
-    let mut g = s.lock().map_err(|_| Error::new(Status::GenericFailure, "[STATE] a previous call panicked; dispose this model"))?;
-    let sess = g.as_mut().ok_or_else(|| Error::new(Status::GenericFailure, "[DISPOSED] this model was disposed"))?;
-    f(sess)
+/// A session on either backend.
+pub enum AnySession {
+    /// On the CPU.
+    Cpu(Session<CpuBackend>),
+    /// On a CUDA device.
+    #[cfg(feature = "cuda")]
+    Cuda(Session<snella_model::cuda::CudaBackend>),
 }
 
-/// A ViT fine-tuning session on the CPU backend.
+/// Runs `$body` with `$s` bound to the concrete session, whatever its backend.
+macro_rules! dispatch {
+    ($any:expr, $s:ident => $body:expr) => {
+        match $any {
+            AnySession::Cpu($s) => $body,
+            #[cfg(feature = "cuda")]
+            AnySession::Cuda($s) => $body,
+        }
+    };
+}
+
+type Shared = Arc<Mutex<Option<AnySession>>>;
+
+fn with<T>(s: &Shared, f: impl FnOnce(&mut AnySession) -> napi::Result<T>) -> napi::Result<T> {
+    let mut g = s.lock().map_err(|_| Error::new(Status::GenericFailure, "[STATE] a previous call panicked; dispose this model"))?;
+    let sess = g.as_mut().ok_or_else(|| Error::new(Status::GenericFailure, "[DISPOSED] this model was disposed"))?;
+    // A panic inside the engine (a CUDA launch failure, say) becomes a JS error, never a crash.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(sess))).unwrap_or_else(|p| {
+        let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+        Err(Error::new(Status::GenericFailure, format!("[INTERNAL] {msg}")))
+    })
+}
+
+/// A ViT fine-tuning session on the CPU or a CUDA backend.
 #[napi]
 pub struct NativeModel {
     inner: Shared,
 }
 
-/// Resolves a device name: `cpu`, `auto` (CPU while this build has no CUDA backend) or `cuda`.
-fn resolve_device(device: &str) -> std::result::Result<(), SnellaError> {
-    match device {
-        "cpu" | "auto" => Ok(()),
-        "cuda" => Err(SnellaError::Device {
-            code: "CUDA_UNAVAILABLE".into(),
-            message: "this build of snella has no CUDA backend yet; use device 'cpu' or 'auto'".into(),
-        }),
-        other => Err(SnellaError::config("device", other, "one of 'auto', 'cpu', 'cuda'")),
+/// Opens `path` on `device`: `cpu`, `cuda` or `cuda:N`. (`auto` is resolved by the TS façade,
+/// which tries `cuda` and falls back with the reason.)
+fn open(path: &str, device: &str) -> std::result::Result<AnySession, SnellaError> {
+    if device == "cpu" {
+        return Session::load(CpuBackend, path).map(AnySession::Cpu);
     }
+    let ordinal = match device {
+        "cuda" => Some(0),
+        d => d.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()),
+    };
+    let Some(ordinal) = ordinal else {
+        return Err(SnellaError::config("device", device, "one of 'auto', 'cpu', 'cuda', 'cuda:N'"));
+    };
+    open_cuda(path, ordinal)
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(path: &str, ordinal: usize) -> std::result::Result<AnySession, SnellaError> {
+    let be = snella_model::cuda::CudaBackend::new(ordinal)?;
+    Session::load(be, path).map(AnySession::Cuda)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_path: &str, _ordinal: usize) -> std::result::Result<AnySession, SnellaError> {
+    Err(SnellaError::Device { code: "CUDA_UNAVAILABLE".into(), message: "this build of snella was made without the CUDA backend".into() })
 }
 
 #[napi]
 impl NativeModel {
-    /// Loads a timm-named ViT safetensors checkpoint on `device` (`auto` | `cpu` | `cuda`).
+    /// Loads a timm-named ViT safetensors checkpoint on `device` (`cpu` | `cuda` | `cuda:N`).
     #[napi(factory)]
     pub fn load(path: String, device: String) -> napi::Result<Self> {
-        resolve_device(&device).map_err(js_err)?;
-        let s = Session::load(CpuBackend, &path).map_err(js_err)?;
+        let s = open(&path, &device).map_err(js_err)?;
         Ok(NativeModel { inner: Arc::new(Mutex::new(Some(s))) })
     }
 
-    /// The backend in use: `"cpu"`.
+    /// The backend in use: `"cpu"` or `"cuda"`.
     #[napi(getter)]
     pub fn device(&self) -> napi::Result<String> {
-        with(&self.inner, |s| Ok(snella_model::backend::Backend::name(&s.be).to_string()))
+        with(&self.inner, |a| dispatch!(a, s => Ok(snella_model::backend::Backend::name(&s.be).to_string())))
     }
 
     /// The ViT configuration (JSON of `VitConfig`).
     #[napi]
     pub fn config(&self) -> napi::Result<Value> {
-        with(&self.inner, |s| Ok(serde_json::to_value(&s.vit.cfg).expect("json")))
+        with(&self.inner, |a| dispatch!(a, s => Ok(serde_json::to_value(&s.vit.cfg).expect("json"))))
     }
 
     /// Attaches a method (`MethodConfig` as JSON, camel-cased keys are not accepted: snake_case).
@@ -67,26 +105,26 @@ impl NativeModel {
         if c.targets.is_empty() {
             c.targets = MethodConfig::default().targets;
         }
-        with(&self.inner, |s| s.attach(c).map_err(js_err))
+        with(&self.inner, |a| dispatch!(a, s => s.attach(c).map_err(js_err)))
     }
 
     /// The attached method (JSON) or null.
     #[napi]
     pub fn method(&self) -> napi::Result<Value> {
-        with(&self.inner, |s| Ok(serde_json::to_value(&s.method).expect("json")))
+        with(&self.inner, |a| dispatch!(a, s => Ok(serde_json::to_value(&s.method).expect("json"))))
     }
 
     /// Prepares training (`TrainConfig` as JSON, snake_case keys).
     #[napi]
     pub fn prepare(&self, cfg: Value) -> napi::Result<()> {
         let c: TrainConfig = serde_json::from_value(cfg).map_err(|e| json_err("training config", e))?;
-        with(&self.inner, |s| s.prepare(c).map_err(js_err))
+        with(&self.inner, |a| dispatch!(a, s => s.prepare(c).map_err(js_err)))
     }
 
     /// Starts epoch `t` (the allocator's round).
     #[napi]
     pub fn begin_epoch(&self, t: u32) -> napi::Result<()> {
-        with(&self.inner, |s| s.begin_epoch(t as usize).map_err(js_err))
+        with(&self.inner, |a| dispatch!(a, s => s.begin_epoch(t as usize).map_err(js_err)))
     }
 
     /// One training step (async): images `[b,3,H,W]` f32, labels `[b]`.
@@ -110,49 +148,49 @@ impl NativeModel {
     /// Per-layer report (JSON array of `LayerReport`).
     #[napi]
     pub fn report(&self) -> napi::Result<Value> {
-        with(&self.inner, |s| Ok(serde_json::to_value(s.report()).expect("json")))
+        with(&self.inner, |a| dispatch!(a, s => Ok(serde_json::to_value(s.report()).expect("json"))))
     }
 
     /// Allocator history and events (JSON) or null.
     #[napi]
     pub fn allocator(&self) -> napi::Result<Value> {
-        with(&self.inner, |s| {
-            Ok(match s.trainer.as_ref().and_then(|t| t.allocator.as_ref()) {
+        with(&self.inner, |a| {
+            dispatch!(a, s => Ok(match s.trainer.as_ref().and_then(|t| t.allocator.as_ref()) {
                 None => Value::Null,
                 Some(a) => serde_json::json!({ "history": a.history(), "events": a.events() }),
-            })
+            }))
         })
     }
 
     /// Trainer state: `{ step, epoch }` or null.
     #[napi]
     pub fn progress(&self) -> napi::Result<Value> {
-        with(&self.inner, |s| Ok(s.trainer.as_ref().map(|t| serde_json::json!({ "step": t.step, "epoch": t.epoch })).unwrap_or(Value::Null)))
+        with(&self.inner, |a| dispatch!(a, s => Ok(s.trainer.as_ref().map(|t| serde_json::json!({ "step": t.step, "epoch": t.epoch })).unwrap_or(Value::Null))))
     }
 
     /// Number of trainable values.
     #[napi]
     pub fn trainable_count(&self) -> napi::Result<u32> {
-        with(&self.inner, |s| Ok(s.trainable_count() as u32))
+        with(&self.inner, |a| dispatch!(a, s => Ok(s.trainable_count() as u32)))
     }
 
     /// Saves the adapter folder (atomic; refuses to overwrite unless asked).
     #[napi]
     pub fn save_adapter(&self, dir: String, overwrite: bool) -> napi::Result<()> {
-        with(&self.inner, |s| s.save_adapter(&dir, overwrite).map_err(js_err))
+        with(&self.inner, |a| dispatch!(a, s => s.save_adapter(&dir, overwrite).map_err(js_err)))
     }
 
     /// Loads an adapter folder into this base model.
     #[napi]
     pub fn load_adapter(&self, dir: String) -> napi::Result<()> {
-        with(&self.inner, |s| s.load_adapter(&dir).map_err(js_err))
+        with(&self.inner, |a| dispatch!(a, s => s.load_adapter(&dir).map_err(js_err)))
     }
 
     /// Merges adapters into the weights (spec §7).
     #[napi]
     pub fn merge(&self) -> napi::Result<()> {
-        with(&self.inner, |s| {
-            s.merge();
+        with(&self.inner, |a| {
+            dispatch!(a, s => s.merge());
             Ok(())
         })
     }
@@ -160,8 +198,8 @@ impl NativeModel {
     /// Restores the original weights bit-exactly.
     #[napi]
     pub fn unmerge(&self) -> napi::Result<()> {
-        with(&self.inner, |s| {
-            s.unmerge();
+        with(&self.inner, |a| {
+            dispatch!(a, s => s.unmerge());
             Ok(())
         })
     }
@@ -169,12 +207,14 @@ impl NativeModel {
     /// A frozen or trainable tensor by name, as `{ shape, data }` (for tests and export).
     #[napi]
     pub fn tensor(&self, name: String) -> napi::Result<Value> {
-        with(&self.inner, |s| {
-            let be = s.be;
-            let p = s.vit.params_mut().into_iter().find(|p| p.name == name).ok_or_else(|| {
-                Error::new(Status::InvalidArg, format!("[TENSOR] no tensor named '{name}'"))
-            })?;
-            Ok(serde_json::json!({ "shape": p.shape, "data": p.to_host(&be) }))
+        with(&self.inner, |a| {
+            dispatch!(a, s => {
+                let be = s.be.clone();
+                let p = s.vit.params_mut().into_iter().find(|p| p.name == name).ok_or_else(|| {
+                    Error::new(Status::InvalidArg, format!("[TENSOR] no tensor named '{name}'"))
+                })?;
+                Ok(serde_json::json!({ "shape": p.shape, "data": p.to_host(&be) }))
+            })
         })
     }
 
@@ -222,13 +262,16 @@ impl Task for Job {
     type JsValue = Unknown<'static>;
 
     fn compute(&mut self) -> napi::Result<JobOut> {
-        with(&self.inner, |s| match &self.kind {
-            JobKind::Train(x, y) => s.train_step(x, y).map(|r| JobOut::Json(serde_json::to_value(r).expect("json"))).map_err(js_err),
-            JobKind::Predict(x, b) => s.predict(x, *b).map(JobOut::Floats).map_err(js_err),
-            JobKind::Evaluate(x, y) => s
-                .evaluate(x, y)
-                .map(|(l, c)| JobOut::Json(serde_json::json!({ "lossSum": l, "correct": c })))
-                .map_err(js_err),
+        let kind = &self.kind;
+        with(&self.inner, |a| {
+            dispatch!(a, s => match kind {
+                JobKind::Train(x, y) => s.train_step(x, y).map(|r| JobOut::Json(serde_json::to_value(r).expect("json"))).map_err(js_err),
+                JobKind::Predict(x, b) => s.predict(x, *b).map(JobOut::Floats).map_err(js_err),
+                JobKind::Evaluate(x, y) => s
+                    .evaluate(x, y)
+                    .map(|(l, c)| JobOut::Json(serde_json::json!({ "lossSum": l, "correct": c })))
+                    .map_err(js_err),
+            })
         })
     }
 
