@@ -6,6 +6,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStrea
 use cudarc::nvrtc::Ptx;
 use snella_core::SnellaError;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The fatbin built by `build.rs` from `kernels/*.cu` (SASS sm_80/86/89/90 + compute_90 PTX).
@@ -21,6 +22,7 @@ pub struct Gpu {
     pub blas: CudaBlas,
     module: Arc<CudaModule>,
     funcs: Mutex<HashMap<&'static str, CudaFunction>>,
+    peak: AtomicUsize,
     /// `"NVIDIA H200 (sm_90)"`-style description.
     pub description: String,
 }
@@ -46,7 +48,7 @@ impl Gpu {
         let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("cannot create a cuBLAS handle", e))?;
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let (ma, mi) = ctx.compute_capability().unwrap_or((0, 0));
-        Ok(Arc::new(Gpu { ctx, stream, blas, module, funcs: Mutex::new(HashMap::new()), description: format!("{name} (sm_{ma}{mi}), {driver}") }))
+        Ok(Arc::new(Gpu { ctx, stream, blas, module, funcs: Mutex::new(HashMap::new()), peak: AtomicUsize::new(0), description: format!("{name} (sm_{ma}{mi}), {driver}") }))
     }
 
     /// The kernel `name` of the fatbin (cached).
@@ -65,7 +67,28 @@ impl Gpu {
     /// # Errors
     /// `CUDA_OOM` naming the bytes asked for and free.
     pub fn zeros(&self, n: usize) -> Result<CudaSlice<f32>, SnellaError> {
-        self.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| self.oom(n * 4, e))
+        let r = self.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| self.oom(n * 4, e));
+        self.note_usage();
+        r
+    }
+
+    /// Records the device memory in use (driver view: total − free, which includes the stream's
+    /// memory pool) into the running peak.
+    pub fn note_usage(&self) {
+        if let Ok((free, total)) = self.ctx.mem_get_info() {
+            self.peak.fetch_max(total - free, Ordering::Relaxed);
+        }
+    }
+
+    /// The peak of [`Gpu::note_usage`] since [`Gpu::reset_peak`], in bytes.
+    pub fn peak_bytes(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Restarts the peak from the memory in use now.
+    pub fn reset_peak(&self) {
+        self.peak.store(0, Ordering::Relaxed);
+        self.note_usage();
     }
 
     /// An out-of-memory error naming how much was asked for and how much is free.

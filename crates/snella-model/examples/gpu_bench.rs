@@ -1,0 +1,138 @@
+//! GPU benchmarks (feature `cuda`), one JSON document on stdout:
+//! - `merge`: merge + top-k + sparsify forward and backward of one SNELLA adapter, r=32, s=0.7, for
+//!   768×768, 768×3072, 3072×768, 1024×4096 (the PyTorch composite is timed by
+//!   `ref_snella.py merge` in the same run, see scripts/gpu/run-all.sh);
+//! - `vit_b16_step`: a whole training step of ViT-B/16 at 224 px, 100 classes, random weights,
+//!   SNELLA r=32 on q/k/v/proj/fc1/fc2 at s=0.7, at the given batch;
+//! - `methods_b8`: LoRA r=32, SNELLA and full fine-tuning at batch 8.
+//!
+//! `cargo run --release --features cuda -p snella-model --example gpu_bench -- [batch] [steps]`
+
+use snella_core::snella::sparsify::SparsifyRule;
+use snella_core::snella::topk::kept_count;
+use snella_core::st::{HostTensor, TensorFile};
+use snella_model::adapter::uniform;
+use snella_model::backend::Backend;
+use snella_model::cuda::CudaBackend;
+use snella_model::peft::{MethodConfig, MethodKind};
+use snella_model::session::Session;
+use snella_model::trainer::TrainConfig;
+use snella_model::vit::Vit;
+use std::collections::HashMap;
+use std::time::Instant;
+
+fn merge_ms(be: &CudaBackend, n_in: usize, n_out: usize, iters: usize) -> f64 {
+    let (h, rh) = (2, 16);
+    let mut rng = 7u64;
+    let a = be.upload(&uniform(h * n_in * rh, 0.5, &mut rng));
+    let b = be.upload(&uniform(h * n_out * rh, 0.5, &mut rng));
+    let mix = be.upload(&[1.0, 1.0, 0.0]);
+    let n = n_in * n_out;
+    let k = kept_count(n, 0.7);
+    let (mut m, mut dw, mut gh) = (be.zeros(n), be.zeros(n), be.zeros(n));
+    let g = be.upload(&vec![1.0; n]);
+    let (mut da, mut db, mut dmix) = (be.zeros(h * n_in * rh), be.zeros(h * n_out * rh), be.zeros(3));
+    let mut run = || {
+        be.merge_fwd(&a, &b, h, n_in, n_out, rh, Some(&mix), &mut m);
+        let kept = be.select_topk(&m, k);
+        be.sparsify_fwd(&m, &kept, SparsifyRule::MagnitudeProduct, &mut dw);
+        // backward recomputes M ("recover in backward") and its kept set, as the training step does
+        be.merge_fwd(&a, &b, h, n_in, n_out, rh, Some(&mix), &mut m);
+        let kept = be.select_topk(&m, k);
+        be.sparsify_bwd(&m, &kept, SparsifyRule::MagnitudeProduct, &g, &mut gh);
+        be.merge_bwd(&a, &b, h, n_in, n_out, rh, Some(&mix), &gh, &mut da, &mut db, Some(&mut dmix));
+    };
+    for _ in 0..5 {
+        run();
+    }
+    be.gpu.sync().unwrap();
+    let t = Instant::now();
+    for _ in 0..iters {
+        run();
+    }
+    be.gpu.sync().unwrap();
+    t.elapsed().as_secs_f64() * 1e3 / iters as f64
+}
+
+/// A ViT-B/16 (224 px, 100 classes) with random weights, timm names.
+fn vit_b16(be: &CudaBackend) -> Vit<CudaBackend> {
+    let (d, depth, mlp, p, t, c) = (768usize, 12usize, 3072usize, 16usize, 197usize, 100usize);
+    let mut rng = 1u64;
+    let mut tensors = HashMap::new();
+    let mut put = |name: &str, shape: Vec<usize>, scale: f64, rng: &mut u64| {
+        let n: usize = shape.iter().product();
+        tensors.insert(name.to_string(), HostTensor::new(shape, uniform(n, scale, rng)));
+    };
+    put("patch_embed.proj.weight", vec![d, 3, p, p], 0.02, &mut rng);
+    put("patch_embed.proj.bias", vec![d], 0.0, &mut rng);
+    put("cls_token", vec![1, 1, d], 0.02, &mut rng);
+    put("pos_embed", vec![1, t, d], 0.02, &mut rng);
+    for i in 0..depth {
+        for (n, s) in [("norm1", d), ("norm2", d)] {
+            put(&format!("blocks.{i}.{n}.weight"), vec![s], 0.0, &mut rng);
+            put(&format!("blocks.{i}.{n}.bias"), vec![s], 0.0, &mut rng);
+        }
+        for (n, o, inn) in [("attn.qkv", 3 * d, d), ("attn.proj", d, d), ("mlp.fc1", mlp, d), ("mlp.fc2", d, mlp)] {
+            put(&format!("blocks.{i}.{n}.weight"), vec![o, inn], 0.02, &mut rng);
+            put(&format!("blocks.{i}.{n}.bias"), vec![o], 0.0, &mut rng);
+        }
+    }
+    put("norm.weight", vec![d], 0.0, &mut rng);
+    put("norm.bias", vec![d], 0.0, &mut rng);
+    put("head.weight", vec![c, d], 0.02, &mut rng);
+    put("head.bias", vec![c], 0.0, &mut rng);
+    for (k, v) in tensors.iter_mut() {
+        if k.contains("norm") && k.ends_with("weight") {
+            v.data.iter_mut().for_each(|x| *x = 1.0);
+        }
+    }
+    let metadata = HashMap::from([("num_heads".to_string(), "12".to_string())]);
+    Vit::from_file(be, TensorFile { path: "<random vit_base_patch16_224>".into(), tensors, metadata }).expect("vit-b/16")
+}
+
+fn step_bench(be: &CudaBackend, kind: MethodKind, batch: usize, steps: usize) -> String {
+    let mut s = Session { be: be.clone(), vit: vit_b16(be), method: None, trainer: None, source: String::new() };
+    s.attach(MethodConfig { kind, rank: 32, heads: 2, s0: 0.7, num_classes: 100, ..MethodConfig::default() }).unwrap();
+    s.prepare(TrainConfig { epochs: 1, steps_per_epoch: 1000, batch_size: batch, warmup_epochs: 0, ..TrainConfig::default() }).unwrap();
+    let n = batch * 3 * 224 * 224;
+    let mut rng = 3u64;
+    let images = uniform(n, 1.0, &mut rng);
+    let labels: Vec<u32> = (0..batch as u32).map(|i| i % 100).collect();
+    be.gpu.reset_peak();
+    for _ in 0..3 {
+        s.train_step(&images, &labels).unwrap();
+    }
+    be.gpu.sync().unwrap();
+    let t = Instant::now();
+    for _ in 0..steps {
+        s.train_step(&images, &labels).unwrap();
+    }
+    be.gpu.sync().unwrap();
+    let dt = t.elapsed().as_secs_f64() / steps as f64;
+    format!(
+        "{{\"method\":\"{kind:?}\",\"batch\":{batch},\"dtype\":\"f32\",\"step_ms\":{:.2},\"img_per_s\":{:.1},\"peak_mib\":{:.1},\"trainable\":{}}}",
+        dt * 1e3,
+        batch as f64 / dt,
+        be.gpu.peak_bytes() as f64 / 1048576.0,
+        s.trainable_count()
+    )
+}
+
+fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    let batch: usize = a.get(1).and_then(|s| s.parse().ok()).unwrap_or(64);
+    let steps: usize = a.get(2).and_then(|s| s.parse().ok()).unwrap_or(10);
+    let be = CudaBackend::new(0).expect("CUDA");
+    let merges: Vec<String> = [(768, 768), (768, 3072), (3072, 768), (1024, 4096)]
+        .iter()
+        .map(|&(i, o)| format!("{{\"shape\":[{i},{o}],\"rank\":32,\"sparsity\":0.7,\"ours_ms\":{:.3}}}", merge_ms(&be, i, o, 50)))
+        .collect();
+    let main = step_bench(&be, MethodKind::Snella, batch, steps);
+    let b8: Vec<String> = [MethodKind::Lora, MethodKind::Snella, MethodKind::Full].iter().map(|&k| step_bench(&be, k, 8, steps)).collect();
+    println!(
+        "{{\"device\":\"{}\",\"merge\":[{}],\"vit_b16_step\":{{\"ours\":{main}}},\"methods_b8\":[{}]}}",
+        be.gpu.description,
+        merges.join(","),
+        b8.join(",")
+    );
+}
