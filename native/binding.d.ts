@@ -43,6 +43,13 @@ export declare class NativeModel {
   saveAdapter(dir: string, overwrite: boolean): void
   /** Loads an adapter folder into this base model. */
   loadAdapter(dir: string): void
+  /**
+   * Saves a training checkpoint to `dir/checkpoint.safetensors` (atomic; refuses to overwrite
+   * unless asked; refuses a non-finite state). `extra` is JSON returned by `loadCheckpoint`.
+   */
+  saveCheckpoint(dir: string, overwrite: boolean, extra?: any | undefined | null): void
+  /** Loads a training checkpoint; returns `{ resume: { epoch, batch, begin_epoch, step, finished }, extra, path }`. */
+  loadCheckpoint(dir: string): any
   /** Merges adapters into the weights (spec §7). */
   merge(): void
   /** Restores the original weights bit-exactly. */
@@ -61,6 +68,20 @@ export interface HostTensorJs {
   shape: Array<number>
   /** Values, row-major. */
   data: Float32Array
+}
+
+/** The live native models and the bytes they hold. */
+export declare function liveObjects(): LiveObjects
+
+/** Counts of live native objects. */
+export interface LiveObjects {
+  /** Models loaded and not yet disposed (or garbage-collected). */
+  models: number
+  /**
+   * Bytes of the tensors those models hold (parameters, gradients, optimizer moments,
+   * allocator statistics), on host or device.
+   */
+  bytes: number
 }
 
 /**

@@ -4,7 +4,23 @@
  * @module
  */
 
-/** Stable error codes. */
+/**
+ * Stable error codes (match on these, not on messages):
+ *
+ * - `CONFIG`: an option out of range; the message names the field, value and allowed range.
+ * - `TENSOR`: a tensor with the wrong shape/dtype or an unknown name (names file and tensor).
+ * - `FILE`: a file that cannot be read, parsed or written, or would be overwritten (names it).
+ * - `TARGET`: an adapter target matching no layer (lists the real layer names).
+ * - `NON_FINITE`: NaN/Inf in the loss or a gradient (names the first tensor).
+ * - `CUDA_UNAVAILABLE`: `device: 'cuda'` asked for but unusable (says why: no driver, no GPU, …).
+ * - `ABORTED`: an operation cancelled.
+ * - `DISPOSED`: a call on a disposed model.
+ * - `DATA`: a malformed data file (e.g. a {@link TensorDataset} file).
+ * - `NATIVE_LOAD`: the native addon cannot be loaded (names the platform and each path tried).
+ * - `STATE`: the native model is unusable after an earlier panic; dispose it.
+ *
+ * Other strings may be added in later releases.
+ */
 export type SnellaErrorCode =
   | 'CONFIG'
   | 'TENSOR'
@@ -23,6 +39,12 @@ export type SnellaErrorCode =
 export class SnellaError extends Error {
   /** The stable code, e.g. `CONFIG` for an option out of range, `FILE` for a bad file. */
   readonly code: SnellaErrorCode;
+  /**
+   * An error with a stable code.
+   * @param code - the stable code.
+   * @param message - what is wrong, naming the field, file or tensor at fault.
+   * @param options - `cause`: the underlying error (e.g. the native one).
+   */
   constructor(code: SnellaErrorCode, message: string, options?: { cause?: unknown }) {
     super(message, options);
     this.name = 'SnellaError';
@@ -31,8 +53,9 @@ export class SnellaError extends Error {
 }
 
 /**
- * Converts an error thrown by the native addon (`[CODE] text`) into a {@link SnellaError};
- * other values are returned unchanged.
+ * Converts an error thrown by the native addon (message `[CODE] text`) into a {@link SnellaError}
+ * with `code` CODE, message `text` and the original as `cause`; other values are returned unchanged.
+ * @param e - a caught value.
  */
 export function fromNative(e: unknown): unknown {
   if (e instanceof Error) {

@@ -18,3 +18,5 @@ export * from './errors';
 export * from './model';
 export * from './train';
 export * from './data';
+export { CHECKPOINT_FILE, checkpointExists, type CheckpointInfo, type ResumePoint } from './checkpoint';
+export * from './resources';

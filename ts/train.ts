@@ -6,20 +6,25 @@
 import { BatchLoader, type BatchSource } from './data/loader';
 import { nativeAsync, native, SnellaError } from './errors';
 import type { VitModel } from './model';
+import { batchesFrom, TrainCheckpoints, type ResumePoint } from './checkpoint';
+import { validateTrainOptions } from './validate';
 
 /** Options of {@link train}; defaults are the reference recipe of spec §8. */
 export interface TrainOptions {
-  /** Training images. */
+  /** Training images and labels: an {@link ImageDataset}, {@link TensorDataset} or any {@link BatchSource}. */
   train: BatchSource;
   /** Epochs T (default 40). Also the allocator's rounds. */
   epochs?: number;
   /** Images per step (default 64). */
   batchSize?: number;
-  /** Peak learning rate (default 1e-3). */
+  /** Peak learning rate of AdamW (β = 0.9, 0.999, ε = 1e-8), reached after the warm-up (default 1e-3). */
   lr?: number;
   /** AdamW decoupled weight decay for tensors with ≥ 2 dims except `cls_token` (default 0.05). */
   weightDecay?: number;
-  /** Linear warm-up epochs before the cosine decay (default 4). */
+  /**
+   * Warm-up epochs (default 4): over its `W` steps the rate rises linearly, `lr·(s+1)/W` at 0-based
+   * step `s`, then decays per step on a cosine to 0 at the end of the run (spec §6).
+   */
   warmupEpochs?: number;
   /** Target sparsity sT of the allocator, fraction zeroed in [0, 1) (default 0.5). */
   sT?: number;
@@ -27,13 +32,13 @@ export interface TrainOptions {
   allocatorBeta1?: number;
   /** Allocator EMA factor β2 of the uncertainty (default 0.85). */
   allocatorBeta2?: number;
-  /** Allocator warm-up rounds t_i (default 0). */
+  /** Allocator warm-up rounds t_i, kept at s0 (default 0). */
   allocatorWarmupRounds?: number;
-  /** Allocator final rounds t_f (default 0). */
+  /** Allocator final rounds t_f, kept at sT (default 0). */
   allocatorFinalRounds?: number;
   /** Re-allocate every `interval` rounds (default 1). */
   allocatorInterval?: number;
-  /** Seed of the batch order (default 0). */
+  /** Seed of the batch order, integer in 0..2^32−1 (default 0); see {@link BatchLoader}. */
   seed?: number;
   /** Batches prepared ahead while a step runs (default 2). */
   prefetch?: number;
@@ -41,6 +46,22 @@ export interface TrainOptions {
   callbacks?: TrainCallbacks;
   /** Stops training at the next step boundary; {@link train} then resolves with `aborted: true`. */
   signal?: AbortSignal;
+  /**
+   * A folder for training checkpoints (`checkpoint.safetensors`, see {@link VitModel.saveCheckpoint}):
+   * saved at the end of every epoch and, when the signal stops training, at that step boundary.
+   * A run that fails with `NON_FINITE` saves nothing, so the last good checkpoint is kept. Without
+   * `resume`, an existing checkpoint there is an error unless `overwriteCheckpoint`.
+   */
+  checkpointDir?: string;
+  /**
+   * Continue from the checkpoint in `checkpointDir` (default false): restores the model, optimizer
+   * and allocator state, skips finished epochs and batches, and continues the same batch order, so
+   * the result equals an uninterrupted run's bit for bit. The other options must be the ones the
+   * checkpoint was made with (the error names the first that differs).
+   */
+  resume?: boolean;
+  /** Replace a checkpoint already in `checkpointDir` when not resuming (default false). */
+  overwriteCheckpoint?: boolean;
 }
 
 /** What {@link TrainCallbacks.onStep} receives. */
@@ -51,7 +72,7 @@ export interface StepInfo {
   totalSteps: number;
   /** Epoch, 0-based. */
   epoch: number;
-  /** Mean cross-entropy of the batch. */
+  /** Mean cross-entropy of the batch, in nats. */
   loss: number;
   /** Top-1 accuracy of the batch, in [0, 1]. */
   accuracy: number;
@@ -59,7 +80,7 @@ export interface StepInfo {
   lr: number;
   /** Images in the batch. */
   batch: number;
-  /** Images per second of this step (wall clock, including data waits). */
+  /** Images per second of this step (wall clock since the previous step, including data waits). */
   imagesPerSecond: number;
 }
 
@@ -67,7 +88,7 @@ export interface StepInfo {
 export interface EpochInfo {
   /** Epoch, 0-based. */
   epoch: number;
-  /** Mean training loss over the epoch's batches (weighted by batch size). */
+  /** Mean training cross-entropy (nats) over the epoch's images. */
   loss: number;
   /** Training top-1 over the epoch, in [0, 1]. */
   accuracy: number;
@@ -95,12 +116,14 @@ export interface TrainResult {
   epochs: EpochInfo[];
   /** Steps taken. */
   steps: number;
-  /** Wall seconds. */
+  /** Wall seconds of the whole run. */
   seconds: number;
   /** Training images per second over the run. */
   imagesPerSecond: number;
   /** Whether the signal stopped training early. */
   aborted: boolean;
+  /** Where this call started when it resumed from a checkpoint. */
+  resumedFrom?: ResumePoint;
 }
 
 function check(name: string, v: number, ok: boolean, range: string): void {
@@ -108,14 +131,28 @@ function check(name: string, v: number, ok: boolean, range: string): void {
 }
 
 /**
- * Fine-tunes `model` (with a method attached) on `opts.train`.
+ * Fine-tunes `model` (with a method attached by {@link VitModel.attach}) on `opts.train` with
+ * cross-entropy and AdamW, the recipe of spec §8. Each epoch: the SNELLA allocator re-decides every
+ * layer's sparsity (spec §5, s0 → sT on a cubic schedule), then seeded shuffled batches are
+ * trained, one optimizer step each; the steps run off the main thread.
+ *
+ * @param model - the model, with a method attached.
+ * @param opts - see {@link TrainOptions}; defaults are the reference recipe.
+ * @returns per-epoch summaries, steps, wall seconds and throughput; `aborted` when the signal
+ *   stopped it (the model then holds the weights of the last completed step).
+ * @throws {@link SnellaError} `CONFIG` naming a field out of range (batch 0, epochs 0, …) or when
+ *   no method is attached; `NON_FINITE` naming the first non-finite tensor when the loss or a
+ *   gradient turns NaN/Inf; the data set's errors (e.g. an image that cannot be decoded).
  *
  * @example
  * ```ts
- * const r = await train(model, { train: ds, epochs: 3, callbacks: { onStep: (s) => console.log(s.loss) } });
+ * model.attach({ method: 'snella', numClasses: ds.numClasses, rank: 8 });
+ * const r = await train(model, {
+ *   train: ds, epochs: 3, batchSize: 32, lr: 2e-3, warmupEpochs: 1, sT: 0.5,
+ *   callbacks: { onEpochEnd: (e) => console.log(e.epoch, e.loss.toFixed(3), e.sparsity) },
+ * });
+ * console.log(`${r.steps} steps in ${r.seconds.toFixed(1)} s`);
  * ```
- * @throws {@link SnellaError} `CONFIG` naming a field out of range (batch 0, epochs 0, …);
- *   `NON_FINITE` naming the first non-finite tensor when the loss or a gradient turns NaN/Inf.
  */
 export async function train(model: VitModel, opts: TrainOptions): Promise<TrainResult> {
   const epochs = opts.epochs ?? 40;
@@ -123,6 +160,7 @@ export async function train(model: VitModel, opts: TrainOptions): Promise<TrainR
   check('epochs', epochs, Number.isInteger(epochs) && epochs >= 1, 'an integer ≥ 1');
   check('batchSize', batchSize, Number.isInteger(batchSize) && batchSize >= 1, 'an integer ≥ 1');
   check('train.length', opts.train.length, opts.train.length >= 1, 'at least one training image');
+  validateTrainOptions(opts, epochs);
   const method = native(() => model.native.method()) as { s0: number } | null;
   if (!method) throw new SnellaError('CONFIG', 'invalid config: method = none: attach() a method before train()');
   const loader = new BatchLoader(opts.train, { batchSize, shuffle: true, seed: opts.seed ?? 0, prefetch: opts.prefetch ?? 2 });
@@ -150,6 +188,12 @@ export async function train(model: VitModel, opts: TrainOptions): Promise<TrainR
       },
     }),
   );
+  const ckpt = opts.checkpointDir === undefined ? undefined : TrainCheckpoints.open(model, opts.checkpointDir, {
+    resume: opts.resume ?? false,
+    overwrite: opts.overwriteCheckpoint ?? false,
+    state: { seed: opts.seed ?? 0, trainLength: opts.train.length },
+  });
+  const start = ckpt?.start ?? { epoch: 0, batch: 0, beginEpoch: true, step: 0, finished: false };
   const cb = opts.callbacks ?? {};
   const totalSteps = stepsPerEpoch * epochs;
   const out: EpochInfo[] = [];
@@ -157,15 +201,19 @@ export async function train(model: VitModel, opts: TrainOptions): Promise<TrainR
   let steps = 0;
   let images = 0;
   let aborted = false;
-  for (let epoch = 0; epoch < epochs && !aborted; epoch++) {
-    native(() => model.native.beginEpoch(epoch));
+  for (let epoch = start.epoch; epoch < epochs && !aborted; epoch++) {
+    if (opts.signal?.aborted) {
+      aborted = true;
+      break;
+    }
+    if (epoch !== start.epoch || start.beginEpoch) native(() => model.native.beginEpoch(epoch));
     await cb.onEpochStart?.(epoch);
     const e0 = performance.now();
     let lossSum = 0;
     let correct = 0;
     let seen = 0;
     let last = performance.now();
-    for await (const batch of loader.epoch(epoch)) {
+    for await (const batch of epoch === start.epoch ? batchesFrom(loader, epoch, start.batch) : loader.epoch(epoch)) {
       if (opts.signal?.aborted) {
         aborted = true;
         break;
@@ -203,24 +251,39 @@ export async function train(model: VitModel, opts: TrainOptions): Promise<TrainR
     };
     out.push(info);
     await cb.onEpochEnd?.(info);
+    ckpt?.save();
   }
+  if (aborted) ckpt?.save();
   const seconds = (performance.now() - t0) / 1000;
-  return { epochs: out, steps, seconds, imagesPerSecond: images / Math.max(seconds, 1e-9), aborted };
+  const resumedFrom = ckpt?.resumed ? start : undefined;
+  return { epochs: out, steps, seconds, imagesPerSecond: images / Math.max(seconds, 1e-9), aborted, ...(resumedFrom ? { resumedFrom } : {}) };
 }
 
 /** Test-set results of {@link evaluate}. */
 export interface EvalResult {
   /** Top-1 accuracy in [0, 1]. */
   top1: number;
-  /** Mean cross-entropy. */
+  /** Mean cross-entropy, in nats. */
   loss: number;
   /** Images evaluated. */
   count: number;
 }
 
 /**
- * Top-1 accuracy and mean loss of `model` on `data`, in index order.
- * @param batchSize images per forward pass (default 128).
+ * Top-1 accuracy and mean cross-entropy of `model` on `data`, in index order, in inference mode
+ * (no gradients, no change to the model).
+ * @param model - the model (attached method or not; labels must be below its number of classes).
+ * @param data - labelled images: an {@link ImageDataset}, {@link TensorDataset} or any
+ *   {@link BatchSource}.
+ * @param batchSize - images per forward pass, integer ≥ 1 (default 128).
+ * @throws {@link SnellaError} `CONFIG` for a bad `batchSize`; the data set's errors.
+ *
+ * @example
+ * ```ts
+ * const test = await ImageDataset.open('assets/flowers10-64', 'test', { imageSize: 64 });
+ * const { top1, loss, count } = await evaluate(model, test, 64);
+ * console.log(`top-1 ${(top1 * 100).toFixed(1)}% on ${count} images, loss ${loss.toFixed(3)}`);
+ * ```
  */
 export async function evaluate(model: VitModel, data: BatchSource, batchSize = 128): Promise<EvalResult> {
   check('batchSize', batchSize, Number.isInteger(batchSize) && batchSize >= 1, 'an integer ≥ 1');

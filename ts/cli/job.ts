@@ -57,6 +57,10 @@ export interface JobOptions {
   json: boolean;
   /** Replace existing output files. */
   overwrite: boolean;
+  /** Training checkpoint folder (default `OUT/checkpoint`): saved each epoch and on Ctrl-C. */
+  checkpointDir?: string;
+  /** Continue from the checkpoint in `checkpointDir`. */
+  resume?: boolean;
 }
 
 /** The summary a run prints (and writes as `results.json`). */
@@ -114,7 +118,8 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
     if (!o.json) process.stdout.write(s + '\n');
   };
   const adapterDir = path.join(o.out, 'adapter');
-  if (!o.overwrite && fs.existsSync(path.join(adapterDir, 'adapter_model.safetensors'))) {
+  const checkpointDir = o.checkpointDir ?? path.join(o.out, 'checkpoint');
+  if (!o.overwrite && !o.resume && fs.existsSync(path.join(adapterDir, 'adapter_model.safetensors'))) {
     throw new SnellaError('FILE', `${adapterDir}: an adapter is already there; pass --overwrite or another --out`);
   }
   const model = VitModel.load(o.model, { device: o.device });
@@ -150,6 +155,9 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
       allocatorBeta2: o.beta2,
       seed: o.seed,
       signal,
+      checkpointDir,
+      resume: o.resume ?? false,
+      overwriteCheckpoint: o.overwrite,
       callbacks: {
         onStep: (s) => {
           if (!o.json) bar.update(s.step, { epoch: s.epoch + 1, epochs: o.epochs, loss: s.loss.toFixed(3), ips: s.imagesPerSecond.toFixed(1) });
@@ -160,7 +168,7 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
     const test = await evaluate(model, testDs);
     const rep = model.report();
     const total = rep.reduce((s, l) => s + l.entries, 0);
-    model.saveAdapter(adapterDir, { overwrite: o.overwrite });
+    model.saveAdapter(adapterDir, { overwrite: o.overwrite || (o.resume ?? false) });
     const result: JobResult = {
       method: o.method,
       testTop1: test.top1,
@@ -174,7 +182,8 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
       adapterDir,
     };
     fs.writeFileSync(path.join(o.out, 'results.json'), JSON.stringify(result, null, 2));
-    if (r.aborted) log('stopped early (signal)');
+    if (r.resumedFrom) log(`resumed from ${checkpointDir} at epoch ${r.resumedFrom.epoch + 1}, batch ${r.resumedFrom.batch} (step ${r.resumedFrom.step})`);
+    if (r.aborted) log(`stopped early (signal); checkpoint saved in ${checkpointDir}/: continue with --resume`);
     log(`test top-1: ${(test.top1 * 100).toFixed(2)}% on ${test.count} images (loss ${test.loss.toFixed(4)})`);
     log(`training: ${r.seconds.toFixed(1)} s, ${r.imagesPerSecond.toFixed(1)} images/s`);
     if (rep.length) log(`per-layer sparsity (fraction zeroed):\n${sparsitySummary(rep)}`);

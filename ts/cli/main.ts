@@ -3,6 +3,7 @@
  * The `snella` command line: `snella demo` and `snella train`.
  * @module
  */
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { SnellaError } from '../errors';
@@ -42,7 +43,9 @@ function withRecipe(c: Command, d: Partial<JobOptions>): Command {
     .option('--test-split <name>', 'test list file or subfolder', d.testSplit ?? 'test')
     .option('--test-data <dir>', 'a separate test folder (ImageFolder data)')
     .option('--out <dir>', 'output folder (adapter, results.json)', d.out ?? 'runs/latest')
-    .option('--overwrite', 'replace an adapter already in --out', false)
+    .option('--overwrite', 'replace an adapter (and a training checkpoint) already in --out', false)
+    .option('--checkpoint-dir <dir>', 'training checkpoint folder, saved each epoch and on Ctrl-C (default: OUT/checkpoint)')
+    .option('--resume', 'continue from the checkpoint in --checkpoint-dir (same options as the interrupted run)', false)
     .addOption(new Option('--device <d>', 'compute device').choices(['auto', 'cpu', 'cuda']).default('auto'))
     .option('--json', 'print one JSON result line, no progress bar', false);
 }
@@ -87,6 +90,16 @@ export function program(): Command {
     .option('--model <file>', 'checkpoint', path.join(ASSETS, 'models/vit_tiny_patch8_64.safetensors'))
     .option('--data <dir>', 'data folder', path.join(ASSETS, 'flowers10-64'))
     .action(async (o) => {
+      const model = (o as JobOptions).model;
+      if (!fs.existsSync(model)) {
+        // The npm package leaves out assets/ (the 21 MB demo model): the demo needs a git checkout.
+        process.stderr.write(
+          `error: the demo model ${model} is not there: the npm package does not ship assets/; ` +
+            'run the demo from a git checkout of snella, or pass --model and --data\n',
+        );
+        process.exitCode = EXIT.failure;
+        return;
+      }
       process.exitCode = await run({ ...(o as JobOptions), overwrite: true });
     });
   return p;

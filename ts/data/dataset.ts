@@ -450,6 +450,19 @@ export class ImageDataset {
    * @throws Error if `p` does not exist, if the split is not found (listing
    *   the list files present), if a split is needed but not given or given
    *   for a `.tar`, plus the errors of the chosen constructor.
+   *
+   * @example
+   * ```ts
+   * const model = VitModel.load('assets/models/vit_tiny_patch8_64.safetensors');
+   * const { img_size, mean, std } = model.config;
+   * const opts = { imageSize: img_size, normalization: { mean, std } };
+   * // VTAB-1k layout: train.txt / test.txt lists + images.tar
+   * const train = await ImageDataset.open('assets/flowers10-64', 'train', opts);
+   * // ImageFolder: my-photos/<class>/<image>.jpg
+   * const mine = await ImageDataset.open('my-photos', undefined, opts);
+   * console.log(train.length, train.numClasses, mine.classNames);
+   * const x = await train.load([0, 1]); // Float32Array [2, 3, 64, 64]
+   * ```
    */
   static async open(p: string, split: string | undefined, opts: DatasetOptions): Promise<ImageDataset> {
     resolveDatasetOptions(opts);

@@ -19,6 +19,7 @@ export class ImageDecodeError extends Error {
   readonly reason: string;
 
   /**
+   * An error for one file.
    * @param file - the file's name as shown to the user.
    * @param reason - what went wrong, one line.
    */

@@ -78,6 +78,7 @@ export class DirSource implements ImageSource {
   readonly location: string;
 
   /**
+   * A source reading the files under `root`.
    * @param root - the folder; relative paths are resolved against the
    *   process's working directory. Existence is not checked here.
    */

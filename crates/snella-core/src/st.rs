@@ -134,7 +134,29 @@ pub fn serialize(tensors: &BTreeMap<String, HostTensor>, metadata: &BTreeMap<Str
         .map(|(n, b, s)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("consistent view")))
         .collect();
     let meta: HashMap<String, String> = metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    safetensors::tensor::serialize(views, &Some(meta)).expect("safetensors serialisation of f32 tensors")
+    let mut bytes = safetensors::tensor::serialize(views, &Some(meta)).expect("safetensors serialisation of f32 tensors");
+    sort_header(&mut bytes);
+    bytes
+}
+
+/// Rewrites the JSON header with every key sorted (the `safetensors` crate writes the metadata map
+/// in hash order), so that the same tensors and metadata always give the same bytes. Key order
+/// does not change the compact JSON's length; the header keeps its size and padding.
+fn sort_header(bytes: &mut [u8]) {
+    type Sorted = BTreeMap<String, serde_json::Value>;
+    let Some(n) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize) else { return };
+    let Some(header) = bytes.get(8..8 + n) else { return };
+    let Ok(mut h) = serde_json::from_slice::<Sorted>(header) else { return };
+    if let Some(m) = h.get_mut("__metadata__") {
+        if let Ok(sorted) = serde_json::from_value::<BTreeMap<String, String>>(m.clone()) {
+            *m = serde_json::to_value(sorted).expect("json");
+        }
+    }
+    let Ok(text) = serde_json::to_string(&h) else { return };
+    let trimmed = header.iter().rposition(|&c| c != b' ').map_or(0, |i| i + 1);
+    if text.len() == trimmed {
+        bytes[8..8 + text.len()].copy_from_slice(text.as_bytes());
+    }
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder is written, synced and
@@ -158,6 +180,10 @@ pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8], overwrite: bool) -> Re
         f.sync_all().map_err(io)?;
     }
     std::fs::rename(&tmp, p).map_err(|e| SnellaError::file(p, format!("cannot rename temporary file into place: {e}")))?;
+    // Make the rename itself durable (best effort: not every platform can open a folder).
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
     Ok(())
 }
 
@@ -181,6 +207,21 @@ mod tests {
         assert_eq!(f.take("a.weight", &[2, 3]).unwrap().data[5], -6.5);
         let e = parse("cut.safetensors", &bytes[..bytes.len() - 3]).unwrap_err().to_string();
         assert!(e.contains("cut.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn serialisation_is_deterministic() {
+        let mut t = BTreeMap::new();
+        t.insert("b".to_string(), HostTensor::new(vec![2], vec![1.0, 2.0]));
+        t.insert("a".to_string(), HostTensor::new(vec![1], vec![3.0]));
+        let m: BTreeMap<String, String> = (0..16).map(|i| (format!("key{i}"), format!("value {i}"))).collect();
+        let first = serialize(&t, &m);
+        for _ in 0..8 {
+            assert_eq!(serialize(&t, &m), first, "same tensors and metadata give the same bytes");
+        }
+        let f = parse("det.safetensors", &first).unwrap();
+        assert_eq!(f.metadata.len(), 16);
+        assert_eq!(f.tensors["b"].data, vec![1.0, 2.0]);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod adapter;
 pub mod allocator;
 pub mod backend;
+pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -11,6 +12,7 @@ pub mod cuda;
 pub mod linear;
 pub mod param;
 pub mod peft;
+pub mod resources;
 pub mod session;
 pub mod trainer;
 pub mod vit;

@@ -185,7 +185,13 @@ impl Trainer {
     ///
     /// # Errors
     /// [`SnellaError::NonFinite`] naming the loss or the first trainable tensor whose gradient is
-    /// NaN/Inf; the parameters are then left as they were before the step.
+    /// NaN/Inf; the parameters are then left as they were before the step. When the gradients are
+    /// finite but the AdamW update makes a parameter NaN/Inf (e.g. an enormous learning rate), the
+    /// error names that parameter `(after the update)`; the model then holds the non-finite values
+    /// (continue from the last checkpoint, which [`Session::save_checkpoint`] never overwrites with
+    /// such a state).
+    ///
+    /// [`Session::save_checkpoint`]: crate::session::Session::save_checkpoint
     pub fn step<B: Backend>(&mut self, be: &B, vit: &mut Vit<B>, images: &[f32], labels: &[u32]) -> Result<StepStats> {
         let b = labels.len();
         let x = be.upload(images);
@@ -219,6 +225,12 @@ impl Trainer {
             }
         }
         self.step = step;
+        // A finite gradient can still overflow a parameter (a huge learning rate): name it.
+        for p in vit.params_mut() {
+            if p.train.is_some() && !be.all_finite(&p.value) {
+                return Err(SnellaError::NonFinite { tensor: format!("{} (after the update)", p.name), step });
+            }
+        }
         Ok(StepStats { step, loss, correct, batch: b, lr })
     }
 }

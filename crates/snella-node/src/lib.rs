@@ -4,6 +4,7 @@
 //! façade turns into `SnellaError.code`.
 #![deny(clippy::all)]
 
+mod live;
 mod model;
 mod ops;
 

@@ -48,6 +48,7 @@ fn with<T>(s: &Shared, f: impl FnOnce(&mut AnySession) -> napi::Result<T>) -> na
 #[napi]
 pub struct NativeModel {
     inner: Shared,
+    live: crate::live::Tracker,
 }
 
 /// Opens `path` on `device`: `cpu`, `cuda` or `cuda:N`. (`auto` is resolved by the TS façade,
@@ -82,8 +83,16 @@ impl NativeModel {
     /// Loads a timm-named ViT safetensors checkpoint on `device` (`cpu` | `cuda` | `cuda:N`).
     #[napi(factory)]
     pub fn load(path: String, device: String) -> napi::Result<Self> {
-        let s = open(&path, &device).map_err(js_err)?;
-        Ok(NativeModel { inner: Arc::new(Mutex::new(Some(s))) })
+        let mut s = open(&path, &device).map_err(js_err)?;
+        let live = crate::live::Tracker::new(dispatch!(&mut s, x => x.native_bytes()));
+        Ok(NativeModel { inner: Arc::new(Mutex::new(Some(s))), live })
+    }
+
+    /// Re-counts this model's bytes in [`crate::live::live_objects`] after a call that changed them.
+    fn recount(&self) {
+        if let Ok(b) = with(&self.inner, |a| dispatch!(a, s => Ok(s.native_bytes()))) {
+            self.live.set(b);
+        }
     }
 
     /// The backend in use: `"cpu"` or `"cuda"`.
@@ -105,7 +114,9 @@ impl NativeModel {
         if c.targets.is_empty() {
             c.targets = MethodConfig::default().targets;
         }
-        with(&self.inner, |a| dispatch!(a, s => s.attach(c).map_err(js_err)))
+        let r = with(&self.inner, |a| dispatch!(a, s => s.attach(c).map_err(js_err)));
+        self.recount();
+        r
     }
 
     /// The attached method (JSON) or null.
@@ -118,7 +129,9 @@ impl NativeModel {
     #[napi]
     pub fn prepare(&self, cfg: Value) -> napi::Result<()> {
         let c: TrainConfig = serde_json::from_value(cfg).map_err(|e| json_err("training config", e))?;
-        with(&self.inner, |a| dispatch!(a, s => s.prepare(c).map_err(js_err)))
+        let r = with(&self.inner, |a| dispatch!(a, s => s.prepare(c).map_err(js_err)));
+        self.recount();
+        r
     }
 
     /// Starts epoch `t` (the allocator's round).
@@ -183,25 +196,47 @@ impl NativeModel {
     /// Loads an adapter folder into this base model.
     #[napi]
     pub fn load_adapter(&self, dir: String) -> napi::Result<()> {
-        with(&self.inner, |a| dispatch!(a, s => s.load_adapter(&dir).map_err(js_err)))
+        let r = with(&self.inner, |a| dispatch!(a, s => s.load_adapter(&dir).map_err(js_err)));
+        self.recount();
+        r
+    }
+
+    /// Saves a training checkpoint to `dir/checkpoint.safetensors` (atomic; refuses to overwrite
+    /// unless asked; refuses a non-finite state). `extra` is JSON returned by `loadCheckpoint`.
+    #[napi]
+    pub fn save_checkpoint(&self, dir: String, overwrite: bool, extra: Option<Value>) -> napi::Result<()> {
+        let extra = extra.unwrap_or(Value::Null);
+        with(&self.inner, |a| dispatch!(a, s => s.save_checkpoint_with(&dir, overwrite, extra).map_err(js_err)))
+    }
+
+    /// Loads a training checkpoint; returns `{ resume: { epoch, batch, begin_epoch, step, finished }, extra, path }`.
+    #[napi]
+    pub fn load_checkpoint(&self, dir: String) -> napi::Result<Value> {
+        let r = with(&self.inner, |a| dispatch!(a, s => s.load_checkpoint(&dir).map(|i| serde_json::to_value(i).expect("json")).map_err(js_err)));
+        self.recount();
+        r
     }
 
     /// Merges adapters into the weights (spec §7).
     #[napi]
     pub fn merge(&self) -> napi::Result<()> {
-        with(&self.inner, |a| {
+        let r = with(&self.inner, |a| {
             dispatch!(a, s => s.merge());
             Ok(())
-        })
+        });
+        self.recount();
+        r
     }
 
     /// Restores the original weights bit-exactly.
     #[napi]
     pub fn unmerge(&self) -> napi::Result<()> {
-        with(&self.inner, |a| {
+        let r = with(&self.inner, |a| {
             dispatch!(a, s => s.unmerge());
             Ok(())
-        })
+        });
+        self.recount();
+        r
     }
 
     /// A frozen or trainable tensor by name, as `{ shape, data }` (for tests and export).
@@ -224,6 +259,7 @@ impl NativeModel {
         if let Ok(mut g) = self.inner.lock() {
             *g = None;
         }
+        self.live.release();
     }
 
     /// Whether [`NativeModel::dispose`] was called.

@@ -1,6 +1,16 @@
 //! Safe launchers of the kernels in `kernels/`, one module per `.cu` file (op family).
 
+pub mod adamw;
+pub mod attention;
+pub mod cross_entropy;
 pub mod elementwise;
+pub mod gelu;
+pub mod layernorm;
+pub mod merge;
+pub mod patch;
+pub mod reduce;
+pub mod sparsify;
+pub mod topk;
 
 /// A read-only device input: a view of an f32 buffer (`buf.slice(..)`).
 pub type In<'a> = cudarc::driver::CudaView<'a, f32>;

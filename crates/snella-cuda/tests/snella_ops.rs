@@ -1,0 +1,425 @@
+//! The SNELLA kernels (`kernels/{merge,topk,sparsify}.cu`) against the CPU references of
+//! `snella_core::snella` (spec §1–§3), on shapes that do not divide the tile sizes. Without CUDA
+//! every test prints `skipped: no CUDA (...)` and returns (project rule).
+//!
+//! Tolerances:
+//! - merge forward vs the CPU in f32: `|gpu − cpu| ≤ 1e-5·max(|cpu|, mean|cpu|)` per element
+//!   (relative, with the tensor's mean magnitude as the floor for entries near zero);
+//! - merge backward `dA`, `dB` vs the CPU in f32: the same with `1e-4`; `dmix` against the CPU in
+//!   f64: `|gpu − f64| ≤ 1e-4·|f64| + 4·|cpu_f32 − f64|` (the f32 CPU's own error bounds the
+//!   cancellation in these global sums);
+//! - top-k: exact (threshold, ties, `τ`, `k` equal to the CPU's `KeptSet`; `tie_cut` equal to the
+//!   index after the `ties`-th tie; exactly `k` kept), the input uploaded from the host;
+//! - sparsify forward/backward: bit-identical to the CPU given the same `M` (NaN matches NaN).
+
+use cudarc::driver::CudaSlice;
+use snella_core::gradcheck::rand_vec;
+use snella_core::snella::merge::{self as cpu_merge, Mixture};
+use snella_core::snella::sparsify::{self as cpu_sparsify, SparsifyRule};
+use snella_core::snella::topk::{self as cpu_topk, kept_count, KeptSet};
+use snella_cuda::ops::{merge, sparsify, topk};
+use snella_cuda::Gpu;
+use std::sync::Arc;
+
+const H: usize = 2;
+
+/// The GPU, or `None` after printing why the test is skipped.
+fn setup() -> Option<Arc<Gpu>> {
+    if let Err(e) = snella_cuda::probe::probe() {
+        println!("skipped: no CUDA ({e})");
+        return None;
+    }
+    Some(Gpu::new(0).expect("CUDA is present but the GPU cannot be opened"))
+}
+
+fn rand32(n: usize, seed: u64, scale: f64) -> Vec<f32> {
+    rand_vec(n, seed, scale).iter().map(|&v| v as f32).collect()
+}
+
+fn up(gpu: &Gpu, v: &[f32]) -> CudaSlice<f32> {
+    if v.is_empty() {
+        return gpu.zeros(1).unwrap();
+    }
+    gpu.stream.clone_htod(v).unwrap()
+}
+
+fn down(gpu: &Gpu, s: &CudaSlice<f32>) -> Vec<f32> {
+    gpu.sync().unwrap();
+    gpu.stream.clone_dtoh(s).unwrap()
+}
+
+/// Asserts `|got − want| ≤ rtol·max(|want|, mean|want|)` elementwise; prints and returns the max
+/// absolute and max relative errors.
+fn check(name: &str, got: &[f32], want: &[f32], rtol: f64) -> (f64, f64) {
+    assert!(got.len() >= want.len(), "{name}: {} values, want {}", got.len(), want.len());
+    let n = want.len();
+    let mean = want.iter().map(|v| v.abs() as f64).sum::<f64>() / n.max(1) as f64;
+    let floor = if mean > 0.0 { mean } else { 1.0 };
+    let (mut max_abs, mut max_rel, mut worst) = (0f64, 0f64, 0usize);
+    for i in 0..n {
+        let (a, b) = (got[i] as f64, want[i] as f64);
+        assert!(a.is_finite() && b.is_finite(), "{name}[{i}]: gpu {a} vs cpu {b}");
+        let e = (a - b).abs();
+        let r = e / b.abs().max(floor);
+        max_abs = max_abs.max(e);
+        if r > max_rel {
+            max_rel = r;
+            worst = i;
+        }
+    }
+    println!("  {name}: n={n} max|err|={max_abs:.3e} max rel={max_rel:.3e} (mean|ref|={mean:.3e})");
+    assert!(max_rel <= rtol, "{name}: rel error {max_rel:e} > {rtol:e} at {worst}: gpu {} vs cpu {}", got[worst], want[worst]);
+    (max_abs, max_rel)
+}
+
+/// Shapes `(in, out, rh)`: odd sizes that do not divide the 32×32 tiles or the 8-row blocks.
+const SHAPES: [(usize, usize, usize); 6] =
+    [(5, 7, 3), (192, 768, 4), (768, 3072, 16), (1000, 37, 8), (33, 65, 32), (3072, 768, 16)];
+
+fn mixture(gamma: f32) -> Mixture<f32> {
+    Mixture { alpha: 1.1, gamma, beta: 0.01 }
+}
+
+/// A, B for one shape (uniform ±0.3); for the 5×7 shape A[0,1,:] = B[0,2,:] so that D_0[1,2] = 0.
+fn params(n_in: usize, n_out: usize, rh: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let mut a = rand32(H * n_in * rh, seed, 0.3);
+    let b = rand32(H * n_out * rh, seed + 1, 0.3);
+    if n_in > 1 && n_out > 2 {
+        a[rh..2 * rh].copy_from_slice(&b[2 * rh..3 * rh]);
+    }
+    (a, b)
+}
+
+fn mix_cases(n_in: usize) -> Vec<Option<Mixture<f32>>> {
+    let mut v = vec![None, Some(mixture(0.9))];
+    if n_in == 5 {
+        v.push(Some(mixture(1e-6))); // the γ clamp
+    }
+    v
+}
+
+#[test]
+fn merge_fwd_matches_cpu() {
+    let Some(gpu) = setup() else { return };
+    for (si, &(n_in, n_out, rh)) in SHAPES.iter().enumerate() {
+        let (a, b) = params(n_in, n_out, rh, 10 + si as u64);
+        let (da, db) = (up(&gpu, &a), up(&gpu, &b));
+        for mx in mix_cases(n_in) {
+            let mut want = vec![0f32; n_in * n_out];
+            cpu_merge::merge_fwd(&a, &b, H, n_in, n_out, rh, mx, &mut want);
+            let dmix = mx.map(|m| up(&gpu, &[m.alpha, m.gamma, m.beta]));
+            let mut dm = gpu.zeros(n_in * n_out).unwrap();
+            let mv = dmix.as_ref().map(|x| x.slice(..));
+            merge::merge_fwd(&gpu, &da.slice(..), &db.slice(..), H, n_in, n_out, rh, mv.as_ref(), &mut dm.slice_mut(..)).unwrap();
+            let got = down(&gpu, &dm);
+            let bits_differ = got.iter().zip(&want).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+            println!("merge fwd {n_in}x{n_out} rh={rh} mix={mx:?}: {bits_differ} of {} entries differ in bits", want.len());
+            check("M", &got, &want, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn merge_bwd_matches_cpu() {
+    let Some(gpu) = setup() else { return };
+    for (si, &(n_in, n_out, rh)) in SHAPES.iter().enumerate() {
+        let (a, b) = params(n_in, n_out, rh, 20 + si as u64);
+        let g = rand32(n_in * n_out, 30 + si as u64, 1.0);
+        let (dav, dbv, dg) = (up(&gpu, &a), up(&gpu, &b), up(&gpu, &g));
+        let a64: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+        let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+        let g64: Vec<f64> = g.iter().map(|&v| v as f64).collect();
+        for mx in mix_cases(n_in) {
+            println!("merge bwd {n_in}x{n_out} rh={rh} mix={mx:?}");
+            let (mut wa, mut wb) = (vec![0f32; a.len()], vec![0f32; b.len()]);
+            let wmix = cpu_merge::merge_bwd(&a, &b, H, n_in, n_out, rh, mx, &g, &mut wa, &mut wb);
+            let (mut wa64, mut wb64) = (vec![0f64; a.len()], vec![0f64; b.len()]);
+            let mx64 = mx.map(|m| Mixture { alpha: m.alpha as f64, gamma: m.gamma as f64, beta: m.beta as f64 });
+            let wmix64 = cpu_merge::merge_bwd(&a64, &b64, H, n_in, n_out, rh, mx64, &g64, &mut wa64, &mut wb64);
+
+            let dmixin = mx.map(|m| up(&gpu, &[m.alpha, m.gamma, m.beta]));
+            let run = || {
+                let mut ga = gpu.zeros(a.len()).unwrap();
+                let mut gb = gpu.zeros(b.len()).unwrap();
+                let mut gm = up(&gpu, &[7.0, 7.0, 7.0]);
+                let mv = dmixin.as_ref().map(|x| x.slice(..));
+                let mut gmv = gm.slice_mut(..);
+                merge::merge_bwd(
+                    &gpu, &dav.slice(..), &dbv.slice(..), H, n_in, n_out, rh, mv.as_ref(), &dg.slice(..),
+                    &mut ga.slice_mut(..), &mut gb.slice_mut(..), Some(&mut gmv),
+                )
+                .unwrap();
+                (down(&gpu, &ga), down(&gpu, &gb), down(&gpu, &gm))
+            };
+            let (ga, gb, gm) = run();
+            let a32_64: Vec<f32> = wa64.iter().map(|&v| v as f32).collect();
+            let b32_64: Vec<f32> = wb64.iter().map(|&v| v as f32).collect();
+            check("dA", &ga, &wa, 1e-4);
+            check("dB", &gb, &wb, 1e-4);
+            print!("  (vs f64)");
+            check("dA", &ga, &a32_64, 1e-4);
+            print!("  (vs f64)");
+            check("dB", &gb, &b32_64, 1e-4);
+            match (wmix, wmix64) {
+                (Some(w), Some(w64)) => {
+                    let names = ["dalpha", "dgamma", "dbeta"];
+                    let (c32, c64) = ([w.alpha, w.gamma, w.beta], [w64.alpha, w64.gamma, w64.beta]);
+                    for q in 0..3 {
+                        let (gv, cv, rv) = (gm[q] as f64, c32[q] as f64, c64[q]);
+                        let tol = 1e-4 * rv.abs() + 4.0 * (cv - rv).abs() + 1e-30;
+                        println!("  {}: gpu {gv:.9e} cpu32 {cv:.9e} f64 {rv:.9e} |gpu−f64|={:.3e} (tol {tol:.3e})", names[q], (gv - rv).abs());
+                        assert!((gv - rv).abs() <= tol, "{}: gpu {gv} vs f64 {rv} (cpu f32 {cv})", names[q]);
+                    }
+                    if mx.unwrap().gamma < 1e-4 {
+                        assert_eq!(gm[1], 0.0, "dgamma must be 0 while the clamp is active");
+                    }
+                }
+                _ => assert_eq!(gm, vec![0.0; 3], "dmix without mixture is zeroed"),
+            }
+            // Determinism: a second run gives the same bits.
+            let (ga2, gb2, gm2) = run();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&ga) == bits(&ga2) && bits(&gb) == bits(&gb2) && bits(&gm) == bits(&gm2), "merge_bwd is not deterministic");
+        }
+    }
+}
+
+#[test]
+fn merge_rejects_bad_shapes() {
+    let Some(gpu) = setup() else { return };
+    let a = gpu.zeros(10).unwrap();
+    let b = gpu.zeros(10).unwrap();
+    let mut m = gpu.zeros(10).unwrap();
+    let r = merge::merge_fwd(&gpu, &a.slice(..), &b.slice(..), 2, 5, 5, 3, None, &mut m.slice_mut(..));
+    assert!(r.is_err(), "a short A must be rejected");
+    let (a80, b80) = (gpu.zeros(80).unwrap(), gpu.zeros(80).unwrap());
+    let r = merge::merge_fwd(&gpu, &a80.slice(..), &b80.slice(..), 1, 1, 1, 80, None, &mut m.slice_mut(..));
+    assert!(r.is_err(), "rh beyond the kernel limit must be rejected");
+}
+
+fn key(x: f32) -> u32 {
+    let a = x.abs();
+    if a > 0.0 {
+        a.to_bits()
+    } else {
+        0
+    }
+}
+
+/// One past the flat index of the `ties`-th entry whose magnitude key equals the threshold's (0 for none).
+fn host_tie_cut(m: &[f32], threshold: f64, ties: usize) -> usize {
+    if ties == 0 {
+        return 0;
+    }
+    let t = key(threshold as f32);
+    let mut seen = 0;
+    for (i, &x) in m.iter().enumerate() {
+        if key(x) == t {
+            seen += 1;
+            if seen == ties {
+                return i + 1;
+            }
+        }
+    }
+    panic!("fewer than {ties} ties");
+}
+
+/// GPU select on `m` vs the CPU's select on `|m|`; returns the GPU kept set (device) and the CPU's.
+fn check_topk(gpu: &Gpu, dm: &CudaSlice<f32>, m: &[f32], k: usize, label: &str) -> (topk::CudaKept, KeptSet) {
+    let n = m.len();
+    let kept = topk::select_topk(gpu, &dm.slice(..), n, k).unwrap();
+    let words = topk::kept_words(gpu, &kept).unwrap();
+    let got = topk::kept_to_host(gpu, &kept).unwrap();
+    let mags: Vec<f32> = m.iter().map(|x| x.abs()).collect();
+    let want = cpu_topk::select_topk(&mags, k);
+    assert_eq!(got, want, "{label}: n={n} k={k}: kept set");
+    let cut = host_tie_cut(m, want.threshold, want.ties);
+    assert_eq!(words[topk::W_TIE_CUT] as usize, cut, "{label}: n={n} k={k}: tie cut");
+    let thr = words[topk::W_THRESHOLD];
+    let count = m.iter().enumerate().filter(|&(i, &x)| key(x) > thr || (key(x) == thr && i < cut)).count();
+    assert_eq!(count, k, "{label}: n={n}: kept count");
+    (kept, want)
+}
+
+fn ks(n: usize) -> Vec<usize> {
+    let mut v = vec![0, 1, 2, n / 3, kept_count(n, 0.5), kept_count(n, 0.99), n.saturating_sub(1), n];
+    v.retain(|&k| k <= n);
+    v.sort();
+    v.dedup();
+    v
+}
+
+#[test]
+fn topk_random_matches_cpu() {
+    let Some(gpu) = setup() else { return };
+    for (si, &n) in [1usize, 35, 1000 * 37, 192 * 768, 768 * 3072].iter().enumerate() {
+        let m = rand32(n, 40 + si as u64, 1.0);
+        let dm = up(&gpu, &m);
+        for k in ks(n) {
+            check_topk(&gpu, &dm, &m, k, "random");
+        }
+    }
+    println!("topk random: ok");
+}
+
+#[test]
+fn topk_ties_and_special_values() {
+    let Some(gpu) = setup() else { return };
+    // 10 levels: huge tie groups (signs kept, so ±x tie).
+    for (si, &n) in [3001usize, 192 * 768].iter().enumerate() {
+        let m: Vec<f32> = rand_vec(n, 50 + si as u64, 1.0).iter().map(|x| ((x * 10.0).trunc() / 10.0) as f32).collect();
+        let dm = up(&gpu, &m);
+        let mut kk = ks(n);
+        kk.extend([150, 300, 301, 1500, 2999].iter().filter(|&&k| k <= n));
+        for k in kk {
+            check_topk(&gpu, &dm, &m, k, "quantised");
+        }
+    }
+    let cases: Vec<(Vec<f32>, &str)> = vec![
+        (vec![0.25; 1000], "all equal"),
+        (vec![0.0; 10], "all zero"),
+        (vec![f32::NAN, 0.5, -0.0, 3.0, f32::NAN, 0.0, -3.0, f32::INFINITY, 1e-45, -1e-45, f32::NEG_INFINITY], "special"),
+        (vec![-2.0, 2.0, -2.0, 2.0, 1.0], "signed ties"),
+    ];
+    for (m, label) in cases {
+        let dm = up(&gpu, &m);
+        for k in 0..=m.len().min(12) {
+            check_topk(&gpu, &dm, &m, k, label);
+        }
+        for k in ks(m.len()) {
+            check_topk(&gpu, &dm, &m, k, label);
+        }
+    }
+    // n = 0.
+    let dm = gpu.zeros(1).unwrap();
+    let kept = topk::select_topk(&gpu, &dm.slice(..), 0, 0).unwrap();
+    assert_eq!(topk::kept_to_host(&gpu, &kept).unwrap(), KeptSet { threshold: 0.0, ties: 0, k: 0, tau: 0.0 });
+    assert!(topk::select_topk(&gpu, &dm.slice(..), 1, 2).is_err(), "k > n must be rejected");
+    println!("topk ties/special: ok");
+}
+
+/// SplitMix64 magnitudes in [0, 1) quantised to 2^-20 (so ties are plentiful), with random signs.
+fn big_vector(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let mut z = (i as u64).wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(0x1234_5678);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+            z ^= z >> 31;
+            let v = ((z >> 44) as f32) / (1u32 << 20) as f32;
+            if z & 1 == 1 {
+                -v
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn topk_and_sparsify_over_2_pow_24() {
+    let Some(gpu) = setup() else { return };
+    let n = (1usize << 24) + 777;
+    let m = big_vector(n);
+    let dm = up(&gpu, &m);
+    let g = rand32(n, 77, 1.0);
+    let dg = up(&gpu, &g);
+    for k in [kept_count(n, 0.7), n / 2 + 1, 1, n] {
+        let t = std::time::Instant::now();
+        let (kept, want) = check_topk(&gpu, &dm, &m, k, "2^24+777");
+        println!("topk n={n} k={k}: {want:?} (incl. checks {:?})", t.elapsed());
+        for rule in [SparsifyRule::MagnitudeProduct, SparsifyRule::SoftThreshold] {
+            check_sparsify(&gpu, &dm, &m, &dg, &g, &kept, &want, rule, "2^24+777");
+        }
+    }
+}
+
+/// Bitwise equality, NaN matching NaN.
+fn same_bits(name: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len());
+    for i in 0..want.len() {
+        let ok = got[i].to_bits() == want[i].to_bits() || (got[i].is_nan() && want[i].is_nan());
+        assert!(ok, "{name}[{i}]: gpu {} ({:#x}) vs cpu {} ({:#x})", got[i], got[i].to_bits(), want[i], want[i].to_bits());
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_sparsify(
+    gpu: &Gpu, dm: &CudaSlice<f32>, m: &[f32], dg: &CudaSlice<f32>, g: &[f32], kept: &topk::CudaKept, set: &KeptSet,
+    rule: SparsifyRule, label: &str,
+) {
+    let n = m.len();
+    let mut want = vec![0f32; n];
+    cpu_sparsify::sparsify_fwd(m, set, rule, &mut want);
+    let mut out = gpu.zeros(n).unwrap();
+    sparsify::sparsify_fwd(gpu, &dm.slice(..), kept, rule, &mut out.slice_mut(..)).unwrap();
+    same_bits(&format!("{label} {rule:?} k={} fwd", set.k), &down(gpu, &out), &want);
+    cpu_sparsify::sparsify_bwd(m, set, rule, g, &mut want);
+    sparsify::sparsify_bwd(gpu, &dm.slice(..), kept, rule, &dg.slice(..), &mut out.slice_mut(..)).unwrap();
+    same_bits(&format!("{label} {rule:?} k={} bwd", set.k), &down(gpu, &out), &want);
+}
+
+#[test]
+fn sparsify_matches_cpu_bitwise() {
+    let Some(gpu) = setup() else { return };
+    let rules = [SparsifyRule::MagnitudeProduct, SparsifyRule::SoftThreshold, SparsifyRule::Mask];
+    let mut sets: Vec<(Vec<f32>, &str)> = vec![
+        (rand32(1000 * 37, 60, 1.0), "random"),
+        (rand_vec(192 * 768, 61, 1.0).iter().map(|x| ((x * 8.0).round() / 8.0) as f32).collect(), "quantised"),
+        (vec![-3.0, 1.0, 2.0, -2.0, 2.0, 0.5, -2.0], "small ties"),
+        (vec![f32::NAN, 0.5, -0.0, 3.0, f32::NAN, 0.0, -3.0, f32::INFINITY, 1e-45], "special"),
+    ];
+    sets.push((vec![0.0; 9], "zeros"));
+    for (si, (m, label)) in sets.iter().enumerate() {
+        let n = m.len();
+        let g = rand32(n, 70 + si as u64, 2.0);
+        let (dm, dg) = (up(&gpu, m), up(&gpu, &g));
+        for k in ks(n) {
+            let (kept, set) = check_topk(&gpu, &dm, m, k, label);
+            for rule in rules {
+                check_sparsify(&gpu, &dm, m, &dg, &g, &kept, &set, rule, label);
+            }
+        }
+    }
+    println!("sparsify: ok");
+}
+
+/// Timing of the training-step sizes (informational; `--nocapture` shows it).
+#[test]
+fn timing_report() {
+    let Some(gpu) = setup() else { return };
+    for &(n_in, n_out, rh) in &[(192usize, 768usize, 4usize), (768, 3072, 16)] {
+        let (a, b) = params(n_in, n_out, rh, 90);
+        let g = rand32(n_in * n_out, 91, 1.0);
+        let (da, db, dg) = (up(&gpu, &a), up(&gpu, &b), up(&gpu, &g));
+        let mixv = up(&gpu, &[1.0, 1.0, 0.0]);
+        let mut dm = gpu.zeros(n_in * n_out).unwrap();
+        let mut dw = gpu.zeros(n_in * n_out).unwrap();
+        let (mut ga, mut gb, mut gm) = (gpu.zeros(a.len()).unwrap(), gpu.zeros(b.len()).unwrap(), gpu.zeros(3).unwrap());
+        let reps = 50;
+        let time = |f: &mut dyn FnMut()| {
+            f();
+            gpu.sync().unwrap();
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            gpu.sync().unwrap();
+            t.elapsed() / reps
+        };
+        let mv = mixv.slice(..);
+        let tf = time(&mut || {
+            merge::merge_fwd(&gpu, &da.slice(..), &db.slice(..), H, n_in, n_out, rh, Some(&mv), &mut dm.slice_mut(..)).unwrap()
+        });
+        let tb = time(&mut || {
+            let mut gmv = gm.slice_mut(..);
+            merge::merge_bwd(&gpu, &da.slice(..), &db.slice(..), H, n_in, n_out, rh, Some(&mv), &dg.slice(..), &mut ga.slice_mut(..), &mut gb.slice_mut(..), Some(&mut gmv)).unwrap()
+        });
+        let k = kept_count(n_in * n_out, 0.5);
+        let tk = time(&mut || {
+            let kept = topk::select_topk(&gpu, &dm.slice(..), n_in * n_out, k).unwrap();
+            sparsify::sparsify_fwd(&gpu, &dm.slice(..), &kept, SparsifyRule::MagnitudeProduct, &mut dw.slice_mut(..)).unwrap();
+        });
+        println!("timing {n_in}x{n_out} rh={rh}: merge fwd {tf:?}, merge bwd {tb:?}, topk+sparsify fwd {tk:?} per call");
+    }
+}

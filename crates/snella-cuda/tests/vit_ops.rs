@@ -1,0 +1,325 @@
+//! The ViT op kernels (`kernels/{layernorm,gelu,attention,cross_entropy,adamw,patch,reduce}.cu`)
+//! against the CPU references of `snella_core::ops` in f32, on shapes that do not divide the tile
+//! sizes. Without CUDA every test prints `skipped: no CUDA (...)` and returns (project rule).
+//!
+//! Tolerances: an element passes when `|gpu − cpu| ≤ rtol·max(|cpu|, mean|cpu|)` — relative, with
+//! the tensor's mean magnitude as the floor so that values near zero (cancellation) are judged on
+//! the tensor's scale. f32 forward ops use `rtol = 1e-5`, reductions and backward `1e-4`, AdamW is
+//! expected bit-exact (checked at `1e-6`), im2col exact.
+
+use cudarc::driver::CudaSlice;
+use snella_core::gradcheck::rand_vec;
+use snella_core::ops;
+use snella_core::ops::adamw::AdamWParams;
+use snella_cuda::ops::{adamw, attention, cross_entropy, gelu, layernorm, patch, reduce};
+use snella_cuda::Gpu;
+use std::sync::Arc;
+
+/// The GPU, or `None` after printing why the test is skipped.
+fn setup() -> Option<Arc<Gpu>> {
+    if let Err(e) = snella_cuda::probe::probe() {
+        println!("skipped: no CUDA ({e})");
+        return None;
+    }
+    Some(Gpu::new(0).expect("CUDA is present but the GPU cannot be opened"))
+}
+
+fn rand32(n: usize, seed: u64, scale: f64) -> Vec<f32> {
+    rand_vec(n, seed, scale).iter().map(|&v| v as f32).collect()
+}
+
+fn up<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, v: &[T]) -> CudaSlice<T> {
+    if v.is_empty() {
+        // SAFETY: a 1-element buffer no kernel reads.
+        return unsafe { gpu.stream.alloc::<T>(1) }.unwrap();
+    }
+    gpu.stream.clone_htod(v).unwrap()
+}
+
+fn down<T: cudarc::driver::DeviceRepr + Default + Clone>(gpu: &Gpu, s: &CudaSlice<T>) -> Vec<T> {
+    gpu.sync().unwrap();
+    gpu.stream.clone_dtoh(s).unwrap()
+}
+
+/// Asserts `|got − want| ≤ rtol·max(|want|, mean|want|)` elementwise; prints the max errors.
+fn check(name: &str, got: &[f32], want: &[f32], rtol: f64) {
+    assert!(got.len() >= want.len(), "{name}: {} values, want {}", got.len(), want.len());
+    let n = want.len();
+    let mean = want.iter().map(|v| v.abs() as f64).sum::<f64>() / n.max(1) as f64;
+    let floor = if mean > 0.0 { mean } else { 1.0 };
+    let (mut max_abs, mut max_rel, mut worst) = (0f64, 0f64, 0usize);
+    for i in 0..n {
+        let (a, b) = (got[i] as f64, want[i] as f64);
+        assert!(a.is_finite() == b.is_finite(), "{name}[{i}]: gpu {a} vs cpu {b}");
+        let e = (a - b).abs();
+        let r = e / b.abs().max(floor);
+        max_abs = max_abs.max(e);
+        if r > max_rel {
+            max_rel = r;
+            worst = i;
+        }
+    }
+    println!("{name}: n={n} max abs err {max_abs:.3e}, max rel err {max_rel:.3e} (rtol {rtol:.0e}, floor {floor:.2e})");
+    assert!(max_rel <= rtol, "{name}: max rel err {max_rel:.3e} > {rtol:.0e} at {worst}: gpu {} cpu {}", got[worst], want[worst]);
+}
+
+#[test]
+fn layernorm_matches_cpu() {
+    let Some(gpu) = setup() else { return };
+    for &(rows, d) in &[(1usize, 192usize), (7, 37), (4160, 192), (130, 37), (5, 768)] {
+        let x: Vec<f32> = rand32(rows * d, 1 + rows as u64, 2.0).iter().map(|v| v + 0.5).collect();
+        let gamma = rand32(d, 2, 1.5);
+        let beta = rand32(d, 3, 1.0);
+        let dy = rand32(rows * d, 4, 1.0);
+        let eps = 1e-6f32;
+        let (mut y, mut mean, mut rstd) = (vec![0f32; rows * d], vec![0f32; rows], vec![0f32; rows]);
+        ops::layernorm::layernorm_fwd(&x, &gamma, &beta, rows, d, eps, &mut y, &mut mean, &mut rstd);
+        let mut dx = vec![0f32; rows * d];
+        let (mut dg, mut db) = (rand32(d, 5, 1.0), rand32(d, 6, 1.0));
+        let (dg0, db0) = (dg.clone(), db.clone());
+        ops::layernorm::layernorm_bwd(&dy, &x, &gamma, &mean, &rstd, rows, d, &mut dx, Some(&mut dg), Some(&mut db));
+
+        let (gx, gg, gb, gdy) = (up(&gpu, &x), up(&gpu, &gamma), up(&gpu, &beta), up(&gpu, &dy));
+        let (mut gy, mut gm, mut gr) = (gpu.zeros(rows * d).unwrap(), gpu.zeros(rows).unwrap(), gpu.zeros(rows).unwrap());
+        layernorm::layernorm_fwd(&gpu, &gx.slice(..), &gg.slice(..), &gb.slice(..), rows, d, eps, &mut gy.slice_mut(..), &mut gm.slice_mut(..), &mut gr.slice_mut(..)).unwrap();
+        let tag = format!("layernorm rows={rows} d={d}");
+        check(&format!("{tag} y"), &down(&gpu, &gy), &y, 1e-5);
+        check(&format!("{tag} mean"), &down(&gpu, &gm), &mean, 1e-5);
+        check(&format!("{tag} rstd"), &down(&gpu, &gr), &rstd, 1e-5);
+
+        // Backward from the CPU's saved statistics, so dx compares like for like.
+        let (cm, cr) = (up(&gpu, &mean), up(&gpu, &rstd));
+        let mut gdx = gpu.zeros(rows * d).unwrap();
+        let (mut gdg, mut gdb) = (up(&gpu, &dg0), up(&gpu, &db0));
+        layernorm::layernorm_bwd(&gpu, &gdy.slice(..), &gx.slice(..), &gg.slice(..), &cm.slice(..), &cr.slice(..), rows, d, &mut gdx.slice_mut(..), Some(&mut gdg.slice_mut(..)), Some(&mut gdb.slice_mut(..))).unwrap();
+        check(&format!("{tag} dx"), &down(&gpu, &gdx), &dx, 1e-4);
+        check(&format!("{tag} dgamma (accumulated)"), &down(&gpu, &gdg), &dg, 1e-4);
+        check(&format!("{tag} dbeta (accumulated)"), &down(&gpu, &gdb), &db, 1e-4);
+
+        // Deterministic: a second run gives the same bits; only dbeta, and no parameter gradients.
+        let (mut gdg2, mut gdb2) = (up(&gpu, &dg0), up(&gpu, &db0));
+        let mut gdx2 = gpu.zeros(rows * d).unwrap();
+        layernorm::layernorm_bwd(&gpu, &gdy.slice(..), &gx.slice(..), &gg.slice(..), &cm.slice(..), &cr.slice(..), rows, d, &mut gdx2.slice_mut(..), Some(&mut gdg2.slice_mut(..)), None).unwrap();
+        layernorm::layernorm_bwd(&gpu, &gdy.slice(..), &gx.slice(..), &gg.slice(..), &cm.slice(..), &cr.slice(..), rows, d, &mut gdx2.slice_mut(..), None, Some(&mut gdb2.slice_mut(..))).unwrap();
+        assert_eq!(down(&gpu, &gdg2), down(&gpu, &gdg), "{tag}: dgamma not deterministic");
+        assert_eq!(down(&gpu, &gdb2), down(&gpu, &gdb), "{tag}: dbeta not deterministic");
+        assert_eq!(down(&gpu, &gdx2), down(&gpu, &gdx), "{tag}: dx differs without parameter gradients");
+    }
+}
+
+#[test]
+fn gelu_matches_cpu() {
+    let Some(gpu) = setup() else { return };
+    for &n in &[1usize, 7, 4160 * 192 + 3] {
+        let x = rand32(n, 10 + n as u64, 4.0);
+        let dy = rand32(n, 11, 1.0);
+        let (mut y, mut dx) = (vec![0f32; n], vec![0f32; n]);
+        ops::gelu::gelu_fwd(&x, &mut y);
+        ops::gelu::gelu_bwd(&x, &dy, &mut dx);
+        // The f64 reference on the same f32 inputs (the CPU f32 erf is a 1.5e-7 approximation).
+        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let dy64: Vec<f64> = dy.iter().map(|&v| v as f64).collect();
+        let (mut y64, mut dx64) = (vec![0f64; n], vec![0f64; n]);
+        ops::gelu::gelu_fwd(&x64, &mut y64);
+        ops::gelu::gelu_bwd(&x64, &dy64, &mut dx64);
+        let (y64, dx64): (Vec<f32>, Vec<f32>) = (y64.iter().map(|&v| v as f32).collect(), dx64.iter().map(|&v| v as f32).collect());
+
+        let (gx, gdy) = (up(&gpu, &x), up(&gpu, &dy));
+        let (mut gy, mut gdx) = (gpu.zeros(n).unwrap(), gpu.zeros(n).unwrap());
+        gelu::gelu_fwd(&gpu, &gx.slice(..), &mut gy.slice_mut(..)).unwrap();
+        gelu::gelu_bwd(&gpu, &gx.slice(..), &gdy.slice(..), &mut gdx.slice_mut(..)).unwrap();
+        let (ry, rdx) = (down(&gpu, &gy), down(&gpu, &gdx));
+        check(&format!("gelu n={n} y vs cpu f32"), &ry, &y, 1e-5);
+        check(&format!("gelu n={n} dx vs cpu f32"), &rdx, &dx, 1e-5);
+        check(&format!("gelu n={n} y vs f64"), &ry, &y64, 2e-6);
+        check(&format!("gelu n={n} dx vs f64"), &rdx, &dx64, 2e-6);
+    }
+}
+
+#[test]
+fn attention_matches_cpu() {
+    let Some(gpu) = setup() else { return };
+    for &(b, t, heads, hd) in &[(2usize, 65usize, 3usize, 64usize), (1, 197, 12, 64), (3, 5, 2, 3), (2, 40, 2, 128), (1, 1, 1, 1), (2, 33, 3, 37)] {
+        let d = heads * hd;
+        let qkv = rand32(b * t * 3 * d, 20 + t as u64, 1.0);
+        let dout = rand32(b * t * d, 21, 1.0);
+        let (mut out, mut probs) = (vec![0f32; b * t * d], vec![0f32; b * heads * t * t]);
+        ops::attention::attention_fwd(&qkv, b, t, heads, hd, &mut out, &mut probs);
+        let mut dqkv = vec![0f32; b * t * 3 * d];
+        ops::attention::attention_bwd(&dout, &qkv, &probs, b, t, heads, hd, &mut dqkv);
+
+        let (gq, gdo) = (up(&gpu, &qkv), up(&gpu, &dout));
+        let (mut go, mut gp) = (gpu.zeros(b * t * d).unwrap(), gpu.zeros(b * heads * t * t).unwrap());
+        attention::attention_fwd(&gpu, &gq.slice(..), b, t, heads, hd, &mut go.slice_mut(..), &mut gp.slice_mut(..)).unwrap();
+        let tag = format!("attention b={b} t={t} h={heads} hd={hd}");
+        check(&format!("{tag} out"), &down(&gpu, &go), &out, 1e-5);
+        check(&format!("{tag} probs"), &down(&gpu, &gp), &probs, 1e-5);
+
+        // Backward from the CPU's probabilities; dqkv starts as garbage (it is overwritten).
+        let cp = up(&gpu, &probs);
+        let mut gd = up(&gpu, &vec![f32::NAN; b * t * 3 * d]);
+        attention::attention_bwd(&gpu, &gdo.slice(..), &gq.slice(..), &cp.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
+        let r1 = down(&gpu, &gd);
+        check(&format!("{tag} dqkv"), &r1, &dqkv, 1e-4);
+        attention::attention_bwd(&gpu, &gdo.slice(..), &gq.slice(..), &cp.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
+        assert_eq!(down(&gpu, &gd), r1, "{tag}: backward not deterministic");
+    }
+    // hd > 128 is a typed error, not a crash.
+    let (b, t, heads, hd) = (1, 2, 1, 129);
+    let q = gpu.zeros(b * t * 3 * heads * hd).unwrap();
+    let (mut o, mut p) = (gpu.zeros(b * t * heads * hd).unwrap(), gpu.zeros(b * heads * t * t).unwrap());
+    let e = attention::attention_fwd(&gpu, &q.slice(..), b, t, heads, hd, &mut o.slice_mut(..), &mut p.slice_mut(..)).unwrap_err();
+    assert!(e.to_string().contains("head_dim"), "{e}");
+}
+
+#[test]
+fn cross_entropy_matches_cpu() {
+    let Some(gpu) = setup() else { return };
+    for &(b, c) in &[(64usize, 102usize), (7, 5), (1, 5), (300, 102), (3, 1000)] {
+        let mut logits = rand32(b * c, 30 + c as u64, 3.0);
+        // Row 0: all equal (argmax ties → index 0); row 1 (if any): a tie between two maxima.
+        logits[..c].fill(0.25);
+        if b > 1 && c > 3 {
+            logits[c + 1] = 9.0;
+            logits[c + 3] = 9.0;
+        }
+        let mut labels: Vec<u32> = rand_vec(b, 31, 1.0).iter().map(|v| (((v + 1.0) / 2.0 * c as f64) as u32).min(c as u32 - 1)).collect();
+        labels[0] = 0;
+        if b > 1 && c > 3 {
+            labels[1] = 1;
+        }
+        // About half the remaining rows labelled at their argmax, so the count is non-trivial.
+        for r in (2..b).step_by(2) {
+            let row = &logits[r * c..(r + 1) * c];
+            labels[r] = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |a, (j, &v)| if v > a.1 { (j, v) } else { a }).0 as u32;
+        }
+        let mut dl = vec![0f32; b * c];
+        let (loss, correct) = ops::cross_entropy::cross_entropy(&logits, &labels, b, c, &mut dl);
+
+        let (gl, glab) = (up(&gpu, &logits), up(&gpu, &labels));
+        let (mut gdl, mut gs) = (gpu.zeros(b * c).unwrap(), gpu.zeros(2).unwrap());
+        cross_entropy::cross_entropy(&gpu, &gl.slice(..), &glab.slice(..), b, c, &mut gdl.slice_mut(..), &mut gs.slice_mut(..)).unwrap();
+        let tag = format!("cross_entropy b={b} c={c}");
+        check(&format!("{tag} dlogits"), &down(&gpu, &gdl), &dl, 1e-4);
+        let stats = down(&gpu, &gs);
+        check(&format!("{tag} loss"), &stats[..1], &[loss], 1e-5);
+        assert_eq!(stats[1], correct as f32, "{tag}: correct count");
+        println!("{tag}: loss gpu {} cpu {loss}, correct {} of {b}", stats[0], stats[1]);
+    }
+}
+
+#[test]
+fn adamw_matches_cpu_bitwise() {
+    let Some(gpu) = setup() else { return };
+    for &n in &[1usize, 7, 100_003] {
+        let mut p = rand32(n, 40, 1.0);
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        let (mut gp, mut gm, mut gv) = (up(&gpu, &p), up(&gpu, &m), up(&gpu, &v));
+        for step in 1..=3u64 {
+            let g = rand32(n, 40 + step, 0.1);
+            let h = AdamWParams { lr: 1e-3 * step as f64, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: if step == 2 { 0.0 } else { 0.05 }, step };
+            ops::adamw::adamw_step(&mut p, &g, &mut m, &mut v, &h);
+            let gg = up(&gpu, &g);
+            adamw::adamw_step(&gpu, &mut gp.slice_mut(..), &gg.slice(..), &mut gm.slice_mut(..), &mut gv.slice_mut(..), &h).unwrap();
+        }
+        let (rp, rm, rv) = (down(&gpu, &gp), down(&gpu, &gm), down(&gpu, &gv));
+        let diff = rp.iter().zip(&p).chain(rm.iter().zip(&m)).chain(rv.iter().zip(&v)).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        println!("adamw n={n}: {diff} of {} values differ in bits from the CPU after 3 steps", 3 * n);
+        check(&format!("adamw n={n} param"), &rp, &p, 1e-6);
+        check(&format!("adamw n={n} m"), &rm, &m, 1e-6);
+        check(&format!("adamw n={n} v"), &rv, &v, 1e-6);
+    }
+}
+
+#[test]
+fn im2col_matches_cpu_exactly() {
+    let Some(gpu) = setup() else { return };
+    for &(b, ch, h, w, p) in &[(2usize, 3usize, 224usize, 224usize, 16usize), (1, 2, 4, 4, 2), (2, 3, 7, 10, 3), (1, 1, 5, 5, 1)] {
+        let img = rand32(b * ch * h * w, 50, 1.0);
+        let n = b * (h / p) * (w / p) * ch * p * p;
+        let mut cols = vec![0f32; n];
+        ops::patch::im2col(&img, b, ch, h, w, p, &mut cols);
+        let gi = up(&gpu, &img);
+        let mut gc = gpu.zeros(n).unwrap();
+        patch::im2col(&gpu, &gi.slice(..), b, ch, h, w, p, &mut gc.slice_mut(..)).unwrap();
+        assert_eq!(down(&gpu, &gc)[..n], cols[..], "im2col b={b} ch={ch} h={h} w={w} p={p}");
+        println!("im2col b={b} ch={ch} h={h} w={w} p={p}: {n} values equal");
+    }
+}
+
+#[test]
+fn bias_grad_matches_cpu() {
+    let Some(gpu) = setup() else { return };
+    for &(rows, cols) in &[(1usize, 192usize), (7, 37), (4160, 192), (4160, 576), (65, 1), (0, 5)] {
+        let dy = rand32(rows * cols, 60 + rows as u64, 1.0);
+        let db0 = rand32(cols, 61, 1.0);
+        let mut db = db0.clone();
+        ops::linear::bias_grad(&dy, rows, cols, &mut db, false);
+        let gdy = up(&gpu, &dy);
+        let mut gdb = up(&gpu, &db0);
+        reduce::bias_grad(&gpu, &gdy.slice(..), rows, cols, &mut gdb.slice_mut(..), false).unwrap();
+        let tag = format!("bias_grad rows={rows} cols={cols}");
+        let r1 = down(&gpu, &gdb);
+        check(&format!("{tag} overwrite"), &r1, &db, 1e-4);
+        ops::linear::bias_grad(&dy, rows, cols, &mut db, true);
+        reduce::bias_grad(&gpu, &gdy.slice(..), rows, cols, &mut gdb.slice_mut(..), true).unwrap();
+        check(&format!("{tag} accumulate"), &down(&gpu, &gdb), &db, 1e-4);
+        let mut gdb2 = up(&gpu, &db0);
+        reduce::bias_grad(&gpu, &gdy.slice(..), rows, cols, &mut gdb2.slice_mut(..), false).unwrap();
+        assert_eq!(down(&gpu, &gdb2), r1, "{tag}: not deterministic");
+    }
+}
+
+#[test]
+fn all_finite_sets_the_flag() {
+    let Some(gpu) = setup() else { return };
+    let n = 3 * 256 * 8192 + 5; // more than one grid-stride pass
+    let mut x = rand32(n, 70, 100.0);
+    let mut flag = gpu.stream.alloc_zeros::<u32>(1).unwrap();
+    let gx = up(&gpu, &x);
+    reduce::all_finite(&gpu, &gx.slice(..), &mut flag.slice_mut(..)).unwrap();
+    assert_eq!(down(&gpu, &flag), vec![0], "finite input flagged");
+    for (i, bad) in [(n - 1, f32::NAN), (0, f32::INFINITY), (n / 2, f32::NEG_INFINITY)] {
+        let keep = x[i];
+        x[i] = bad;
+        let gx = up(&gpu, &x);
+        let mut flag = gpu.stream.alloc_zeros::<u32>(1).unwrap();
+        reduce::all_finite(&gpu, &gx.slice(..), &mut flag.slice_mut(..)).unwrap();
+        assert_eq!(down(&gpu, &flag), vec![1], "{bad} at {i} not flagged");
+        // A later finite tensor does not clear the flag.
+        x[i] = keep;
+        let gx = up(&gpu, &x);
+        reduce::all_finite(&gpu, &gx.slice(..), &mut flag.slice_mut(..)).unwrap();
+        assert_eq!(down(&gpu, &flag), vec![1], "flag cleared");
+    }
+    println!("all_finite: NaN/+Inf/-Inf flagged, finite input not, n={n}");
+}
+
+/// Times the attention kernels (and LayerNorm) at the ViT shapes; prints, asserts nothing.
+#[test]
+fn timing_attention_vit_shapes() {
+    let Some(gpu) = setup() else { return };
+    for &(b, t, heads, hd) in &[(64usize, 65usize, 3usize, 64usize), (64, 197, 12, 64)] {
+        let d = heads * hd;
+        let qkv = up(&gpu, &rand32(b * t * 3 * d, 80, 1.0));
+        let dout = up(&gpu, &rand32(b * t * d, 81, 1.0));
+        let (mut o, mut p, mut dq) = (gpu.zeros(b * t * d).unwrap(), gpu.zeros(b * heads * t * t).unwrap(), gpu.zeros(b * t * 3 * d).unwrap());
+        let run = |n: usize, o: &mut CudaSlice<f32>, p: &mut CudaSlice<f32>, dq: &mut CudaSlice<f32>| {
+            let s = std::time::Instant::now();
+            for _ in 0..n {
+                attention::attention_fwd(&gpu, &qkv.slice(..), b, t, heads, hd, &mut o.slice_mut(..), &mut p.slice_mut(..)).unwrap();
+            }
+            gpu.sync().unwrap();
+            let f = s.elapsed().as_secs_f64() / n as f64;
+            let s = std::time::Instant::now();
+            for _ in 0..n {
+                attention::attention_bwd(&gpu, &dout.slice(..), &qkv.slice(..), &p.slice(..), b, t, heads, hd, &mut dq.slice_mut(..)).unwrap();
+            }
+            gpu.sync().unwrap();
+            (f, s.elapsed().as_secs_f64() / n as f64)
+        };
+        run(2, &mut o, &mut p, &mut dq);
+        let (f, g) = run(20, &mut o, &mut p, &mut dq);
+        println!("timing attention b={b} t={t} h={heads} hd={hd}: fwd {:.3} ms, bwd {:.3} ms", f * 1e3, g * 1e3);
+    }
+}

@@ -1,0 +1,119 @@
+// LayerNorm over the last dimension (timm nn.LayerNorm, eps passed in), forward and backward, f32.
+// CPU reference: snella_core::ops::layernorm::{layernorm_fwd, layernorm_bwd}.
+//
+// Forward and dx: one warp per row (8 rows per 256-thread block); the row is read from global
+// memory (L1/L2) once per pass. dgamma/dbeta: deterministic two-kernel column reduction
+// (fixed-shape partial sums per chunk of SNELLA_LN_CHUNK rows, then the chunks in order).
+#include "common.cuh"
+
+#define SNELLA_LN_CHUNK 64
+
+// y = (x - mean)·rstd·gamma + beta per row of x [rows, d]; mean, rstd [rows].
+extern "C" __global__ void snella_layernorm_fwd(const float* __restrict__ x, const float* __restrict__ gamma,
+                                                const float* __restrict__ beta, unsigned rows, unsigned d, float eps,
+                                                float* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd) {
+  unsigned warps = blockDim.x >> 5;
+  unsigned row = blockIdx.x * warps + (threadIdx.x >> 5);
+  unsigned lane = threadIdx.x & 31;
+  if (row >= rows) return;  // whole warp leaves together
+  const float* xr = x + (size_t)row * d;
+  float inv_d = 1.0f / (float)d;
+  float s = 0.f;
+  for (unsigned j = lane; j < d; j += 32) s += xr[j];
+  s = snella_warp_sum(s);
+  float mu = s * inv_d;
+  float ss = 0.f;
+  for (unsigned j = lane; j < d; j += 32) {
+    float c = xr[j] - mu;
+    ss += c * c;
+  }
+  ss = snella_warp_sum(ss);
+  float rs = 1.0f / sqrtf(ss * inv_d + eps);
+  float* yr = y + (size_t)row * d;
+  for (unsigned j = lane; j < d; j += 32) yr[j] = (xr[j] - mu) * rs * gamma[j] + beta[j];
+  if (lane == 0) {
+    mean[row] = mu;
+    rstd[row] = rs;
+  }
+}
+
+// dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) with g = dy·gamma, x̂ = (x − mean)·rstd; one warp per row.
+extern "C" __global__ void snella_layernorm_bwd_dx(const float* __restrict__ dy, const float* __restrict__ x,
+                                                   const float* __restrict__ gamma, const float* __restrict__ mean,
+                                                   const float* __restrict__ rstd, unsigned rows, unsigned d,
+                                                   float* __restrict__ dx) {
+  unsigned warps = blockDim.x >> 5;
+  unsigned row = blockIdx.x * warps + (threadIdx.x >> 5);
+  unsigned lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const float* dyr = dy + (size_t)row * d;
+  const float* xr = x + (size_t)row * d;
+  float mu = mean[row], rs = rstd[row];
+  float sg = 0.f, sgx = 0.f;
+  for (unsigned j = lane; j < d; j += 32) {
+    float gg = dyr[j] * gamma[j];
+    sg += gg;
+    sgx += gg * ((xr[j] - mu) * rs);
+  }
+  sg = snella_warp_sum(sg);
+  sgx = snella_warp_sum(sgx);
+  float inv_d = 1.0f / (float)d;
+  float mg = sg * inv_d, mgx = sgx * inv_d;
+  float* dxr = dx + (size_t)row * d;
+  for (unsigned j = lane; j < d; j += 32) {
+    float xh = (xr[j] - mu) * rs;
+    dxr[j] = rs * (dyr[j] * gamma[j] - mg - xh * mgx);
+  }
+}
+
+// Partial sums of dy·x̂ and dy over each chunk of SNELLA_LN_CHUNK rows (chunks blockIdx.y,
+// blockIdx.y + gridDim.y, ...), for 32 columns from blockIdx.x·32. Block (32, 8): thread (tx, ty)
+// sums rows ty, ty+8, ... of the chunk, then the 8 partials are added in a fixed tree.
+// part_g, part_b: [nchunks, d], nchunks = ceil(rows / SNELLA_LN_CHUNK).
+extern "C" __global__ void snella_layernorm_bwd_param_partial(const float* __restrict__ dy, const float* __restrict__ x,
+                                                              const float* __restrict__ mean,
+                                                              const float* __restrict__ rstd, unsigned rows, unsigned d,
+                                                              float* __restrict__ part_g, float* __restrict__ part_b) {
+  __shared__ float sg[8][33], sb[8][33];
+  unsigned tx = threadIdx.x, ty = threadIdx.y;
+  unsigned col = blockIdx.x * 32 + tx;
+  unsigned nchunks = (rows + SNELLA_LN_CHUNK - 1) / SNELLA_LN_CHUNK;
+  for (unsigned chunk = blockIdx.y; chunk < nchunks; chunk += gridDim.y) {
+    unsigned r0 = chunk * SNELLA_LN_CHUNK;
+    unsigned r1 = min(r0 + SNELLA_LN_CHUNK, rows);
+    float ag = 0.f, ab = 0.f;
+    if (col < d) {
+      for (unsigned r = r0 + ty; r < r1; r += 8) {
+        size_t o = (size_t)r * d + col;
+        float g = dy[o];
+        ag += g * ((x[o] - mean[r]) * rstd[r]);
+        ab += g;
+      }
+    }
+    __syncthreads();  // the previous chunk's tree is done with sg/sb
+    sg[ty][tx] = ag;
+    sb[ty][tx] = ab;
+    __syncthreads();
+    for (unsigned s = 4; s > 0; s >>= 1) {
+      if (ty < s) {
+        sg[ty][tx] += sg[ty + s][tx];
+        sb[ty][tx] += sb[ty + s][tx];
+      }
+      __syncthreads();
+    }
+    if (ty == 0 && col < d) {
+      part_g[(size_t)chunk * d + col] = sg[0][tx];
+      part_b[(size_t)chunk * d + col] = sb[0][tx];
+    }
+  }
+}
+
+// out[c] += Σ_k part[k, c] over k = 0..nchunks in order; part [nchunks, d].
+extern "C" __global__ void snella_layernorm_bwd_param_final(const float* __restrict__ part, unsigned nchunks, unsigned d,
+                                                            float* __restrict__ out) {
+  unsigned c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= d) return;
+  float s = 0.f;
+  for (unsigned k = 0; k < nchunks; ++k) s += part[(size_t)k * d + c];
+  out[c] += s;
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# On the GPU machine, in the bundle made by scripts/gpu-bundle.sh (.gpu/): runs every CUDA test
+# executable, then our benchmarks and the PyTorch reference (ref_snella.py, carried in .gpu/) side
+# by side in this one run, and writes $OUT/gpu-bench.json in the layout of bench/results/.
+set -uo pipefail
+cd "$(dirname "$0")"
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+bash run.sh || echo "SOME GPU TESTS FAILED" | tee "$out/tests-failed.txt"
+./bin/gpu_bench 64 10 > "$out/ours.json" 2> "$out/ours.err"; tail -3 "$out/ours.err"
+: > "$out/ref.jsonl"
+for s in "768 768" "768 3072" "3072 768" "1024 4096"; do
+  set -- $s
+  python3 ref_snella.py merge --n_in $1 --n_out $2 --rank 32 --sparsity 0.7 --steps 20 >> "$out/ref.jsonl"
+done
+python3 ref_snella.py bench --model vit_base_patch16_224 --method snella --batch 64 --dtype bf16 --steps 10 >> "$out/ref.jsonl"
+for m in lora snella full; do
+  python3 ref_snella.py bench --model vit_base_patch16_224 --method $m --batch 8 --dtype fp32 --steps 10 >> "$out/ref.jsonl"
+done
+python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+ours = json.load(open(f"{out}/ours.json"))
+ref = [json.loads(l) for l in open(f"{out}/ref.jsonl") if l.strip()]
+rm = {(r["n_in"], r["n_out"]): r["ms"] for r in ref if r.get("op")}
+for m in ours["merge"]:
+    m["reference_ms"] = rm.get(tuple(m["shape"]))
+    m["speedup"] = round(m["reference_ms"] / m["ours_ms"], 2) if m["reference_ms"] else None
+rb = [r for r in ref if r.get("model")]
+r64 = next(r for r in rb if r["batch"] == 64)
+ours["vit_b16_step"]["reference"] = {"img_per_s": r64["img_per_s"], "peak_mib": r64["peak_mib"], "step_ms": r64["step_ms"], "dtype": r64["dtype"]}
+ours["reference_b8_fp32"] = [r for r in rb if r["batch"] == 8]
+ours["command"] = "scripts/gpu-bundle.sh && (device) bash .gpu/run-bench.sh"
+json.dump(ours, open(f"{out}/gpu-bench.json", "w"), indent=1)
+print(json.dumps(ours, indent=1))
+PY

@@ -1,0 +1,55 @@
+/**
+ * Range checks of {@link train}'s options, naming each field as the user spells it and its allowed
+ * range (`invalid config: sT = 1: a sparsity in [0, 1)`), before anything reaches the native side.
+ * @module
+ */
+import { SnellaError } from './errors';
+import type { TrainOptions } from './train';
+
+function fail(field: string, v: unknown, range: string): never {
+  throw new SnellaError('CONFIG', `invalid config: ${field} = ${String(v)}: ${range}`);
+}
+
+const isInt = (v: unknown): v is number => typeof v === 'number' && Number.isInteger(v);
+
+/**
+ * Checks the options of {@link train} that the native trainer would report under internal names
+ * (or not at all): `sT`, the allocator's β and schedule, `seed`, `prefetch`, and the checkpoint
+ * options.
+ * @throws {@link SnellaError} `CONFIG` naming the first field out of range and the allowed range.
+ */
+export function validateTrainOptions(opts: TrainOptions, epochs: number): void {
+  const unit = (field: string, v: number | undefined, what: string) => {
+    if (v !== undefined && !(typeof v === 'number' && v >= 0 && v < 1)) fail(field, v, `${what} in [0, 1)`);
+  };
+  if (opts.lr !== undefined && !(typeof opts.lr === 'number' && Number.isFinite(opts.lr) && opts.lr > 0)) fail('lr', opts.lr, 'a finite number > 0');
+  if (opts.weightDecay !== undefined && !(typeof opts.weightDecay === 'number' && Number.isFinite(opts.weightDecay) && opts.weightDecay >= 0)) {
+    fail('weightDecay', opts.weightDecay, 'a finite number ≥ 0');
+  }
+  if (opts.warmupEpochs !== undefined && !(isInt(opts.warmupEpochs) && opts.warmupEpochs >= 0 && opts.warmupEpochs <= epochs)) {
+    fail('warmupEpochs', opts.warmupEpochs, `an integer in [0, epochs = ${epochs}]`);
+  }
+  unit('sT', opts.sT, 'a sparsity');
+  unit('allocatorBeta1', opts.allocatorBeta1, 'a number');
+  unit('allocatorBeta2', opts.allocatorBeta2, 'a number');
+  for (const f of ['allocatorWarmupRounds', 'allocatorFinalRounds'] as const) {
+    const v = opts[f];
+    if (v !== undefined && !(isInt(v) && v >= 0)) fail(f, v, 'an integer ≥ 0');
+  }
+  const ti = opts.allocatorWarmupRounds ?? 0;
+  const tf = opts.allocatorFinalRounds ?? 0;
+  if (ti + tf >= epochs) {
+    fail('allocatorWarmupRounds + allocatorFinalRounds', `${ti} + ${tf}`, `must be at most epochs − 1 = ${epochs - 1}, i.e. in [0, ${epochs - 1}] (the allocator schedule has no room between warm-up and final rounds)`);
+  }
+  if (opts.allocatorInterval !== undefined && !(isInt(opts.allocatorInterval) && opts.allocatorInterval >= 1)) {
+    fail('allocatorInterval', opts.allocatorInterval, 'an integer ≥ 1');
+  }
+  if (opts.seed !== undefined && !(isInt(opts.seed) && opts.seed >= 0 && opts.seed <= 0xffffffff)) {
+    fail('seed', opts.seed, 'an integer in [0, 4294967295]');
+  }
+  if (opts.prefetch !== undefined && !(isInt(opts.prefetch) && opts.prefetch >= 0)) fail('prefetch', opts.prefetch, 'an integer ≥ 0');
+  if (opts.checkpointDir !== undefined && !(typeof opts.checkpointDir === 'string' && opts.checkpointDir.length > 0)) {
+    fail('checkpointDir', opts.checkpointDir, 'a folder path (non-empty string)');
+  }
+  if (opts.resume && opts.checkpointDir === undefined) fail('resume', true, 'needs checkpointDir (the folder of the checkpoint to continue)');
+}
