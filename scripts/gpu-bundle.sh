@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Packs what a GPU run needs into .gpu/ (git-ignored; name it in the device tool's `carry`):
-#   .gpu/bin/<crate>-<test>   Rust test executables of snella-cuda and snella-model (CUDA vs CPU)
-#   .gpu/run.sh               runs them all on the GPU machine, logs to $OUT
-# Usage: scripts/gpu-bundle.sh [cargo test filters...]; then on the device: bash .gpu/run.sh
+# Packs what a GPU test-and-benchmark run needs into .gpu/ (git-ignored; name it in the device
+# tool's `carry`):
+#   .gpu/bin/<crate>-<test>  Rust test executables: snella-cuda (every kernel vs its CPU reference)
+#                            and snella-model with CUDA (one GPU training step vs the CPU step)
+#   .gpu/bin/gpu_bench       the GPU benchmarks (crates/snella-model/examples/gpu_bench.rs)
+#   .gpu/ref_snella.py       the PyTorch reference, timed side by side by run-bench.sh
+#   .gpu/run.sh              runs the tests; .gpu/run-bench.sh runs tests + benchmarks
+# Usage: scripts/gpu-bundle.sh; then on the device: bash .gpu/run.sh   or   bash .gpu/run-bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SNELLA_CUDA_ARCHS=${SNELLA_CUDA_ARCHS:-90}
 rm -rf .gpu/bin && mkdir -p .gpu/bin
-cargo test --release -p snella-cuda --no-run --message-format=json 2>/dev/null \
+cargo test --release -p snella-cuda -p snella-model --features snella-model/cuda --no-run --message-format=json 2>/dev/null \
   | python3 -c '
 import json, sys, shutil, os
 for line in sys.stdin:
@@ -15,9 +19,16 @@ for line in sys.stdin:
     except Exception: continue
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         name = m["target"]["name"]
-        dst = os.path.join(".gpu/bin", m["package_id"].split("#")[0].rsplit("/", 1)[-1].split("@")[0] + "-" + name)
+        pkg = m["package_id"].split("#")[0].rsplit("/", 1)[-1].split("@")[0]
+        dst = os.path.join(".gpu/bin", pkg + "-" + name)
         shutil.copy(m["executable"], dst); print("bundled", dst)
 '
+cargo build --release -p snella-model --features cuda --example gpu_bench
+cp target/release/examples/gpu_bench .gpu/bin/gpu_bench
+strip .gpu/bin/* 2>/dev/null || true
+ref=../shared/reference/ref_snella.py
+[ -f "$ref" ] && cp "$ref" .gpu/ref_snella.py
+cp scripts/gpu/run-bench.sh .gpu/run-bench.sh
 cat > .gpu/run.sh <<'RUN'
 #!/usr/bin/env bash
 # Runs every bundled test executable; each one's output goes to $OUT/<name>.log.
@@ -26,9 +37,10 @@ cd "$(dirname "$0")"
 out=${OUT:-/tmp/out}; mkdir -p "$out"; fail=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 for t in bin/*; do
-  echo "== $t"; "$t" --test-threads=1 "$@" 2>&1 | tee "$out/$(basename "$t").log" | tail -25
+  [ "$(basename "$t")" = gpu_bench ] && continue
+  echo "== $t"; "$t" --test-threads=1 --nocapture "$@" 2>&1 | tee "$out/$(basename "$t").log" | grep -E "test result|FAILED|panicked|worst|rel err|skipped" | tail -25
   [ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
 done
 exit $fail
 RUN
-chmod +x .gpu/run.sh; du -sh .gpu
+chmod +x .gpu/run.sh .gpu/run-bench.sh; du -sh .gpu; ls -la .gpu/bin
