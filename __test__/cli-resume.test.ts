@@ -61,7 +61,7 @@ test('snella train: SIGINT saves a checkpoint, --resume finishes bit-identical t
   t.false(info.resume.finished, `stopped early, at step ${info.resume.step}`);
   t.true(info.resume.step >= 3 && info.resume.step < 9, `step ${info.resume.step}`);
 
-  // Without --resume (and without --overwrite) the existing checkpoint is not replaced.
+  // Without --resume (and without --overwrite) nothing of the interrupted run is replaced.
   const refused = await cli([...base, '--out', outB, '--checkpoint-dir', path.join(outB, 'checkpoint')]);
   t.not(refused.code, 0);
   t.regex(refused.out + refused.err, /already there/);

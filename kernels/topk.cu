@@ -3,44 +3,46 @@
 //
 // Key of an entry: the bits of |x| when |x| > 0, else 0 (NaN, ±0 count as magnitude 0). Keys are
 // monotone in the magnitude and use bits 30..0 only. The select fixes the bits of the k-th largest
-// key in three passes (bits 30..20, 19..9, 8..0): snella_topk_hist builds a histogram of the next
-// digit over the keys matching the prefix fixed so far (shared-memory histogram, warp-aggregated
-// integer atomics, then integer atomics into the global one: exact and order-independent), and
-// snella_topk_select (one block) finds the bucket holding the k-th largest key, updates the prefix and
-// the rank still needed, and clears the histogram. Every kernel reads the previous one's state from the
-// device state buffer, so the host never synchronises.
-// snella_topk_ties then counts, per fixed chunk, the keys equal to the threshold and the largest key
-// below it (for τ), and snella_topk_finish (one block) finds the flat index of the `ties`-th tie
-// (`tie_cut` = that index + 1) and writes the result words.
+// key in three digits (bits 30..20, 19..9, 8..0). snella_topk_hist(pass p) builds the histogram of
+// digit p over the keys matching the prefix fixed so far (shared-memory histogram with warp-aggregated
+// integer atomics, then integer atomics into the global histogram p: exact and order-independent).
+// The selection step of digit p (find the bucket holding the need-th largest key by a block scan of
+// histogram p) runs at the start of the NEXT kernel, redundantly in every block, which saves a launch
+// per digit; block 0 stores the resulting state for the kernel after. Every kernel reads the state of
+// the previous ones from device memory, so the host never synchronises. 4 launches (5 with ties):
+// hist 0, hist 1, hist 2, ties, finish.
+// snella_topk_ties counts, per fixed chunk, the keys equal to the threshold and the largest key below
+// it (for τ); snella_topk_finish (one block) finds the flat index of the `ties`-th tie (tie_cut = that
+// index + 1) and writes the result words.
 //
-// State buffer (u32 words), also the `Kept` struct read by sparsify.cu:
+// State buffer (u32 words), also the `Kept` struct read by sparsify.cu; must start zeroed:
 //   [0] threshold (f32 bits) [1] tie_cut [2] tau (f32 bits) [3] k [4] ties (kept entries == threshold)
-//   [8] prefix [9] need [10] count of keys == prefix in the last bucket [11] max key < threshold
-//   [16 .. 16+2048) histogram, [2064 .. 2064+4096) per-chunk tie counts. Must start zeroed.
+//   [8..11) prefix, need, count after digit 0; [12..15) the same after digit 1; [16] max key < threshold
+//   [32 ..) histograms of digit 0 (2048 bins), 1 (2048), 2 (512); [4640 .. 4640+4096) per-chunk tie counts.
 // Kept set: |x| > threshold, or |x| == threshold and flat index < tie_cut (exactly k entries).
 // k = 0: threshold = tau = max |x|, tie_cut = ties = 0. k = n: tau = 0.
 #include "common.cuh"
 
 namespace snella_topk {
 constexpr unsigned W_THR = 0, W_CUT = 1, W_TAU = 2, W_K = 3, W_TIES = 4;
-constexpr unsigned W_PREFIX = 8, W_NEED = 9, W_COUNT = 10, W_TAUMAX = 11;
-constexpr unsigned W_HIST = 16, HIST_BINS = 2048;
-constexpr unsigned W_CNT = W_HIST + HIST_BINS, MAX_CHUNKS = 4096;
+constexpr unsigned W_S1 = 8, W_S2 = 12, W_TAUMAX = 16;
+constexpr unsigned W_HIST0 = 32, W_HIST1 = W_HIST0 + 2048, W_HIST2 = W_HIST1 + 2048;
+constexpr unsigned W_CNT = W_HIST2 + 512, MAX_CHUNKS = 4096;
 
 __device__ __forceinline__ unsigned key(float x) {
   const float a = fabsf(x);
   return a > 0.f ? __float_as_uint(a) : 0u;
 }
 
-// Digit geometry of pass 0, 1, 2.
-__device__ __forceinline__ void geom(unsigned pass, unsigned& shift, unsigned& nb, unsigned& pmask) {
-  if (pass == 0) {
-    shift = 20; nb = 2048; pmask = 0u;
-  } else if (pass == 1) {
-    shift = 9; nb = 2048; pmask = 0xFFF00000u;
-  } else {
-    shift = 0; nb = 512; pmask = 0xFFFFFE00u;
-  }
+// Digit geometry of pass 0, 1, 2: shift, number of bins, mask of the bits fixed before it, and
+// the word of its histogram.
+struct Geom {
+  unsigned shift, nb, pmask, hist;
+};
+__device__ __forceinline__ Geom geom(unsigned pass) {
+  if (pass == 0) return Geom{20u, 2048u, 0u, W_HIST0};
+  if (pass == 1) return Geom{9u, 2048u, 0xFFF00000u, W_HIST1};
+  return Geom{0u, 512u, 0xFFFFFE00u, W_HIST2};
 }
 
 // Block-wide exclusive prefix sum of v (u32) over up to 1024 threads; *total gets the block sum.
@@ -67,17 +69,72 @@ __device__ __forceinline__ unsigned block_excl_scan(unsigned v, unsigned* scratc
   *total = scratch[nw - 1];
   return (warp ? scratch[warp - 1] : 0u) + x - v;
 }
+
+// The selection state after a digit: the prefix fixed so far, the rank of the target among the keys
+// matching it (1-based, from the top), and how many keys match it.
+struct Sel {
+  unsigned prefix, need, count;
+};
+
+// Selection step of digit `pass` (whole block): from the state before it (prefix, need) and its
+// complete histogram, the bucket holding the need-th largest key. Thread t scans the bins at
+// descending positions [t·per, (t+1)·per). scratch: 32 shared words, res: 3 shared words.
+__device__ __forceinline__ Sel select_step(const unsigned* __restrict__ st, unsigned pass, unsigned prefix,
+                                           unsigned need, unsigned* scratch, unsigned* res) {
+  const Geom gm = geom(pass);
+  const unsigned* hist = st + gm.hist;
+  const unsigned per = (gm.nb + blockDim.x - 1) / blockDim.x, p0 = threadIdx.x * per;
+  unsigned sum = 0;
+  for (unsigned u = 0; u < per; u++)
+    if (p0 + u < gm.nb) sum += hist[gm.nb - 1 - (p0 + u)];
+  unsigned total;
+  unsigned run = block_excl_scan(sum, scratch, &total);
+  for (unsigned u = 0; u < per; u++) {
+    if (p0 + u < gm.nb) {
+      const unsigned bin = gm.nb - 1 - (p0 + u), c = hist[bin];
+      if (run < need && need - run <= c) {
+        res[0] = prefix | (bin << gm.shift);
+        res[1] = need - run;
+        res[2] = c;
+      }
+      run += c;
+    }
+  }
+  __syncthreads();
+  const Sel s{res[0], res[1], res[2]};
+  __syncthreads();
+  return s;
+}
+
+// The state before digit `pass` (k0 = max(k, 1) for digit 0): steps through digit pass − 1 from the
+// state stored by the previous kernel. Whole block.
+__device__ __forceinline__ Sel state_before(const unsigned* __restrict__ st, unsigned pass, unsigned k0,
+                                            unsigned* scratch, unsigned* res) {
+  if (pass == 0) return Sel{0u, k0, 0u};
+  if (pass == 1) return select_step(st, 0, 0u, k0, scratch, res);
+  return select_step(st, pass - 1, st[pass == 2 ? W_S1 : W_S2], st[(pass == 2 ? W_S1 : W_S2) + 1], scratch, res);
+}
 }  // namespace snella_topk
 
-// Histogram of digit `pass` over the keys matching the current prefix. Grid-stride, 256 threads.
+// Histogram of digit `pass` over the keys matching the prefix fixed by the digits before (whose last
+// selection step this kernel performs first; block 0 stores it for the next kernel). Grid-stride,
+// 256 threads.
 extern "C" __global__ void __launch_bounds__(256)
-    snella_topk_hist(const float* __restrict__ m, unsigned long long n, unsigned* __restrict__ st, unsigned pass) {
+    snella_topk_hist(const float* __restrict__ m, unsigned long long n, unsigned* __restrict__ st, unsigned pass,
+                     unsigned k0) {
   using namespace snella_topk;
-  __shared__ unsigned h[HIST_BINS];
-  unsigned shift, nb, pmask;
-  geom(pass, shift, nb, pmask);
-  const unsigned prefix = st[W_PREFIX];
-  for (unsigned b = threadIdx.x; b < nb; b += blockDim.x) h[b] = 0u;
+  __shared__ unsigned h[2048];
+  __shared__ unsigned scratch[32], res[3];
+  const Sel before = state_before(st, pass, k0, scratch, res);
+  if (pass > 0 && blockIdx.x == 0 && threadIdx.x == 0) {
+    unsigned* w = st + (pass == 1 ? W_S1 : W_S2);
+    w[0] = before.prefix;
+    w[1] = before.need;
+    w[2] = before.count;
+  }
+  const Geom gm = geom(pass);
+  const unsigned prefix = before.prefix;
+  for (unsigned b = threadIdx.x; b < gm.nb; b += blockDim.x) h[b] = 0u;
   __syncthreads();
   const unsigned lane = threadIdx.x & 31;
   const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
@@ -87,8 +144,8 @@ extern "C" __global__ void __launch_bounds__(256)
     const unsigned long long idx = base + lane;
     bool ok = idx < n;
     const unsigned kk = ok ? key(m[idx]) : 0u;
-    ok = ok && (kk & pmask) == prefix;
-    const unsigned bin = (kk >> shift) & (nb - 1);
+    ok = ok && (kk & gm.pmask) == prefix;
+    const unsigned bin = (kk >> gm.shift) & (gm.nb - 1);
     const unsigned act = __ballot_sync(0xffffffffu, ok);
     if (ok) {
       const unsigned peers = __match_any_sync(act, bin);
@@ -96,52 +153,21 @@ extern "C" __global__ void __launch_bounds__(256)
     }
   }
   __syncthreads();
-  for (unsigned b = threadIdx.x; b < nb; b += blockDim.x)
-    if (h[b]) atomicAdd(&st[W_HIST + b], h[b]);
+  unsigned* gh = st + gm.hist;
+  for (unsigned b = threadIdx.x; b < gm.nb; b += blockDim.x)
+    if (h[b]) atomicAdd(&gh[b], h[b]);
 }
 
-// Finds the bucket of pass `pass` holding the need-th largest key (need = k0 on pass 0), appends its
-// digit to the prefix, stores the remaining rank and the bucket's count, and clears the histogram.
-// One block of 1024 threads.
-extern "C" __global__ void __launch_bounds__(1024) snella_topk_select(unsigned* __restrict__ st, unsigned pass,
-                                                                      unsigned k0) {
-  using namespace snella_topk;
-  __shared__ unsigned scratch[32];
-  unsigned shift, nb, pmask;
-  geom(pass, shift, nb, pmask);
-  const unsigned need = pass == 0 ? k0 : st[W_NEED];
-  const unsigned t = threadIdx.x;
-  const bool has = 2 * t < nb;
-  // Thread t owns bins nb−1−2t and nb−2−2t (descending order = descending keys).
-  const unsigned c0 = has ? st[W_HIST + nb - 1 - 2 * t] : 0u;
-  const unsigned c1 = has ? st[W_HIST + nb - 2 - 2 * t] : 0u;
-  unsigned total;
-  const unsigned above = block_excl_scan(c0 + c1, scratch, &total);
-  if (has) {
-    unsigned bin = 0xFFFFFFFFu, above_bin = 0, cnt = 0;
-    if (above < need && need - above <= c0) {
-      bin = nb - 1 - 2 * t; above_bin = above; cnt = c0;
-    } else if (above + c0 < need && need - above - c0 <= c1) {
-      bin = nb - 2 - 2 * t; above_bin = above + c0; cnt = c1;
-    }
-    if (bin != 0xFFFFFFFFu) {
-      st[W_PREFIX] = st[W_PREFIX] | (bin << shift);
-      st[W_NEED] = need - above_bin;
-      st[W_COUNT] = cnt;
-    }
-  }
-  __syncthreads();
-  for (unsigned b = t; b < HIST_BINS; b += blockDim.x) st[W_HIST + b] = 0u;
-}
-
-// Per chunk [blockIdx.x·chunk, +chunk): the number of keys equal to the threshold (the final prefix)
-// → st[W_CNT + blockIdx.x], and the largest key below it → atomicMax into st[W_TAUMAX]. 256 threads.
+// Per chunk [blockIdx.x·chunk, +chunk): the number of keys equal to the threshold (after the last
+// selection step, done here per block) → st[W_CNT + blockIdx.x], and the largest key below it →
+// atomicMax into st[W_TAUMAX]. 256 threads.
 extern "C" __global__ void __launch_bounds__(256)
     snella_topk_ties(const float* __restrict__ m, unsigned long long n, unsigned* __restrict__ st,
                      unsigned long long chunk) {
   using namespace snella_topk;
   __shared__ unsigned rc[8], rm[8];
-  const unsigned thr = st[W_PREFIX];
+  __shared__ unsigned scratch[32], res[3];
+  const unsigned thr = state_before(st, 3, 0u, scratch, res).prefix;
   const unsigned long long lo = (unsigned long long)blockIdx.x * chunk;
   const unsigned long long hi = min(lo + chunk, n);
   unsigned cnt = 0, mx = 0;
@@ -171,16 +197,17 @@ extern "C" __global__ void __launch_bounds__(256)
   }
 }
 
-// Writes the result words. For k ≥ 1 it finds the chunk holding the ties-th key equal to the
-// threshold (from the per-chunk counts) and scans that chunk in flat order for its index. One block
-// of 1024 threads; nchunks ≤ 4096.
+// Writes the result words after the last selection step (done here). For k ≥ 1 it finds the chunk
+// holding the ties-th key equal to the threshold (from the per-chunk counts of snella_topk_ties) and
+// scans that chunk in flat order for its index. One block of 1024 threads; nchunks ≤ 4096.
 extern "C" __global__ void __launch_bounds__(1024)
     snella_topk_finish(const float* __restrict__ m, unsigned long long n, unsigned* __restrict__ st, unsigned k,
                        unsigned nchunks, unsigned long long chunk) {
   using namespace snella_topk;
-  __shared__ unsigned scratch[32];
+  __shared__ unsigned scratch[32], res[3];
   __shared__ unsigned sel[2];  // chunk, rank within it
-  const unsigned thr = st[W_PREFIX];
+  const Sel fin = state_before(st, 3, 0u, scratch, res);
+  const unsigned thr = fin.prefix;
   if (k == 0) {
     if (threadIdx.x == 0) {
       st[W_THR] = thr;
@@ -191,7 +218,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
     return;
   }
-  const unsigned ties = st[W_NEED], count = st[W_COUNT];
+  const unsigned ties = fin.need, count = fin.count;
   if (threadIdx.x == 0) {
     st[W_THR] = thr;
     st[W_TAU] = (unsigned long long)k == n ? 0u : (ties < count ? thr : st[W_TAUMAX]);

@@ -94,19 +94,86 @@ fn view_to_f32(path: &str, name: &str, v: &TensorView<'_>) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// Parses safetensors bytes; `path` only names the source in errors.
+/// Bytes per element of a safetensors dtype name, `None` for an unknown name.
+fn dtype_size(d: &str) -> Option<usize> {
+    Some(match d {
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" => 1,
+        "I16" | "U16" | "F16" | "BF16" => 2,
+        "I32" | "U32" | "F32" => 4,
+        "I64" | "U64" | "F64" => 8,
+        _ => return None,
+    })
+}
+
+/// Checks the header of safetensors `bytes` before the `safetensors` crate sees them, so that every
+/// malformed file gets an error naming the file and, where one is at fault, the tensor: the
+/// header length against the file size, UTF-8 and JSON, and per tensor its dtype, shape and
+/// `data_offsets` (inside the data section, and as long as shape × dtype size).
+fn check_header(path: &str, bytes: &[u8]) -> Result<()> {
+    let bad = |m: String| SnellaError::file(path, format!("not a valid safetensors file: {m}"));
+    if bytes.len() < 8 {
+        return Err(bad(format!("{} bytes; truncated before the 8-byte header length", bytes.len())));
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    let rest = (bytes.len() - 8) as u64;
+    if n > rest {
+        return Err(bad(format!("the header length {n} exceeds the {rest} bytes after it (truncated or corrupt file)")));
+    }
+    let n = n as usize;
+    let text = std::str::from_utf8(&bytes[8..8 + n]).map_err(|e| bad(format!("the header is not UTF-8: {e}")))?;
+    let header: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(format!("the header is not valid JSON: {e}")))?;
+    let obj = header.as_object().ok_or_else(|| bad("the header is not a JSON object".into()))?;
+    let data_len = (bytes.len() - 8 - n) as u64;
+    let mut names: Vec<&String> = obj.keys().filter(|k| *k != "__metadata__").collect();
+    names.sort();
+    for name in names {
+        let t = &obj[name];
+        let terr = |m: String| SnellaError::tensor(path, name, m);
+        let dtype = t.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| terr("has no dtype string in the header".into()))?;
+        let size = dtype_size(dtype).ok_or_else(|| terr(format!("has unknown dtype '{dtype}'")))?;
+        let shape: Vec<u64> = t
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|d| d.as_u64()).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| terr(format!("has shape {} in the header; expected a list of non-negative integers", t.get("shape").unwrap_or(&serde_json::Value::Null))))?;
+        let offs: Vec<u64> = t
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|d| d.as_u64()).collect::<Option<Vec<_>>>())
+            .filter(|v| v.len() == 2)
+            .ok_or_else(|| terr(format!("has data_offsets {} in the header; expected [begin, end]", t.get("data_offsets").unwrap_or(&serde_json::Value::Null))))?;
+        let (b, e) = (offs[0], offs[1]);
+        if b > e || e > data_len {
+            return Err(terr(format!("has data_offsets [{b}, {e}] outside the file's {data_len} data bytes (truncated file, or a header that lies about offsets)")));
+        }
+        let nbytes = shape.iter().try_fold(size as u64, |acc, &d| acc.checked_mul(d));
+        if nbytes != Some(e - b) {
+            return Err(terr(format!("has shape {shape:?} of {dtype} ({} bytes) but data_offsets [{b}, {e}] hold {} bytes", nbytes.map_or("too many".to_string(), |v| v.to_string()), e - b)));
+        }
+    }
+    Ok(())
+}
+
+/// Parses safetensors bytes; `path` only names the source in errors. Never panics on malformed
+/// input.
 ///
 /// # Errors
-/// [`SnellaError::File`] for a malformed header (truncated file, offsets outside the data, bad JSON);
-/// [`SnellaError::Tensor`] for an unsupported dtype.
+/// [`SnellaError::File`] naming the file for a malformed file (truncated before or inside the
+/// header, bad JSON, gaps or overlaps between tensors, bytes after the last tensor);
+/// [`SnellaError::Tensor`] naming the file and tensor for a tensor whose dtype is unknown or not
+/// F32/F16/BF16, whose shape does not match its byte length, or whose offsets lie outside the data
+/// (a truncated file or a lying header).
 pub fn parse(path: &str, bytes: &[u8]) -> Result<TensorFile> {
+    check_header(path, bytes)?;
     let (_, header) = SafeTensors::read_metadata(bytes)
         .map_err(|e| SnellaError::file(path, format!("not a valid safetensors file: {e}")))?;
     let metadata: HashMap<String, String> = header.metadata().clone().unwrap_or_default();
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| SnellaError::file(path, format!("not a valid safetensors file: {e}")))?;
+    let mut views = st.tensors();
+    views.sort_by(|a, b| a.0.cmp(&b.0));
     let mut tensors = HashMap::new();
-    for (name, view) in st.tensors() {
+    for (name, view) in views {
         let data = view_to_f32(path, &name, &view)?;
         tensors.insert(name, HostTensor { shape: view.shape().to_vec(), data });
     }

@@ -2,9 +2,9 @@
 //! competition). CPU reference: [`snella_core::snella::topk::select_topk`].
 //!
 //! Radix select on the f32 bit pattern of `|x|` (NaN and `±0` count as 0), three histogram passes
-//! and no sort, for any size below 2³² entries. Each pass's kernel reads the previous pass's prefix
-//! and remaining rank from device memory, so the whole select is queued without a host
-//! synchronisation; only [`kept_to_host`] waits.
+//! and no sort, for any size below 2³² entries: five launches (four for `k = 0`) and one zeroed
+//! allocation. Each kernel reads the previous one's prefix and remaining rank from device memory,
+//! so the whole select is queued without a host synchronisation; only [`kept_to_host`] waits.
 
 use super::In;
 use crate::device::{cuda_err, Gpu};
@@ -22,9 +22,9 @@ pub const W_TAU: usize = 2;
 pub const W_K: usize = 3;
 /// Word of [`CudaKept::dev`]: the number of kept entries equal to the threshold.
 pub const W_TIES: usize = 4;
-/// Length of [`CudaKept::dev`]: the 5 result words, selection state, a 2048-bin histogram and 4096
-/// per-chunk tie counts (layout in `kernels/topk.cu`).
-pub const KEPT_WORDS: usize = 16 + 2048 + 4096;
+/// Length of [`CudaKept::dev`]: the 5 result words, selection state, the histograms of the three
+/// digits (2048 + 2048 + 512 bins) and 4096 per-chunk tie counts (layout in `kernels/topk.cu`).
+pub const KEPT_WORDS: usize = 32 + 2048 + 2048 + 512 + 4096;
 /// Most chunks of the tie count (`MAX_CHUNKS` in `topk.cu`).
 const MAX_CHUNKS: usize = 4096;
 
@@ -75,18 +75,13 @@ pub fn select_topk(gpu: &Gpu, m: &In, n: usize, k: usize) -> Result<CudaKept, Sn
     let n64 = n as u64;
     let k0 = k.max(1) as u32; // k = 0 selects the maximum (k = 1) and reports it with no kept entry
     let hist = gpu.func("snella_topk_hist");
-    let select = gpu.func("snella_topk_select");
     let hist_cfg = LaunchConfig { grid_dim: (n.div_ceil(2048).min(1024) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let one_cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
     for pass in 0u32..3 {
         let mut lb = gpu.stream.launch_builder(&hist);
-        lb.arg(m).arg(&n64).arg(&mut dev).arg(&pass);
+        lb.arg(m).arg(&n64).arg(&mut dev).arg(&pass).arg(&k0);
         // SAFETY: m holds ≥ n floats, dev KEPT_WORDS words; the kernel bounds-checks idx < n.
         unsafe { lb.launch(hist_cfg) }.map_err(launch_err("snella_topk_hist"))?;
-        let mut lb = gpu.stream.launch_builder(&select);
-        lb.arg(&mut dev).arg(&pass).arg(&k0);
-        // SAFETY: dev holds KEPT_WORDS words; one block.
-        unsafe { lb.launch(one_cfg) }.map_err(launch_err("snella_topk_select"))?;
     }
     let chunk = n.div_ceil(MAX_CHUNKS).max(2048);
     let nchunks = n.div_ceil(chunk);
