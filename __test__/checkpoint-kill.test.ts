@@ -10,7 +10,7 @@ const SAVER = path.join(__dirname, 'fixtures/checkpoint/saver.ts');
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 // (c) A child process saves large checkpoints (full fine-tuning of ViT-Tiny: ~66 MB each) in a loop
-// and is SIGKILLed at random moments, several times: the folder must always hold a complete
+// and is SIGKILLed several times, at random moments and while a temporary file is being written: the folder must always hold a complete
 // checkpoint, the last one the child reported or the one it was finishing.
 test('SIGKILL during checkpoint saves never leaves a broken checkpoint', async (t) => {
   t.timeout(600_000);
@@ -37,9 +37,22 @@ test('SIGKILL during checkpoint saves never leaves a broken checkpoint', async (
       child.once('exit', (code) => reject(new Error(`saver exited (${code}) before its first save: ${err}`)));
     });
     await first;
-    // Let a few saves complete, then kill at a random moment of one.
-    await sleep(ms * (1 + 3 * Math.random()));
-    child.kill('SIGKILL');
+    if (attempt % 2 === 0) {
+      // Let a few saves complete, then kill at a random moment of one.
+      await sleep(ms * (1 + 3 * Math.random()));
+      child.kill('SIGKILL');
+    } else {
+      // Kill as soon as a temporary file appears: while the bytes are being written.
+      await new Promise<void>((resolve) => {
+        const w = fs.watch(dir, (_, f) => {
+          if (f && String(f) === `.${CHECKPOINT_FILE}.tmp-${child.pid}`) {
+            child.kill('SIGKILL');
+            w.close();
+            resolve();
+          }
+        });
+      });
+    }
     await once(child, 'exit');
     kills++;
     const temps = fs.readdirSync(dir).filter((f) => f.startsWith(`.${CHECKPOINT_FILE}.tmp-`));

@@ -11,8 +11,11 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 
 /** A ViT fine-tuning session on the CPU or a CUDA backend. */
 export declare class NativeModel {
-  /** Loads a timm-named ViT safetensors checkpoint on `device` (`cpu` | `cuda` | `cuda:N`). */
-  static load(path: string, device: string): NativeModel
+  /**
+   * Loads a timm-named ViT safetensors checkpoint on `device` (`cpu` | `cuda` | `cuda:N`);
+   * `precision` `tf32` lets cuBLAS use TF32 tensor cores on CUDA (default strict `f32`).
+   */
+  static load(path: string, device: string, precision?: string | undefined | null): NativeModel
   /** The backend in use: `"cpu"` or `"cuda"`. */
   get device(): string
   /** The ViT configuration (JSON of `VitConfig`). */

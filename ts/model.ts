@@ -174,7 +174,9 @@ export class VitModel {
    * (`img_size`, `patch_size`, `embed_dim`, `depth`, `num_heads`, `mlp_ratio`, `mean`, `std`, …).
    *
    * @param path - the `.safetensors` checkpoint.
-   * @param opts - `device`: see {@link Device} (default `auto`).
+   * @param opts - `device`: see {@link Device} (default `auto`). `precision` on CUDA: `f32` (default,
+   *   strict; what the CPU-parity tests use) or `tf32` (cuBLAS TF32 tensor cores for the GEMMs: 10-bit
+   *   mantissa inputs, f32 accumulation; faster). Ignored on the CPU.
    * @returns the model, with no method attached (it predicts with the checkpoint's own head).
    * @throws {@link SnellaError} `FILE`/`TENSOR` naming the file and tensor for a bad checkpoint;
    *   `CUDA_UNAVAILABLE` when `cuda` was asked for and cannot be used; `NATIVE_LOAD` when the native
@@ -187,12 +189,13 @@ export class VitModel {
    * model.dispose();
    * ```
    */
-  static load(path: string, opts: { device?: Device } = {}): VitModel {
+  static load(path: string, opts: { device?: Device; precision?: 'f32' | 'tf32' } = {}): VitModel {
     const device = opts.device ?? 'auto';
+    const precision = opts.precision ?? 'f32';
     const b = binding();
     if (device === 'auto') {
       try {
-        const n = b.NativeModel.load(path, 'cuda');
+        const n = b.NativeModel.load(path, 'cuda', precision);
         return new VitModel(n, 'cuda', path);
       } catch (e) {
         const msg = (e as Error).message;
@@ -201,7 +204,7 @@ export class VitModel {
         return new VitModel(n, 'cpu', path, msg.replace(/^\[[A-Z_]+\] /, ''));
       }
     }
-    const n = native(() => b.NativeModel.load(path, device));
+    const n = native(() => b.NativeModel.load(path, device, precision));
     return new VitModel(n, device === 'cuda' ? 'cuda' : 'cpu', path);
   }
 

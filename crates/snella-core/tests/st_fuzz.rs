@@ -304,7 +304,7 @@ fn header_of(b: &[u8]) -> (usize, String) {
 /// Rebuilds a file with header `h` (padded with spaces to a multiple of 8) and data `d`.
 fn with_header(h: &str, d: &[u8]) -> Vec<u8> {
     let mut h = h.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

@@ -108,3 +108,18 @@ impl Gpu {
         self.stream.synchronize().map_err(|e| cuda_err("stream synchronize", e))
     }
 }
+
+impl Gpu {
+    /// Lets cuBLAS use TF32 tensor cores for f32 GEMMs (10-bit mantissa inputs, f32 accumulation),
+    /// or restores strict f32. Strict f32 is what the CPU-parity tests use.
+    ///
+    /// # Errors
+    /// `CUDA_ERROR` when cuBLAS refuses the mode.
+    pub fn set_tf32(&self, on: bool) -> Result<(), SnellaError> {
+        use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode, cublasStatus_t};
+        let mode = if on { cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH } else { cublasMath_t::CUBLAS_DEFAULT_MATH };
+        // SAFETY: the handle is valid for the life of `self`.
+        let st = unsafe { cublasSetMathMode(*self.blas.handle(), mode) };
+        if st == cublasStatus_t::CUBLAS_STATUS_SUCCESS { Ok(()) } else { Err(cuda_err("cublasSetMathMode", st)) }
+    }
+}

@@ -128,9 +128,13 @@ fn main() {
         .map(|&(i, o)| format!("{{\"shape\":[{i},{o}],\"rank\":32,\"sparsity\":0.7,\"ours_ms\":{:.3}}}", merge_ms(&be, i, o, 50)))
         .collect();
     let main = step_bench(&be, MethodKind::Snella, batch, steps);
+    be.gpu.set_tf32(true).expect("tf32");
+    let main_tf32 = step_bench(&be, MethodKind::Snella, batch, steps).replace("\"dtype\":\"f32\"", "\"dtype\":\"tf32\"");
+    let full_tf32 = step_bench(&be, MethodKind::Full, batch, steps).replace("\"dtype\":\"f32\"", "\"dtype\":\"tf32\"");
+    be.gpu.set_tf32(false).expect("f32");
     let b8: Vec<String> = [MethodKind::Lora, MethodKind::Snella, MethodKind::Full].iter().map(|&k| step_bench(&be, k, 8, steps)).collect();
     println!(
-        "{{\"device\":\"{}\",\"merge\":[{}],\"vit_b16_step\":{{\"ours\":{main}}},\"methods_b8\":[{}]}}",
+        "{{\"device\":\"{}\",\"merge\":[{}],\"vit_b16_step\":{{\"ours\":{main},\"ours_tf32\":{main_tf32},\"ours_full_tf32\":{full_tf32}}},\"methods_b8\":[{}]}}",
         be.gpu.description,
         merges.join(","),
         b8.join(",")

@@ -83,4 +83,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn sparsify_bwd(&self, m: &Self::Buf, set: &Self::Kept, rule: SparsifyRule, g: &Self::Buf, dm: &mut Self::Buf);
     /// `true` when every value is finite.
     fn all_finite(&self, x: &Self::Buf) -> bool;
+    /// The index of the first buffer holding a NaN/Inf, if any (one host wait on CUDA).
+    fn first_non_finite(&self, xs: &[&Self::Buf]) -> Option<usize> {
+        xs.iter().position(|x| !self.all_finite(x))
+    }
+    /// Host copies of several buffers (one host wait on CUDA).
+    fn download_many(&self, xs: &[&Self::Buf]) -> Vec<Vec<f32>> {
+        xs.iter().map(|x| self.download(x)).collect()
+    }
 }

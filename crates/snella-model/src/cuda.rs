@@ -134,6 +134,31 @@ impl Backend for CudaBackend {
     fn sparsify_bwd(&self, m: &CudaSlice<f32>, set: &topk::CudaKept, rule: SparsifyRule, g: &CudaSlice<f32>, dm: &mut CudaSlice<f32>) {
         ok("sparsify_bwd", sparsify::sparsify_bwd(&self.gpu, &m.slice(..), set, rule, &g.slice(..), &mut dm.slice_mut(..)));
     }
+    fn first_non_finite(&self, xs: &[&CudaSlice<f32>]) -> Option<usize> {
+        let mut flags = ok("alloc", self.gpu.stream.alloc_zeros::<u32>(xs.len().max(1)).map_err(|e| self.gpu.oom(4 * xs.len(), e)));
+        for (i, x) in xs.iter().enumerate() {
+            ok("all_finite", reduce::all_finite(&self.gpu, &x.slice(..), &mut flags.slice_mut(i..i + 1)));
+        }
+        let v = ok("all_finite", self.gpu.stream.clone_dtoh(&flags).map_err(|e| snella_cuda::device::cuda_err("download", e)));
+        v.iter().take(xs.len()).position(|&f| f != 0)
+    }
+    fn download_many(&self, xs: &[&CudaSlice<f32>]) -> Vec<Vec<f32>> {
+        let total: usize = xs.iter().map(|x| x.len()).sum();
+        let mut packed = self.zeros(total);
+        let mut off = 0;
+        for x in xs {
+            self.copy(x, 0, &mut packed, off, x.len());
+            off += x.len();
+        }
+        let all = self.download(&packed);
+        let mut out = Vec::with_capacity(xs.len());
+        let mut off = 0;
+        for x in xs {
+            out.push(all[off..off + x.len()].to_vec());
+            off += x.len();
+        }
+        out
+    }
     fn all_finite(&self, x: &CudaSlice<f32>) -> bool {
         let mut flag = ok("alloc", self.gpu.stream.alloc_zeros::<u32>(1).map_err(|e| self.gpu.oom(4, e)));
         ok("all_finite", reduce::all_finite(&self.gpu, &x.slice(..), &mut flag.slice_mut(..)));

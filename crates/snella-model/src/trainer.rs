@@ -203,17 +203,23 @@ impl Trainer {
             return Err(SnellaError::NonFinite { tensor: "loss".into(), step });
         }
         vit.backward(be, cache.expect("train cache"), &dlogits);
-        for p in vit.params_mut() {
-            if let Some(t) = &p.train {
-                if !be.all_finite(&t.grad) {
-                    return Err(SnellaError::NonFinite { tensor: format!("{} (gradient)", p.name), step });
-                }
+        {
+            let params = vit.params_mut();
+            let trained: Vec<&crate::param::Param<B>> = params.iter().filter(|p| p.train.is_some()).map(|p| &**p).collect();
+            let grads: Vec<&B::Buf> = trained.iter().map(|p| &p.train.as_ref().expect("trainable").grad).collect();
+            if let Some(i) = be.first_non_finite(&grads) {
+                return Err(SnellaError::NonFinite { tensor: format!("{} (gradient)", trained[i].name), step });
             }
         }
         if let Some(a) = self.allocator.as_mut() {
-            for (l, k) in kernel_adapters(vit).into_iter().enumerate() {
-                let (ga, gb) = (&k.a.train.as_ref().expect("A trainable").grad, &k.b.train.as_ref().expect("B trainable").grad);
-                a.observe(step, l, &be.download(&k.a.value), &be.download(ga), &be.download(&k.b.value), &be.download(gb));
+            let ks = kernel_adapters(vit);
+            let mut bufs: Vec<&B::Buf> = Vec::with_capacity(ks.len() * 4);
+            for k in &ks {
+                bufs.extend([&k.a.value, &k.a.train.as_ref().expect("A trainable").grad, &k.b.value, &k.b.train.as_ref().expect("B trainable").grad]);
+            }
+            let host = be.download_many(&bufs);
+            for (l, c) in host.chunks(4).enumerate() {
+                a.observe(step, l, &c[0], &c[1], &c[2], &c[3]);
             }
         }
         let lr = self.lr_at(self.step);
@@ -226,10 +232,11 @@ impl Trainer {
         }
         self.step = step;
         // A finite gradient can still overflow a parameter (a huge learning rate): name it.
-        for p in vit.params_mut() {
-            if p.train.is_some() && !be.all_finite(&p.value) {
-                return Err(SnellaError::NonFinite { tensor: format!("{} (after the update)", p.name), step });
-            }
+        let params = vit.params_mut();
+        let trained: Vec<&crate::param::Param<B>> = params.iter().filter(|p| p.train.is_some()).map(|p| &**p).collect();
+        let values: Vec<&B::Buf> = trained.iter().map(|p| &p.value).collect();
+        if let Some(i) = be.first_non_finite(&values) {
+            return Err(SnellaError::NonFinite { tensor: format!("{} (after the update)", trained[i].name), step });
         }
         Ok(StepStats { step, loss, correct, batch: b, lr })
     }

@@ -53,7 +53,7 @@ pub struct NativeModel {
 
 /// Opens `path` on `device`: `cpu`, `cuda` or `cuda:N`. (`auto` is resolved by the TS façade,
 /// which tries `cuda` and falls back with the reason.)
-fn open(path: &str, device: &str) -> std::result::Result<AnySession, SnellaError> {
+fn open(path: &str, device: &str, tf32: bool) -> std::result::Result<AnySession, SnellaError> {
     if device == "cpu" {
         return Session::load(CpuBackend, path).map(AnySession::Cpu);
     }
@@ -64,26 +64,33 @@ fn open(path: &str, device: &str) -> std::result::Result<AnySession, SnellaError
     let Some(ordinal) = ordinal else {
         return Err(SnellaError::config("device", device, "one of 'auto', 'cpu', 'cuda', 'cuda:N'"));
     };
-    open_cuda(path, ordinal)
+    open_cuda(path, ordinal, tf32)
 }
 
 #[cfg(feature = "cuda")]
-fn open_cuda(path: &str, ordinal: usize) -> std::result::Result<AnySession, SnellaError> {
+fn open_cuda(path: &str, ordinal: usize, tf32: bool) -> std::result::Result<AnySession, SnellaError> {
     let be = snella_model::cuda::CudaBackend::new(ordinal)?;
+    be.gpu.set_tf32(tf32)?;
     Session::load(be, path).map(AnySession::Cuda)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_cuda(_path: &str, _ordinal: usize) -> std::result::Result<AnySession, SnellaError> {
+fn open_cuda(_path: &str, _ordinal: usize, _tf32: bool) -> std::result::Result<AnySession, SnellaError> {
     Err(SnellaError::Device { code: "CUDA_UNAVAILABLE".into(), message: "this build of snella was made without the CUDA backend".into() })
 }
 
 #[napi]
 impl NativeModel {
-    /// Loads a timm-named ViT safetensors checkpoint on `device` (`cpu` | `cuda` | `cuda:N`).
+    /// Loads a timm-named ViT safetensors checkpoint on `device` (`cpu` | `cuda` | `cuda:N`);
+    /// `precision` `tf32` lets cuBLAS use TF32 tensor cores on CUDA (default strict `f32`).
     #[napi(factory)]
-    pub fn load(path: String, device: String) -> napi::Result<Self> {
-        let mut s = open(&path, &device).map_err(js_err)?;
+    pub fn load(path: String, device: String, precision: Option<String>) -> napi::Result<Self> {
+        let tf32 = match precision.as_deref() {
+            None | Some("f32") => false,
+            Some("tf32") => true,
+            Some(p) => return Err(js_err(SnellaError::config("precision", p, "'f32' or 'tf32'"))),
+        };
+        let mut s = open(&path, &device, tf32).map_err(js_err)?;
         let live = crate::live::Tracker::new(dispatch!(&mut s, x => x.native_bytes()));
         Ok(NativeModel { inner: Arc::new(Mutex::new(Some(s))), live })
     }
