@@ -20,6 +20,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         name = m["target"]["name"]
         pkg = m["package_id"].split("#")[0].rsplit("/", 1)[-1].split("@")[0]
+        if pkg == "snella-model" and name != "cuda_step": continue  # CPU-only tests stay here
         dst = os.path.join(".gpu/bin", pkg + "-" + name)
         shutil.copy(m["executable"], dst); print("bundled", dst)
 '
@@ -28,7 +29,7 @@ cp target/release/examples/gpu_bench .gpu/bin/gpu_bench
 strip .gpu/bin/* 2>/dev/null || true
 ref=../shared/reference/ref_snella.py
 [ -f "$ref" ] && cp "$ref" .gpu/ref_snella.py
-cp scripts/gpu/run-bench.sh .gpu/run-bench.sh
+cp scripts/gpu/run-bench.sh scripts/gpu/check_timm.py .gpu/
 cat > .gpu/run.sh <<'RUN'
 #!/usr/bin/env bash
 # Runs every bundled test executable; each one's output goes to $OUT/<name>.log.

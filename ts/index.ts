@@ -20,3 +20,4 @@ export * from './train';
 export * from './data';
 export { CHECKPOINT_FILE, checkpointExists, type CheckpointInfo, type ResumePoint } from './checkpoint';
 export * from './resources';
+export * from './report';

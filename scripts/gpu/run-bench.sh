@@ -6,6 +6,9 @@ set -uo pipefail
 cd "$(dirname "$0")"
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 bash run.sh || echo "SOME GPU TESTS FAILED" | tee "$out/tests-failed.txt"
+# interchange: timm loads our merged export (made here by examples/merge-and-export.ts, with our
+# logits from scripts/gpu/our_logits.ts, both in .gpu/timm/ when present)
+[ -f timm/merged.safetensors ] && python3 check_timm.py timm/merged.safetensors timm/ours.json | tee "$out/timm-check.json"
 ./bin/gpu_bench 64 10 > "$out/ours.json" 2> "$out/ours.err"; tail -3 "$out/ours.err"
 : > "$out/ref.jsonl"
 for s in "768 768" "768 3072" "3072 768" "1024 4096"; do

@@ -10,6 +10,7 @@ import { ImageDataset } from '../data';
 import { SnellaError } from '../errors';
 import { VitModel, type Device, type Method, type LayerReport } from '../model';
 import { evaluate, train, type EpochInfo } from '../train';
+import { epochTestTop1, jobRecorder, wrapCallbacks, writeJobReport } from '../report/job';
 
 /** Everything a run needs; CLI flags map 1:1 onto these. */
 export interface JobOptions {
@@ -61,6 +62,10 @@ export interface JobOptions {
   checkpointDir?: string;
   /** Continue from the checkpoint in `checkpointDir`. */
   resume?: boolean;
+  /** Folder for the HTML training report (`report.html`, `history.json`); none when absent. */
+  report?: string;
+  /** Evaluate the test set after every epoch (default: on when `report` is set). */
+  evalEveryEpoch?: boolean;
 }
 
 /** The summary a run prints (and writes as `results.json`). */
@@ -85,6 +90,10 @@ export interface JobResult {
   device: string;
   /** Where the adapter was written. */
   adapterDir: string;
+  /** Test top-1 after each epoch, in [0, 1], when evaluated every epoch. */
+  epochTestTop1?: number[];
+  /** The HTML training report written, when `report` was set. */
+  report?: string;
 }
 
 /** Opens `root` with `split` when it names a list file, subfolder or archive there, else as a whole. */
@@ -141,6 +150,7 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
       notTTYSchedule: 5000,
       stream: process.stdout,
     });
+    const rec = jobRecorder(model, o, testDs);
     const steps = Math.ceil(trainDs.length / o.batch) * o.epochs;
     if (!o.json) bar.start(steps, 0, { epoch: 1, epochs: o.epochs, loss: '-', ips: '-' });
     const r = await train(model, {
@@ -158,14 +168,17 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
       checkpointDir,
       resume: o.resume ?? false,
       overwriteCheckpoint: o.overwrite,
-      callbacks: {
+      callbacks: wrapCallbacks(rec, {
         onStep: (s) => {
           if (!o.json) bar.update(s.step, { epoch: s.epoch + 1, epochs: o.epochs, loss: s.loss.toFixed(3), ips: s.imagesPerSecond.toFixed(1) });
         },
-      },
+      }),
     });
     if (!o.json) bar.stop();
-    const test = await evaluate(model, testDs);
+    // with a test evaluation after every epoch, the last one is the final result: not run twice
+    const test = rec?.lastTest && !r.aborted && r.epochs.length ? rec.lastTest : await evaluate(model, testDs);
+    const report = rec && o.report !== undefined ? writeJobReport(rec, o.report, test, r) : undefined;
+    const trainSeconds = Math.max(1e-9, r.seconds - (rec?.evalSeconds ?? 0));
     const rep = model.report();
     const total = rep.reduce((s, l) => s + l.entries, 0);
     model.saveAdapter(adapterDir, { overwrite: o.overwrite || (o.resume ?? false) });
@@ -173,21 +186,24 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
       method: o.method,
       testTop1: test.top1,
       testCount: test.count,
-      trainSeconds: r.seconds,
-      imagesPerSecond: r.imagesPerSecond,
+      trainSeconds,
+      imagesPerSecond: (r.imagesPerSecond * r.seconds) / trainSeconds,
       trainable: model.trainableCount,
       keptFraction: total ? rep.reduce((s, l) => s + l.kept, 0) / total : undefined,
       epochs: r.epochs,
       device: model.device,
       adapterDir,
+      ...(rec && epochTestTop1(rec)),
+      ...(report ? { report } : {}),
     };
     fs.writeFileSync(path.join(o.out, 'results.json'), JSON.stringify(result, null, 2));
     if (r.resumedFrom) log(`resumed from ${checkpointDir} at epoch ${r.resumedFrom.epoch + 1}, batch ${r.resumedFrom.batch} (step ${r.resumedFrom.step})`);
     if (r.aborted) log(`stopped early (signal); checkpoint saved in ${checkpointDir}/: continue with --resume`);
     log(`test top-1: ${(test.top1 * 100).toFixed(2)}% on ${test.count} images (loss ${test.loss.toFixed(4)})`);
-    log(`training: ${r.seconds.toFixed(1)} s, ${r.imagesPerSecond.toFixed(1)} images/s`);
+    log(`training: ${result.trainSeconds.toFixed(1)} s, ${result.imagesPerSecond.toFixed(1)} images/s`);
     if (rep.length) log(`per-layer sparsity (fraction zeroed):\n${sparsitySummary(rep)}`);
     log(`adapter written to ${adapterDir}/ (adapter_model.safetensors, adapter_config.json)`);
+    if (report) log(`report written to ${report}`);
     if (o.json) process.stdout.write(JSON.stringify(result) + '\n');
     return result;
   } finally {

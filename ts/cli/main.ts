@@ -46,6 +46,9 @@ function withRecipe(c: Command, d: Partial<JobOptions>): Command {
     .option('--overwrite', 'replace an adapter (and a training checkpoint) already in --out', false)
     .option('--checkpoint-dir <dir>', 'training checkpoint folder, saved each epoch and on Ctrl-C (default: OUT/checkpoint)')
     .option('--resume', 'continue from the checkpoint in --checkpoint-dir (same options as the interrupted run)', false)
+    .option('--report <dir>', 'write a self-contained HTML training report (DIR/report.html, DIR/history.json)')
+    .option('--eval-every-epoch', 'evaluate the test set after every epoch (default: on with --report)')
+    .option('--no-eval-every-epoch', 'no test evaluation after every epoch, only at the end')
     .addOption(new Option('--device <d>', 'compute device').choices(['auto', 'cpu', 'cuda']).default('auto'))
     .option('--json', 'print one JSON result line, no progress bar', false);
 }

@@ -139,7 +139,14 @@ export class ReportRecorder {
    *   {@link train} returned (for total seconds and `aborted`).
    * @throws {@link SnellaError} `DISPOSED` when the model was disposed.
    */
-  history(final: { test?: EvalResult; result?: TrainResult } = {}): TrainingHistory {
+  history(
+    final: {
+      /** The final test result (default: the last one recorded). */
+      test?: EvalResult;
+      /** What {@link train} returned: total seconds and `aborted`. */
+      result?: TrainResult;
+    } = {},
+  ): TrainingHistory {
     const alloc = this.model.allocator();
     const evalSeconds = this.evalMs / 1000;
     const stepsSeconds = this.epochs.reduce((s, e) => s + e.seconds, 0);
