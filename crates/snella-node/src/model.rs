@@ -40,7 +40,11 @@ fn with<T>(s: &Shared, f: impl FnOnce(&mut AnySession) -> napi::Result<T>) -> na
     // A panic inside the engine (a CUDA launch failure, say) becomes a JS error, never a crash.
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(sess))).unwrap_or_else(|p| {
         let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
-        Err(Error::new(Status::GenericFailure, format!("[INTERNAL] {msg}")))
+        // Device errors raised inside backend ops keep their code (CUDA_OOM names the bytes asked
+        // for and free); the step's parameters are only written at its end, so a smaller batch can
+        // follow in the same process.
+        let code = ["CUDA_OOM", "CUDA_ERROR"].into_iter().find(|c| msg.contains(c)).unwrap_or("INTERNAL");
+        Err(Error::new(Status::GenericFailure, format!("[{code}] {msg}")))
     })
 }
 
