@@ -14,6 +14,8 @@ import { epochTestTop1, jobRecorder, wrapCallbacks, writeJobReport } from '../re
 
 /** Everything a run needs; CLI flags map 1:1 onto these. */
 export interface JobOptions {
+  /** Recompute block activations in backward (activation checkpointing): less memory. */
+  recompute?: boolean;
   /** Checkpoint (timm-named safetensors). */
   model: string;
   /** Data folder: list files + images.tar/images (VTAB-1k style), or class subfolders. */
@@ -164,6 +166,7 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
       allocatorBeta1: o.beta1,
       allocatorBeta2: o.beta2,
       seed: o.seed,
+      recompute: o.recompute ?? false,
       signal,
       checkpointDir,
       resume: o.resume ?? false,

@@ -39,6 +39,7 @@ function withRecipe(c: Command, d: Partial<JobOptions>): Command {
     .option('--wd <x>', 'AdamW weight decay', num('wd', 0, 10), 0.05)
     .option('--warmup <n>', 'warm-up epochs', num('warmup', 0, 100000, true), d.warmup ?? 4)
     .option('--seed <n>', 'seed of init and batch order', num('seed', 0, 2 ** 32 - 1, true), 0)
+    .option('--recompute', 'recompute block activations in backward (activation checkpointing: less memory)', false)
     .option('--train-split <name>', 'training list file (without .txt) or subfolder', d.trainSplit ?? 'train800val200')
     .option('--test-split <name>', 'test list file or subfolder', d.testSplit ?? 'test')
     .option('--test-data <dir>', 'a separate test folder (ImageFolder data)')

@@ -55,6 +55,7 @@ export class ReportRecorder {
   private last?: EvalResult;
 
   /**
+   * Starts recording (the clock of {@link StepRecord.time} starts here).
    * @param model - the model being trained (with a method attached); read again by
    *   {@link ReportRecorder.history}, so dispose it only after that.
    * @param opts - see {@link ReportRecorderOptions}.

@@ -91,9 +91,13 @@ fn vit_b16(be: &CudaBackend) -> Vit<CudaBackend> {
 }
 
 fn step_bench(be: &CudaBackend, kind: MethodKind, batch: usize, steps: usize) -> String {
+    step_bench_with(be, kind, batch, steps, false)
+}
+
+fn step_bench_with(be: &CudaBackend, kind: MethodKind, batch: usize, steps: usize, recompute: bool) -> String {
     let mut s = Session { be: be.clone(), vit: vit_b16(be), method: None, trainer: None, source: String::new() };
     s.attach(MethodConfig { kind, rank: 32, heads: 2, s0: 0.7, num_classes: 100, ..MethodConfig::default() }).unwrap();
-    s.prepare(TrainConfig { epochs: 1, steps_per_epoch: 1000, batch_size: batch, warmup_epochs: 0, ..TrainConfig::default() }).unwrap();
+    s.prepare(TrainConfig { epochs: 1, steps_per_epoch: 1000, batch_size: batch, warmup_epochs: 0, recompute, ..TrainConfig::default() }).unwrap();
     let n = batch * 3 * 224 * 224;
     let mut rng = 3u64;
     let images = uniform(n, 1.0, &mut rng);
@@ -130,11 +134,12 @@ fn main() {
     let main = step_bench(&be, MethodKind::Snella, batch, steps);
     be.gpu.set_tf32(true).expect("tf32");
     let main_tf32 = step_bench(&be, MethodKind::Snella, batch, steps).replace("\"dtype\":\"f32\"", "\"dtype\":\"tf32\"");
+    let recompute_tf32 = step_bench_with(&be, MethodKind::Snella, batch, steps, true).replace("\"dtype\":\"f32\"", "\"dtype\":\"tf32\",\"recompute\":true");
     let full_tf32 = step_bench(&be, MethodKind::Full, batch, steps).replace("\"dtype\":\"f32\"", "\"dtype\":\"tf32\"");
     be.gpu.set_tf32(false).expect("f32");
     let b8: Vec<String> = [MethodKind::Lora, MethodKind::Snella, MethodKind::Full].iter().map(|&k| step_bench(&be, k, 8, steps)).collect();
     println!(
-        "{{\"device\":\"{}\",\"merge\":[{}],\"vit_b16_step\":{{\"ours\":{main},\"ours_tf32\":{main_tf32},\"ours_full_tf32\":{full_tf32}}},\"methods_b8\":[{}]}}",
+        "{{\"device\":\"{}\",\"merge\":[{}],\"vit_b16_step\":{{\"ours\":{main},\"ours_tf32\":{main_tf32},\"ours_tf32_recompute\":{recompute_tf32},\"ours_full_tf32\":{full_tf32}}},\"methods_b8\":[{}]}}",
         be.gpu.description,
         merges.join(","),
         b8.join(",")

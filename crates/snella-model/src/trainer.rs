@@ -31,6 +31,10 @@ pub struct TrainConfig {
     pub eps: f64,
     /// The allocator (used by SNELLA and SNELL); `rounds` is set to `epochs`.
     pub allocator: AllocatorConfig,
+    /// Recompute block activations in backward instead of keeping them (activation
+    /// checkpointing, [`crate::vit::Vit::recompute`]): less memory for larger batches, ~1/3 more compute.
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 impl Default for TrainConfig {
@@ -46,6 +50,7 @@ impl Default for TrainConfig {
             beta2: 0.999,
             eps: 1e-8,
             allocator: AllocatorConfig::default(),
+            recompute: false,
         }
     }
 }
@@ -194,6 +199,7 @@ impl Trainer {
     /// [`Session::save_checkpoint`]: crate::session::Session::save_checkpoint
     pub fn step<B: Backend>(&mut self, be: &B, vit: &mut Vit<B>, images: &[f32], labels: &[u32]) -> Result<StepStats> {
         let b = labels.len();
+        vit.recompute = self.cfg.recompute;
         let x = be.upload(images);
         let (logits, cache) = vit.forward(be, &x, b, true);
         let mut dlogits = be.zeros(b * vit.head.n_out);

@@ -45,11 +45,20 @@ pub struct BlockCache<B: Backend> {
     g: B::Buf,
 }
 
+/// What the forward pass keeps of one block: all its activations, or (with
+/// [`Vit::recompute`]) only its input, from which backward recomputes them.
+pub enum Saved<B: Backend> {
+    /// Every activation the backward needs.
+    Full(BlockCache<B>),
+    /// The block input `[b·t, d]` only (activation checkpointing).
+    Input(B::Buf),
+}
+
 /// Saved activations of a whole forward pass.
 pub struct Cache<B: Backend> {
     batch: usize,
     cols: B::Buf,
-    blocks: Vec<BlockCache<B>>,
+    blocks: Vec<Saved<B>>,
     cls_in: B::Buf,
     cls_mean: B::Buf,
     cls_rstd: B::Buf,
@@ -72,6 +81,10 @@ pub struct Vit<B: Backend> {
     pub norm: (Param<B>, Param<B>),
     /// `head` (`[classes, D]`).
     pub head: Linear<B>,
+    /// Activation checkpointing: keep only each block's input during training and recompute the
+    /// block's activations in backward (about one more forward pass; activation memory drops from
+    /// all blocks' to one block's).
+    pub recompute: bool,
 }
 
 fn ln_params<B: Backend>(be: &B, f: &mut TensorFile, name: &str, d: usize) -> Result<(Param<B>, Param<B>)> {
@@ -123,6 +136,7 @@ impl<B: Backend> Vit<B> {
             norm,
             head,
             cfg,
+            recompute: false,
         })
     }
 
@@ -191,10 +205,17 @@ impl<B: Backend> Vit<B> {
         be.add_bias(&mut x, &self.pos_embed.value, b, t * d);
         let mut caches = Vec::new();
         for blk in &self.blocks {
-            let (out, c) = self.block_fwd(be, blk, x, b, train);
+            if train && self.recompute {
+                let mut keep = be.zeros(b * t * d);
+                be.copy(&x, 0, &mut keep, 0, b * t * d);
+                caches.push(Saved::Input(keep));
+                x = Self::block_fwd(be, cfg, blk, x, b, false).0;
+                continue;
+            }
+            let (out, c) = Self::block_fwd(be, cfg, blk, x, b, train);
             x = out;
             if let Some(c) = c {
-                caches.push(c);
+                caches.push(Saved::Full(c));
             }
         }
         let mut cls_in = be.zeros(b * d);
@@ -208,8 +229,7 @@ impl<B: Backend> Vit<B> {
         (logits, cache)
     }
 
-    fn block_fwd(&self, be: &B, blk: &Block<B>, x: B::Buf, b: usize, train: bool) -> (B::Buf, Option<BlockCache<B>>) {
-        let cfg = &self.cfg;
+    fn block_fwd(be: &B, cfg: &VitConfig, blk: &Block<B>, x: B::Buf, b: usize, train: bool) -> (B::Buf, Option<BlockCache<B>>) {
         let (d, t, rows) = (cfg.embed_dim, cfg.tokens(), b * cfg.tokens());
         let (mut ln1, mut m1, mut r1) = (be.zeros(rows * d), be.zeros(rows), be.zeros(rows));
         be.layernorm_fwd(&x, &blk.norm1.0.value, &blk.norm1.1.value, rows, d, cfg.ln_eps, &mut ln1, &mut m1, &mut r1);
@@ -244,7 +264,11 @@ impl<B: Backend> Vit<B> {
         for i in 0..b {
             be.copy(&dcls, i * d, &mut dx, i * t * d, d);
         }
-        for (blk, c) in self.blocks.iter_mut().zip(cache.blocks).rev() {
+        for (blk, saved) in self.blocks.iter_mut().zip(cache.blocks).rev() {
+            let c = match saved {
+                Saved::Full(c) => c,
+                Saved::Input(x) => Self::block_fwd(be, &cfg, blk, x, b, true).1.expect("recomputed block cache"),
+            };
             dx = Self::block_bwd(be, &cfg, blk, c, dx, b);
         }
         if let Some(s) = self.pos_embed.train.as_mut() {
