@@ -19,58 +19,16 @@ use snella_core::snella::sparsify::{self as cpu_sparsify, SparsifyRule};
 use snella_core::snella::topk::{self as cpu_topk, kept_count, KeptSet};
 use snella_cuda::ops::{merge, sparsify, topk};
 use snella_cuda::Gpu;
-use std::sync::Arc;
+
+mod common;
+use common::{check, down, rand32, setup, up};
 
 const H: usize = 2;
 
-/// The GPU, or `None` after printing why the test is skipped.
-fn setup() -> Option<Arc<Gpu>> {
-    if let Err(e) = snella_cuda::probe::probe() {
-        println!("skipped: no CUDA ({e})");
-        return None;
-    }
-    Some(Gpu::new(0).expect("CUDA is present but the GPU cannot be opened"))
-}
 
-fn rand32(n: usize, seed: u64, scale: f64) -> Vec<f32> {
-    rand_vec(n, seed, scale).iter().map(|&v| v as f32).collect()
-}
 
-fn up(gpu: &Gpu, v: &[f32]) -> CudaSlice<f32> {
-    if v.is_empty() {
-        return gpu.zeros(1).unwrap();
-    }
-    gpu.stream.clone_htod(v).unwrap()
-}
 
-fn down(gpu: &Gpu, s: &CudaSlice<f32>) -> Vec<f32> {
-    gpu.sync().unwrap();
-    gpu.stream.clone_dtoh(s).unwrap()
-}
 
-/// Asserts `|got − want| ≤ rtol·max(|want|, mean|want|)` elementwise; prints and returns the max
-/// absolute and max relative errors.
-fn check(name: &str, got: &[f32], want: &[f32], rtol: f64) -> (f64, f64) {
-    assert!(got.len() >= want.len(), "{name}: {} values, want {}", got.len(), want.len());
-    let n = want.len();
-    let mean = want.iter().map(|v| v.abs() as f64).sum::<f64>() / n.max(1) as f64;
-    let floor = if mean > 0.0 { mean } else { 1.0 };
-    let (mut max_abs, mut max_rel, mut worst) = (0f64, 0f64, 0usize);
-    for i in 0..n {
-        let (a, b) = (got[i] as f64, want[i] as f64);
-        assert!(a.is_finite() && b.is_finite(), "{name}[{i}]: gpu {a} vs cpu {b}");
-        let e = (a - b).abs();
-        let r = e / b.abs().max(floor);
-        max_abs = max_abs.max(e);
-        if r > max_rel {
-            max_rel = r;
-            worst = i;
-        }
-    }
-    println!("  {name}: n={n} max|err|={max_abs:.3e} max rel={max_rel:.3e} (mean|ref|={mean:.3e})");
-    assert!(max_rel <= rtol, "{name}: rel error {max_rel:e} > {rtol:e} at {worst}: gpu {} vs cpu {}", got[worst], want[worst]);
-    (max_abs, max_rel)
-}
 
 /// Shapes `(in, out, rh)`: odd sizes that do not divide the 32×32 tiles or the 8-row blocks.
 /// On an H200 (132 SMs) the row kernels use 1, 1, 2, 2, 1, 8 and 4 rows per block for these.

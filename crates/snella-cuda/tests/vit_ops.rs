@@ -12,56 +12,14 @@ use snella_core::gradcheck::rand_vec;
 use snella_core::ops;
 use snella_core::ops::adamw::AdamWParams;
 use snella_cuda::ops::{adamw, attention, cross_entropy, gelu, layernorm, patch, reduce};
-use snella_cuda::Gpu;
-use std::sync::Arc;
 
-/// The GPU, or `None` after printing why the test is skipped.
-fn setup() -> Option<Arc<Gpu>> {
-    if let Err(e) = snella_cuda::probe::probe() {
-        println!("skipped: no CUDA ({e})");
-        return None;
-    }
-    Some(Gpu::new(0).expect("CUDA is present but the GPU cannot be opened"))
-}
+mod common;
+use common::{check, down, rand32, setup, up};
 
-fn rand32(n: usize, seed: u64, scale: f64) -> Vec<f32> {
-    rand_vec(n, seed, scale).iter().map(|&v| v as f32).collect()
-}
 
-fn up<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, v: &[T]) -> CudaSlice<T> {
-    if v.is_empty() {
-        // SAFETY: a 1-element buffer no kernel reads.
-        return unsafe { gpu.stream.alloc::<T>(1) }.unwrap();
-    }
-    gpu.stream.clone_htod(v).unwrap()
-}
 
-fn down<T: cudarc::driver::DeviceRepr + Default + Clone>(gpu: &Gpu, s: &CudaSlice<T>) -> Vec<T> {
-    gpu.sync().unwrap();
-    gpu.stream.clone_dtoh(s).unwrap()
-}
 
-/// Asserts `|got − want| ≤ rtol·max(|want|, mean|want|)` elementwise; prints the max errors.
-fn check(name: &str, got: &[f32], want: &[f32], rtol: f64) {
-    assert!(got.len() >= want.len(), "{name}: {} values, want {}", got.len(), want.len());
-    let n = want.len();
-    let mean = want.iter().map(|v| v.abs() as f64).sum::<f64>() / n.max(1) as f64;
-    let floor = if mean > 0.0 { mean } else { 1.0 };
-    let (mut max_abs, mut max_rel, mut worst) = (0f64, 0f64, 0usize);
-    for i in 0..n {
-        let (a, b) = (got[i] as f64, want[i] as f64);
-        assert!(a.is_finite() == b.is_finite(), "{name}[{i}]: gpu {a} vs cpu {b}");
-        let e = (a - b).abs();
-        let r = e / b.abs().max(floor);
-        max_abs = max_abs.max(e);
-        if r > max_rel {
-            max_rel = r;
-            worst = i;
-        }
-    }
-    println!("{name}: n={n} max abs err {max_abs:.3e}, max rel err {max_rel:.3e} (rtol {rtol:.0e}, floor {floor:.2e})");
-    assert!(max_rel <= rtol, "{name}: max rel err {max_rel:.3e} > {rtol:.0e} at {worst}: gpu {} cpu {}", got[worst], want[worst]);
-}
+
 
 #[test]
 fn layernorm_matches_cpu() {
