@@ -481,3 +481,20 @@ test('BatchLoader over a real ImageDataset', async (t) => {
     instanceOf: ImageDecodeError,
   });
 });
+
+test('a CMYK JPEG decodes to 3 sRGB channels, as libvips converts it', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'snella-cmyk-'));
+  const rgb = { r: 200, g: 40, b: 90 };
+  const file = path.join(dir, 'cmyk', 'a.jpg');
+  fs.mkdirSync(path.dirname(file));
+  await sharp({ create: { width: 8, height: 8, channels: 3, background: rgb } }).toColourspace('cmyk').jpeg({ quality: 100 }).toFile(file);
+  t.is((await sharp(file).metadata()).space, 'cmyk');
+  const ds = await ImageDataset.fromImageFolder(dir, { imageSize: 8 });
+  const px = await ds.image(0);
+  t.is(px.length, 8 * 8 * 3);
+  // The same pixels as libvips' own CMYK → sRGB conversion, and still the source's colour: red
+  // dominant (the round trip through an unprofiled CMYK JPEG moves levels by up to ~20).
+  const ref = await sharp(file).toColourspace('srgb').removeAlpha().raw().toBuffer();
+  for (let i = 0; i < px.length; i++) t.true(Math.abs(px[i] - ref[i]) <= 2, `value ${i}: ${px[i]} vs ${ref[i]}`);
+  t.true(px[0] > 150 && px[1] < 80 && px[2] < 130, `rgb ${px[0]},${px[1]},${px[2]}`);
+});
