@@ -167,6 +167,7 @@ export async function train(model: VitModel, opts: TrainOptions): Promise<TrainR
   check('batchSize', batchSize, Number.isInteger(batchSize) && batchSize >= 1, 'an integer ≥ 1');
   check('train.length', opts.train.length, opts.train.length >= 1, 'at least one training image');
   validateTrainOptions(opts, epochs);
+  checkImageSize(model, opts.train, 'train');
   const method = native(() => model.native.method()) as { s0: number } | null;
   if (!method) throw new SnellaError('CONFIG', 'invalid config: method = none: attach() a method before train()');
   const loader = new BatchLoader(opts.train, { batchSize, shuffle: true, seed: opts.seed ?? 0, prefetch: opts.prefetch ?? 2 });
@@ -266,6 +267,15 @@ export async function train(model: VitModel, opts: TrainOptions): Promise<TrainR
   return { epochs: out, steps, seconds, imagesPerSecond: images / Math.max(seconds, 1e-9), aborted, ...(resumedFrom ? { resumedFrom } : {}) };
 }
 
+/** A data set that knows its image side (ImageDataset, TensorDataset) must match the model's input. */
+function checkImageSize(model: VitModel, data: BatchSource, what: string): void {
+  const size = (data as { imageSize?: number }).imageSize;
+  const want = model.config.img_size;
+  if (size !== undefined && size !== want) {
+    throw new SnellaError('CONFIG', `invalid config: ${what}.imageSize = ${size}: the model takes ${want}×${want} images (open the data set with imageSize: ${want})`);
+  }
+}
+
 /** Test-set results of {@link evaluate}. */
 export interface EvalResult {
   /** Top-1 accuracy in [0, 1]. */
@@ -294,6 +304,7 @@ export interface EvalResult {
  */
 export async function evaluate(model: VitModel, data: BatchSource, batchSize = 128): Promise<EvalResult> {
   check('batchSize', batchSize, Number.isInteger(batchSize) && batchSize >= 1, 'an integer ≥ 1');
+  checkImageSize(model, data, 'data');
   const loader = new BatchLoader(data, { batchSize, shuffle: false });
   let lossSum = 0;
   let correct = 0;

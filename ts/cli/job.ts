@@ -99,8 +99,15 @@ export interface JobResult {
 }
 
 /** Opens `root` with `split` when it names a list file, subfolder or archive there, else as a whole. */
-function openSplit(root: string, split: string, size: number, norm: { mean: [number, number, number]; std: [number, number, number] }) {
+function openSplit(root: string, split: string, flag: string, size: number, norm: { mean: [number, number, number]; std: [number, number, number] }) {
   const has = [`${split}.txt`, split, `${split}.tar`].some((f) => fs.existsSync(path.join(root, f)));
+  if (!has && fs.existsSync(root) && fs.statSync(root).isDirectory()) {
+    const lists = fs.readdirSync(root).filter((f) => f.endsWith('.txt')).map((f) => f.slice(0, -4));
+    if (lists.length) {
+      const hint = lists.find((l) => /train/.test(l) === (flag === '--train-split')) ?? lists[0];
+      throw new SnellaError('CONFIG', `${flag} ${split}: ${root} has no ${split}.txt, ${split}/ or ${split}.tar; its list files are ${lists.join(', ')} (e.g. ${flag} ${hint})`);
+    }
+  }
   return ImageDataset.open(root, has ? split : undefined, { imageSize: size, normalization: norm });
 }
 
@@ -138,8 +145,8 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
     if (model.deviceReason) log(`device: cpu (${model.deviceReason})`);
     const cfg = model.config;
     const norm = { mean: cfg.mean, std: cfg.std };
-    const trainDs = await openSplit(o.data, o.trainSplit, cfg.img_size, norm);
-    const testDs = await openSplit(o.testData ?? o.data, o.testSplit, cfg.img_size, norm);
+    const trainDs = await openSplit(o.data, o.trainSplit, '--train-split', cfg.img_size, norm);
+    const testDs = await openSplit(o.testData ?? o.data, o.testSplit, '--test-split', cfg.img_size, norm);
     await Promise.all([trainDs.prepare(), testDs.prepare()]);
     const numClasses = trainDs.numClasses;
     model.attach({ method: o.method, numClasses, rank: o.rank, heads: o.heads, s0: o.s0, seed: o.seed });

@@ -12,6 +12,7 @@ import { readListFile, type ListEntry } from './listfile';
 import { normalizationTable, writeNCHW, type Normalization } from './normalize';
 import { resolveDatasetOptions, type BadImagePolicy, type DatasetOptions } from './options';
 import { DirSource, normalizeRelPath, TarSource, type ImageSource } from './source';
+import { SnellaError } from '../errors';
 
 /** One labelled image: where its bytes are and its class. */
 export interface SampleRef {
@@ -56,10 +57,10 @@ async function readClassNames(file: string): Promise<string[] | undefined> {
   try {
     parsed = JSON.parse(await fs.promises.readFile(file, 'utf8'));
   } catch (e) {
-    throw new Error(`${file}: not valid JSON (${(e as Error).message})`);
+    throw new SnellaError('DATA', `${file}: not valid JSON (${(e as Error).message})`);
   }
   if (!Array.isArray(parsed) || !parsed.every((x) => typeof x === 'string')) {
-    throw new Error(`${file}: expected a JSON array of class-name strings (index = label)`);
+    throw new SnellaError('DATA', `${file}: expected a JSON array of class-name strings (index = label)`);
   }
   return parsed as string[];
 }
@@ -131,21 +132,21 @@ export class ImageDataset {
     let maxLabel = -1;
     for (const s of samples) {
       if (!Number.isInteger(s.label) || s.label < 0) {
-        throw new Error(`${s.source.describe(s.path)}: label must be an integer >= 0, got ${s.label}`);
+        throw new SnellaError('DATA', `${s.source.describe(s.path)}: label must be an integer >= 0, got ${s.label}`);
       }
       maxLabel = Math.max(maxLabel, s.label);
     }
     this.numClasses = o.numClasses ?? classNames?.length ?? Math.max(1, maxLabel + 1);
     for (const s of samples) {
       if (s.label >= this.numClasses) {
-        throw new Error(
+        throw new SnellaError('DATA', 
           `${s.source.describe(s.path)}: label ${s.label} is out of range 0..${this.numClasses - 1} (numClasses ${this.numClasses})`,
         );
       }
     }
     if (classNames !== undefined) {
       if (classNames.length > this.numClasses) {
-        throw new Error(`${classNames.length} class names given but numClasses is ${this.numClasses}`);
+        throw new SnellaError('DATA', `${classNames.length} class names given but numClasses is ${this.numClasses}`);
       }
       this.classNames = [...classNames];
     }
@@ -268,7 +269,7 @@ export class ImageDataset {
     if (bad.size > 0) {
       if (bad.size === refs.length) {
         const first = refs[0];
-        throw new Error(
+        throw new SnellaError('DATA', 
           `all ${refs.length} images failed to decode, e.g. ${first.source.describe(first.path)}: ${bad.get(first)}`,
         );
       }
@@ -333,8 +334,8 @@ export class ImageDataset {
     const rootAbs = path.resolve(root);
     const listPath = path.resolve(rootAbs, listFile);
     const entries = await readListFile(listPath);
-    if (entries.length === 0) throw new Error(`list file ${listPath} lists no images`);
-    if (!isDirectory(rootAbs)) throw new Error(`data set root ${rootAbs} is not a folder`);
+    if (entries.length === 0) throw new SnellaError('DATA', `list file ${listPath} lists no images`);
+    if (!isDirectory(rootAbs)) throw new SnellaError('DATA', `data set root ${rootAbs} is not a folder`);
 
     const classNames = await readClassNames(path.join(rootAbs, 'classes.json'));
     const numClasses = o.numClasses ?? classNames?.length;
@@ -342,7 +343,7 @@ export class ImageDataset {
       const why = o.numClasses !== undefined ? 'numClasses' : `${classNames?.length} names in classes.json`;
       for (const e of entries) {
         if (e.label >= numClasses) {
-          throw new Error(`${listPath}:${e.line}: label ${e.label} is out of range 0..${numClasses - 1} (${why})`);
+          throw new SnellaError('DATA', `${listPath}:${e.line}: label ${e.label} is out of range 0..${numClasses - 1} (${why})`);
         }
       }
     }
@@ -356,7 +357,7 @@ export class ImageDataset {
     if (missing.length > 0) {
       missing.sort((a, b) => a.line - b.line);
       const where = source instanceof TarSource ? `archive ${source.location}` : `folder ${source.location}`;
-      throw new Error(
+      throw new SnellaError('DATA', 
         `${missing.length} image(s) listed in ${listPath} are missing from ${where}: ${listPreview(missing.map((e) => `${e.path} (line ${e.line})`))}`,
       );
     }
@@ -396,9 +397,9 @@ export class ImageDataset {
     } else if (isFile(abs) && abs.toLowerCase().endsWith('.tar')) {
       source = await TarSource.open(abs);
     } else if (fs.existsSync(abs)) {
-      throw new Error(`${abs} is neither a folder nor a .tar archive`);
+      throw new SnellaError('DATA', `${abs} is neither a folder nor a .tar archive`);
     } else {
-      throw new Error(`image folder not found: ${abs}`);
+      throw new SnellaError('DATA', `image folder not found: ${abs}`);
     }
 
     const files = await source.list();
@@ -415,16 +416,16 @@ export class ImageDataset {
     }
     const classNames = [...classSet].sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
     if (classNames.length === 0) {
-      throw new Error(`no class folders in ${abs} (expected <class>/<image> paths)`);
+      throw new SnellaError('DATA', `no class folders in ${abs} (expected <class>/<image> paths)`);
     }
     const empty = classNames.filter((c) => !byClass.has(c));
     if (empty.length > 0) {
-      throw new Error(
+      throw new SnellaError('DATA', 
         `class folder(s) without images (${[...IMAGE_EXTENSIONS].join(', ')}) in ${abs}: ${listPreview(empty)}`,
       );
     }
     if (o.numClasses !== undefined && o.numClasses < classNames.length) {
-      throw new Error(`numClasses is ${o.numClasses} but ${abs} has ${classNames.length} class folders`);
+      throw new SnellaError('DATA', `numClasses is ${o.numClasses} but ${abs} has ${classNames.length} class folders`);
     }
     const samples: SampleRef[] = [];
     classNames.forEach((cls, label) => {
@@ -467,12 +468,12 @@ export class ImageDataset {
   static async open(p: string, split: string | undefined, opts: DatasetOptions): Promise<ImageDataset> {
     resolveDatasetOptions(opts);
     const abs = path.resolve(p);
-    if (!fs.existsSync(abs)) throw new Error(`data set path not found: ${abs}`);
+    if (!fs.existsSync(abs)) throw new SnellaError('DATA', `data set path not found: ${abs}`);
     if (isFile(abs)) {
       const lower = abs.toLowerCase();
       if (lower.endsWith('.tar')) {
         if (split !== undefined) {
-          throw new Error(
+          throw new SnellaError('DATA', 
             `split ${JSON.stringify(split)} given for ${abs}, but a .tar archive is opened as one ImageFolder (pass no split)`,
           );
         }
@@ -480,27 +481,27 @@ export class ImageDataset {
       }
       if (lower.endsWith('.txt')) {
         if (split !== undefined && split !== path.basename(abs, '.txt')) {
-          throw new Error(`split ${JSON.stringify(split)} given together with the list file ${abs}`);
+          throw new SnellaError('DATA', `split ${JSON.stringify(split)} given together with the list file ${abs}`);
         }
         return ImageDataset.fromList(path.dirname(abs), path.basename(abs), opts);
       }
-      throw new Error(`${abs}: expected a data set folder, a .tar archive or a .txt list file`);
+      throw new SnellaError('DATA', `${abs}: expected a data set folder, a .tar archive or a .txt list file`);
     }
     const listFiles = (await fs.promises.readdir(abs)).filter((n) => n.endsWith('.txt')).sort();
     if (split === undefined) {
       if (listFiles.length > 0) {
-        throw new Error(`${abs} holds list files (${listPreview(listFiles)}): pass a split, e.g. ${JSON.stringify(listFiles[0].slice(0, -4))}`);
+        throw new SnellaError('DATA', `${abs} holds list files (${listPreview(listFiles)}): pass a split, e.g. ${JSON.stringify(listFiles[0].slice(0, -4))}`);
       }
       return ImageDataset.fromImageFolder(abs, opts);
     }
     if (split === '' || split.includes('/') || split.includes('\\')) {
-      throw new Error(`split must be a plain name such as "train800val200", got ${JSON.stringify(split)}`);
+      throw new SnellaError('DATA', `split must be a plain name such as "train800val200", got ${JSON.stringify(split)}`);
     }
     const listName = split.endsWith('.txt') ? split : `${split}.txt`;
     if (isFile(path.join(abs, listName))) return ImageDataset.fromList(abs, listName, opts);
     if (isDirectory(path.join(abs, split))) return ImageDataset.fromImageFolder(path.join(abs, split), opts);
     if (isFile(path.join(abs, `${split}.tar`))) return ImageDataset.fromImageFolder(path.join(abs, `${split}.tar`), opts);
-    throw new Error(
+    throw new SnellaError('DATA', 
       `split ${JSON.stringify(split)} not found in ${abs}: expected ${listName}, ${split}/ or ${split}.tar` +
         (listFiles.length > 0 ? `; list files there: ${listPreview(listFiles)}` : ''),
     );

@@ -5,6 +5,7 @@
  * @module
  */
 import sharp from 'sharp';
+import { SnellaError } from '../errors';
 
 /**
  * A file that is not a readable image: empty, truncated, corrupt or of an
@@ -12,7 +13,7 @@ import sharp from 'sharp';
  *
  * `message` is `"<file>: cannot decode image: <reason>"`.
  */
-export class ImageDecodeError extends Error {
+export class ImageDecodeError extends SnellaError {
   /** The file, as given to {@link decodeImage} (a path, or `archive:entry`). */
   readonly file: string;
   /** What went wrong, one line (e.g. `"VipsJpeg: premature end of JPEG image"`). */
@@ -24,7 +25,7 @@ export class ImageDecodeError extends Error {
    * @param reason - what went wrong, one line.
    */
   constructor(file: string, reason: string) {
-    super(`${file}: cannot decode image: ${reason}`);
+    super('DATA', `${file}: cannot decode image: ${reason}`);
     this.name = 'ImageDecodeError';
     this.file = file;
     this.reason = reason;
@@ -72,7 +73,7 @@ export async function decodeImage(bytes: Uint8Array, imageSize: number, file: st
   try {
     const img = sharp(bytes, { failOn: 'warning', autoOrient: false });
     const meta = await img.metadata();
-    if (!meta.width || !meta.height) throw new Error('image has no width/height');
+    if (!meta.width || !meta.height) throw new SnellaError('DATA', 'image has no width/height');
     let p = img;
     if (meta.hasAlpha) p = p.flatten({ background: { r: 0, g: 0, b: 0 } });
     if (meta.width !== imageSize || meta.height !== imageSize) {
@@ -83,7 +84,7 @@ export async function decodeImage(bytes: Uint8Array, imageSize: number, file: st
       .raw({ depth: 'uchar' })
       .toBuffer({ resolveWithObject: true });
     if (info.width !== imageSize || info.height !== imageSize || info.channels !== 3) {
-      throw new Error(
+      throw new SnellaError('DATA', 
         `decoder produced ${info.width}x${info.height}x${info.channels}, expected ${imageSize}x${imageSize}x3`,
       );
     }

@@ -4,6 +4,7 @@
  * @module
  */
 import * as fs from 'node:fs';
+import { SnellaError } from '../errors';
 
 /** One parsed line of a list file. */
 export interface ListEntry {
@@ -39,13 +40,13 @@ export function parseListText(text: string, fileName: string): ListEntry[] {
     if (raw === '') continue;
     const m = LINE_RE.exec(raw);
     if (!m) {
-      throw new Error(
+      throw new SnellaError('DATA', 
         `${fileName}:${i + 1}: expected "<image path> <integer label>", got ${JSON.stringify(lines[i].slice(0, 200))}`,
       );
     }
     const label = Number(m[2]);
     if (!Number.isSafeInteger(label) || label > 0x7fffffff) {
-      throw new Error(`${fileName}:${i + 1}: label ${m[2]} is out of range (0..2147483647)`);
+      throw new SnellaError('DATA', `${fileName}:${i + 1}: label ${m[2]} is out of range (0..2147483647)`);
     }
     out.push({ path: m[1], label, line: i + 1 });
   }
@@ -65,8 +66,8 @@ export async function readListFile(file: string): Promise<ListEntry[]> {
     text = await fs.promises.readFile(file, 'utf8');
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
-    if (err.code === 'ENOENT') throw new Error(`list file not found: ${file}`);
-    throw new Error(`cannot read list file ${file} (${err.message})`);
+    if (err.code === 'ENOENT') throw new SnellaError('DATA', `list file not found: ${file}`);
+    throw new SnellaError('DATA', `cannot read list file ${file} (${err.message})`);
   }
   return parseListText(text, file);
 }

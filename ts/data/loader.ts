@@ -5,6 +5,7 @@
  * @module
  */
 import { checkUint32, permutation } from './shuffle';
+import { SnellaError } from '../errors';
 
 /**
  * What a {@link BatchLoader} reads from; {@link ImageDataset} is one.
@@ -88,19 +89,19 @@ export class BatchLoader {
    */
   constructor(dataset: BatchSource, opts: BatchLoaderOptions) {
     if (opts === null || typeof opts !== 'object') {
-      throw new Error('BatchLoader options must be an object with { batchSize, shuffle }');
+      throw new SnellaError('CONFIG', 'BatchLoader options must be an object with { batchSize, shuffle }');
     }
     const { batchSize, shuffle, seed = 0, dropLast = false, prefetch = 2 } = opts;
     if (!Number.isInteger(batchSize) || batchSize < 1) {
-      throw new Error(`batchSize must be an integer >= 1, got ${String(batchSize)}`);
+      throw new SnellaError('CONFIG', `batchSize must be an integer >= 1, got ${String(batchSize)}`);
     }
-    if (typeof shuffle !== 'boolean') throw new Error(`shuffle must be a boolean, got ${String(shuffle)}`);
+    if (typeof shuffle !== 'boolean') throw new SnellaError('CONFIG', `shuffle must be a boolean, got ${String(shuffle)}`);
     if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) {
-      throw new Error(`seed must be an integer in 0..4294967295, got ${String(seed)}`);
+      throw new SnellaError('CONFIG', `seed must be an integer in 0..4294967295, got ${String(seed)}`);
     }
-    if (typeof dropLast !== 'boolean') throw new Error(`dropLast must be a boolean, got ${String(dropLast)}`);
+    if (typeof dropLast !== 'boolean') throw new SnellaError('CONFIG', `dropLast must be a boolean, got ${String(dropLast)}`);
     if (!Number.isInteger(prefetch) || prefetch < 0) {
-      throw new Error(`prefetch must be an integer >= 0, got ${String(prefetch)}`);
+      throw new SnellaError('CONFIG', `prefetch must be an integer >= 0, got ${String(prefetch)}`);
     }
     this.dataset = dataset;
     this.batchSize = batchSize;

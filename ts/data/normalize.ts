@@ -3,6 +3,7 @@
  *
  * @module
  */
+import { SnellaError } from '../errors';
 
 /**
  * Per-channel mean and standard deviation, in units of the [0, 1] pixel
@@ -31,11 +32,11 @@ export function validateNormalization(n: Normalization): void {
   for (const field of ['mean', 'std'] as const) {
     const v = n?.[field];
     if (!Array.isArray(v) || v.length !== 3 || !v.every((x) => typeof x === 'number' && Number.isFinite(x))) {
-      throw new Error(`normalization.${field} must be an array of 3 finite numbers (R, G, B), got ${JSON.stringify(v)}`);
+      throw new SnellaError('CONFIG', `normalization.${field} must be an array of 3 finite numbers (R, G, B), got ${JSON.stringify(v)}`);
     }
   }
   if (!n.std.every((x) => x > 0)) {
-    throw new Error(`normalization.std must be > 0 for every channel, got ${JSON.stringify(n.std)}`);
+    throw new SnellaError('CONFIG', `normalization.std must be > 0 for every channel, got ${JSON.stringify(n.std)}`);
   }
 }
 

@@ -4,6 +4,7 @@
  * @module
  */
 import { IMAGENET_NORMALIZATION, validateNormalization, type Normalization } from './normalize';
+import { SnellaError } from '../errors';
 
 /** What to do with a file that cannot be decoded as an image. */
 export type BadImagePolicy = 'error' | 'skip';
@@ -56,21 +57,21 @@ export interface ResolvedDatasetOptions {
  */
 export function resolveDatasetOptions(opts: DatasetOptions): ResolvedDatasetOptions {
   if (opts === null || typeof opts !== 'object') {
-    throw new Error('dataset options must be an object with at least { imageSize }');
+    throw new SnellaError('CONFIG', 'dataset options must be an object with at least { imageSize }');
   }
   const { imageSize, onBadImage = 'error', numClasses, cache = true, concurrency = 8 } = opts;
   if (!Number.isInteger(imageSize) || imageSize < 1) {
-    throw new Error(`imageSize must be an integer >= 1, got ${String(imageSize)}`);
+    throw new SnellaError('CONFIG', `imageSize must be an integer >= 1, got ${String(imageSize)}`);
   }
   if (onBadImage !== 'error' && onBadImage !== 'skip') {
-    throw new Error(`onBadImage must be 'error' or 'skip', got ${JSON.stringify(onBadImage)}`);
+    throw new SnellaError('CONFIG', `onBadImage must be 'error' or 'skip', got ${JSON.stringify(onBadImage)}`);
   }
   if (numClasses !== undefined && (!Number.isInteger(numClasses) || numClasses < 1)) {
-    throw new Error(`numClasses must be an integer >= 1, got ${String(numClasses)}`);
+    throw new SnellaError('CONFIG', `numClasses must be an integer >= 1, got ${String(numClasses)}`);
   }
-  if (typeof cache !== 'boolean') throw new Error(`cache must be a boolean, got ${String(cache)}`);
+  if (typeof cache !== 'boolean') throw new SnellaError('CONFIG', `cache must be a boolean, got ${String(cache)}`);
   if (!Number.isInteger(concurrency) || concurrency < 1) {
-    throw new Error(`concurrency must be an integer >= 1, got ${String(concurrency)}`);
+    throw new SnellaError('CONFIG', `concurrency must be an integer >= 1, got ${String(concurrency)}`);
   }
   const normalization = opts.normalization ?? IMAGENET_NORMALIZATION;
   validateNormalization(normalization);

@@ -11,6 +11,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Header, Pax, type HeaderData } from 'tar';
+import { SnellaError } from '../errors';
 
 /**
  * Where the bytes of a data set's files come from.
@@ -101,7 +102,7 @@ export class DirSource implements ImageSource {
     try {
       return await fs.promises.readFile(this.absolute(relPath));
     } catch (e) {
-      throw new Error(`${this.describe(relPath)}: cannot read file (${(e as Error).message})`);
+      throw new SnellaError('DATA', `${this.describe(relPath)}: cannot read file (${(e as Error).message})`);
     }
   }
 
@@ -194,7 +195,7 @@ export class TarSource implements ImageSource {
     try {
       fh = await fs.promises.open(location, 'r');
     } catch (e) {
-      throw new Error(`cannot open tar archive ${location} (${(e as Error).message})`);
+      throw new SnellaError('DATA', `cannot open tar archive ${location} (${(e as Error).message})`);
     }
     try {
       const fileSize = (await fh.stat()).size;
@@ -213,7 +214,7 @@ export class TarSource implements ImageSource {
           winStart = pos;
           win = buf.subarray(0, got);
           if (got < len) {
-            throw new Error(`tar archive ${location} is truncated (needed ${len} bytes at byte ${pos})`);
+            throw new SnellaError('DATA', `tar archive ${location} is truncated (needed ${len} bytes at byte ${pos})`);
           }
         }
         return win.subarray(pos - winStart, pos - winStart + len);
@@ -232,14 +233,14 @@ export class TarSource implements ImageSource {
           break;
         }
         if (!h.cksumValid) {
-          throw new Error(
+          throw new SnellaError('DATA', 
             `${location} is not a valid tar archive (bad header checksum at byte ${pos})`,
           );
         }
         const size = h.size ?? 0;
         const dataStart = pos + BLOCK;
         if (dataStart + size > fileSize) {
-          throw new Error(
+          throw new SnellaError('DATA', 
             `tar archive ${location} is truncated: entry "${h.path ?? '?'}" needs ${size} bytes at byte ${dataStart}, the file has ${fileSize}`,
           );
         }
@@ -277,7 +278,7 @@ export class TarSource implements ImageSource {
       }
       // Without an end marker the archive must end exactly after an entry.
       if (!ended && pos !== fileSize) {
-        throw new Error(
+        throw new SnellaError('DATA', 
           `tar archive ${location} is truncated or not a tar file: it ends at byte ${fileSize}, inside ${
             pos > fileSize ? 'the padding of its last entry' : `the header block at byte ${pos}`
           }`,
@@ -310,17 +311,17 @@ export class TarSource implements ImageSource {
   /** {@inheritDoc ImageSource.read} */
   async read(relPath: string): Promise<Buffer> {
     const ent = this.entry(relPath);
-    if (!ent) throw new Error(`${this.describe(relPath)}: no such entry in the archive`);
+    if (!ent) throw new SnellaError('DATA', `${this.describe(relPath)}: no such entry in the archive`);
     const buf = Buffer.alloc(ent.size);
     const fh = await fs.promises.open(this.location, 'r').catch((e: Error) => {
-      throw new Error(`${this.describe(relPath)}: cannot open archive (${e.message})`);
+      throw new SnellaError('DATA', `${this.describe(relPath)}: cannot open archive (${e.message})`);
     });
     try {
       let got = 0;
       while (got < ent.size) {
         const { bytesRead } = await fh.read(buf, got, ent.size - got, ent.offset + got);
         if (bytesRead === 0) {
-          throw new Error(`${this.describe(relPath)}: archive ended inside the entry (changed since it was indexed?)`);
+          throw new SnellaError('DATA', `${this.describe(relPath)}: archive ended inside the entry (changed since it was indexed?)`);
         }
         got += bytesRead;
       }

@@ -166,7 +166,8 @@ pub fn attach<B: Backend>(be: &B, vit: &mut Vit<B>, cfg: &MethodConfig) -> Resul
         if !slots.iter().any(|(n, _, _)| target_matches(t, n)) {
             let names: Vec<&str> = slots.iter().map(|s| s.0.as_str()).collect();
             let shown = if names.len() > 12 { format!("{} … {} ({} in all)", names[..6].join(", "), names[names.len() - 6..].join(", "), names.len()) } else { names.join(", ") };
-            return Err(SnellaError::Target { target: t.clone(), available: shown });
+            let hint = if t.contains("qkv") { " (the fused qkv is adapted as three targets: q, k, v)" } else { "" };
+            return Err(SnellaError::Target { target: t.clone(), available: format!("{shown}{hint}") });
         }
     }
     for (name, bi, which) in slots {
