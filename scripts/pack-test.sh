@@ -126,6 +126,10 @@ const assets = process.env.SNELLA_ASSETS;
 })().catch((e) => { console.error(e); process.exit(1); });
 '
 env PATH="$FILTERED" ./node_modules/.bin/snella --help | head -n 3
+# the demo, from the installed package (1 epoch; the model and data come from this checkout's assets/)
+env PATH="$FILTERED" ./node_modules/.bin/snella demo --device cpu --epochs 1 --out "$PWD/demo-out" \
+  --model "$ROOT/assets/models/vit_tiny_patch8_64.safetensors" --data "$ROOT/assets/flowers10-64" | grep -E "test top-1|overall|adapter written"
+test -f "$PWD/demo-out/adapter/adapter_model.safetensors"
 
 echo
 echo "PACK TEST OK"
