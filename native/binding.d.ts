@@ -40,6 +40,11 @@ export declare class NativeModel {
   allocator(): any
   /** Trainer state: `{ step, epoch }` or null. */
   progress(): any
+  /**
+   * Device memory `{ usedBytes, totalBytes }` as the CUDA driver reports it (all users of the
+   * GPU, this process's memory pool included), or null on the CPU.
+   */
+  deviceMemory(): { usedBytes: number, totalBytes: number } | null
   /** Number of trainable values. */
   trainableCount(): number
   /** Saves the adapter folder (atomic; refuses to overwrite unless asked). */

@@ -192,6 +192,21 @@ impl NativeModel {
         with(&self.inner, |a| dispatch!(a, s => Ok(s.trainer.as_ref().map(|t| serde_json::json!({ "step": t.step, "epoch": t.epoch })).unwrap_or(Value::Null))))
     }
 
+    /// Device memory `{ usedBytes, totalBytes }` as the CUDA driver reports it (all users of the
+    /// GPU, this process's memory pool included), or null on the CPU.
+    #[napi(ts_return_type = "{ usedBytes: number, totalBytes: number } | null")]
+    pub fn device_memory(&self) -> napi::Result<Value> {
+        with(&self.inner, |a| match a {
+            AnySession::Cpu(_) => Ok(Value::Null),
+            #[cfg(feature = "cuda")]
+            AnySession::Cuda(s) => {
+                s.be.gpu.sync().map_err(js_err)?;
+                let (free, total) = s.be.gpu.ctx.mem_get_info().map_err(|e| js_err(snella_cuda::device::cuda_err("cuMemGetInfo", e)))?;
+                Ok(serde_json::json!({ "usedBytes": total - free, "totalBytes": total }))
+            }
+        })
+    }
+
     /// Number of trainable values.
     #[napi]
     pub fn trainable_count(&self) -> napi::Result<u32> {
