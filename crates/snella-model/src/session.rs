@@ -259,7 +259,12 @@ impl<B: Backend> Session<B> {
         if self.method.is_none() {
             self.attach(method.clone())?;
         } else if self.method.as_ref().map(|m| m.kind) != Some(method.kind) {
-            return Err(bad("the session has another method attached"));
+            let have = self.method.as_ref().map(|m| format!("{:?}", m.kind).to_lowercase()).unwrap_or_default();
+            return Err(SnellaError::config(
+                "method",
+                have,
+                &format!("the adapter's method ({:?}), or a freshly loaded model: loadAdapter() attaches the adapter's method itself", method.kind).to_lowercase(),
+            ));
         }
         let be = self.be.clone();
         for p in self.vit.params_mut() {
