@@ -263,7 +263,10 @@ impl<B: Backend> Session<B> {
             return Err(SnellaError::config(
                 "method",
                 have,
-                &format!("the adapter's method ({:?}), or a freshly loaded model: loadAdapter() attaches the adapter's method itself", method.kind).to_lowercase(),
+                &format!(
+                    "the adapter's method ({}), or a freshly loaded model: loadAdapter() attaches the adapter's method itself",
+                    format!("{:?}", method.kind).to_lowercase()
+                ),
             ));
         }
         let be = self.be.clone();
