@@ -5,7 +5,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { decodeImage, normalizationTable, TarSource, VitModel, writeNCHW } from '../ts';
-import { readSafetensorsHeader } from '../examples/safetensors';
+import { readSafetensors } from '../ts';
 
 const ROOT = path.resolve(__dirname, '..');
 const DATA = path.join(ROOT, 'assets/flowers10-64');
@@ -76,9 +76,11 @@ test('finetune-imagefolder → merge-and-export → infer-folder on a tiny Image
   ]);
   t.log(mx.trim());
   t.regex(mx, /reloaded merged\.safetensors: max \|Δlogit\| vs the merged model/);
-  const h = readSafetensorsHeader(merged);
+  const h = readSafetensors(merged);
   t.is(Object.keys(h.tensors).length, 4 + 12 * 12 + 4);
-  t.is(h.tensors['patch_embed.proj.weight'].dtype, 'F32');
+  const raw = fs.readFileSync(merged);
+  const header = JSON.parse(raw.subarray(8, 8 + Number(raw.readBigUInt64LE(0))).toString('utf8')) as Record<string, { dtype?: string }>;
+  t.true(Object.entries(header).every(([k, v]) => k === '__metadata__' || v.dtype === 'F32'), 'every tensor stored as F32');
   t.deepEqual(h.tensors['patch_embed.proj.weight'].shape, [192, 3, 8, 8]);
   t.deepEqual(h.tensors['head.weight'].shape, [3, 192]);
   t.deepEqual(JSON.parse(h.metadata.classes), d.classes);

@@ -20,8 +20,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
-import { decodeImage, IMAGE_EXTENSIONS, ImageDecodeError, normalizationTable, VitModel, writeNCHW } from 'snella';
-import { readSafetensorsHeader } from './safetensors';
+import { decodeImage, IMAGE_EXTENSIONS, ImageDecodeError, normalizationTable, readSafetensors, VitModel, writeNCHW } from 'snella';
 
 const { values: a } = parseArgs({
   options: {
@@ -61,7 +60,7 @@ async function main(): Promise<void> {
   let names: string[] | undefined;
   if (a.classes) names = JSON.parse(fs.readFileSync(a.classes, 'utf8'));
   else {
-    const meta = readSafetensorsHeader(a.model).metadata;
+    const meta = readSafetensors(a.model).metadata;
     if (meta.classes) names = JSON.parse(meta.classes);
   }
   const files = listImages(a.images);

@@ -22,8 +22,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
-import { VitModel, type VitConfig } from 'snella';
-import { readSafetensorsHeader, writeSafetensors, type F32Tensor } from './safetensors';
+import { readSafetensors, VitModel, writeSafetensors, type F32Tensor, type VitConfig } from 'snella';
 
 const ROOT = path.resolve(__dirname, '..');
 const { values: a } = parseArgs({
@@ -130,8 +129,8 @@ async function main(): Promise<void> {
       ...(classNames ? { classes: JSON.stringify(classNames) } : {}),
     };
     fs.mkdirSync(path.dirname(path.resolve(a.out)), { recursive: true });
-    writeSafetensors(a.out, tensors, metadata);
-    const header = readSafetensorsHeader(a.out);
+    writeSafetensors(a.out, tensors, { metadata, overwrite: a.overwrite });
+    const header = readSafetensors(a.out);
     console.log(
       `wrote ${a.out}: ${Object.keys(header.tensors).length} tensors, ${values.toLocaleString('en-US')} F32 values, ` +
         `${(fs.statSync(a.out).size / 2 ** 20).toFixed(1)} MiB`,

@@ -99,3 +99,21 @@ export interface LiveObjects {
  * `[FILE]` naming the file for a missing or malformed file; `[TENSOR]` for an unsupported dtype.
  */
 export declare function readSafetensors(path: string): [Record<string, HostTensorJs>, Record<string, string>]
+
+/** One tensor to write: shape (outermost first) and f32 row-major values. */
+export interface TensorInJs {
+  /** Shape, outermost first. */
+  shape: Array<number>
+  /** Values, row-major; the length must equal the product of `shape`. */
+  data: Float32Array
+}
+
+/**
+ * Writes f32 tensors and string metadata as a safetensors file, atomically (temporary file, fsync,
+ * rename); refuses to replace an existing file unless `overwrite`.
+ *
+ * # Errors
+ * `[TENSOR]` naming a tensor whose length does not fit its shape; `[FILE]` when the file exists
+ * and `overwrite` is false, or on I/O failure.
+ */
+export declare function writeSafetensors(path: string, tensors: Record<string, TensorInJs>, metadata: Record<string, string>, overwrite: boolean): void

@@ -838,3 +838,4 @@ module.exports = nativeBinding
 module.exports.NativeModel = nativeBinding.NativeModel
 module.exports.liveObjects = nativeBinding.liveObjects
 module.exports.readSafetensors = nativeBinding.readSafetensors
+module.exports.writeSafetensors = nativeBinding.writeSafetensors

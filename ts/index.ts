@@ -21,3 +21,4 @@ export * from './data';
 export { CHECKPOINT_FILE, checkpointExists, type CheckpointInfo, type ResumePoint } from './checkpoint';
 export * from './resources';
 export * from './report';
+export * from './io';
