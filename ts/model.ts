@@ -4,7 +4,7 @@
  * @module
  */
 import type { NativeModel } from '../native/binding';
-import { native, nativeAsync, SnellaError } from './errors';
+import { fromNative, native, nativeAsync, SnellaError } from './errors';
 import { binding } from './native';
 import { loadCheckpoint, saveCheckpoint, type CheckpointInfo } from './checkpoint';
 
@@ -198,10 +198,11 @@ export class VitModel {
         const n = b.NativeModel.load(path, 'cuda', precision);
         return new VitModel(n, 'cuda', path);
       } catch (e) {
-        const msg = (e as Error).message;
-        if (!/CUDA_UNAVAILABLE|CUDA/.test(msg)) throw native(() => { throw e; });
+        // Fall back only when CUDA itself cannot work; a bad checkpoint is the user's error either way.
+        const err = fromNative(e);
+        if (!(err instanceof SnellaError) || !['CUDA_UNAVAILABLE', 'CUDA_ERROR'].includes(err.code)) throw err;
         const n = native(() => b.NativeModel.load(path, 'cpu'));
-        return new VitModel(n, 'cpu', path, msg.replace(/^\[[A-Z_]+\] /, ''));
+        return new VitModel(n, 'cpu', path, err.message);
       }
     }
     const n = native(() => b.NativeModel.load(path, device, precision));

@@ -6,7 +6,6 @@
 
 use crate::backend::Backend;
 use crate::param::Param;
-use snella_core::snella::merge::coeffs;
 use snella_core::snella::sparsify::SparsifyRule;
 use snella_core::snella::topk::kept_count;
 
@@ -120,10 +119,6 @@ impl<B: Backend> KernelAdapter<B> {
         be.merge_bwd(&self.a.value, &self.b.value, self.heads, self.n_in, self.n_out, self.rh, mix, &gh, &mut da.grad, &mut db.grad, dmix);
     }
 
-    /// The fixed kernel coefficients of this adapter (spec §1).
-    pub fn coeffs(&self) -> Vec<f64> {
-        coeffs(self.heads)
-    }
 }
 
 /// A LoRA adapter: `ΔW = downᵀ·upᵀ` (`down: [r, in]` Kaiming-uniform, `up: [out, r]` zeros), scale 1,
