@@ -23,6 +23,8 @@ pub struct Gpu {
     module: Arc<CudaModule>,
     funcs: Mutex<HashMap<&'static str, CudaFunction>>,
     peak: AtomicUsize,
+    /// The device's default memory pool (what `cuMemAllocAsync` draws from), when the device has one.
+    pool: Option<PoolHandle>,
     /// `"NVIDIA H200 (sm_90)"`-style description.
     pub description: String,
 }
@@ -41,14 +43,18 @@ impl Gpu {
     pub fn new(ordinal: usize) -> Result<Arc<Self>, SnellaError> {
         let driver = probe()?;
         let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("cannot create a CUDA context", e))?;
+        // SAFETY: every op of a Gpu runs in order on its one stream, so cudarc's per-buffer
+        // read/write events (two driver objects created and destroyed per allocation) order nothing.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        let pool = default_pool(&ctx);
         let module = ctx
             .load_module(Ptx::from_binary(FATBIN.to_vec()))
             .map_err(|e| cuda_err("cannot load snella's kernels (is the GPU sm_80 or newer?)", e))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("cannot create a cuBLAS handle", e))?;
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let (ma, mi) = ctx.compute_capability().unwrap_or((0, 0));
-        Ok(Arc::new(Gpu { ctx, stream, blas, module, funcs: Mutex::new(HashMap::new()), peak: AtomicUsize::new(0), description: format!("{name} (sm_{ma}{mi}), {driver}") }))
+        Ok(Arc::new(Gpu { ctx, stream, blas, module, funcs: Mutex::new(HashMap::new()), peak: AtomicUsize::new(0), pool, description: format!("{name} (sm_{ma}{mi}), {driver}") }))
     }
 
     /// The kernel `name` of the fatbin (cached).
@@ -68,27 +74,46 @@ impl Gpu {
     /// `CUDA_OOM` naming the bytes asked for and free.
     pub fn zeros(&self, n: usize) -> Result<CudaSlice<f32>, SnellaError> {
         let r = self.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| self.oom(n * 4, e));
-        self.note_usage();
+        if self.pool.is_none() {
+            self.note_usage();
+        }
         r
     }
 
-    /// Records the device memory in use (driver view: total − free, which includes the stream's
-    /// memory pool) into the running peak.
+    /// Records the device memory in use (driver view: total − free) into the running peak. Only
+    /// needed without a memory pool; with one, [`Gpu::peak_bytes`] reads the pool's high-water mark.
     pub fn note_usage(&self) {
         if let Ok((free, total)) = self.ctx.mem_get_info() {
             self.peak.fetch_max(total - free, Ordering::Relaxed);
         }
     }
 
-    /// The peak of [`Gpu::note_usage`] since [`Gpu::reset_peak`], in bytes.
+    /// Peak device memory since [`Gpu::reset_peak`], in bytes. With a memory pool: the memory in use
+    /// outside the pool at the reset (context, kernels, cuBLAS workspace, other allocations) plus
+    /// the pool's high-water mark of bytes handed out (`CU_MEMPOOL_ATTR_USED_MEM_HIGH`: live
+    /// tensors, not the pool's cached reserve). Without one: the largest `total − free` seen at
+    /// allocations.
     pub fn peak_bytes(&self) -> usize {
-        self.peak.load(Ordering::Relaxed)
+        match &self.pool {
+            Some(p) => self.peak.load(Ordering::Relaxed) + p.get(PoolAttr::CU_MEMPOOL_ATTR_USED_MEM_HIGH) as usize,
+            None => self.peak.load(Ordering::Relaxed),
+        }
     }
 
     /// Restarts the peak from the memory in use now.
     pub fn reset_peak(&self) {
         self.peak.store(0, Ordering::Relaxed);
-        self.note_usage();
+        match &self.pool {
+            Some(p) => {
+                let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+                let reserved = p.get(PoolAttr::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT) as usize;
+                let used = p.get(PoolAttr::CU_MEMPOOL_ATTR_USED_MEM_CURRENT) as usize;
+                p.set(PoolAttr::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0);
+                // outside the pool, plus what is live in it now (the high mark restarts from 0)
+                self.peak.store((total - free).saturating_sub(reserved) + used, Ordering::Relaxed);
+            }
+            None => self.note_usage(),
+        }
     }
 
     /// An out-of-memory error naming how much was asked for and how much is free.
@@ -107,6 +132,46 @@ impl Gpu {
     pub fn sync(&self) -> Result<(), SnellaError> {
         self.stream.synchronize().map_err(|e| cuda_err("stream synchronize", e))
     }
+}
+
+use cudarc::driver::sys::CUmemPool_attribute as PoolAttr;
+
+/// The device's default memory pool.
+struct PoolHandle(cudarc::driver::sys::CUmemoryPool);
+// SAFETY: a CUmemoryPool is a driver handle usable from any thread.
+unsafe impl Send for PoolHandle {}
+unsafe impl Sync for PoolHandle {}
+
+impl PoolHandle {
+    fn get(&self, a: PoolAttr) -> u64 {
+        let mut v: u64 = 0;
+        // SAFETY: the pool outlives the context; these attributes are 64-bit values.
+        unsafe { cudarc::driver::sys::cuMemPoolGetAttribute(self.0, a, &mut v as *mut u64 as *mut _) };
+        v
+    }
+    fn set(&self, a: PoolAttr, mut v: u64) {
+        // SAFETY: as above; these attributes take 64-bit values.
+        unsafe { cudarc::driver::sys::cuMemPoolSetAttribute(self.0, a, &mut v as *mut u64 as *mut _) };
+    }
+}
+
+/// The default memory pool of `ctx`'s device, set to keep freed memory cached across
+/// synchronisations (release threshold = max), as a caching allocator does: with the driver's
+/// default threshold of 0 every host wait hands the step's memory back and the next step maps it
+/// again. `None` when the device has no memory pools (cudarc then allocates synchronously).
+fn default_pool(ctx: &Arc<CudaContext>) -> Option<PoolHandle> {
+    if !ctx.has_async_alloc() {
+        return None;
+    }
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: the context is current-capable and cu_device is its device.
+    let r = unsafe { cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    if r != cudarc::driver::sys::cudaError_enum::CUDA_SUCCESS || pool.is_null() {
+        return None;
+    }
+    let p = PoolHandle(pool);
+    p.set(PoolAttr::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX);
+    Some(p)
 }
 
 impl Gpu {

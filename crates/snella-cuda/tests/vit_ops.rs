@@ -97,7 +97,7 @@ fn gelu_matches_cpu() {
 #[test]
 fn attention_matches_cpu() {
     let Some(gpu) = setup() else { return };
-    for &(b, t, heads, hd) in &[(2usize, 65usize, 3usize, 64usize), (1, 197, 12, 64), (3, 5, 2, 3), (2, 40, 2, 128), (1, 1, 1, 1), (2, 33, 3, 37)] {
+    for &(b, t, heads, hd) in &[(2usize, 65usize, 3usize, 64usize), (1, 197, 12, 64), (3, 5, 2, 3), (2, 40, 2, 128), (1, 1, 1, 1), (2, 33, 3, 37), (1, 9, 2, 129)] {
         let d = heads * hd;
         let qkv = rand32(b * t * 3 * d, 20 + t as u64, 1.0);
         let dout = rand32(b * t * d, 21, 1.0);
@@ -122,12 +122,6 @@ fn attention_matches_cpu() {
         attention::attention_bwd(&gpu, &gdo.slice(..), &gq.slice(..), &cp.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
         assert_eq!(down(&gpu, &gd), r1, "{tag}: backward not deterministic");
     }
-    // hd > 128 is a typed error, not a crash.
-    let (b, t, heads, hd) = (1, 2, 1, 129);
-    let q = gpu.zeros(b * t * 3 * heads * hd).unwrap();
-    let (mut o, mut p) = (gpu.zeros(b * t * heads * hd).unwrap(), gpu.zeros(b * heads * t * t).unwrap());
-    let e = attention::attention_fwd(&gpu, &q.slice(..), b, t, heads, hd, &mut o.slice_mut(..), &mut p.slice_mut(..)).unwrap_err();
-    assert!(e.to_string().contains("head_dim"), "{e}");
 }
 
 #[test]

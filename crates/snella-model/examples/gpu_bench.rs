@@ -6,7 +6,8 @@
 //!   SNELLA r=32 on q/k/v/proj/fc1/fc2 at s=0.7, at the given batch;
 //! - `methods_b8`: LoRA r=32, SNELLA and full fine-tuning at batch 8.
 //!
-//! `cargo run --release --features cuda -p snella-model --example gpu_bench -- [batch] [steps]`
+//! `cargo run --release --features cuda -p snella-model --example gpu_bench -- [batch] [steps] [profile]`
+//! (`profile`: only the per-op device-time breakdown of one SNELLA and one full step, TF32).
 
 use snella_core::snella::sparsify::SparsifyRule;
 use snella_core::snella::topk::kept_count;
@@ -122,11 +123,42 @@ fn step_bench_with(be: &CudaBackend, kind: MethodKind, batch: usize, steps: usiz
     )
 }
 
+/// Per-op device time of one training step (events around every Backend op), after 2 warm-up
+/// steps, with the step's wall time under profiling for comparison.
+fn profile_step(be: &CudaBackend, kind: MethodKind, batch: usize) -> String {
+    let mut pb = be.clone();
+    pb.enable_profile();
+    let mut s = Session { be: pb.clone(), vit: vit_b16(&pb), method: None, trainer: None, source: String::new() };
+    s.attach(MethodConfig { kind, rank: 32, heads: 2, s0: 0.7, num_classes: 100, ..MethodConfig::default() }).unwrap();
+    s.prepare(TrainConfig { epochs: 1, steps_per_epoch: 1000, batch_size: batch, warmup_epochs: 0, ..TrainConfig::default() }).unwrap();
+    let mut rng = 3u64;
+    let images = uniform(batch * 3 * 224 * 224, 1.0, &mut rng);
+    let labels: Vec<u32> = (0..batch as u32).map(|i| i % 100).collect();
+    for _ in 0..2 {
+        s.train_step(&images, &labels).unwrap();
+    }
+    pb.profile_report().unwrap();
+    let t = Instant::now();
+    s.train_step(&images, &labels).unwrap();
+    pb.gpu.sync().unwrap();
+    let wall = t.elapsed().as_secs_f64() * 1e3;
+    let ops = pb.profile_report().unwrap();
+    let total: f64 = ops.iter().map(|o| o.ms).sum();
+    let rows: Vec<String> = ops.iter().map(|o| format!("{{\"op\":\"{}\",\"ms\":{:.3},\"calls\":{}}}", o.op, o.ms, o.calls)).collect();
+    format!("{{\"method\":\"{kind:?}\",\"batch\":{batch},\"wall_ms\":{wall:.2},\"ops_ms\":{total:.2},\"ops\":[{}]}}", rows.join(","))
+}
+
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let batch: usize = a.get(1).and_then(|s| s.parse().ok()).unwrap_or(64);
     let steps: usize = a.get(2).and_then(|s| s.parse().ok()).unwrap_or(10);
     let be = CudaBackend::new(0).expect("CUDA");
+    if a.get(3).map(|s| s == "profile").unwrap_or(false) {
+        be.gpu.set_tf32(true).expect("tf32");
+        let p = [MethodKind::Snella, MethodKind::Full].iter().map(|&k| profile_step(&be, k, batch)).collect::<Vec<_>>();
+        println!("{{\"profile_tf32\":[{}]}}", p.join(","));
+        return;
+    }
     let merges: Vec<String> = [(768, 768), (768, 3072), (3072, 768), (1024, 4096)]
         .iter()
         .map(|&(i, o)| format!("{{\"shape\":[{i},{o}],\"rank\":32,\"sparsity\":0.7,\"ours_ms\":{:.3}}}", merge_ms(&be, i, o, 50)))

@@ -6,20 +6,33 @@
 //! a JS error and the process survives.
 
 use crate::backend::Backend;
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaEvent, CudaSlice};
 use snella_core::ops::adamw::AdamWParams;
 use snella_core::snella::sparsify::SparsifyRule;
 use snella_core::snella::topk::KeptSet;
 use snella_core::SnellaError;
 use snella_cuda::ops::{adamw, attention, cross_entropy, elementwise, gelu, layernorm, merge, patch, reduce, sparsify, topk};
 use snella_cuda::{gemm, Gpu};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The CUDA backend on one device.
 #[derive(Clone)]
 pub struct CudaBackend {
     /// The device.
     pub gpu: Arc<Gpu>,
+    /// Per-op device timing (benchmarks only, see [`CudaBackend::enable_profile`]).
+    prof: Option<Arc<Mutex<Vec<(&'static str, CudaEvent, CudaEvent)>>>>,
+}
+
+/// One row of [`CudaBackend::profile_report`]: an op, its summed device time (ms) and its calls.
+#[derive(Clone, Debug)]
+pub struct OpTime {
+    /// The op (Backend method; GEMMs split by operand layout).
+    pub op: &'static str,
+    /// Summed device time between the events around each call, ms.
+    pub ms: f64,
+    /// Calls.
+    pub calls: usize,
 }
 
 impl CudaBackend {
@@ -28,7 +41,46 @@ impl CudaBackend {
     /// # Errors
     /// `CUDA_UNAVAILABLE` naming the missing driver/library and the paths tried, or `CUDA_ERROR`.
     pub fn new(ordinal: usize) -> Result<Self, SnellaError> {
-        Ok(CudaBackend { gpu: Gpu::new(ordinal)? })
+        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None })
+    }
+
+    /// Starts recording a pair of device events around every op (for the benchmark's per-op
+    /// breakdown; it adds two event records per op, so time whole steps without it).
+    pub fn enable_profile(&mut self) {
+        self.prof = Some(Arc::new(Mutex::new(Vec::new())));
+    }
+
+    /// Waits for the device and returns the summed time per op since the last report (largest
+    /// first), then clears the record. Empty unless [`CudaBackend::enable_profile`] was called.
+    ///
+    /// # Errors
+    /// `CUDA_ERROR` when an event cannot be read.
+    pub fn profile_report(&self) -> Result<Vec<OpTime>, SnellaError> {
+        let Some(p) = &self.prof else { return Ok(Vec::new()) };
+        self.gpu.sync()?;
+        let evs = std::mem::take(&mut *p.lock().expect("profile"));
+        let mut acc: Vec<OpTime> = Vec::new();
+        for (op, a, b) in &evs {
+            let ms = a.elapsed_ms(b).map_err(|e| snella_cuda::device::cuda_err("event elapsed", e))? as f64;
+            match acc.iter_mut().find(|o| o.op == *op) {
+                Some(o) => { o.ms += ms; o.calls += 1; }
+                None => acc.push(OpTime { op, ms, calls: 1 }),
+            }
+        }
+        acc.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        Ok(acc)
+    }
+
+    /// Runs `f`, between two recorded events when profiling.
+    fn timed<T>(&self, op: &'static str, f: impl FnOnce() -> T) -> T {
+        let Some(p) = &self.prof else { return f() };
+        let ev = || ok("event", self.gpu.ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| snella_cuda::device::cuda_err("event", e)));
+        let (a, b) = (ev(), ev());
+        ok("event", a.record(&self.gpu.stream).map_err(|e| snella_cuda::device::cuda_err("event", e)));
+        let r = f();
+        ok("event", b.record(&self.gpu.stream).map_err(|e| snella_cuda::device::cuda_err("event", e)));
+        p.lock().expect("profile").push((op, a, b));
+        r
     }
 }
 
@@ -42,122 +94,169 @@ impl Backend for CudaBackend {
     type Kept = topk::CudaKept;
 
     fn name(&self) -> &'static str { "cuda" }
-    fn zeros(&self, n: usize) -> CudaSlice<f32> { ok("alloc", self.gpu.zeros(n)) }
+    fn zeros(&self, n: usize) -> CudaSlice<f32> { self.timed("alloc_zeros", || { ok("alloc", self.gpu.zeros(n)) }) }
     fn upload(&self, data: &[f32]) -> CudaSlice<f32> {
-        if data.is_empty() { return self.zeros(0); }
-        ok("upload", self.gpu.stream.clone_htod(data).map_err(|e| self.gpu.oom(data.len() * 4, e)))
+        self.timed("upload", || {
+            if data.is_empty() { return self.zeros(0); }
+            ok("upload", self.gpu.stream.clone_htod(data).map_err(|e| self.gpu.oom(data.len() * 4, e)))
+        })
     }
     fn download(&self, buf: &CudaSlice<f32>) -> Vec<f32> {
         ok("download", self.gpu.stream.clone_dtoh(buf).map_err(|e| snella_cuda::device::cuda_err("download", e)))
     }
     fn len(&self, buf: &CudaSlice<f32>) -> usize { buf.len() }
     fn copy(&self, src: &CudaSlice<f32>, so: usize, dst: &mut CudaSlice<f32>, d: usize, n: usize) {
-        if n == 0 { return; }
-        let s = src.slice(so..so + n);
-        let mut t = dst.slice_mut(d..d + n);
-        ok("copy", self.gpu.stream.memcpy_dtod(&s, &mut t).map_err(|e| snella_cuda::device::cuda_err("copy", e)));
+        self.timed("copy", || {
+            if n == 0 { return; }
+            let s = src.slice(so..so + n);
+            let mut t = dst.slice_mut(d..d + n);
+            ok("copy", self.gpu.stream.memcpy_dtod(&s, &mut t).map_err(|e| snella_cuda::device::cuda_err("copy", e)));
+        })
     }
     fn fill_zero(&self, buf: &mut CudaSlice<f32>) {
-        ok("fill_zero", self.gpu.stream.memset_zeros(buf).map_err(|e| snella_cuda::device::cuda_err("memset", e)));
+        self.timed("fill_zero", || {
+            ok("fill_zero", self.gpu.stream.memset_zeros(buf).map_err(|e| snella_cuda::device::cuda_err("memset", e)));
+        })
     }
     fn gemm(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32, a: &CudaSlice<f32>, ao: usize, b: &CudaSlice<f32>, bo: usize, beta: f32, c: &mut CudaSlice<f32>, co: usize) {
         let (av, bv) = (a.slice(ao..), b.slice(bo..));
         let mut cv = c.slice_mut(co..);
-        ok("gemm", gemm::gemm(&self.gpu, ta, tb, m, n, k, alpha, &av, &bv, beta, &mut cv));
+        let name = match (ta, tb) { (false, true) => "gemm_nt (fwd)", (false, false) => "gemm_nn (dgrad)", (true, false) => "gemm_tn (wgrad)", _ => "gemm_tt" };
+        self.timed(name, || ok("gemm", gemm::gemm(&self.gpu, ta, tb, m, n, k, alpha, &av, &bv, beta, &mut cv)));
     }
     fn add_assign(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) {
-        let n = y.len();
-        ok("add_assign", elementwise::add_assign(&self.gpu, &mut y.slice_mut(..), &x.slice(..), n));
+        self.timed("add_assign", || {
+            let n = y.len();
+            ok("add_assign", elementwise::add_assign(&self.gpu, &mut y.slice_mut(..), &x.slice(..), n));
+        })
     }
     fn add_bias(&self, y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, rows: usize, cols: usize) {
-        ok("add_bias", elementwise::add_bias(&self.gpu, &mut y.slice_mut(..), &bias.slice(..), rows, cols));
+        self.timed("add_bias", || {
+            ok("add_bias", elementwise::add_bias(&self.gpu, &mut y.slice_mut(..), &bias.slice(..), rows, cols));
+        })
     }
     fn bias_grad(&self, dy: &CudaSlice<f32>, rows: usize, cols: usize, db: &mut CudaSlice<f32>, acc: bool) {
-        ok("bias_grad", reduce::bias_grad(&self.gpu, &dy.slice(..), rows, cols, &mut db.slice_mut(..), acc));
+        self.timed("bias_grad", || {
+            ok("bias_grad", reduce::bias_grad(&self.gpu, &dy.slice(..), rows, cols, &mut db.slice_mut(..), acc));
+        })
     }
     fn transpose(&self, src: &CudaSlice<f32>, so: usize, rows: usize, cols: usize, dst: &mut CudaSlice<f32>, d: usize, acc: bool) {
-        let s = src.slice(so..so + rows * cols);
-        let mut t = dst.slice_mut(d..d + rows * cols);
-        ok("transpose", elementwise::transpose(&self.gpu, &s, rows, cols, &mut t, acc));
+        self.timed("transpose", || {
+            let s = src.slice(so..so + rows * cols);
+            let mut t = dst.slice_mut(d..d + rows * cols);
+            ok("transpose", elementwise::transpose(&self.gpu, &s, rows, cols, &mut t, acc));
+        })
     }
     fn layernorm_fwd(&self, x: &CudaSlice<f32>, g: &CudaSlice<f32>, b: &CudaSlice<f32>, rows: usize, d: usize, eps: f32, y: &mut CudaSlice<f32>, mean: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>) {
-        ok("layernorm_fwd", layernorm::layernorm_fwd(&self.gpu, &x.slice(..), &g.slice(..), &b.slice(..), rows, d, eps, &mut y.slice_mut(..), &mut mean.slice_mut(..), &mut rstd.slice_mut(..)));
+        self.timed("layernorm_fwd", || {
+            ok("layernorm_fwd", layernorm::layernorm_fwd(&self.gpu, &x.slice(..), &g.slice(..), &b.slice(..), rows, d, eps, &mut y.slice_mut(..), &mut mean.slice_mut(..), &mut rstd.slice_mut(..)));
+        })
     }
     fn layernorm_bwd(&self, dy: &CudaSlice<f32>, x: &CudaSlice<f32>, g: &CudaSlice<f32>, mean: &CudaSlice<f32>, rstd: &CudaSlice<f32>, rows: usize, d: usize, dx: &mut CudaSlice<f32>, dg: Option<&mut CudaSlice<f32>>, db: Option<&mut CudaSlice<f32>>) {
-        let mut dgv = dg.map(|v| v.slice_mut(..));
-        let mut dbv = db.map(|v| v.slice_mut(..));
-        ok("layernorm_bwd", layernorm::layernorm_bwd(&self.gpu, &dy.slice(..), &x.slice(..), &g.slice(..), &mean.slice(..), &rstd.slice(..), rows, d, &mut dx.slice_mut(..), dgv.as_mut(), dbv.as_mut()));
+        self.timed("layernorm_bwd", || {
+            let mut dgv = dg.map(|v| v.slice_mut(..));
+            let mut dbv = db.map(|v| v.slice_mut(..));
+            ok("layernorm_bwd", layernorm::layernorm_bwd(&self.gpu, &dy.slice(..), &x.slice(..), &g.slice(..), &mean.slice(..), &rstd.slice(..), rows, d, &mut dx.slice_mut(..), dgv.as_mut(), dbv.as_mut()));
+        })
     }
     fn gelu_fwd(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
-        ok("gelu_fwd", gelu::gelu_fwd(&self.gpu, &x.slice(..), &mut y.slice_mut(..)));
+        self.timed("gelu_fwd", || {
+            ok("gelu_fwd", gelu::gelu_fwd(&self.gpu, &x.slice(..), &mut y.slice_mut(..)));
+        })
     }
     fn gelu_bwd(&self, x: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) {
-        ok("gelu_bwd", gelu::gelu_bwd(&self.gpu, &x.slice(..), &dy.slice(..), &mut dx.slice_mut(..)));
+        self.timed("gelu_bwd", || {
+            ok("gelu_bwd", gelu::gelu_bwd(&self.gpu, &x.slice(..), &dy.slice(..), &mut dx.slice_mut(..)));
+        })
     }
     fn attention_fwd(&self, qkv: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, out: &mut CudaSlice<f32>, probs: &mut CudaSlice<f32>) {
-        ok("attention_fwd", attention::attention_fwd(&self.gpu, &qkv.slice(..), b, t, h, hd, &mut out.slice_mut(..), &mut probs.slice_mut(..)));
+        self.timed("attention_fwd", || {
+            ok("attention_fwd", attention::attention_fwd(&self.gpu, &qkv.slice(..), b, t, h, hd, &mut out.slice_mut(..), &mut probs.slice_mut(..)));
+        })
     }
     fn attention_bwd(&self, dout: &CudaSlice<f32>, qkv: &CudaSlice<f32>, probs: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: &mut CudaSlice<f32>) {
-        ok("attention_bwd", attention::attention_bwd(&self.gpu, &dout.slice(..), &qkv.slice(..), &probs.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..)));
+        self.timed("attention_bwd", || {
+            ok("attention_bwd", attention::attention_bwd(&self.gpu, &dout.slice(..), &qkv.slice(..), &probs.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..)));
+        })
     }
     fn cross_entropy(&self, logits: &CudaSlice<f32>, labels: &[u32], b: usize, c: usize, dl: &mut CudaSlice<f32>) -> (f32, usize) {
-        let lab = ok("labels", self.gpu.stream.clone_htod(labels).map_err(|e| self.gpu.oom(labels.len() * 4, e)));
-        let mut stats = self.zeros(2);
-        ok("cross_entropy", cross_entropy::cross_entropy(&self.gpu, &logits.slice(..), &lab.slice(..), b, c, &mut dl.slice_mut(..), &mut stats.slice_mut(..)));
-        let s = self.download(&stats);
-        (s[0], s[1] as usize)
+        self.timed("cross_entropy", || {
+            let lab = ok("labels", self.gpu.stream.clone_htod(labels).map_err(|e| self.gpu.oom(labels.len() * 4, e)));
+            let mut stats = self.zeros(2);
+            ok("cross_entropy", cross_entropy::cross_entropy(&self.gpu, &logits.slice(..), &lab.slice(..), b, c, &mut dl.slice_mut(..), &mut stats.slice_mut(..)));
+            let s = self.download(&stats);
+            (s[0], s[1] as usize)
+        })
     }
     fn im2col(&self, images: &CudaSlice<f32>, b: usize, ch: usize, h: usize, w: usize, p: usize, cols: &mut CudaSlice<f32>) {
-        ok("im2col", patch::im2col(&self.gpu, &images.slice(..), b, ch, h, w, p, &mut cols.slice_mut(..)));
+        self.timed("im2col", || {
+            ok("im2col", patch::im2col(&self.gpu, &images.slice(..), b, ch, h, w, p, &mut cols.slice_mut(..)));
+        })
     }
     fn adamw(&self, param: &mut CudaSlice<f32>, grad: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>, h: &AdamWParams) {
-        ok("adamw", adamw::adamw_step(&self.gpu, &mut param.slice_mut(..), &grad.slice(..), &mut m.slice_mut(..), &mut v.slice_mut(..), h));
+        self.timed("adamw", || {
+            ok("adamw", adamw::adamw_step(&self.gpu, &mut param.slice_mut(..), &grad.slice(..), &mut m.slice_mut(..), &mut v.slice_mut(..), h));
+        })
     }
     fn merge_fwd(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&CudaSlice<f32>>, m: &mut CudaSlice<f32>) {
-        let mv = mix.map(|x| x.slice(..));
-        ok("merge_fwd", merge::merge_fwd(&self.gpu, &a.slice(..), &b.slice(..), heads, n_in, n_out, rh, mv.as_ref(), &mut m.slice_mut(..)));
+        self.timed("merge_fwd", || {
+            let mv = mix.map(|x| x.slice(..));
+            ok("merge_fwd", merge::merge_fwd(&self.gpu, &a.slice(..), &b.slice(..), heads, n_in, n_out, rh, mv.as_ref(), &mut m.slice_mut(..)));
+        })
     }
     fn merge_bwd(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&CudaSlice<f32>>, dm: &CudaSlice<f32>, da: &mut CudaSlice<f32>, db: &mut CudaSlice<f32>, dmix: Option<&mut CudaSlice<f32>>) {
-        let mv = mix.map(|x| x.slice(..));
-        let mut dmv = dmix.map(|x| x.slice_mut(..));
-        ok("merge_bwd", merge::merge_bwd(&self.gpu, &a.slice(..), &b.slice(..), heads, n_in, n_out, rh, mv.as_ref(), &dm.slice(..), &mut da.slice_mut(..), &mut db.slice_mut(..), dmv.as_mut()));
+        self.timed("merge_bwd", || {
+            let mv = mix.map(|x| x.slice(..));
+            let mut dmv = dmix.map(|x| x.slice_mut(..));
+            ok("merge_bwd", merge::merge_bwd(&self.gpu, &a.slice(..), &b.slice(..), heads, n_in, n_out, rh, mv.as_ref(), &dm.slice(..), &mut da.slice_mut(..), &mut db.slice_mut(..), dmv.as_mut()));
+        })
     }
     fn select_topk(&self, m: &CudaSlice<f32>, k: usize) -> topk::CudaKept {
-        ok("select_topk", topk::select_topk(&self.gpu, &m.slice(..), m.len(), k))
+        self.timed("select_topk", || {
+            ok("select_topk", topk::select_topk(&self.gpu, &m.slice(..), m.len(), k))
+        })
     }
     fn kept_set(&self, kept: &topk::CudaKept) -> KeptSet {
         ok("kept_set", topk::kept_to_host(&self.gpu, kept))
     }
     fn sparsify_fwd(&self, m: &CudaSlice<f32>, set: &topk::CudaKept, rule: SparsifyRule, dw: &mut CudaSlice<f32>) {
-        ok("sparsify_fwd", sparsify::sparsify_fwd(&self.gpu, &m.slice(..), set, rule, &mut dw.slice_mut(..)));
+        self.timed("sparsify_fwd", || {
+            ok("sparsify_fwd", sparsify::sparsify_fwd(&self.gpu, &m.slice(..), set, rule, &mut dw.slice_mut(..)));
+        })
     }
     fn sparsify_bwd(&self, m: &CudaSlice<f32>, set: &topk::CudaKept, rule: SparsifyRule, g: &CudaSlice<f32>, dm: &mut CudaSlice<f32>) {
-        ok("sparsify_bwd", sparsify::sparsify_bwd(&self.gpu, &m.slice(..), set, rule, &g.slice(..), &mut dm.slice_mut(..)));
+        self.timed("sparsify_bwd", || {
+            ok("sparsify_bwd", sparsify::sparsify_bwd(&self.gpu, &m.slice(..), set, rule, &g.slice(..), &mut dm.slice_mut(..)));
+        })
     }
     fn first_non_finite(&self, xs: &[&CudaSlice<f32>]) -> Option<usize> {
-        let mut flags = ok("alloc", self.gpu.stream.alloc_zeros::<u32>(xs.len().max(1)).map_err(|e| self.gpu.oom(4 * xs.len(), e)));
-        for (i, x) in xs.iter().enumerate() {
-            ok("all_finite", reduce::all_finite(&self.gpu, &x.slice(..), &mut flags.slice_mut(i..i + 1)));
-        }
-        let v = ok("all_finite", self.gpu.stream.clone_dtoh(&flags).map_err(|e| snella_cuda::device::cuda_err("download", e)));
-        v.iter().take(xs.len()).position(|&f| f != 0)
+        self.timed("first_non_finite", || {
+            let mut flags = ok("alloc", self.gpu.stream.alloc_zeros::<u32>(xs.len().max(1)).map_err(|e| self.gpu.oom(4 * xs.len(), e)));
+            for (i, x) in xs.iter().enumerate() {
+                ok("all_finite", reduce::all_finite(&self.gpu, &x.slice(..), &mut flags.slice_mut(i..i + 1)));
+            }
+            let v = ok("all_finite", self.gpu.stream.clone_dtoh(&flags).map_err(|e| snella_cuda::device::cuda_err("download", e)));
+            v.iter().take(xs.len()).position(|&f| f != 0)
+        })
     }
     fn download_many(&self, xs: &[&CudaSlice<f32>]) -> Vec<Vec<f32>> {
-        let total: usize = xs.iter().map(|x| x.len()).sum();
-        let mut packed = self.zeros(total);
-        let mut off = 0;
-        for x in xs {
-            self.copy(x, 0, &mut packed, off, x.len());
-            off += x.len();
-        }
-        let all = self.download(&packed);
-        let mut out = Vec::with_capacity(xs.len());
-        let mut off = 0;
-        for x in xs {
-            out.push(all[off..off + x.len()].to_vec());
-            off += x.len();
-        }
-        out
+        self.timed("download_many", || {
+            let total: usize = xs.iter().map(|x| x.len()).sum();
+            let mut packed = self.zeros(total);
+            let mut off = 0;
+            for x in xs {
+                self.copy(x, 0, &mut packed, off, x.len());
+                off += x.len();
+            }
+            let all = self.download(&packed);
+            let mut out = Vec::with_capacity(xs.len());
+            let mut off = 0;
+            for x in xs {
+                out.push(all[off..off + x.len()].to_vec());
+                off += x.len();
+            }
+            out
+        })
     }
     fn all_finite(&self, x: &CudaSlice<f32>) -> bool {
         let mut flag = ok("alloc", self.gpu.stream.alloc_zeros::<u32>(1).map_err(|e| self.gpu.oom(4, e)));
