@@ -64,6 +64,19 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn attention_bwd(&self, dout: &Self::Buf, qkv: &Self::Buf, probs: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, dqkv: &mut Self::Buf);
     /// Mean softmax cross-entropy; returns `(loss, correct)` and writes `dlogits`.
     fn cross_entropy(&self, logits: &Self::Buf, labels: &[u32], b: usize, c: usize, dlogits: &mut Self::Buf) -> (f32, usize);
+    /// Softmax cross-entropy of `b` rows with an explicit normaliser `norm` (the global batch size
+    /// when a batch is split into micro-batches or data-parallel shards): writes
+    /// `dlogits = (softmax − onehot)/norm` and returns `(Σ loss over the b rows in f64, correct)`,
+    /// as `snella_core::ops::cross_entropy::cross_entropy_sum`. The default runs it on the host
+    /// (one download of the `b×c` logits, one upload of `dlogits`); a backend may override it.
+    fn cross_entropy_sum(&self, logits: &Self::Buf, labels: &[u32], b: usize, c: usize, norm: usize, dlogits: &mut Self::Buf) -> (f64, usize) {
+        let host = self.download(logits);
+        let mut d = vec![0f32; b * c];
+        let r = snella_core::ops::cross_entropy::cross_entropy_sum(&host, labels, b, c, norm, &mut d);
+        let up = self.upload(&d);
+        self.copy(&up, 0, dlogits, 0, b * c);
+        r
+    }
     /// Patch unfolding of NCHW images.
     fn im2col(&self, images: &Self::Buf, b: usize, ch: usize, h: usize, w: usize, p: usize, cols: &mut Self::Buf);
     /// One AdamW update in place.
@@ -87,6 +100,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn first_non_finite(&self, xs: &[&Self::Buf]) -> Option<usize> {
         xs.iter().position(|x| !self.all_finite(x))
     }
+    /// The allocator's per-element EMA update (spec §5) for one parameter `p` and its gradient `g`
+    /// (same length): `Ī`, `Ū` in place, as `snella_core::snella::importance::importance_update`
+    /// (bit-identical on every backend), adding the count of non-finite `|p ⊙ g|` to `bad[slot]`.
+    fn importance_update(&self, p: &Self::Buf, g: &Self::Buf, ibar: &mut Self::Buf, ubar: &mut Self::Buf, beta1: f32, beta2: f32, bad: &mut Self::Buf, slot: usize);
     /// Host copies of several buffers (one host wait on CUDA).
     fn download_many(&self, xs: &[&Self::Buf]) -> Vec<Vec<f32>> {
         xs.iter().map(|x| self.download(x)).collect()

@@ -67,8 +67,14 @@ impl Backend for CpuBackend {
     fn cross_entropy(&self, logits: &Vec<f32>, labels: &[u32], b: usize, c: usize, dl: &mut Vec<f32>) -> (f32, usize) {
         cross_entropy::cross_entropy(logits, labels, b, c, dl)
     }
+    fn cross_entropy_sum(&self, logits: &Vec<f32>, labels: &[u32], b: usize, c: usize, norm: usize, dl: &mut Vec<f32>) -> (f64, usize) {
+        cross_entropy::cross_entropy_sum(logits, labels, b, c, norm, dl)
+    }
     fn im2col(&self, images: &Vec<f32>, b: usize, ch: usize, h: usize, w: usize, p: usize, cols: &mut Vec<f32>) {
         patch::im2col(images, b, ch, h, w, p, cols)
+    }
+    fn importance_update(&self, p: &Vec<f32>, g: &Vec<f32>, ibar: &mut Vec<f32>, ubar: &mut Vec<f32>, beta1: f32, beta2: f32, bad: &mut Vec<f32>, slot: usize) {
+        bad[slot] += snella_core::snella::importance::importance_update(p, g, ibar, ubar, beta1, beta2) as f32;
     }
     fn adamw(&self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, h: &adamw::AdamWParams) {
         adamw::adamw_step(param, grad, m, v, h)

@@ -5,8 +5,10 @@ pub mod adapter;
 pub mod allocator;
 pub mod backend;
 pub mod checkpoint;
+pub mod comm;
 pub mod config;
 pub mod cpu;
+pub mod dp;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod linear;

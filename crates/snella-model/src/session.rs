@@ -81,6 +81,7 @@ impl<B: Backend> Session<B> {
             return Err(SnellaError::config("method", "none", "attach a method before training"));
         }
         self.trainer = Some(Trainer::new(&mut self.vit, cfg)?);
+        Trainer::drop_device_importance(&mut self.vit);
         Ok(())
     }
 
@@ -90,7 +91,7 @@ impl<B: Backend> Session<B> {
     /// When not prepared.
     pub fn begin_epoch(&mut self, t: usize) -> Result<()> {
         let tr = self.trainer.as_mut().ok_or_else(|| SnellaError::config("trainer", "none", "call prepare() before training"))?;
-        tr.begin_epoch(&mut self.vit, t);
+        tr.begin_epoch(&self.be, &mut self.vit, t);
         Ok(())
     }
 
@@ -108,14 +109,25 @@ impl<B: Backend> Session<B> {
     /// # Errors
     /// Shape errors, labels out of range, a merged model, non-finite values (see [`Trainer::step`]).
     pub fn train_step(&mut self, images: &[f32], labels: &[u32]) -> Result<StepStats> {
+        self.check_batch(images, labels)?;
+        let Session { be, vit, trainer, .. } = self;
+        let tr = trainer.as_mut().ok_or_else(|| SnellaError::config("trainer", "none", "call prepare() before training"))?;
+        tr.step(be, vit, images, labels)
+    }
+
+    /// Checks a training batch before any work: `images` holds `labels.len() ≥ 1` images of the
+    /// model's size, every label is below the class count, and the model is not merged.
+    ///
+    /// # Errors
+    /// [`SnellaError::Tensor`] for the shape or a label out of range; [`SnellaError::Config`] for an
+    /// empty batch or a merged model.
+    pub fn check_batch(&self, images: &[f32], labels: &[u32]) -> Result<()> {
         self.check_images(images, labels.len())?;
         self.check_labels(labels)?;
         if self.vit.linears().iter().any(|l| l.original.is_some()) {
             return Err(SnellaError::config("merged", "true", "unmerge() before training"));
         }
-        let Session { be, vit, trainer, .. } = self;
-        let tr = trainer.as_mut().ok_or_else(|| SnellaError::config("trainer", "none", "call prepare() before training"))?;
-        tr.step(be, vit, images, labels)
+        Ok(())
     }
 
     fn check_labels(&self, labels: &[u32]) -> Result<()> {
@@ -154,8 +166,17 @@ impl<B: Backend> Session<B> {
         Ok((loss as f64 * b as f64, correct))
     }
 
+    /// The allocator's current statistics on the host (they are updated on the backend during
+    /// training; see [`Trainer::pull_importance`]).
+    pub fn pull_importance(&mut self) {
+        if let Some(t) = self.trainer.as_mut() {
+            t.pull_importance(&self.be, &self.vit);
+        }
+    }
+
     /// The per-layer report of kept entries and allocator scores.
-    pub fn report(&self) -> Vec<LayerReport> {
+    pub fn report(&mut self) -> Vec<LayerReport> {
+        self.pull_importance();
         let scores = self.trainer.as_ref().and_then(|t| t.allocator.as_ref()).map(|a| a.scores());
         kernel_adapters(&self.vit)
             .iter()
@@ -215,6 +236,7 @@ impl<B: Backend> Session<B> {
                 tensors.insert(p.name.clone(), HostTensor::new(p.shape.clone(), be.download(&p.value)));
             }
         }
+        self.pull_importance();
         let trainer = self.trainer.clone();
         if let Some(a) = trainer.as_ref().and_then(|t| t.allocator.as_ref()) {
             for (name, t) in a.state_tensors() {
@@ -285,6 +307,7 @@ impl<B: Backend> Session<B> {
             if let Some(a) = t.allocator.as_mut() {
                 a.load_state_tensors(&mut f)?;
             }
+            Trainer::drop_device_importance(&mut self.vit);
             self.trainer = Some(t);
         }
         Ok(())

@@ -35,6 +35,19 @@ pub struct TrainConfig {
     /// checkpointing, [`crate::vit::Vit::recompute`]): less memory for larger batches, ~1/3 more compute.
     #[serde(default)]
     pub recompute: bool,
+    /// Gradient accumulation: each step runs its batch as this many micro-batches (contiguous
+    /// slices whose sizes differ by at most one, [`crate::comm::shard_range`]), one forward and
+    /// backward pass each, and adds their gradients in order before the one AdamW update. The loss
+    /// of every micro-batch is normalised by the whole batch size, so the update is that of the whole
+    /// batch (up to f32 summation order) with the activation memory of one micro-batch. `1` (the
+    /// default) is the plain step. With `M` micro-batches the result equals `M` data-parallel CPU
+    /// ranks ([`crate::dp`]) bit for bit.
+    #[serde(default = "one")]
+    pub micro_batches: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for TrainConfig {
@@ -51,6 +64,7 @@ impl Default for TrainConfig {
             eps: 1e-8,
             allocator: AllocatorConfig::default(),
             recompute: false,
+            micro_batches: 1,
         }
     }
 }
@@ -66,6 +80,9 @@ impl TrainConfig {
         }
         if self.batch_size == 0 {
             return Err(SnellaError::config("batchSize", self.batch_size, "an integer ≥ 1"));
+        }
+        if self.micro_batches == 0 || self.micro_batches > self.batch_size {
+            return Err(SnellaError::config("microBatches", self.micro_batches, &format!("an integer in [1, batchSize = {}]", self.batch_size)));
         }
         if self.steps_per_epoch == 0 {
             return Err(SnellaError::config("stepsPerEpoch", self.steps_per_epoch, "an integer ≥ 1 (is the training set empty?)"));
@@ -157,6 +174,35 @@ impl Trainer {
         Ok(Trainer { cfg, step: 0, epoch: 0, allocator })
     }
 
+    /// Copies the allocator's EMAs from the backend (where [`Trainer::step`] updates them) into the
+    /// allocator's host state, so scores, reports and checkpoints read the current values. One
+    /// download of every layer's `Ī`, `Ū` (a host wait on CUDA); a no-op before the first step.
+    pub fn pull_importance<B: Backend>(&mut self, be: &B, vit: &Vit<B>) {
+        let Some(a) = self.allocator.as_mut() else { return };
+        let ks = kernel_adapters(vit);
+        let bufs: Vec<&B::Buf> = ks.iter().filter_map(|k| k.ema.as_ref()).flat_map(|e| e.iter()).collect();
+        if bufs.is_empty() {
+            return;
+        }
+        let host = be.download_many(&bufs);
+        let mut it = host.into_iter();
+        for (l, k) in ks.iter().enumerate() {
+            if k.ema.is_some() {
+                for dst in a.ema_mut(l) {
+                    *dst = it.next().expect("four EMA buffers per layer");
+                }
+            }
+        }
+    }
+
+    /// Forgets the backend copies of the allocator's EMAs (after the allocator state was replaced,
+    /// e.g. by a resumed checkpoint); the next step uploads the allocator's host state again.
+    pub fn drop_device_importance<B: Backend>(vit: &mut Vit<B>) {
+        for k in kernel_adapters_mut(vit) {
+            k.ema = None;
+        }
+    }
+
     /// Total optimizer steps of the run.
     pub fn total_steps(&self) -> u64 {
         (self.cfg.epochs * self.cfg.steps_per_epoch) as u64
@@ -176,8 +222,9 @@ impl Trainer {
     }
 
     /// Starts epoch `t`: the allocator re-decides per-layer sparsities (spec §5).
-    pub fn begin_epoch<B: Backend>(&mut self, vit: &mut Vit<B>, t: usize) {
+    pub fn begin_epoch<B: Backend>(&mut self, be: &B, vit: &mut Vit<B>, t: usize) {
         self.epoch = t;
+        self.pull_importance(be, vit);
         if let Some(a) = self.allocator.as_mut() {
             let s = a.begin_round(t).to_vec();
             for (k, s) in kernel_adapters_mut(vit).into_iter().zip(s) {
@@ -186,7 +233,9 @@ impl Trainer {
         }
     }
 
-    /// One training step on `images: [b, C, H, W]` (normalised, NCHW) and `labels: [b]`.
+    /// One training step on `images: [b, C, H, W]` (normalised, NCHW) and `labels: [b]`: with
+    /// [`TrainConfig::micro_batches`] `= M > 1`, `M` forward/backward passes over contiguous slices
+    /// whose gradients are added in order, then one update.
     ///
     /// # Errors
     /// [`SnellaError::NonFinite`] naming the loss or the first trainable tensor whose gradient is
@@ -199,16 +248,83 @@ impl Trainer {
     /// [`Session::save_checkpoint`]: crate::session::Session::save_checkpoint
     pub fn step<B: Backend>(&mut self, be: &B, vit: &mut Vit<B>, images: &[f32], labels: &[u32]) -> Result<StepStats> {
         let b = labels.len();
+        let per = if b == 0 { 0 } else { images.len() / b };
+        let m = self.cfg.micro_batches.max(1);
+        let (mut loss_sum, mut correct) = (0f64, 0usize);
+        // From the second micro-batch on, the running sum waits in `spare` while backward writes
+        // the micro-batch's gradients, then is added to them: `(g₀ + g₁) + g₂ …`, the order in
+        // which the CPU communicators reduce the shards of data-parallel ranks.
+        let mut spare: Vec<B::Buf> = Vec::new();
+        for i in 0..m {
+            let r = crate::comm::shard_range(b, m, i);
+            if i > 0 {
+                let mut grads = trained_grads_mut(vit);
+                if spare.is_empty() {
+                    spare = grads.iter().map(|g| be.zeros(be.len(g))).collect();
+                }
+                for (g, s) in grads.iter_mut().zip(spare.iter_mut()) {
+                    std::mem::swap(*g, s);
+                }
+            }
+            let (l, c) = if r.is_empty() {
+                zero_grads(be, vit);
+                (0.0, 0)
+            } else {
+                self.forward_backward(be, vit, &images[r.start * per..r.end * per], &labels[r.clone()], b)
+            };
+            if !l.is_finite() {
+                return Err(SnellaError::NonFinite { tensor: "loss".into(), step: self.step + 1 });
+            }
+            loss_sum += l;
+            correct += c;
+            if i > 0 {
+                for (g, s) in trained_grads_mut(vit).into_iter().zip(&spare) {
+                    be.add_assign(g, s);
+                }
+            }
+        }
+        self.apply(be, vit, loss_sum, correct, b)
+    }
+
+    /// Forward and backward of one micro-batch (or data-parallel shard) `images: [b, C, H, W]`,
+    /// `labels: [b]` (`b ≥ 1`), with the cross-entropy normalised by `norm` (the whole batch's
+    /// size): leaves `∂(Σ loss / norm)/∂p` of this slice in every trainable parameter's gradient
+    /// and returns `(Σ loss over the slice in f64, correct top-1)`. When the loss is not finite the
+    /// backward pass is skipped (the gradients are then stale; the caller stops the step).
+    pub fn forward_backward<B: Backend>(&self, be: &B, vit: &mut Vit<B>, images: &[f32], labels: &[u32], norm: usize) -> (f64, usize) {
+        let b = labels.len();
         vit.recompute = self.cfg.recompute;
         let x = be.upload(images);
         let (logits, cache) = vit.forward(be, &x, b, true);
-        let mut dlogits = be.zeros(b * vit.head.n_out);
-        let (loss, correct) = be.cross_entropy(&logits, labels, b, vit.head.n_out, &mut dlogits);
+        let c = vit.head.n_out;
+        let mut dlogits = be.zeros(b * c);
+        let (sum, correct) = if norm == b {
+            // The whole batch at once: the backend's fused op, as a plain step always did.
+            let (l, k) = be.cross_entropy(&logits, labels, b, c, &mut dlogits);
+            (l as f64 * b as f64, k)
+        } else {
+            be.cross_entropy_sum(&logits, labels, b, c, norm, &mut dlogits)
+        };
+        if sum.is_finite() {
+            vit.backward(be, cache.expect("train cache"), &dlogits);
+        }
+        (sum, correct)
+    }
+
+    /// The end of a step, once the gradients of the whole batch are in place (summed over
+    /// micro-batches or all-reduced over ranks): checks the loss and the gradients, feeds the
+    /// allocator's importance statistics (spec §5) from those gradients, takes the AdamW step and
+    /// checks the updated parameters. `loss_sum` is the cross-entropy summed over the `batch`
+    /// images, `correct` their correct top-1 count.
+    ///
+    /// # Errors
+    /// As [`Trainer::step`].
+    pub fn apply<B: Backend>(&mut self, be: &B, vit: &mut Vit<B>, loss_sum: f64, correct: usize, batch: usize) -> Result<StepStats> {
         let step = self.step + 1;
+        let loss = (loss_sum / batch.max(1) as f64) as f32;
         if !loss.is_finite() {
             return Err(SnellaError::NonFinite { tensor: "loss".into(), step });
         }
-        vit.backward(be, cache.expect("train cache"), &dlogits);
         {
             let params = vit.params_mut();
             let trained: Vec<&crate::param::Param<B>> = params.iter().filter(|p| p.train.is_some()).map(|p| &**p).collect();
@@ -218,15 +334,7 @@ impl Trainer {
             }
         }
         if let Some(a) = self.allocator.as_mut() {
-            let ks = kernel_adapters(vit);
-            let mut bufs: Vec<&B::Buf> = Vec::with_capacity(ks.len() * 4);
-            for k in &ks {
-                bufs.extend([&k.a.value, &k.a.train.as_ref().expect("A trainable").grad, &k.b.value, &k.b.train.as_ref().expect("B trainable").grad]);
-            }
-            let host = be.download_many(&bufs);
-            for (l, c) in host.chunks(4).enumerate() {
-                a.observe(step, l, &c[0], &c[1], &c[2], &c[3]);
-            }
+            update_importance(be, vit, a, step);
         }
         let lr = self.lr_at(self.step);
         let (b1, b2, eps, wd) = (self.cfg.beta1, self.cfg.beta2, self.cfg.eps, self.cfg.weight_decay);
@@ -244,6 +352,40 @@ impl Trainer {
         if let Some(i) = be.first_non_finite(&values) {
             return Err(SnellaError::NonFinite { tensor: format!("{} (after the update)", trained[i].name), step });
         }
-        Ok(StepStats { step, loss, correct, batch: b, lr })
+        Ok(StepStats { step, loss, correct, batch, lr })
+    }
+}
+
+/// The gradient buffers of every trainable parameter, in [`Vit::params_mut`] order (the order in
+/// which data-parallel ranks all-reduce them).
+pub fn trained_grads_mut<B: Backend>(vit: &mut Vit<B>) -> Vec<&mut B::Buf> {
+    vit.params_mut().into_iter().filter_map(|p| p.train.as_mut().map(|t| &mut t.grad)).collect()
+}
+
+/// Sets every trainable gradient to zero (a micro-batch or shard with no images contributes 0).
+pub fn zero_grads<B: Backend>(be: &B, vit: &mut Vit<B>) {
+    for g in trained_grads_mut(vit) {
+        be.fill_zero(g);
+    }
+}
+
+/// The allocator's importance statistics after a backward (spec §5), on the backend: each kernel
+/// adapter's `Ī`, `Ū` of `A` and `B` are updated where the parameters and gradients live (uploaded
+/// from the allocator's host state the first time). Only the non-finite counts (two per layer)
+/// come back to the host, recorded as allocator events at `step`.
+fn update_importance<B: Backend>(be: &B, vit: &mut Vit<B>, a: &mut Allocator, step: u64) {
+    let (b1, b2) = (a.config().beta1 as f32, a.config().beta2 as f32);
+    let mut ks = kernel_adapters_mut(vit);
+    let mut bad = be.zeros(2 * ks.len());
+    for (l, k) in ks.iter_mut().enumerate() {
+        let KernelAdapter { a: pa, b: pb, ema, .. } = &mut **k;
+        let e = ema.get_or_insert_with(|| a.ema(l).map(|v| be.upload(v)));
+        let [ia, ua, ib, ub] = e;
+        be.importance_update(&pa.value, &pa.train.as_ref().expect("A trainable").grad, ia, ua, b1, b2, &mut bad, 2 * l);
+        be.importance_update(&pb.value, &pb.train.as_ref().expect("B trainable").grad, ib, ub, b1, b2, &mut bad, 2 * l + 1);
+    }
+    let counts = be.download(&bad);
+    for (l, c) in counts.chunks(2).enumerate() {
+        a.record_non_finite(step, l, c[0] as usize, c[1] as usize);
     }
 }

@@ -7,18 +7,38 @@ use crate::Real;
 ///
 /// Per row the loss is `logsumexp(row) − row[label]`, with the log-sum-exp taken around the row
 /// maximum (numerically stable); the per-row losses are summed in `f64` in row order. The argmax
-/// is the first maximal index (as `torch.argmax`). With `b = 0` it returns `(0, 0)`.
+/// is the first maximal index (as `torch.argmax`). With `b = 0` it returns `(0, 0)`. This is
+/// [`cross_entropy_sum`] with `norm = b`, the sum divided by `b`.
 ///
 /// # Panics
 /// If a label is `≥ c` (the caller validates labels with a clear error first).
 pub fn cross_entropy<T: Real>(logits: &[T], labels: &[u32], b: usize, c: usize, dlogits: &mut [T]) -> (T, usize) {
+    if b == 0 {
+        return (T::zero(), 0);
+    }
+    let (sum, correct) = cross_entropy_sum(logits, labels, b, c, b, dlogits);
+    (T::of(sum / b as f64), correct)
+}
+
+/// Softmax cross-entropy of `b` rows with an explicit normaliser: writes
+/// `dlogits = (softmax − onehot)·(1/norm)` and returns `(Σ_r loss_r in f64, correct top-1)`.
+///
+/// With `norm` the *global* batch size, the gradients of a batch's parts (micro-batches, or the
+/// shards of data-parallel ranks) add up to the gradient of the whole batch, each part rounding
+/// exactly as the others do (the factor `1/norm` is the same f32 value everywhere). The per-row
+/// losses are summed in `f64` in row order; `b = 0` returns `(0, 0)` and writes nothing.
+///
+/// # Panics
+/// If a label is `≥ c`, a slice is shorter than its shape, or `norm = 0` with `b > 0`.
+pub fn cross_entropy_sum<T: Real>(logits: &[T], labels: &[u32], b: usize, c: usize, norm: usize, dlogits: &mut [T]) -> (f64, usize) {
     assert!(logits.len() >= b * c, "cross_entropy: logits has {} elements, needs {}", logits.len(), b * c);
     assert!(dlogits.len() >= b * c, "cross_entropy: dlogits has {} elements, needs {}", dlogits.len(), b * c);
     assert!(labels.len() >= b, "cross_entropy: labels has {} elements, needs {b}", labels.len());
     if b == 0 {
-        return (T::zero(), 0);
+        return (0.0, 0);
     }
-    let inv_b = T::one() / T::of(b as f64);
+    assert!(norm > 0, "cross_entropy: the normaliser must be positive");
+    let inv_b = T::one() / T::of(norm as f64);
     let mut loss_sum = 0f64;
     let mut correct = 0usize;
     for r in 0..b {
@@ -47,7 +67,7 @@ pub fn cross_entropy<T: Real>(logits: &[T], labels: &[u32], b: usize, c: usize, 
             *o = if j == lab { (p - T::one()) * inv_b } else { p * inv_b };
         }
     }
-    (T::of(loss_sum / b as f64), correct)
+    (loss_sum, correct)
 }
 
 #[cfg(test)]
@@ -109,5 +129,22 @@ mod tests {
     fn cross_entropy_panics_on_bad_label() {
         let mut dl = [0.0; 3];
         cross_entropy(&[0.0f64, 1.0, 2.0], &[3], 1, 3, &mut dl);
+    }
+
+    #[test]
+    fn explicit_normaliser_splits_a_batch_exactly() {
+        // Two halves normalised by the whole batch give the whole batch's dlogits bit for bit.
+        let (b, c) = (6, 5);
+        let logits: Vec<f32> = rand_vec(b * c, 7, 4.0).iter().map(|&v| v as f32).collect();
+        let labels = [0u32, 4, 2, 2, 1, 3];
+        let mut whole = vec![0f32; b * c];
+        let (mean, correct) = cross_entropy(&logits, &labels, b, c, &mut whole);
+        let mut parts = vec![0f32; b * c];
+        let (s1, c1) = cross_entropy_sum(&logits[..2 * c], &labels[..2], 2, c, b, &mut parts[..2 * c]);
+        let (s2, c2) = cross_entropy_sum(&logits[2 * c..], &labels[2..], 4, c, b, &mut parts[2 * c..]);
+        assert_eq!(whole, parts);
+        assert_eq!(c1 + c2, correct);
+        assert!(((s1 + s2) / b as f64 - mean as f64).abs() < 1e-6);
+        assert_eq!(cross_entropy_sum(&logits, &labels, 0, c, 0, &mut parts), (0.0, 0));
     }
 }
