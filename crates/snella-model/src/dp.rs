@@ -58,13 +58,23 @@ pub fn dp_step<B: Backend>(tr: &mut Trainer, be: &B, vit: &mut Vit<B>, comm: &dy
     tr.apply(be, vit, h[0], h[1] as usize, global)
 }
 
+/// One trainable tensor in a [`Snapshot`]: name, shape, value and AdamW moments `m`, `v`.
+#[derive(Clone, Debug)]
+struct TensorState {
+    name: String,
+    shape: Vec<usize>,
+    value: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
 /// A host copy of what training changes in a session: every trainable parameter with its AdamW
 /// moments, the per-layer sparsities and the trainer (step, schedule, allocator). Copies rank 0's
 /// state into the replicas of a local group.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
-    /// `(name, shape, value, m, v)` of each trainable parameter, in [`Vit::params_mut`] order.
-    params: Vec<(String, Vec<usize>, Vec<f32>, Vec<f32>, Vec<f32>)>,
+    /// Each trainable parameter, in [`Vit::params_mut`] order.
+    params: Vec<TensorState>,
     sparsities: Vec<f64>,
     trainer: Option<Trainer>,
 }
@@ -81,7 +91,7 @@ impl Snapshot {
                 let t = p.train.as_ref()?;
                 let h = be.download_many(&[&p.value, &t.m, &t.v]);
                 let mut h = h.into_iter();
-                Some((p.name.clone(), p.shape.clone(), h.next()?, h.next()?, h.next()?))
+                Some(TensorState { name: p.name.clone(), shape: p.shape.clone(), value: h.next()?, m: h.next()?, v: h.next()? })
             })
             .collect();
         let sparsities = kernel_adapters(&sess.vit).iter().map(|k| k.sparsity).collect();
@@ -98,7 +108,7 @@ impl Snapshot {
         if mine.len() != self.params.len() {
             return Err(SnellaError::tensor("<replica>", "trainable tensors", format!("has {} trainable tensors; rank 0 has {}", mine.len(), self.params.len())));
         }
-        for (p, (name, shape, value, m, v)) in mine.iter_mut().zip(&self.params) {
+        for (p, TensorState { name, shape, value, m, v }) in mine.iter_mut().zip(&self.params) {
             if &p.name != name || &p.shape != shape {
                 return Err(SnellaError::tensor("<replica>", &p.name, format!("is {:?}; rank 0 has '{name}' {shape:?} at this place", p.shape)));
             }

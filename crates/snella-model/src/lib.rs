@@ -14,6 +14,7 @@ pub mod cuda;
 pub mod linear;
 pub mod param;
 pub mod peft;
+pub mod rendezvous;
 pub mod resources;
 pub mod session;
 pub mod trainer;

@@ -248,7 +248,7 @@ impl Trainer {
     /// [`Session::save_checkpoint`]: crate::session::Session::save_checkpoint
     pub fn step<B: Backend>(&mut self, be: &B, vit: &mut Vit<B>, images: &[f32], labels: &[u32]) -> Result<StepStats> {
         let b = labels.len();
-        let per = if b == 0 { 0 } else { images.len() / b };
+        let per = images.len().checked_div(b).unwrap_or(0);
         let m = self.cfg.micro_batches.max(1);
         let (mut loss_sum, mut correct) = (0f64, 0usize);
         // From the second micro-batch on, the running sum waits in `spare` while backward writes

@@ -152,6 +152,38 @@ fn process_group_ranks_equal_micro_batches_and_each_other() {
 }
 
 #[test]
+fn tcp_process_group_on_localhost_equals_micro_batches() {
+    // The multi-host path end to end on one host: a TCP rendezvous, then TcpComm collectives.
+    use snella_model::rendezvous::{RendezvousConfig, TcpComm};
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (ms, mstate) = single(MethodKind::Snella, 2);
+    let hs: Vec<_> = (0..2)
+        .map(|rank| {
+            std::thread::spawn(move || {
+                let cfg = RendezvousConfig { addr: format!("127.0.0.1:{port}"), rank, world: 2, timeout: std::time::Duration::from_secs(20) };
+                let mut dp = DataParallel::process(Box::new(TcpComm::join(&cfg).unwrap()));
+                assert_eq!((dp.rank(), dp.world(), dp.kind()), (rank, 2, "tcp"));
+                let mut s = session(MethodKind::Snella, 1, 11);
+                let mut stats = Vec::new();
+                for (e, steps) in BATCHES.iter().enumerate() {
+                    dp.begin_epoch(&mut s, e).unwrap();
+                    for k in 0..steps.len() {
+                        let (x, y) = batch(e, k);
+                        stats.push(dp.step(&mut s, &x, &y).unwrap());
+                    }
+                }
+                (stats, state(&mut s))
+            })
+        })
+        .collect();
+    for (r, h) in hs.into_iter().enumerate() {
+        let (ds, dstate) = h.join().unwrap();
+        assert_eq!(ms, ds, "rank {r}");
+        assert!(mstate == dstate, "rank {r}: state differs from 2 micro-batches");
+    }
+}
+
+#[test]
 fn full_fine_tuning_two_ranks_bit_for_bit() {
     let (ms, mstate) = single(MethodKind::Full, 2);
     let (ds, dstate) = local(MethodKind::Full, 2);
