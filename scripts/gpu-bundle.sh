@@ -2,8 +2,11 @@
 # Packs what a GPU test-and-benchmark run needs into .gpu/ (git-ignored; name it in the device
 # tool's `carry`):
 #   .gpu/bin/<crate>-<test>  Rust test executables: snella-cuda (every kernel vs its CPU reference)
-#                            and snella-model with CUDA (one GPU training step vs the CPU step)
+#                            and snella-model with CUDA (one GPU training step vs the CPU step;
+#                            data-parallel NCCL training, world size 1 and every visible GPU)
 #   .gpu/bin/gpu_bench       the GPU benchmarks (crates/snella-model/examples/gpu_bench.rs)
+#   .gpu/bin/dp_bench        the data-parallel scaling benchmark (examples/dp_bench.rs);
+#                            .gpu/run-dp-bench.sh runs it into $OUT/dp-bench.json
 #   .gpu/ref_snella.py       the PyTorch reference, timed side by side by run-bench.sh
 #   .gpu/run.sh              runs the tests; .gpu/run-bench.sh runs tests + benchmarks
 # Usage: scripts/gpu-bundle.sh; then on the device: bash .gpu/run.sh   or   bash .gpu/run-bench.sh
@@ -20,26 +23,29 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         name = m["target"]["name"]
         pkg = m["package_id"].split("#")[0].rsplit("/", 1)[-1].split("@")[0]
-        if pkg == "snella-model" and name != "cuda_step": continue  # CPU-only tests stay here
+        if pkg == "snella-model" and name not in ("cuda_step", "nccl_step"): continue  # CPU-only tests stay here
         dst = os.path.join(".gpu/bin", pkg + "-" + name)
         shutil.copy(m["executable"], dst); print("bundled", dst)
 '
 cargo build --release -p snella-model --features cuda --example gpu_bench
 cp target/release/examples/gpu_bench .gpu/bin/gpu_bench
+cargo build --release -p snella-model --features cuda --example dp_bench
+cp target/release/examples/dp_bench .gpu/bin/dp_bench
 strip .gpu/bin/* 2>/dev/null || true
 ref=../shared/reference/ref_snella.py
 [ -f "$ref" ] && cp "$ref" .gpu/ref_snella.py
-cp scripts/gpu/run-bench.sh scripts/gpu/check_timm.py .gpu/
+cp scripts/gpu/run-bench.sh scripts/gpu/run-dp-bench.sh scripts/gpu/nccl-env.sh scripts/gpu/check_timm.py .gpu/
 cat > .gpu/run.sh <<'RUN'
 #!/usr/bin/env bash
 # Runs every bundled test executable; each one's output goes to $OUT/<name>.log.
 set -uo pipefail
 cd "$(dirname "$0")"
 out=${OUT:-/tmp/out}; mkdir -p "$out"; fail=0
+source ./nccl-env.sh   # NCCL_NVLS_ENABLE=0 and libnccl.so.2's folder on LD_LIBRARY_PATH
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 for t in bin/*; do
-  [ "$(basename "$t")" = gpu_bench ] && continue
-  echo "== $t"; "$t" --test-threads=1 --nocapture "$@" 2>&1 | tee "$out/$(basename "$t").log" | grep -E "test result|FAILED|panicked|worst|rel err|skipped" | tail -25
+  case "$(basename "$t")" in gpu_bench|dp_bench) continue ;; esac
+  echo "== $t"; "$t" --test-threads=1 --nocapture "$@" 2>&1 | tee "$out/$(basename "$t").log" | grep -E "test result|FAILED|panicked|worst|rel err|skipped|NCCL" | tail -25
   [ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
 done
 exit $fail

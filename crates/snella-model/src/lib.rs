@@ -12,6 +12,8 @@ pub mod dp;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod linear;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod param;
 pub mod peft;
 pub mod rendezvous;
