@@ -28,7 +28,7 @@
 use crate::backend::Backend;
 use crate::comm::{comm_err, shard_range, Communicator};
 use crate::session::Session;
-use crate::trainer::{kernel_adapters, kernel_adapters_mut, trained_grads_mut, zero_grads, StepStats, Trainer};
+use crate::trainer::{kernel_adapters, kernel_adapters_mut, trained_grads_mut, StepStats, Trainer};
 use crate::vit::Vit;
 use snella_core::{Result, SnellaError};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
@@ -36,18 +36,15 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 /// One rank's training step on its shard `images: [b, C, H, W]`, `labels: [b]` (`b` may be 0 when
-/// the global batch has fewer images than ranks) of a global batch of `global` images.
+/// the global batch has fewer images than ranks) of a global batch of `global` images. With
+/// [`crate::trainer::TrainConfig::micro_batches`] `> 1` the shard itself runs as that many
+/// micro-batches (gradient accumulation on every rank).
 ///
 /// # Errors
 /// [`SnellaError::NonFinite`] as [`Trainer::step`], on every rank alike (the decision is taken from
 /// all-reduced values); `COMM_ERROR` when the group fails.
 pub fn dp_step<B: Backend>(tr: &mut Trainer, be: &B, vit: &mut Vit<B>, comm: &dyn Communicator<B>, images: &[f32], labels: &[u32], global: usize) -> Result<StepStats> {
-    let (loss, correct) = if labels.is_empty() {
-        zero_grads(be, vit);
-        (0.0, 0)
-    } else {
-        tr.forward_backward(be, vit, images, labels, global)
-    };
+    let (loss, correct) = tr.accumulate(be, vit, images, labels, global);
     let mut h = [loss, correct as f64];
     comm.all_reduce_host(be, &mut h)?;
     if !h[0].is_finite() {

@@ -248,7 +248,22 @@ impl Trainer {
     /// [`Session::save_checkpoint`]: crate::session::Session::save_checkpoint
     pub fn step<B: Backend>(&mut self, be: &B, vit: &mut Vit<B>, images: &[f32], labels: &[u32]) -> Result<StepStats> {
         let b = labels.len();
-        let per = images.len().checked_div(b).unwrap_or(0);
+        let (loss_sum, correct) = self.accumulate(be, vit, images, labels, b);
+        self.apply(be, vit, loss_sum, correct, b)
+    }
+
+    /// Forward and backward of `images: [b, C, H, W]`, `labels: [b]` (a whole batch, or one
+    /// data-parallel rank's shard of it) as [`TrainConfig::micro_batches`] micro-batches, each
+    /// normalised by `norm` (the global batch size), their gradients added in order into the
+    /// trainable parameters' gradients. Returns `(Σ loss in f64, correct)`; stops early with a
+    /// non-finite loss sum (the gradients are then unusable). `b = 0` leaves zero gradients.
+    pub fn accumulate<B: Backend>(&self, be: &B, vit: &mut Vit<B>, images: &[f32], labels: &[u32], norm: usize) -> (f64, usize) {
+        let b = labels.len();
+        if b == 0 {
+            zero_grads(be, vit);
+            return (0.0, 0);
+        }
+        let per = images.len() / b;
         let m = self.cfg.micro_batches.max(1);
         let (mut loss_sum, mut correct) = (0f64, 0usize);
         // From the second micro-batch on, the running sum waits in `spare` while backward writes
@@ -270,20 +285,20 @@ impl Trainer {
                 zero_grads(be, vit);
                 (0.0, 0)
             } else {
-                self.forward_backward(be, vit, &images[r.start * per..r.end * per], &labels[r.clone()], b)
+                self.forward_backward(be, vit, &images[r.start * per..r.end * per], &labels[r.clone()], norm)
             };
-            if !l.is_finite() {
-                return Err(SnellaError::NonFinite { tensor: "loss".into(), step: self.step + 1 });
-            }
             loss_sum += l;
             correct += c;
+            if !l.is_finite() {
+                return (loss_sum, correct);
+            }
             if i > 0 {
                 for (g, s) in trained_grads_mut(vit).into_iter().zip(&spare) {
                     be.add_assign(g, s);
                 }
             }
         }
-        self.apply(be, vit, loss_sum, correct, b)
+        (loss_sum, correct)
     }
 
     /// Forward and backward of one micro-batch (or data-parallel shard) `images: [b, C, H, W]`,
