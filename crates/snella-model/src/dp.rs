@@ -77,8 +77,10 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Copies the training state of `sess` to the host.
+    /// Copies the training state of `sess` to the host (the allocator's statistics included:
+    /// they are pulled from the backend first).
     pub fn take<B: Backend>(sess: &mut Session<B>) -> Self {
+        sess.pull_importance();
         let be = sess.be.clone();
         let params = sess
             .vit
@@ -118,6 +120,8 @@ impl Snapshot {
             k.sparsity = *s;
         }
         sess.trainer = self.trainer.clone();
+        // The allocator's statistics now come from the snapshot: the backend copies are re-made.
+        Trainer::drop_device_importance(&mut sess.vit);
         Ok(())
     }
 }

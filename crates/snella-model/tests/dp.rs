@@ -62,6 +62,7 @@ struct State {
 fn state(s: &mut Session<CpuBackend>) -> State {
     // The micro-batch count is a setting, not state: compare everything else of the trainer.
     s.trainer.as_mut().unwrap().cfg.micro_batches = 1;
+    s.pull_importance();
     let t = s.trainer.clone().unwrap();
     State { snap: format!("{:?}", Snapshot::take(s)), step: t.step, allocator: t.allocator }
 }
