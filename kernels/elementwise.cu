@@ -9,10 +9,13 @@ extern "C" __global__ void snella_add_assign(float* __restrict__ y, const float*
   if (i < n) y[i] += x[i];
 }
 
-// y[r, c] += bias[c] for y [rows, cols].
+// y[r, c] += bias[c] for y [rows, cols]. Grid (ceil(cols/256), ≤ 1024): each thread keeps one
+// bias value in a register and walks the rows with stride gridDim.y (no per-element modulo).
 extern "C" __global__ void snella_add_bias(float* __restrict__ y, const float* __restrict__ bias, unsigned rows, unsigned cols) {
-  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < (size_t)rows * cols) y[i] += bias[i % cols];
+  const unsigned c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  const float bv = bias[c];
+  for (unsigned r = blockIdx.y; r < rows; r += gridDim.y) y[(size_t)r * cols + c] += bv;
 }
 
 // dst[j, i] = src[i, j] (or +=) for src [rows, cols], through a 32x33 shared tile.

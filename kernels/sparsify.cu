@@ -12,6 +12,17 @@
 
 namespace snella_sparsify {
 __device__ __forceinline__ unsigned key(float a) { return a > 0.f ? __float_as_uint(a) : 0u; }
+
+// The stop-gradient factor of `rule` for the entry of flat index `i` with magnitude `a`.
+__device__ __forceinline__ float factor(float a, unsigned long long i, unsigned thr, unsigned cut, float tau, unsigned rule) {
+  if (rule == 1) {
+    const float d = __fsub_rn(a, tau);
+    return d > 0.f ? d : 0.f;
+  }
+  const unsigned kk = key(a);
+  const bool keep = kk > thr || (kk == thr && i < (unsigned long long)cut);
+  return keep ? (rule == 0 ? a : 1.f) : 0.f;
+}
 }  // namespace snella_sparsify
 
 // Grid-stride over n entries (n < 2^32), 256 threads. Forward: src = m; backward: src = g.
@@ -33,5 +44,62 @@ extern "C" __global__ void __launch_bounds__(256)
       f = keep ? (rule == 0 ? a : 1.f) : 0.f;
     }
     out[i] = __fmul_rn(src[i], f);
+  }
+}
+
+// Fused forward into the effective weight (spec §2 + the linear's W0 + ΔWᵀ): for M [n_in, c]
+// (one adapter's merged matrix, row-major) and the chunk's rows of W0 [c, n_in],
+//   w[o, i] = w0[o, i] + M[i, o]·factor(M[i, o]),
+// i.e. sparsify, transpose and add in one pass (ΔW is never written). Grid (ceil(c/32),
+// ceil(n_in/32)), block (32, 8), a 32×33 shared tile. Same f32 operations as sparsify_apply
+// followed by the accumulating transpose, so bit-identical to that composition.
+extern "C" __global__ void __launch_bounds__(256)
+    snella_sparsify_into_weight(const float* __restrict__ m, const float* __restrict__ w0, float* __restrict__ w,
+                                unsigned n_in, unsigned c, const unsigned* __restrict__ kept, unsigned rule) {
+  __shared__ float tile[32][33];
+  const unsigned thr = kept[0], cut = kept[1];
+  const float tau = __uint_as_float(kept[2]);
+  const unsigned o0 = blockIdx.x * 32, i0 = blockIdx.y * 32;
+  for (unsigned dy = threadIdx.y; dy < 32; dy += blockDim.y) {
+    const unsigned i = i0 + dy, o = o0 + threadIdx.x;
+    if (i < n_in && o < c) {
+      const unsigned long long idx = (unsigned long long)i * c + o;
+      const float v = m[idx];
+      tile[dy][threadIdx.x] = __fmul_rn(v, snella_sparsify::factor(fabsf(v), idx, thr, cut, tau, rule));
+    }
+  }
+  __syncthreads();
+  for (unsigned dy = threadIdx.y; dy < 32; dy += blockDim.y) {
+    const unsigned o = o0 + dy, i = i0 + threadIdx.x;
+    if (i < n_in && o < c) {
+      const size_t at = (size_t)o * n_in + i;
+      w[at] = __fadd_rn(w0[at], tile[threadIdx.x][dy]);
+    }
+  }
+}
+
+// Fused backward from the weight gradient (spec §3): for Gᵀ = ∂L/∂W of the chunk [c, n_in]
+// (row-major, the layer's weight-gradient layout) and M [n_in, c],
+//   gh[i, o] = Gᵀ[o, i]·factor(M[i, o]),
+// i.e. transpose and sparsify backward in one pass. Grid (ceil(n_in/32), ceil(c/32)), block (32, 8).
+// Bit-identical to the transpose followed by sparsify_apply.
+extern "C" __global__ void __launch_bounds__(256)
+    snella_sparsify_bwd_from_weight(const float* __restrict__ gt, const float* __restrict__ m, float* __restrict__ gh,
+                                    unsigned n_in, unsigned c, const unsigned* __restrict__ kept, unsigned rule) {
+  __shared__ float tile[32][33];
+  const unsigned thr = kept[0], cut = kept[1];
+  const float tau = __uint_as_float(kept[2]);
+  const unsigned i0 = blockIdx.x * 32, o0 = blockIdx.y * 32;
+  for (unsigned dy = threadIdx.y; dy < 32; dy += blockDim.y) {
+    const unsigned o = o0 + dy, i = i0 + threadIdx.x;
+    if (i < n_in && o < c) tile[dy][threadIdx.x] = gt[(size_t)o * n_in + i];
+  }
+  __syncthreads();
+  for (unsigned dy = threadIdx.y; dy < 32; dy += blockDim.y) {
+    const unsigned i = i0 + dy, o = o0 + threadIdx.x;
+    if (i < n_in && o < c) {
+      const unsigned long long idx = (unsigned long long)i * c + o;
+      gh[idx] = __fmul_rn(tile[threadIdx.x][dy], snella_sparsify::factor(fabsf(m[idx]), idx, thr, cut, tau, rule));
+    }
   }
 }

@@ -393,3 +393,83 @@ fn timing_report() {
         );
     }
 }
+
+/// The allocator's EMA update on the device equals the CPU's bit for bit, over three steps, with
+/// NaN/Inf/overflowing products counted (spec §5 decision: a non-finite importance counts as 0).
+#[test]
+fn importance_update_is_bit_exact() {
+    let Some(gpu) = setup() else { return };
+    use snella_core::snella::importance::importance_update as cpu_update;
+    use snella_cuda::ops::importance::importance_update;
+    for &n in &[1usize, 37, 4096 + 13, 3 * 768 * 16 + 5] {
+        let (mut ib, mut ub) = (vec![0f32; n], vec![0f32; n]);
+        let (gib, gub) = (up(&gpu, &ib), up(&gpu, &ub));
+        let (mut gib, mut gub) = (gib, gub);
+        for step in 0..3u64 {
+            let p = rand32(n, 100 + step + n as u64, 2.0);
+            let mut g = rand32(n, 200 + step + n as u64, 1e-3);
+            if n > 30 {
+                g[3] = f32::NAN;
+                g[7] = f32::INFINITY;
+                g[11] = f32::MAX; // |p·g| overflows to Inf
+            }
+            let want_bad = cpu_update(&p, &g, &mut ib, &mut ub, 0.85, 0.85);
+            let (gp, gg) = (up(&gpu, &p), up(&gpu, &g));
+            let mut bad = up(&gpu, &[0f32]);
+            importance_update(&gpu, &gp.slice(..), &gg.slice(..), &mut gib.slice_mut(..), &mut gub.slice_mut(..), 0.85, 0.85, &mut bad.slice_mut(..)).unwrap();
+            let got_bad = down(&gpu, &bad)[0] as usize;
+            // the overflow case only counts where |p| ≥ 1 makes the product infinite
+            assert_eq!(got_bad, want_bad, "n={n} step {step}: non-finite count");
+            same_bits(&format!("ibar n={n} step {step}"), &down(&gpu, &gib), &ib);
+            same_bits(&format!("ubar n={n} step {step}"), &down(&gpu, &gub), &ub);
+        }
+    }
+}
+
+/// The fused transposed sparsify kernels against the CPU composition they replace (sparsify then
+/// an accumulating transpose onto `W0`; a transpose then sparsify backward), bit for bit, on
+/// shapes that do not divide the 32×32 tile, with ties (values rounded to a coarse grid), for
+/// every rule.
+#[test]
+fn sparsify_fused_with_weight_transpose_is_bit_exact() {
+    let Some(gpu) = setup() else { return };
+    use snella_cuda::ops::sparsify::{sparsify_bwd_from_weight, sparsify_into_weight};
+    for &(n_in, c) in &[(1usize, 1usize), (33, 65), (70, 31), (192, 64), (97, 300)] {
+        let n = n_in * c;
+        // a coarse grid makes many equal magnitudes, so the tie cut matters
+        let m: Vec<f32> = rand32(n, 7 + n as u64, 2.0).iter().map(|v| (v * 8.0).round() / 8.0).collect();
+        let w0 = rand32(n, 8 + n as u64, 1.0);
+        let gt = rand32(n, 9 + n as u64, 1.0);
+        let (dm, dw0, dgt) = (up(&gpu, &m), up(&gpu, &w0), up(&gpu, &gt));
+        for rule in [SparsifyRule::MagnitudeProduct, SparsifyRule::SoftThreshold, SparsifyRule::Mask] {
+            for k in [1usize, n / 3 + 1, n] {
+                let label = format!("{n_in}x{c} k={k} {rule:?}");
+                let (kept, set) = check_topk(&gpu, &dm, &m, k, &label);
+                // CPU: dw = sparsify(m); w = w0 + dwᵀ (w[o, i] = w0[o, i] + dw[i, o])
+                let mut dw = vec![0f32; n];
+                cpu_sparsify::sparsify_fwd(&m, &set, rule, &mut dw);
+                let mut want_w = w0.clone();
+                for i in 0..n_in {
+                    for o in 0..c {
+                        want_w[o * n_in + i] += dw[i * c + o];
+                    }
+                }
+                let mut gw = up(&gpu, &vec![f32::NAN; n]);
+                sparsify_into_weight(&gpu, &dm.slice(..), &kept, rule, &dw0.slice(..), n_in, c, &mut gw.slice_mut(..)).unwrap();
+                same_bits(&format!("{label} w"), &down(&gpu, &gw), &want_w);
+                // CPU: g = gtᵀ (g[i, o] = gt[o, i]); gh = sparsify_bwd(m, g)
+                let mut g = vec![0f32; n];
+                for i in 0..n_in {
+                    for o in 0..c {
+                        g[i * c + o] = gt[o * n_in + i];
+                    }
+                }
+                let mut want_gh = vec![0f32; n];
+                cpu_sparsify::sparsify_bwd(&m, &set, rule, &g, &mut want_gh);
+                let mut gh = up(&gpu, &vec![f32::NAN; n]);
+                sparsify_bwd_from_weight(&gpu, &dgt.slice(..), &dm.slice(..), &kept, rule, n_in, c, &mut gh.slice_mut(..)).unwrap();
+                same_bits(&format!("{label} gh"), &down(&gpu, &gh), &want_gh);
+            }
+        }
+    }
+}

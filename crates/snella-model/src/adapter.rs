@@ -31,16 +31,23 @@ pub struct KernelAdapter<B: Backend> {
     pub sparsity: f64,
     /// The sparsify rule.
     pub rule: SparsifyRule,
+    /// The allocator's EMAs of this layer on the backend while training (`[Ī_A, Ū_A, Ī_B, Ū_B]`,
+    /// spec §5), updated there every step; the allocator's host copy is refreshed from them by
+    /// [`crate::trainer::Trainer::pull_importance`]. `None` until the first step, and after the
+    /// allocator state is replaced (prepare, resume).
+    pub ema: Option<[B::Buf; 4]>,
 }
 
-/// The merged matrix of one step: `M`, its kept set and `ΔW` (all `[n_in, n_out]`).
+/// What one step builds for an adapter: for kernel adapters `M` and its kept set (the linear
+/// writes `ΔWᵀ` straight into its effective weight with [`Backend::sparsify_into_weight`], so `ΔW`
+/// itself is never stored); for LoRA, `ΔW`.
 pub struct Materialized<B: Backend> {
-    /// `M` (only kept for kernel adapters; LoRA has none).
+    /// `M: [n_in, n_out]` (kernel adapters).
     pub m: Option<B::Buf>,
     /// The kept set of `|M|` (kernel adapters).
     pub set: Option<B::Kept>,
-    /// `ΔW`.
-    pub dw: B::Buf,
+    /// `ΔW: [n_in, n_out]` (LoRA).
+    pub dw: Option<B::Buf>,
 }
 
 /// PyTorch's `kaiming_uniform_(a=√5)` bound for a tensor whose fan-in is `fan_in`: `1/sqrt(fan_in)`.
@@ -81,6 +88,7 @@ impl<B: Backend> KernelAdapter<B> {
             mix: mixture.then(|| Param::trainable(be, format!("{name}.snella_mix"), vec![3], &[1.0, 1.0, 0.0])),
             sparsity,
             rule,
+            ema: None,
         }
     }
 
@@ -94,23 +102,27 @@ impl<B: Backend> KernelAdapter<B> {
         kept_count(self.numel(), self.sparsity)
     }
 
-    /// Builds `M`, selects the top-k and sparsifies (spec §1–§2).
+    /// Builds `M` and selects its top-k (spec §1–§2); the sparsify rule is applied where `ΔW` is
+    /// used ([`Backend::sparsify_into_weight`], or [`KernelAdapter::delta`]).
     pub fn materialize(&self, be: &B) -> Materialized<B> {
-        let n = self.numel();
-        let mut m = be.zeros(n);
+        let mut m = be.empty(self.numel());
         be.merge_fwd(&self.a.value, &self.b.value, self.heads, self.n_in, self.n_out, self.rh, self.mix.as_ref().map(|p| &p.value), &mut m);
         let set = be.select_topk(&m, self.kept());
-        let mut dw = be.zeros(n);
-        be.sparsify_fwd(&m, &set, self.rule, &mut dw);
-        Materialized { m: Some(m), set: Some(set), dw }
+        Materialized { m: Some(m), set: Some(set), dw: None }
     }
 
-    /// Backward from `G = ∂L/∂ΔW: [n_in, n_out]` (spec §3), writing the gradients of `A`, `B` and the
+    /// `ΔW: [n_in, n_out]` of the current parameters (spec §1–§2), for export and tests.
+    pub fn delta(&self, be: &B) -> B::Buf {
+        let mat = self.materialize(be);
+        let mut dw = be.zeros(self.numel());
+        be.sparsify_fwd(mat.m.as_ref().expect("M"), mat.set.as_ref().expect("kept set"), self.rule, &mut dw);
+        dw
+    }
+
+    /// Backward from `Ĝ = ∂L/∂M: [n_in, n_out]` (spec §3, the sparsify backward already applied,
+    /// e.g. by [`Backend::sparsify_bwd_from_weight`]), writing the gradients of `A`, `B` and the
     /// mixture scalars.
-    pub fn backward(&mut self, be: &B, mat: &Materialized<B>, g: &B::Buf) {
-        let (m, set) = (mat.m.as_ref().expect("kernel adapter M"), mat.set.as_ref().expect("kept set"));
-        let mut gh = be.zeros(self.numel());
-        be.sparsify_bwd(m, set, self.rule, g, &mut gh);
+    pub fn backward_from_masked(&mut self, be: &B, gh: &B::Buf) {
         let (da, db) = (self.a.train.as_mut().expect("A trainable"), self.b.train.as_mut().expect("B trainable"));
         let (mix, dmix) = match self.mix.as_mut() {
             Some(p) => (Some(&p.value), Some(&mut p.train.as_mut().expect("mixture trainable").grad)),
@@ -154,9 +166,9 @@ impl<B: Backend> LoraAdapter<B> {
 
     /// `ΔW [in, out] = downᵀ · upᵀ`.
     pub fn materialize(&self, be: &B) -> Materialized<B> {
-        let mut dw = be.zeros(self.n_in * self.n_out);
+        let mut dw = be.empty(self.n_in * self.n_out);
         be.gemm(true, true, self.n_in, self.n_out, self.rank, 1.0, &self.down.value, 0, &self.up.value, 0, 0.0, &mut dw, 0);
-        Materialized { m: None, set: None, dw }
+        Materialized { m: None, set: None, dw: Some(dw) }
     }
 
     /// Gradients from `G [in, out]`: `∂down = upᵀ·Gᵀ`, `∂up = Gᵀ·downᵀ`.
@@ -192,13 +204,7 @@ impl<B: Backend> Delta<B> {
             Delta::Lora(l) => l.materialize(be),
         }
     }
-    /// Backward from `G = ∂L/∂ΔW`.
-    pub fn backward(&mut self, be: &B, mat: &Materialized<B>, g: &B::Buf) {
-        match self {
-            Delta::Kernel(k) => k.backward(be, mat, g),
-            Delta::Lora(l) => l.backward(be, g),
-        }
-    }
+
     /// The trainable parameters of the adapter.
     pub fn params(&self) -> Vec<&Param<B>> {
         match self {

@@ -217,6 +217,36 @@ impl Allocator {
         }
     }
 
+    /// The EMAs of `layer` as `[Ī_A, Ū_A, Ī_B, Ū_B]` (host copy; see [`Allocator::ema_mut`]).
+    ///
+    /// # Panics
+    /// If `layer` is out of range.
+    pub fn ema(&self, layer: usize) -> [&[f32]; 4] {
+        let l = &self.layers[layer];
+        [&l.ibar_a, &l.ubar_a, &l.ibar_b, &l.ubar_b]
+    }
+
+    /// Mutable EMAs of `layer` (`[Ī_A, Ū_A, Ī_B, Ū_B]`), for a trainer that updates them on a device
+    /// and writes them back here before they are read (scores, checkpoints).
+    ///
+    /// # Panics
+    /// If `layer` is out of range.
+    pub fn ema_mut(&mut self, layer: usize) -> [&mut Vec<f32>; 4] {
+        let l = &mut self.layers[layer];
+        [&mut l.ibar_a, &mut l.ubar_a, &mut l.ibar_b, &mut l.ubar_b]
+    }
+
+    /// Records the non-finite importances found by a device-side [`importance_update`] of `layer`
+    /// at `step` (`bad_a` in `A`, `bad_b` in `B`), as [`Allocator::observe`] does.
+    pub fn record_non_finite(&mut self, step: u64, layer: usize, bad_a: usize, bad_b: usize) {
+        let name = &self.layers[layer].name;
+        for (param, count) in [("A", bad_a), ("B", bad_b)] {
+            if count > 0 {
+                self.events.push(AllocatorEvent { step, layer: name.clone(), param: param.into(), count });
+            }
+        }
+    }
+
     /// `V0 = Σ(1 − s0)·N_l` (spec §5).
     fn v0(&self) -> f64 {
         self.layers.iter().map(|l| (1.0 - self.cfg.s0) * l.n as f64).sum()

@@ -94,6 +94,30 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn sparsify_fwd(&self, m: &Self::Buf, set: &Self::Kept, rule: SparsifyRule, dw: &mut Self::Buf);
     /// Sparsify backward (spec §3): `dm = g ⊙ factor`.
     fn sparsify_bwd(&self, m: &Self::Buf, set: &Self::Kept, rule: SparsifyRule, g: &Self::Buf, dm: &mut Self::Buf);
+    /// Sparsify forward fused into a linear's effective weight (spec §2): for one adapter's
+    /// `m: [n_in, c]` and kept set, `w[w_off + o·n_in + i] = w0[w0_off + o·n_in + i] + rule(m)[i·c + o]`
+    /// over the chunk's `c` rows. The default is the composition [`Backend::sparsify_fwd`] into a
+    /// temporary, a copy of the `w0` rows and an accumulating [`Backend::transpose`]; the CUDA backend
+    /// fuses the three (bit-identical).
+    fn sparsify_into_weight(&self, m: &Self::Buf, set: &Self::Kept, rule: SparsifyRule, w0: &Self::Buf, w0_off: usize, n_in: usize, c: usize, w: &mut Self::Buf, w_off: usize) {
+        let mut dw = self.zeros(n_in * c);
+        self.sparsify_fwd(m, set, rule, &mut dw);
+        self.copy(w0, w0_off, w, w_off, n_in * c);
+        self.transpose(&dw, 0, n_in, c, w, w_off, true);
+    }
+    /// Sparsify backward fused with the transpose out of a weight gradient (spec §3): for the
+    /// chunk's `gt = ∂L/∂W` rows at `gt_off` (`[c, n_in]`), `gh[i·c + o] = gt[o, i]·factor(m[i·c + o])`.
+    /// The default composes [`Backend::transpose`] and [`Backend::sparsify_bwd`]; CUDA fuses them.
+    fn sparsify_bwd_from_weight(&self, gt: &Self::Buf, gt_off: usize, m: &Self::Buf, set: &Self::Kept, rule: SparsifyRule, n_in: usize, c: usize, gh: &mut Self::Buf) {
+        let mut g = self.zeros(n_in * c);
+        self.transpose(gt, gt_off, c, n_in, &mut g, 0, false);
+        self.sparsify_bwd(m, set, rule, &g, gh);
+    }
+    /// A buffer of `n` values for an op to overwrite completely: uninitialised on CUDA (no memset),
+    /// zeros on the CPU. Never read it before writing every element.
+    fn empty(&self, n: usize) -> Self::Buf {
+        self.zeros(n)
+    }
     /// `true` when every value is finite.
     fn all_finite(&self, x: &Self::Buf) -> bool;
     /// The index of the first buffer holding a NaN/Inf, if any (one host wait on CUDA).

@@ -164,6 +164,7 @@ impl<B: Backend> Session<B> {
     /// NaN/Inf: a poisoned state never replaces a good checkpoint.
     pub fn save_checkpoint_with(&mut self, dir: &str, overwrite: bool, extra: serde_json::Value) -> Result<()> {
         let method = self.method.clone().ok_or_else(|| SnellaError::config("method", "none", "attach a method before saving a checkpoint"))?;
+        self.pull_importance();
         let trainer = self.trainer.clone().ok_or_else(|| SnellaError::config("trainer", "none", "call prepare() (or train()) before saving a checkpoint"))?;
         if self.vit.linears().iter().any(|l| l.original.is_some()) {
             return Err(SnellaError::config("merged", "true", "unmerge() before saving a checkpoint"));
@@ -306,6 +307,7 @@ impl<B: Backend> Session<B> {
         }
         for k in kernel_adapters_mut(&mut self.vit) {
             k.sparsity = sp[&k.name];
+            k.ema = None; // the allocator's EMAs now come from the checkpoint
         }
         let resume = resume_point(&trainer);
         self.trainer = Some(trainer);

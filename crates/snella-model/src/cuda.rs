@@ -11,7 +11,7 @@ use snella_core::ops::adamw::AdamWParams;
 use snella_core::snella::sparsify::SparsifyRule;
 use snella_core::snella::topk::KeptSet;
 use snella_core::SnellaError;
-use snella_cuda::ops::{adamw, attention, cross_entropy, elementwise, gelu, layernorm, merge, patch, reduce, sparsify, topk};
+use snella_cuda::ops::{adamw, attention, cross_entropy, elementwise, gelu, importance, layernorm, merge, patch, reduce, sparsify, topk};
 use snella_cuda::{gemm, Gpu};
 use std::sync::{Arc, Mutex};
 
@@ -193,6 +193,11 @@ impl Backend for CudaBackend {
             ok("im2col", patch::im2col(&self.gpu, &images.slice(..), b, ch, h, w, p, &mut cols.slice_mut(..)));
         })
     }
+    fn importance_update(&self, p: &CudaSlice<f32>, g: &CudaSlice<f32>, ibar: &mut CudaSlice<f32>, ubar: &mut CudaSlice<f32>, beta1: f32, beta2: f32, bad: &mut CudaSlice<f32>, slot: usize) {
+        self.timed("importance_update", || {
+            ok("importance_update", importance::importance_update(&self.gpu, &p.slice(..), &g.slice(..), &mut ibar.slice_mut(..), &mut ubar.slice_mut(..), beta1, beta2, &mut bad.slice_mut(slot..slot + 1)));
+        })
+    }
     fn adamw(&self, param: &mut CudaSlice<f32>, grad: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>, h: &AdamWParams) {
         self.timed("adamw", || {
             ok("adamw", adamw::adamw_step(&self.gpu, &mut param.slice_mut(..), &grad.slice(..), &mut m.slice_mut(..), &mut v.slice_mut(..), h));
@@ -228,6 +233,22 @@ impl Backend for CudaBackend {
         self.timed("sparsify_bwd", || {
             ok("sparsify_bwd", sparsify::sparsify_bwd(&self.gpu, &m.slice(..), set, rule, &g.slice(..), &mut dm.slice_mut(..)));
         })
+    }
+    fn sparsify_into_weight(&self, m: &CudaSlice<f32>, set: &topk::CudaKept, rule: SparsifyRule, w0: &CudaSlice<f32>, w0_off: usize, n_in: usize, c: usize, w: &mut CudaSlice<f32>, w_off: usize) {
+        self.timed("sparsify_into_weight", || {
+            let n = n_in * c;
+            ok("sparsify_into_weight", sparsify::sparsify_into_weight(&self.gpu, &m.slice(..), set, rule, &w0.slice(w0_off..w0_off + n), n_in, c, &mut w.slice_mut(w_off..w_off + n)));
+        })
+    }
+    fn sparsify_bwd_from_weight(&self, gt: &CudaSlice<f32>, gt_off: usize, m: &CudaSlice<f32>, set: &topk::CudaKept, rule: SparsifyRule, n_in: usize, c: usize, gh: &mut CudaSlice<f32>) {
+        self.timed("sparsify_bwd_from_weight", || {
+            let n = n_in * c;
+            ok("sparsify_bwd_from_weight", sparsify::sparsify_bwd_from_weight(&self.gpu, &gt.slice(gt_off..gt_off + n), &m.slice(..), set, rule, n_in, c, &mut gh.slice_mut(..)));
+        })
+    }
+    fn empty(&self, n: usize) -> CudaSlice<f32> {
+        // SAFETY: callers (Backend::empty's contract) write every element before reading it.
+        ok("alloc", unsafe { self.gpu.stream.alloc::<f32>(n.max(1)) }.map_err(|e| self.gpu.oom(n * 4, e)))
     }
     fn first_non_finite(&self, xs: &[&CudaSlice<f32>]) -> Option<usize> {
         self.timed("first_non_finite", || {

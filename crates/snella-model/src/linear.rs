@@ -53,18 +53,29 @@ impl<B: Backend> Linear<B> {
     }
 
     /// `W0 + Σ ΔWᵀ` and the materialised adapters, or `None` when there are no active adapters
-    /// (none attached, or merged into `W` already).
+    /// (none attached, or merged into `W` already). Kernel adapters write their sparsified `ΔWᵀ`
+    /// into their chunk in one pass ([`Backend::sparsify_into_weight`]); LoRA adds its `ΔWᵀ` onto a
+    /// copy of the chunk; chunks without an adapter are copied.
     fn effective(&self, be: &B) -> Option<(B::Buf, Vec<Option<Materialized<B>>>)> {
         if !self.adapted() || self.original.is_some() {
             return None;
         }
-        let mut w = be.zeros(self.n_out * self.n_in);
-        be.copy(&self.weight.value, 0, &mut w, 0, self.n_out * self.n_in);
+        let mut w = be.empty(self.n_out * self.n_in);
         let c = self.chunk();
+        let n = c * self.n_in;
         let mats: Vec<Option<Materialized<B>>> = self.deltas.iter().map(|d| d.as_ref().map(|d| d.materialize(be))).collect();
-        for (i, m) in mats.iter().enumerate() {
-            if let Some(m) = m {
-                be.transpose(&m.dw, 0, self.n_in, c, &mut w, i * c * self.n_in, true);
+        for (i, (d, m)) in self.deltas.iter().zip(&mats).enumerate() {
+            let off = i * n;
+            match (d, m) {
+                (Some(Delta::Kernel(k)), Some(m)) => {
+                    let (mm, set) = (m.m.as_ref().expect("M"), m.set.as_ref().expect("kept set"));
+                    be.sparsify_into_weight(mm, set, k.rule, &self.weight.value, off, self.n_in, c, &mut w, off);
+                }
+                (_, Some(m)) => {
+                    be.copy(&self.weight.value, off, &mut w, off, n);
+                    be.transpose(m.dw.as_ref().expect("LoRA ΔW"), 0, self.n_in, c, &mut w, off, true);
+                }
+                _ => be.copy(&self.weight.value, off, &mut w, off, n),
             }
         }
         Some((w, mats))
@@ -72,7 +83,7 @@ impl<B: Backend> Linear<B> {
 
     /// Forward for `rows` rows of `x: [rows, in]`, returning `y: [rows, out]`.
     pub fn forward(&self, be: &B, x: &B::Buf, rows: usize) -> B::Buf {
-        let mut y = be.zeros(rows * self.n_out);
+        let mut y = be.empty(rows * self.n_out);
         let eff = self.effective(be);
         let w = eff.as_ref().map(|e| &e.0).unwrap_or(&self.weight.value);
         be.gemm(false, true, rows, self.n_out, self.n_in, 1.0, x, 0, w, 0, 0.0, &mut y, 0);
@@ -86,7 +97,7 @@ impl<B: Backend> Linear<B> {
         let eff = self.effective(be);
         let dx = need_dx.then(|| {
             let w = eff.as_ref().map(|e| &e.0).unwrap_or(&self.weight.value);
-            let mut dx = be.zeros(rows * self.n_in);
+            let mut dx = be.empty(rows * self.n_in);
             be.gemm(false, false, rows, self.n_in, self.n_out, 1.0, dy, 0, w, 0, 0.0, &mut dx, 0);
             dx
         });
@@ -97,15 +108,25 @@ impl<B: Backend> Linear<B> {
         let need_gt = self.weight.train.is_some() || eff.is_some();
         if need_gt {
             // Gᵀ = ∂L/∂W = dyᵀ·x : [out, in].
-            let mut gt = be.zeros(n_out * n_in);
+            let mut gt = be.empty(n_out * n_in);
             be.gemm(true, false, n_out, n_in, rows, 1.0, dy, 0, x, 0, 0.0, &mut gt, 0);
             if let Some((_, mats)) = eff.as_ref() {
                 let c = self.chunk();
                 for (i, (d, m)) in self.deltas.iter_mut().zip(mats).enumerate() {
                     let (Some(d), Some(m)) = (d.as_mut(), m.as_ref()) else { continue };
-                    let mut g = be.zeros(n_in * c);
-                    be.transpose(&gt, i * c * n_in, c, n_in, &mut g, 0, false);
-                    d.backward(be, m, &g);
+                    match d {
+                        Delta::Kernel(k) => {
+                            let mut gh = be.empty(n_in * c);
+                            let (mm, set) = (m.m.as_ref().expect("M"), m.set.as_ref().expect("kept set"));
+                            be.sparsify_bwd_from_weight(&gt, i * c * n_in, mm, set, k.rule, n_in, c, &mut gh);
+                            k.backward_from_masked(be, &gh);
+                        }
+                        Delta::Lora(l) => {
+                            let mut g = be.empty(n_in * c);
+                            be.transpose(&gt, i * c * n_in, c, n_in, &mut g, 0, false);
+                            l.backward(be, &g);
+                        }
+                    }
                 }
             }
             if let Some(t) = self.weight.train.as_mut() {

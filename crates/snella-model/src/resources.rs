@@ -21,6 +21,11 @@ impl<B: Backend> Session<B> {
                 n += be.bytes(o);
             }
         }
+        for k in crate::trainer::kernel_adapters(&self.vit) {
+            if let Some(e) = &k.ema {
+                n += e.iter().map(|b| be.bytes(b)).sum::<usize>();
+            }
+        }
         if let Some(a) = self.trainer.as_ref().and_then(|t| t.allocator.as_ref()) {
             n += a.state_tensors().iter().map(|(_, t)| t.data.len() * 4).sum::<usize>();
         }

@@ -194,10 +194,10 @@ impl<B: Backend> Vit<B> {
         let cfg = &self.cfg;
         let (d, p, t) = (cfg.embed_dim, cfg.patch_size, cfg.tokens());
         let np = t - 1;
-        let mut cols = be.zeros(b * np * cfg.in_chans * p * p);
+        let mut cols = be.empty(b * np * cfg.in_chans * p * p);
         be.im2col(images, b, cfg.in_chans, cfg.img_size, cfg.img_size, p, &mut cols);
         let pe = self.patch.forward(be, &cols, b * np);
-        let mut x = be.zeros(b * t * d);
+        let mut x = be.empty(b * t * d);
         for i in 0..b {
             be.copy(&self.cls_token.value, 0, &mut x, i * t * d, d);
             be.copy(&pe, i * np * d, &mut x, (i * t + 1) * d, np * d);
@@ -206,7 +206,7 @@ impl<B: Backend> Vit<B> {
         let mut caches = Vec::new();
         for blk in &self.blocks {
             if train && self.recompute {
-                let mut keep = be.zeros(b * t * d);
+                let mut keep = be.empty(b * t * d);
                 be.copy(&x, 0, &mut keep, 0, b * t * d);
                 caches.push(Saved::Input(keep));
                 x = Self::block_fwd(be, cfg, blk, x, b, false).0;
@@ -218,11 +218,11 @@ impl<B: Backend> Vit<B> {
                 caches.push(Saved::Full(c));
             }
         }
-        let mut cls_in = be.zeros(b * d);
+        let mut cls_in = be.empty(b * d);
         for i in 0..b {
             be.copy(&x, i * t * d, &mut cls_in, i * d, d);
         }
-        let (mut cls_norm, mut mean, mut rstd) = (be.zeros(b * d), be.zeros(b), be.zeros(b));
+        let (mut cls_norm, mut mean, mut rstd) = (be.empty(b * d), be.empty(b), be.empty(b));
         be.layernorm_fwd(&cls_in, &self.norm.0.value, &self.norm.1.value, b, d, cfg.ln_eps, &mut cls_norm, &mut mean, &mut rstd);
         let logits = self.head.forward(be, &cls_norm, b);
         let cache = train.then_some(Cache { batch: b, cols, blocks: caches, cls_in, cls_mean: mean, cls_rstd: rstd, cls_norm });
@@ -231,17 +231,17 @@ impl<B: Backend> Vit<B> {
 
     fn block_fwd(be: &B, cfg: &VitConfig, blk: &Block<B>, x: B::Buf, b: usize, train: bool) -> (B::Buf, Option<BlockCache<B>>) {
         let (d, t, rows) = (cfg.embed_dim, cfg.tokens(), b * cfg.tokens());
-        let (mut ln1, mut m1, mut r1) = (be.zeros(rows * d), be.zeros(rows), be.zeros(rows));
+        let (mut ln1, mut m1, mut r1) = (be.empty(rows * d), be.empty(rows), be.empty(rows));
         be.layernorm_fwd(&x, &blk.norm1.0.value, &blk.norm1.1.value, rows, d, cfg.ln_eps, &mut ln1, &mut m1, &mut r1);
         let qkv = blk.qkv.forward(be, &ln1, rows);
-        let (mut att, mut probs) = (be.zeros(rows * d), be.zeros(b * cfg.num_heads * t * t));
+        let (mut att, mut probs) = (be.empty(rows * d), be.empty(b * cfg.num_heads * t * t));
         be.attention_fwd(&qkv, b, t, cfg.num_heads, cfg.head_dim(), &mut att, &mut probs);
         let mut h = blk.proj.forward(be, &att, rows);
         be.add_assign(&mut h, &x);
-        let (mut ln2, mut m2, mut r2) = (be.zeros(rows * d), be.zeros(rows), be.zeros(rows));
+        let (mut ln2, mut m2, mut r2) = (be.empty(rows * d), be.empty(rows), be.empty(rows));
         be.layernorm_fwd(&h, &blk.norm2.0.value, &blk.norm2.1.value, rows, d, cfg.ln_eps, &mut ln2, &mut m2, &mut r2);
         let f1 = blk.fc1.forward(be, &ln2, rows);
-        let mut g = be.zeros(rows * cfg.mlp_hidden);
+        let mut g = be.empty(rows * cfg.mlp_hidden);
         be.gelu_fwd(&f1, &mut g);
         let mut out = blk.fc2.forward(be, &g, rows);
         be.add_assign(&mut out, &h);
@@ -255,7 +255,7 @@ impl<B: Backend> Vit<B> {
         let (b, d, t) = (cache.batch, cfg.embed_dim, cfg.tokens());
         let rows = b * t;
         let dcls_norm = self.head.backward(be, &cache.cls_norm, dlogits, b, true).expect("dx");
-        let mut dcls = be.zeros(b * d);
+        let mut dcls = be.empty(b * d);
         let (ng, nb) = (&mut self.norm.0, &mut self.norm.1);
         let dg = ng.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
         let db = nb.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
@@ -275,7 +275,7 @@ impl<B: Backend> Vit<B> {
             be.bias_grad(&dx, b, t * d, &mut s.grad, false);
         }
         if let Some(s) = self.cls_token.train.as_mut() {
-            let mut rows0 = be.zeros(b * d);
+            let mut rows0 = be.empty(b * d);
             for i in 0..b {
                 be.copy(&dx, i * t * d, &mut rows0, i * d, d);
             }
@@ -283,7 +283,7 @@ impl<B: Backend> Vit<B> {
         }
         if self.patch.weight.train.is_some() || self.patch.bias.train.is_some() || self.patch.adapted() {
             let np = t - 1;
-            let mut dpe = be.zeros(b * np * d);
+            let mut dpe = be.empty(b * np * d);
             for i in 0..b {
                 be.copy(&dx, (i * t + 1) * d, &mut dpe, i * np * d, np * d);
             }
@@ -294,10 +294,10 @@ impl<B: Backend> Vit<B> {
     fn block_bwd(be: &B, cfg: &VitConfig, blk: &mut Block<B>, c: BlockCache<B>, dout: B::Buf, b: usize) -> B::Buf {
         let (d, t, rows) = (cfg.embed_dim, cfg.tokens(), b * cfg.tokens());
         let dg = blk.fc2.backward(be, &c.g, &dout, rows, true).expect("dx");
-        let mut df1 = be.zeros(rows * cfg.mlp_hidden);
+        let mut df1 = be.empty(rows * cfg.mlp_hidden);
         be.gelu_bwd(&c.f1, &dg, &mut df1);
         let dln2 = blk.fc1.backward(be, &c.ln2, &df1, rows, true).expect("dx");
-        let mut dh = be.zeros(rows * d);
+        let mut dh = be.empty(rows * d);
         {
             let (w, bb) = (&mut blk.norm2.0, &mut blk.norm2.1);
             let gw = w.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
@@ -306,10 +306,10 @@ impl<B: Backend> Vit<B> {
         }
         be.add_assign(&mut dh, &dout);
         let datt = blk.proj.backward(be, &c.att, &dh, rows, true).expect("dx");
-        let mut dqkv = be.zeros(rows * 3 * d);
+        let mut dqkv = be.empty(rows * 3 * d);
         be.attention_bwd(&datt, &c.qkv, &c.probs, b, t, cfg.num_heads, cfg.head_dim(), &mut dqkv);
         let dln1 = blk.qkv.backward(be, &c.ln1, &dqkv, rows, true).expect("dx");
-        let mut dx = be.zeros(rows * d);
+        let mut dx = be.empty(rows * d);
         {
             let (w, bb) = (&mut blk.norm1.0, &mut blk.norm1.1);
             let gw = w.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });

@@ -105,6 +105,9 @@ fn state(s: &mut Session<CpuBackend>) -> Vec<(String, Vec<u32>)> {
 }
 
 fn assert_same(a: &mut Session<CpuBackend>, b: &mut Session<CpuBackend>) {
+    // The allocator's EMAs live on the backend during training; bring the host copies up to date.
+    a.pull_importance();
+    b.pull_importance();
     let (sa, sb) = (state(a), state(b));
     assert_eq!(sa.len(), sb.len());
     for ((na, va), (nb, vb)) in sa.iter().zip(&sb) {

@@ -58,6 +58,7 @@ fn gpu_step_matches_cpu_step() {
     assert!(((sc.loss - sg.loss) as f64).abs() <= 1e-4 * (sc.loss as f64).abs().max(1.0));
     assert_eq!(sc.correct, sg.correct);
     let (kc, kg) = (kernel_adapters(&cpu.vit), kernel_adapters(&gpu.vit));
+    let kc_len = kc.len();
     for (a, b) in kc.iter().zip(&kg) {
         assert_eq!(a.kept(), b.kept(), "{}", a.name);
     }
@@ -74,4 +75,16 @@ fn gpu_step_matches_cpu_step() {
         worst = (worst.0.max(ge), worst.1.max(ve));
     }
     println!("worst: gradient {:.2e}, updated value {:.2e}", worst.0, worst.1);
+    // The allocator's EMAs, updated on the device, against the CPU's (same tolerance as the
+    // gradients they are computed from).
+    cpu.pull_importance();
+    gpu.pull_importance();
+    let (ac, ag) = (cpu.trainer.as_ref().unwrap().allocator.as_ref().unwrap(), gpu.trainer.as_ref().unwrap().allocator.as_ref().unwrap());
+    for l in 0..kc_len {
+        for (i, (c, g)) in ac.ema(l).iter().zip(ag.ema(l)).enumerate() {
+            let e = rel(g, c);
+            assert!(c.iter().any(|&v| v != 0.0), "layer {l} EMA {i} is all zero");
+            assert!(e <= 2e-3, "layer {l} EMA {i} rel err {e}");
+        }
+    }
 }

@@ -159,7 +159,7 @@ fn golden_parity_with_pytorch() {
 
     // ΔW of every adapter (the kernelized merge, mixture, top-k and magnitude-product rule).
     for k in kernel_adapters(&session.vit) {
-        let dw = be.download(&k.materialize(&be).dw);
+        let dw = be.download(&k.delta(&be));
         r.check(&format!("dw:{}", k.name), &dw, get(&gold, &format!("dw.{}", k.name)));
     }
 

@@ -29,7 +29,8 @@ pub fn add_bias(gpu: &Gpu, y: &mut Out, bias: &In, rows: usize, cols: usize) -> 
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(y).arg(bias).arg(&r).arg(&c);
     // SAFETY: y holds rows·cols floats and bias cols; bounds-checked in the kernel.
-    unsafe { b.launch(grid(rows * cols)) }.map(|_| ()).map_err(|e| cuda_err("snella_add_bias", e))
+    let cfg = cudarc::driver::LaunchConfig { grid_dim: ((cols as u32).div_ceil(256).max(1), (rows as u32).clamp(1, 1024), 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err("snella_add_bias", e))
 }
 
 /// `dst[j, i] (+)= src[i, j]` for `src: [rows, cols]`.

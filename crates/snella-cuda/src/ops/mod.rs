@@ -5,6 +5,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod gelu;
+pub mod importance;
 pub mod layernorm;
 pub mod merge;
 pub mod patch;

@@ -57,3 +57,65 @@ pub fn sparsify_fwd(gpu: &Gpu, m: &In, kept: &CudaKept, rule: SparsifyRule, dw: 
 pub fn sparsify_bwd(gpu: &Gpu, m: &In, kept: &CudaKept, rule: SparsifyRule, g: &In, dm: &mut Out) -> Result<(), SnellaError> {
     apply(gpu, m, kept, rule, Some(g), dm)
 }
+
+fn check_t(op: &str, n_in: usize, c: usize, kept: &CudaKept, lens: &[(&str, usize)]) -> Result<(u32, u32), SnellaError> {
+    if kept.n != n_in * c {
+        return Err(SnellaError::tensor("<device>", &format!("{op}.kept"), format!("covers {} entries, M is {n_in}×{c}", kept.n)));
+    }
+    for (name, len) in lens {
+        if *len < n_in * c {
+            return Err(SnellaError::tensor("<device>", &format!("{op}.{name}"), format!("has {len} elements, needs {n_in}×{c}")));
+        }
+    }
+    if n_in.div_ceil(32) > 65535 || c.div_ceil(32) > 65535 {
+        return Err(SnellaError::config(&format!("{op}.shape"), format!("{n_in}×{c}"), "at most 2097120 rows or columns"));
+    }
+    Ok((n_in as u32, c as u32))
+}
+
+/// Forward fused into a linear's effective weight (spec §2): for one adapter's `m: [n_in, c]`, its
+/// kept set and the chunk's frozen rows `w0: [c, n_in]`, writes `w[o, i] = w0[o, i] + rule(m)[i, o]`
+/// (`w: [c, n_in]`, f32). One pass: `ΔW` is never stored. Bit-identical to [`sparsify_fwd`] then an
+/// accumulating transpose onto a copy of `w0` (the CPU backend's composition).
+///
+/// # Errors
+/// `Tensor` when a buffer is shorter than `n_in·c` or the kept set has another size;
+/// `CUDA_ERROR` on a launch failure.
+#[allow(clippy::too_many_arguments)]
+pub fn sparsify_into_weight(gpu: &Gpu, m: &In, kept: &CudaKept, rule: SparsifyRule, w0: &In, n_in: usize, c: usize, w: &mut Out) -> Result<(), SnellaError> {
+    let op = "sparsify_into_weight";
+    let (ni, cc) = check_t(op, n_in, c, kept, &[("m", m.len()), ("w0", w0.len()), ("w", w.len())])?;
+    if n_in * c == 0 {
+        return Ok(());
+    }
+    let f = gpu.func("snella_sparsify_into_weight");
+    let rule32 = code(rule);
+    let cfg = LaunchConfig { grid_dim: (c.div_ceil(32) as u32, n_in.div_ceil(32) as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+    let mut lb = gpu.stream.launch_builder(&f);
+    lb.arg(m).arg(w0).arg(w).arg(&ni).arg(&cc).arg(&kept.dev).arg(&rule32);
+    // SAFETY: m, w0 and w hold ≥ n_in·c floats (checked); the kernel bounds every index by n_in, c.
+    unsafe { lb.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err(op, e))
+}
+
+/// Backward fused with the transpose out of the weight gradient (spec §3): for the chunk's
+/// `gt = ∂L/∂W: [c, n_in]` and `m: [n_in, c]`, writes `gh[i, o] = gt[o, i]·factor(m[i, o])`
+/// (`gh: [n_in, c]`, f32). Bit-identical to a transpose then [`sparsify_bwd`].
+///
+/// # Errors
+/// `Tensor` when a buffer is shorter than `n_in·c` or the kept set has another size;
+/// `CUDA_ERROR` on a launch failure.
+#[allow(clippy::too_many_arguments)]
+pub fn sparsify_bwd_from_weight(gpu: &Gpu, gt: &In, m: &In, kept: &CudaKept, rule: SparsifyRule, n_in: usize, c: usize, gh: &mut Out) -> Result<(), SnellaError> {
+    let op = "sparsify_bwd_from_weight";
+    let (ni, cc) = check_t(op, n_in, c, kept, &[("gt", gt.len()), ("m", m.len()), ("gh", gh.len())])?;
+    if n_in * c == 0 {
+        return Ok(());
+    }
+    let f = gpu.func("snella_sparsify_bwd_from_weight");
+    let rule32 = code(rule);
+    let cfg = LaunchConfig { grid_dim: (n_in.div_ceil(32) as u32, c.div_ceil(32) as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+    let mut lb = gpu.stream.launch_builder(&f);
+    lb.arg(gt).arg(m).arg(gh).arg(&ni).arg(&cc).arg(&kept.dev).arg(&rule32);
+    // SAFETY: gt, m and gh hold ≥ n_in·c floats (checked); the kernel bounds every index by n_in, c.
+    unsafe { lb.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err(op, e))
+}
