@@ -64,6 +64,24 @@ export declare class NativeModel {
   unmerge(): void
   /** A frozen or trainable tensor by name, as `{ shape, data }` (for tests and export). */
   tensor(name: string): any
+  /**
+   * Sets up data-parallel training inside this process (async): on CUDA one rank per GPU of
+   * `devices` (the first must be the model's own GPU; NCCL all-reduces the gradients); on the
+   * CPU `devices.length` CPU ranks (threads, in-process communicator; for testing, no speed-up).
+   * Each rank's replica loads the model's checkpoint and takes its training state before the
+   * next step. Resolves to `{ kind, world, rank, localRanks }`.
+   */
+  dataParallel(devices: Array<number>): Promise<{ kind: string, world: number, rank: number, localRanks: number }>
+  /**
+   * Joins a multi-process data-parallel group as rank `rank` of `world` through the TCP
+   * rendezvous at `rendezvous` (`host:port` of rank 0), waiting up to `timeoutSeconds` (default
+   * 600) for the others (async): NCCL on CUDA, TCP on the CPU. Resolves to the group's info.
+   */
+  joinGroup(rendezvous: string, rank: number, world: number, timeoutSeconds?: number | undefined | null): Promise<{ kind: string, world: number, rank: number, localRanks: number }>
+  /** Ends data-parallel training: frees the replicas and communicators. Idempotent. */
+  leaveGroup(): void
+  /** The data-parallel group `{ kind, world, rank, localRanks }`, or null. */
+  group(): any
   /** Frees the model; later calls fail with `[DISPOSED]`. Idempotent. */
   dispose(): void
   /** Whether [`NativeModel::dispose`] was called. */

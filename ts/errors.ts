@@ -12,7 +12,10 @@
  * - `FILE`: a file that cannot be read, parsed or written, or would be overwritten (names it).
  * - `TARGET`: an adapter target matching no layer (lists the real layer names).
  * - `NON_FINITE`: NaN/Inf in the loss or a gradient (names the first tensor).
- * - `CUDA_UNAVAILABLE`: `device: 'cuda'` asked for but unusable (says why: no driver, no GPU, …).
+ * - `CUDA_UNAVAILABLE`: `device: 'cuda'` asked for but unusable (says why: no driver, no GPU, …),
+ *   or NCCL (`libnccl.so.2`) missing for data-parallel training on GPUs (names the paths tried).
+ * - `COMM_ERROR`: data-parallel training failed between ranks: the rendezvous timed out (names the
+ *   address and the missing ranks), a rank left, or the ranks disagree (state, buffer sizes).
  * - `ABORTED`: an operation cancelled.
  * - `DISPOSED`: a call on a disposed model.
  * - `DATA`: a malformed data file (e.g. a {@link TensorDataset} file).
@@ -28,6 +31,7 @@ export type SnellaErrorCode =
   | 'TARGET'
   | 'NON_FINITE'
   | 'CUDA_UNAVAILABLE'
+  | 'COMM_ERROR'
   | 'ABORTED'
   | 'DISPOSED'
   | 'DATA'

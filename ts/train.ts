@@ -48,6 +48,39 @@ export interface TrainOptions {
   seed?: number;
   /** Batches prepared ahead while a step runs (default 2). */
   prefetch?: number;
+  /**
+   * Gradient accumulation (default 1): each step runs its `batchSize` images as this many
+   * micro-batches (contiguous slices whose sizes differ by at most one), one forward and backward
+   * pass each, and adds their gradients in order before the one AdamW update. The loss of every
+   * micro-batch is normalised by the whole batch, so the step is that of the whole batch (up to f32
+   * rounding) with the activation memory of one micro-batch: a bigger effective batch on a small GPU.
+   * An integer in [1, batchSize]. With `devices` or `distributed`, each rank's shard is split so.
+   */
+  microBatches?: number;
+  /**
+   * Data-parallel training inside this process (default: none): one rank per entry, each with a full
+   * copy of the model. On CUDA, the ordinals of the GPUs to use, the model's own first (`[0, 1]`):
+   * one worker thread per GPU, each with its own context and stream; the gradients of everything
+   * trained (adapters, head, `cls_token`) are all-reduced with NCCL (`libnccl.so.2` must be
+   * loadable; NVLink multicast is kept off). On the CPU, `devices.length` CPU ranks in this process
+   * with an in-process communicator: for testing the data-parallel path, no speed-up. `batchSize`
+   * stays the global batch: rank `r` of `N` takes the `r`-th contiguous slice of every batch (sizes
+   * differing by at most one), so the data order is the same as on one device. With the same seed,
+   * N CPU ranks give bit for bit the result of one device with `microBatches: N`; through NCCL
+   * the same within f32 rounding. Evaluation, reports and checkpoints use the model (rank 0).
+   */
+  devices?: number[];
+  /**
+   * Multi-process (multi-host) data-parallel training (default: none): this process is rank `rank`
+   * of `world`, all of them meeting at `rendezvous` (`host:port` where rank 0 listens; the others
+   * connect, retrying for up to `timeoutSeconds`, default 600). Every process must run the same
+   * model, method, data, seed and options (the ranks compare a hash of their training state before
+   * the first step) and load the whole batch; each trains on its slice. On CUDA the ranks
+   * all-reduce through NCCL (one GPU per process: the model's), on the CPU over the rendezvous's
+   * TCP connections. Only rank 0 saves checkpoints. Stop every process together: a rank that stops
+   * alone makes the others fail (TCP) or wait (NCCL).
+   */
+  distributed?: DistributedOptions;
   /** Progress callbacks. */
   callbacks?: TrainCallbacks;
   /** Stops training at the next step boundary; {@link train} then resolves with `aborted: true`. */
@@ -68,6 +101,30 @@ export interface TrainOptions {
   resume?: boolean;
   /** Replace a checkpoint already in `checkpointDir` when not resuming (default false). */
   overwriteCheckpoint?: boolean;
+}
+
+/** Where a process joins a multi-process data-parallel group; see {@link TrainOptions.distributed}. */
+export interface DistributedOptions {
+  /** `host:port` where rank 0 listens (the same string on every process). */
+  rendezvous: string;
+  /** This process's rank, an integer in [0, world). */
+  rank: number;
+  /** The number of processes, an integer ≥ 1. */
+  world: number;
+  /** How long to wait for the other processes, in seconds (default 600). */
+  timeoutSeconds?: number;
+}
+
+/** The data-parallel group a {@link train} call ran in ({@link TrainResult.dataParallel}). */
+export interface DataParallelInfo {
+  /** The transport: `nccl` (GPUs), `local` (CPU ranks in this process) or `tcp` (CPU processes). */
+  kind: string;
+  /** The number of ranks. */
+  world: number;
+  /** This process's rank (its first, for ranks in this process). */
+  rank: number;
+  /** How many of the ranks run in this process. */
+  localRanks: number;
 }
 
 /** What {@link TrainCallbacks.onStep} receives. */
@@ -130,6 +187,8 @@ export interface TrainResult {
   aborted: boolean;
   /** Where this call started when it resumed from a checkpoint. */
   resumedFrom?: ResumePoint;
+  /** The data-parallel group, with `devices` or `distributed`. */
+  dataParallel?: DataParallelInfo;
 }
 
 function check(name: string, v: number, ok: boolean, range: string): void {
@@ -148,7 +207,11 @@ function check(name: string, v: number, ok: boolean, range: string): void {
  *   stopped it (the model then holds the weights of the last completed step).
  * @throws {@link SnellaError} `CONFIG` naming a field out of range (batch 0, epochs 0, …) or when
  *   no method is attached; `NON_FINITE` naming the first non-finite tensor when the loss or a
- *   gradient turns NaN/Inf; the data set's errors (e.g. an image that cannot be decoded).
+ *   gradient turns NaN/Inf; the data set's errors (e.g. an image that cannot be decoded); with
+ *   `devices`: `CONFIG` naming a GPU that does not exist (and how many there are),
+ *   `CUDA_UNAVAILABLE` when NCCL cannot be loaded (naming the paths tried); with `distributed`:
+ *   `COMM_ERROR` when the rendezvous times out (naming the address and the ranks missing), a rank
+ *   leaves, or the ranks start from different states.
  *
  * @example
  * ```ts
@@ -184,6 +247,7 @@ export async function train(model: VitModel, opts: TrainOptions): Promise<TrainR
       beta2: 0.999,
       eps: 1e-8,
       recompute: opts.recompute ?? false,
+      micro_batches: opts.microBatches ?? 1,
       allocator: {
         s0: method.s0,
         s_t: opts.sT ?? 0.5,
@@ -196,11 +260,41 @@ export async function train(model: VitModel, opts: TrainOptions): Promise<TrainR
       },
     }),
   );
-  const ckpt = opts.checkpointDir === undefined ? undefined : TrainCheckpoints.open(model, opts.checkpointDir, {
+  // In a multi-process group only rank 0 writes checkpoints; the others only read one to resume.
+  const root = (opts.distributed?.rank ?? 0) === 0;
+  const ckpt = opts.checkpointDir === undefined || (!root && !opts.resume) ? undefined : TrainCheckpoints.open(model, opts.checkpointDir, {
     resume: opts.resume ?? false,
     overwrite: opts.overwriteCheckpoint ?? false,
     state: { seed: opts.seed ?? 0, trainLength: opts.train.length },
   });
+  const save = () => {
+    if (root) ckpt?.save();
+  };
+  let dataParallel: DataParallelInfo | undefined;
+  if (opts.devices !== undefined) {
+    dataParallel = await nativeAsync(() => model.native.dataParallel(opts.devices as number[]));
+  } else if (opts.distributed !== undefined) {
+    const d = opts.distributed;
+    dataParallel = await nativeAsync(() => model.native.joinGroup(d.rendezvous, d.rank, d.world, d.timeoutSeconds));
+  }
+  try {
+    return await trainLoop(model, opts, loader, ckpt, save, dataParallel);
+  } finally {
+    if (dataParallel) native(() => model.native.leaveGroup());
+  }
+}
+
+/** The epochs of {@link train}, once the model is prepared (and in its group, if any). */
+async function trainLoop(
+  model: VitModel,
+  opts: TrainOptions,
+  loader: BatchLoader,
+  ckpt: TrainCheckpoints | undefined,
+  save: () => void,
+  dataParallel: DataParallelInfo | undefined,
+): Promise<TrainResult> {
+  const epochs = opts.epochs ?? 40;
+  const stepsPerEpoch = loader.stepsPerEpoch;
   const start = ckpt?.start ?? { epoch: 0, batch: 0, beginEpoch: true, step: 0, finished: false };
   const cb = opts.callbacks ?? {};
   const totalSteps = stepsPerEpoch * epochs;
@@ -259,12 +353,20 @@ export async function train(model: VitModel, opts: TrainOptions): Promise<TrainR
     };
     out.push(info);
     await cb.onEpochEnd?.(info);
-    ckpt?.save();
+    save();
   }
-  if (aborted) ckpt?.save();
+  if (aborted) save();
   const seconds = (performance.now() - t0) / 1000;
   const resumedFrom = ckpt?.resumed ? start : undefined;
-  return { epochs: out, steps, seconds, imagesPerSecond: images / Math.max(seconds, 1e-9), aborted, ...(resumedFrom ? { resumedFrom } : {}) };
+  return {
+    epochs: out,
+    steps,
+    seconds,
+    imagesPerSecond: images / Math.max(seconds, 1e-9),
+    aborted,
+    ...(resumedFrom ? { resumedFrom } : {}),
+    ...(dataParallel ? { dataParallel } : {}),
+  };
 }
 
 /** A data set that knows its image side (ImageDataset, TensorDataset) must match the model's input. */

@@ -14,8 +14,8 @@ const isInt = (v: unknown): v is number => typeof v === 'number' && Number.isInt
 
 /**
  * Checks the options of {@link train} that the native trainer would report under internal names
- * (or not at all): `sT`, the allocator's β and schedule, `seed`, `prefetch`, and the checkpoint
- * options.
+ * (or not at all): `sT`, the allocator's β and schedule, `seed`, `prefetch`, the checkpoint
+ * options, `microBatches`, `devices` and `distributed`.
  * @throws {@link SnellaError} `CONFIG` naming the first field out of range and the allowed range.
  */
 export function validateTrainOptions(opts: TrainOptions, epochs: number): void {
@@ -52,4 +52,33 @@ export function validateTrainOptions(opts: TrainOptions, epochs: number): void {
     fail('checkpointDir', opts.checkpointDir, 'a folder path (non-empty string)');
   }
   if (opts.resume && opts.checkpointDir === undefined) fail('resume', true, 'needs checkpointDir (the folder of the checkpoint to continue)');
+  validateParallelOptions(opts);
+}
+
+/**
+ * Checks `microBatches`, `devices` and `distributed` of {@link train}'s options.
+ * @throws {@link SnellaError} `CONFIG` naming the field and its allowed range.
+ */
+function validateParallelOptions(opts: TrainOptions): void {
+  const batchSize = opts.batchSize ?? 64;
+  const m = opts.microBatches;
+  if (m !== undefined && !(isInt(m) && m >= 1 && m <= batchSize)) fail('microBatches', m, `an integer in [1, batchSize = ${batchSize}]`);
+  const d = opts.devices;
+  if (d !== undefined) {
+    if (!Array.isArray(d) || d.length === 0 || !d.every((x) => isInt(x) && x >= 0) || new Set(d).size !== d.length) {
+      fail('devices', JSON.stringify(d), 'a non-empty array of distinct device ordinals (integers ≥ 0), e.g. [0, 1]');
+    }
+    if (opts.distributed !== undefined) fail('devices', JSON.stringify(d), 'not together with distributed (each process of a multi-process group trains on its model\'s one device)');
+  }
+  const x = opts.distributed;
+  if (x === undefined) return;
+  if (typeof x !== 'object' || x === null) fail('distributed', x, 'an object { rendezvous, rank, world }');
+  if (!(isInt(x.world) && x.world >= 1)) fail('distributed.world', x.world, 'an integer ≥ 1 (the number of processes)');
+  if (!(isInt(x.rank) && x.rank >= 0 && x.rank < x.world)) fail('distributed.rank', x.rank, `an integer in [0, world = ${x.world})`);
+  const port = typeof x.rendezvous === 'string' ? /^.+:(\d+)$/.exec(x.rendezvous) : null;
+  if (!port || Number(port[1]) < 1 || Number(port[1]) > 65535) {
+    fail('distributed.rendezvous', x.rendezvous, 'host:port where rank 0 listens, port in [1, 65535], e.g. 10.0.0.1:29500');
+  }
+  const t = x.timeoutSeconds;
+  if (t !== undefined && !(typeof t === 'number' && Number.isFinite(t) && t > 0)) fail('distributed.timeoutSeconds', t, 'a finite number of seconds > 0');
 }

@@ -11,7 +11,7 @@ rm -rf $b/dist && cp -r dist $b/dist
 cp native/binding.js $b/native/
 strip -o $b/native/snella.linux-x64-gnu.node native/snella.linux-x64-gnu.node
 cp __test__/gpu/*.cjs $b/test/
-cp scripts/gpu/decode_split.py $b/
+cp scripts/gpu/decode_split.py scripts/gpu/nccl-env.sh $b/
 [ -d $b/flowers102-64 ] || python3 scripts/gpu/make-flowers-subset.py ../shared/data/flowers102-64 $b/flowers102-64
 cp scripts/gpu/run-node.sh $b/run.sh
 du -sh $b

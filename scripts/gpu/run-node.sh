@@ -4,6 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")"
 out=${OUT:-/tmp/out}; mkdir -p "$out"
+source ./nccl-env.sh   # NCCL_NVLS_ENABLE=0 and libnccl.so.2's folder on LD_LIBRARY_PATH (data-parallel tests)
 xz -dc node.xz > /tmp/node && chmod +x /tmp/node
 mkdir -p /tmp/snella-data
 python3 decode_split.py flowers102-64 train800val200 64 /tmp/snella-data/train.safetensors

@@ -16,6 +16,16 @@ import { epochTestTop1, jobRecorder, wrapCallbacks, writeJobReport } from '../re
 export interface JobOptions {
   /** Recompute block activations in backward (activation checkpointing): less memory. */
   recompute?: boolean;
+  /** Gradient accumulation: micro-batches per step (default 1). */
+  microBatches?: number;
+  /** Data-parallel training on CUDA GPUs 0..gpus−1 (NCCL); 1 or absent: one device. */
+  gpus?: number;
+  /** Multi-process data-parallel training: `host:port` where rank 0 listens. */
+  rendezvous?: string;
+  /** This process's rank in the multi-process group (with `rendezvous`). */
+  worldRank?: number;
+  /** The number of processes in the multi-process group (with `rendezvous`). */
+  world?: number;
   /** Checkpoint (timm-named safetensors). */
   model: string;
   /** Data folder: list files + images.tar/images (VTAB-1k style), or class subfolders. */
@@ -132,12 +142,16 @@ export function sparsitySummary(rep: LayerReport[]): string {
  * @throws {@link SnellaError} for bad options, files or data (the message names what is wrong).
  */
 export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobResult> {
+  const distributed = distributedOptions(o);
+  // In a multi-process group only rank 0 writes the adapter, results, report and checkpoints.
+  const root = (distributed?.rank ?? 0) === 0;
+  if (!root) o = { ...o, report: undefined, evalEveryEpoch: false };
   const log = (s: string) => {
     if (!o.json) process.stdout.write(s + '\n');
   };
   const adapterDir = path.join(o.out, 'adapter');
   const checkpointDir = o.checkpointDir ?? path.join(o.out, 'checkpoint');
-  if (!o.overwrite && !o.resume && fs.existsSync(path.join(adapterDir, 'adapter_model.safetensors'))) {
+  if (root && !o.overwrite && !o.resume && fs.existsSync(path.join(adapterDir, 'adapter_model.safetensors'))) {
     throw new SnellaError('FILE', `${adapterDir}: an adapter is already there; pass --overwrite or another --out`);
   }
   const model = VitModel.load(o.model, { device: o.device });
@@ -152,6 +166,13 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
     model.attach({ method: o.method, numClasses, rank: o.rank, heads: o.heads, s0: o.s0, seed: o.seed });
     log(`snella ${o.method}: ${path.basename(o.model)} (${cfg.depth} blocks, dim ${cfg.embed_dim}, ${cfg.img_size}px) on ${model.device}`);
     log(`data: ${trainDs.length} training and ${testDs.length} test images, ${numClasses} classes; ${model.trainableCount} trainable values`);
+    const gpus = o.gpus ?? 1;
+    if (gpus > 1 && model.device !== 'cuda') {
+      throw new SnellaError('CONFIG', `invalid config: gpus = ${gpus}: --gpus needs CUDA GPUs, and the model runs on the ${model.device}${model.deviceReason ? ` (${model.deviceReason})` : ''}`);
+    }
+    const devices = gpus > 1 ? Array.from({ length: gpus }, (_, i) => i) : undefined;
+    if (devices) log(`data-parallel: ${gpus} GPUs (NCCL), ${o.batch} images per step (${Math.floor(o.batch / gpus)}–${Math.ceil(o.batch / gpus)} per GPU)`);
+    if (distributed) log(`data-parallel: rank ${distributed.rank} of ${distributed.world} processes, rendezvous ${distributed.rendezvous}`);
     const bar = new SingleBar({
       format: 'epoch {epoch}/{epochs} |{bar}| {value}/{total} steps | loss {loss} | {ips} img/s | eta {eta}s',
       hideCursor: true,
@@ -174,6 +195,9 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
       allocatorBeta2: o.beta2,
       seed: o.seed,
       recompute: o.recompute ?? false,
+      microBatches: o.microBatches ?? 1,
+      ...(devices ? { devices } : {}),
+      ...(distributed ? { distributed } : {}),
       signal,
       checkpointDir,
       resume: o.resume ?? false,
@@ -191,7 +215,7 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
     const trainSeconds = Math.max(1e-9, r.seconds - (rec?.evalSeconds ?? 0));
     const rep = model.report();
     const total = rep.reduce((s, l) => s + l.entries, 0);
-    model.saveAdapter(adapterDir, { overwrite: o.overwrite || (o.resume ?? false) });
+    if (root) model.saveAdapter(adapterDir, { overwrite: o.overwrite || (o.resume ?? false) });
     const result: JobResult = {
       method: o.method,
       testTop1: test.top1,
@@ -206,17 +230,34 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
       ...(rec && epochTestTop1(rec)),
       ...(report ? { report } : {}),
     };
-    fs.writeFileSync(path.join(o.out, 'results.json'), JSON.stringify(result, null, 2));
+    if (root) fs.writeFileSync(path.join(o.out, 'results.json'), JSON.stringify(result, null, 2));
     if (r.resumedFrom) log(`resumed from ${checkpointDir} at epoch ${r.resumedFrom.epoch + 1}, batch ${r.resumedFrom.batch} (step ${r.resumedFrom.step})`);
     if (r.aborted) log(`stopped early (signal); checkpoint saved in ${checkpointDir}/: continue with --resume`);
     log(`test top-1: ${(test.top1 * 100).toFixed(2)}% on ${test.count} images (loss ${test.loss.toFixed(4)})`);
     log(`training: ${result.trainSeconds.toFixed(1)} s, ${result.imagesPerSecond.toFixed(1)} images/s`);
     if (rep.length) log(`per-layer sparsity (fraction zeroed):\n${sparsitySummary(rep)}`);
-    log(`adapter written to ${adapterDir}/ (adapter_model.safetensors, adapter_config.json)`);
+    if (root) log(`adapter written to ${adapterDir}/ (adapter_model.safetensors, adapter_config.json)`);
+    else log(`rank ${distributed?.rank}: done (rank 0 writes the adapter and results)`);
     if (report) log(`report written to ${report}`);
     if (o.json) process.stdout.write(JSON.stringify(result) + '\n');
     return result;
   } finally {
     model.dispose();
   }
+}
+
+/**
+ * The multi-process group of `--rendezvous/--world-rank/--world`, or undefined without `--rendezvous`.
+ * @throws {@link SnellaError} `CONFIG` when the three flags are not given together, or with `--gpus`.
+ */
+function distributedOptions(o: JobOptions): { rendezvous: string; rank: number; world: number } | undefined {
+  const given = [o.rendezvous !== undefined, o.worldRank !== undefined, o.world !== undefined];
+  if (!given.some(Boolean)) return undefined;
+  if (!given.every(Boolean)) {
+    throw new SnellaError('CONFIG', 'invalid config: rendezvous: --rendezvous host:port, --world-rank R and --world W go together (every process of the group gets all three)');
+  }
+  if ((o.gpus ?? 1) > 1) {
+    throw new SnellaError('CONFIG', `invalid config: gpus = ${o.gpus}: not together with --rendezvous (each process of a multi-process group trains on one GPU, its --device)`);
+  }
+  return { rendezvous: o.rendezvous as string, rank: o.worldRank as number, world: o.world as number };
 }

@@ -6,30 +6,143 @@ use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use serde_json::Value;
 use snella_core::SnellaError;
+use snella_model::backend::Backend;
+use snella_model::comm::{Communicator, LocalComm};
 use snella_model::cpu::CpuBackend;
+use snella_model::dp::DataParallel;
 use snella_model::peft::MethodConfig;
+use snella_model::rendezvous::{RendezvousConfig, TcpComm};
 use snella_model::session::Session;
-use snella_model::trainer::TrainConfig;
+use snella_model::trainer::{StepStats, TrainConfig};
 use std::sync::{Arc, Mutex};
 
-/// A session on either backend.
+/// A session and, while data-parallel training is set up, its group.
+pub struct Engine<B: Backend> {
+    /// The model, method and trainer (rank 0 of a local group, or this process's rank).
+    pub sess: Session<B>,
+    /// The data-parallel group ([`NativeModel::data_parallel`], [`NativeModel::join_group`]).
+    pub dp: Option<DataParallel<B>>,
+    /// Whether cuBLAS may use TF32 (the replicas on other GPUs follow the model).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub tf32: bool,
+}
+
+impl<B: Backend> Engine<B> {
+    fn new(sess: Session<B>, tf32: bool) -> Self {
+        Engine { sess, dp: None, tf32 }
+    }
+
+    /// The session's state changed outside training: the group re-syncs before its next step.
+    fn invalidate(&mut self) {
+        if let Some(d) = self.dp.as_mut() {
+            d.invalidate();
+        }
+    }
+
+    fn train_step(&mut self, x: &[f32], y: &[u32]) -> std::result::Result<StepStats, SnellaError> {
+        match self.dp.as_mut() {
+            Some(d) => d.step(&mut self.sess, x, y),
+            None => self.sess.train_step(x, y),
+        }
+    }
+
+    fn begin_epoch(&mut self, t: usize) -> std::result::Result<(), SnellaError> {
+        match self.dp.as_mut() {
+            Some(d) => d.begin_epoch(&mut self.sess, t),
+            None => self.sess.begin_epoch(t),
+        }
+    }
+
+    fn group_info(&self) -> Value {
+        match &self.dp {
+            None => Value::Null,
+            Some(d) => serde_json::json!({ "kind": d.kind(), "world": d.world(), "rank": d.rank(), "localRanks": d.local_ranks() }),
+        }
+    }
+}
+
+/// A session on either backend (boxed: an [`Engine`] is a few KiB).
 pub enum AnySession {
     /// On the CPU.
-    Cpu(Session<CpuBackend>),
+    Cpu(Box<Engine<CpuBackend>>),
     /// On a CUDA device.
     #[cfg(feature = "cuda")]
-    Cuda(Session<snella_model::cuda::CudaBackend>),
+    Cuda(Box<Engine<snella_model::cuda::CudaBackend>>),
 }
 
 /// Runs `$body` with `$s` bound to the concrete session, whatever its backend.
 macro_rules! dispatch {
     ($any:expr, $s:ident => $body:expr) => {
         match $any {
-            AnySession::Cpu($s) => $body,
+            AnySession::Cpu(e) => match &mut **e {
+                Engine { sess: $s, .. } => $body,
+            },
             #[cfg(feature = "cuda")]
-            AnySession::Cuda($s) => $body,
+            AnySession::Cuda(e) => match &mut **e {
+                Engine { sess: $s, .. } => $body,
+            },
         }
     };
+}
+
+/// Runs `$body` with `$e` bound to the concrete [`Engine`], whatever its backend.
+macro_rules! dispatch_engine {
+    ($any:expr, $e:ident => $body:expr) => {
+        match $any {
+            AnySession::Cpu($e) => $body,
+            #[cfg(feature = "cuda")]
+            AnySession::Cuda($e) => $body,
+        }
+    };
+}
+
+/// Checks a device list: non-empty, distinct.
+fn check_devices(devices: &[usize]) -> std::result::Result<(), SnellaError> {
+    let mut d = devices.to_vec();
+    d.sort_unstable();
+    d.dedup();
+    if devices.is_empty() || d.len() != devices.len() {
+        return Err(SnellaError::config("devices", format!("{devices:?}"), "a non-empty list of distinct device ordinals, e.g. [0, 1]"));
+    }
+    Ok(())
+}
+
+/// A local data-parallel group: on the CPU, `devices.len()` CPU ranks in this process (threads,
+/// in-process communicator); on CUDA, one rank per listed GPU through NCCL.
+fn local_group(a: &mut AnySession, devices: &[usize]) -> std::result::Result<(), SnellaError> {
+    check_devices(devices)?;
+    match a {
+        AnySession::Cpu(e) => {
+            let mut comms: Vec<Box<dyn Communicator<CpuBackend>>> =
+                LocalComm::group(devices.len()).into_iter().map(|c| Box::new(c) as Box<dyn Communicator<CpuBackend>>).collect();
+            let c0 = comms.remove(0);
+            e.dp = None;
+            e.dp = Some(DataParallel::local(&e.sess, c0, comms.into_iter().map(|c| (CpuBackend, c)).collect())?);
+        }
+        #[cfg(feature = "cuda")]
+        AnySession::Cuda(e) => {
+            e.dp = None;
+            e.dp = Some(snella_model::nccl::cuda_group(&e.sess, devices, e.tf32)?);
+        }
+    }
+    Ok(())
+}
+
+/// Joins a multi-process group as one rank: over TCP on the CPU, through NCCL on CUDA.
+fn process_group(a: &mut AnySession, cfg: &RendezvousConfig) -> std::result::Result<(), SnellaError> {
+    match a {
+        AnySession::Cpu(e) => {
+            e.dp = None;
+            e.dp = Some(DataParallel::process(Box::new(TcpComm::join(cfg)?)));
+        }
+        #[cfg(feature = "cuda")]
+        AnySession::Cuda(e) => {
+            e.dp = None;
+            let c = snella_model::nccl::NcclComm::join(&e.sess.be, cfg)?;
+            e.dp = Some(DataParallel::process(Box::new(c)));
+        }
+    }
+    Ok(())
 }
 
 type Shared = Arc<Mutex<Option<AnySession>>>;
@@ -59,7 +172,7 @@ pub struct NativeModel {
 /// which tries `cuda` and falls back with the reason.)
 fn open(path: &str, device: &str, tf32: bool) -> std::result::Result<AnySession, SnellaError> {
     if device == "cpu" {
-        return Session::load(CpuBackend, path).map(AnySession::Cpu);
+        return Session::load(CpuBackend, path).map(|s| AnySession::Cpu(Box::new(Engine::new(s, false))));
     }
     let ordinal = match device {
         "cuda" => Some(0),
@@ -75,7 +188,7 @@ fn open(path: &str, device: &str, tf32: bool) -> std::result::Result<AnySession,
 fn open_cuda(path: &str, ordinal: usize, tf32: bool) -> std::result::Result<AnySession, SnellaError> {
     let be = snella_model::cuda::CudaBackend::new(ordinal)?;
     be.gpu.set_tf32(tf32)?;
-    Session::load(be, path).map(AnySession::Cuda)
+    Session::load(be, path).map(|s| AnySession::Cuda(Box::new(Engine::new(s, tf32))))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -140,7 +253,10 @@ impl NativeModel {
     #[napi]
     pub fn prepare(&self, cfg: Value) -> napi::Result<()> {
         let c: TrainConfig = serde_json::from_value(cfg).map_err(|e| json_err("training config", e))?;
-        let r = with(&self.inner, |a| dispatch!(a, s => s.prepare(c).map_err(js_err)));
+        let r = with(&self.inner, |a| dispatch_engine!(a, e => {
+            e.invalidate();
+            e.sess.prepare(c).map_err(js_err)
+        }));
         self.recount();
         r
     }
@@ -148,7 +264,7 @@ impl NativeModel {
     /// Starts epoch `t` (the allocator's round).
     #[napi]
     pub fn begin_epoch(&self, t: u32) -> napi::Result<()> {
-        with(&self.inner, |a| dispatch!(a, s => s.begin_epoch(t as usize).map_err(js_err)))
+        with(&self.inner, |a| dispatch_engine!(a, e => e.begin_epoch(t as usize).map_err(js_err)))
     }
 
     /// One training step (async): images `[b,3,H,W]` f32, labels `[b]`.
@@ -199,7 +315,8 @@ impl NativeModel {
         with(&self.inner, |a| match a {
             AnySession::Cpu(_) => Ok(Value::Null),
             #[cfg(feature = "cuda")]
-            AnySession::Cuda(s) => {
+            AnySession::Cuda(e) => {
+                let s = &e.sess;
                 s.be.gpu.sync().map_err(js_err)?;
                 let (free, total) = s.be.gpu.ctx.mem_get_info().map_err(|e| js_err(snella_cuda::device::cuda_err("cuMemGetInfo", e)))?;
                 Ok(serde_json::json!({ "usedBytes": total - free, "totalBytes": total }))
@@ -222,7 +339,10 @@ impl NativeModel {
     /// Loads an adapter folder into this base model.
     #[napi]
     pub fn load_adapter(&self, dir: String) -> napi::Result<()> {
-        let r = with(&self.inner, |a| dispatch!(a, s => s.load_adapter(&dir).map_err(js_err)));
+        let r = with(&self.inner, |a| dispatch_engine!(a, e => {
+            e.invalidate();
+            e.sess.load_adapter(&dir).map_err(js_err)
+        }));
         self.recount();
         r
     }
@@ -238,7 +358,10 @@ impl NativeModel {
     /// Loads a training checkpoint; returns `{ resume: { epoch, batch, begin_epoch, step, finished }, extra, path }`.
     #[napi]
     pub fn load_checkpoint(&self, dir: String) -> napi::Result<Value> {
-        let r = with(&self.inner, |a| dispatch!(a, s => s.load_checkpoint(&dir).map(|i| serde_json::to_value(i).expect("json")).map_err(js_err)));
+        let r = with(&self.inner, |a| dispatch_engine!(a, e => {
+            e.invalidate();
+            e.sess.load_checkpoint(&dir).map(|i| serde_json::to_value(i).expect("json")).map_err(js_err)
+        }));
         self.recount();
         r
     }
@@ -247,7 +370,10 @@ impl NativeModel {
     #[napi]
     pub fn merge(&self) -> napi::Result<()> {
         let r = with(&self.inner, |a| {
-            dispatch!(a, s => s.merge());
+            dispatch_engine!(a, e => {
+                e.invalidate();
+                e.sess.merge()
+            });
             Ok(())
         });
         self.recount();
@@ -258,7 +384,10 @@ impl NativeModel {
     #[napi]
     pub fn unmerge(&self) -> napi::Result<()> {
         let r = with(&self.inner, |a| {
-            dispatch!(a, s => s.unmerge());
+            dispatch_engine!(a, e => {
+                e.invalidate();
+                e.sess.unmerge()
+            });
             Ok(())
         });
         self.recount();
@@ -270,13 +399,48 @@ impl NativeModel {
     pub fn tensor(&self, name: String) -> napi::Result<Value> {
         with(&self.inner, |a| {
             dispatch!(a, s => {
-                let be = s.be.clone();
+                let be = &s.be;
                 let p = s.vit.params_mut().into_iter().find(|p| p.name == name).ok_or_else(|| {
                     Error::new(Status::InvalidArg, format!("[TENSOR] no tensor named '{name}'"))
                 })?;
-                Ok(serde_json::json!({ "shape": p.shape, "data": p.to_host(&be) }))
+                Ok(serde_json::json!({ "shape": p.shape, "data": p.to_host(be) }))
             })
         })
+    }
+
+    /// Sets up data-parallel training inside this process (async): on CUDA one rank per GPU of
+    /// `devices` (the first must be the model's own GPU; NCCL all-reduces the gradients); on the
+    /// CPU `devices.length` CPU ranks (threads, in-process communicator; for testing, no speed-up).
+    /// Each rank's replica loads the model's checkpoint and takes its training state before the
+    /// next step. Resolves to `{ kind, world, rank, localRanks }`.
+    #[napi(ts_return_type = "Promise<{ kind: string, world: number, rank: number, localRanks: number }>")]
+    pub fn data_parallel(&self, devices: Vec<u32>) -> AsyncTask<Job> {
+        AsyncTask::new(Job { inner: self.inner.clone(), kind: JobKind::Group(devices.into_iter().map(|d| d as usize).collect()) })
+    }
+
+    /// Joins a multi-process data-parallel group as rank `rank` of `world` through the TCP
+    /// rendezvous at `rendezvous` (`host:port` of rank 0), waiting up to `timeoutSeconds` (default
+    /// 600) for the others (async): NCCL on CUDA, TCP on the CPU. Resolves to the group's info.
+    #[napi(ts_return_type = "Promise<{ kind: string, world: number, rank: number, localRanks: number }>")]
+    pub fn join_group(&self, rendezvous: String, rank: u32, world: u32, timeout_seconds: Option<f64>) -> AsyncTask<Job> {
+        let timeout = std::time::Duration::from_secs_f64(timeout_seconds.filter(|t| t.is_finite() && *t > 0.0).unwrap_or(600.0));
+        let cfg = RendezvousConfig { addr: rendezvous, rank: rank as usize, world: world as usize, timeout };
+        AsyncTask::new(Job { inner: self.inner.clone(), kind: JobKind::Join(cfg) })
+    }
+
+    /// Ends data-parallel training: frees the replicas and communicators. Idempotent.
+    #[napi]
+    pub fn leave_group(&self) -> napi::Result<()> {
+        with(&self.inner, |a| {
+            dispatch_engine!(a, e => e.dp = None);
+            Ok(())
+        })
+    }
+
+    /// The data-parallel group `{ kind, world, rank, localRanks }`, or null.
+    #[napi]
+    pub fn group(&self) -> napi::Result<Value> {
+        with(&self.inner, |a| dispatch_engine!(a, e => Ok(e.group_info())))
     }
 
     /// Frees the model; later calls fail with `[DISPOSED]`. Idempotent.
@@ -303,6 +467,10 @@ pub enum JobKind {
     Predict(Vec<f32>, usize),
     /// Loss and accuracy.
     Evaluate(Vec<f32>, Vec<u32>),
+    /// A data-parallel group over these devices of this process.
+    Group(Vec<usize>),
+    /// Joining a multi-process group.
+    Join(RendezvousConfig),
 }
 
 /// An async call on the model, run on the libuv thread pool.
@@ -326,8 +494,22 @@ impl Task for Job {
     fn compute(&mut self) -> napi::Result<JobOut> {
         let kind = &self.kind;
         with(&self.inner, |a| {
+            match kind {
+                JobKind::Group(devices) => {
+                    local_group(a, devices).map_err(js_err)?;
+                    return Ok(JobOut::Json(dispatch_engine!(a, e => e.group_info())));
+                }
+                JobKind::Join(cfg) => {
+                    process_group(a, cfg).map_err(js_err)?;
+                    return Ok(JobOut::Json(dispatch_engine!(a, e => e.group_info())));
+                }
+                JobKind::Train(x, y) => {
+                    return dispatch_engine!(a, e => e.train_step(x, y)).map(|r| JobOut::Json(serde_json::to_value(r).expect("json"))).map_err(js_err);
+                }
+                _ => {}
+            }
             dispatch!(a, s => match kind {
-                JobKind::Train(x, y) => s.train_step(x, y).map(|r| JobOut::Json(serde_json::to_value(r).expect("json"))).map_err(js_err),
+                JobKind::Group(_) | JobKind::Join(_) | JobKind::Train(..) => unreachable!("handled above"),
                 JobKind::Predict(x, b) => s.predict(x, *b).map(JobOut::Floats).map_err(js_err),
                 JobKind::Evaluate(x, y) => s
                     .evaluate(x, y)
