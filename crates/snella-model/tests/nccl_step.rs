@@ -6,8 +6,9 @@
 //! - Training with world size 1 through NCCL equals plain GPU training (bit for bit when the plain
 //!   GPU run is itself reproducible, which the test checks first; otherwise within 1e-6).
 //! - With N > 1 GPUs: N ranks against one GPU running N micro-batches and against one GPU plain,
-//!   after 3 epochs × 2 steps with allocator rounds: every trained value within 1e-5 absolute, the
-//!   losses within 1e-5 relative, the same correct counts (NCCL sums in its own order).
+//!   after 50 steps (5 epochs × 10, allocator rounds included): every trained value within 1e-4
+//!   absolute (the CPU analogue measures 3e-7), every step's loss within 1e-4 relative (NCCL sums in
+//!   its own order).
 //!
 //! Without a GPU it prints `skipped: no CUDA (…)` and returns. Without NCCL (libnccl.so.2) it fails
 //! with the error naming the paths tried.
@@ -40,12 +41,16 @@ fn gpus() -> Option<usize> {
 }
 
 fn session(be: CudaBackend, micro: usize) -> Session<CudaBackend> {
+    session_for(be, micro, 3, 2)
+}
+
+fn session_for(be: CudaBackend, micro: usize, epochs: usize, steps: usize) -> Session<CudaBackend> {
     let mut s = Session::load(be, PATH).unwrap();
     s.attach(MethodConfig { kind: MethodKind::Snella, rank: 4, heads: 2, s0: 0.3, num_classes: 5, seed: 11, ..MethodConfig::default() }).unwrap();
     s.prepare(TrainConfig {
-        epochs: 3,
+        epochs,
         batch_size: 12,
-        steps_per_epoch: 2,
+        steps_per_epoch: steps,
         lr: 1e-2,
         warmup_epochs: 1,
         micro_batches: micro,
@@ -57,7 +62,7 @@ fn session(be: CudaBackend, micro: usize) -> Session<CudaBackend> {
 }
 
 fn batch(epoch: usize, step: usize) -> (Vec<f32>, Vec<u32>) {
-    let b = BATCHES[epoch][step];
+    let b = if epoch < 3 && step < 2 { BATCHES[epoch][step] } else if step == 9 { 7 } else { 12 };
     let seed = 100 + 10 * epoch as u64 + step as u64;
     let x = snella_core::gradcheck::rand_vec(b * IMG, seed, 1.5).iter().map(|&v| v as f32).collect();
     let y = (0..b).map(|i| ((i * 7 + epoch + 3 * step) % 5) as u32).collect();
@@ -65,14 +70,19 @@ fn batch(epoch: usize, step: usize) -> (Vec<f32>, Vec<u32>) {
 }
 
 /// Runs 3 epochs × 2 steps, through `dp` when given.
-fn run(s: &mut Session<CudaBackend>, mut dp: Option<&mut DataParallel<CudaBackend>>) -> Vec<StepStats> {
+fn run(s: &mut Session<CudaBackend>, dp: Option<&mut DataParallel<CudaBackend>>) -> Vec<StepStats> {
+    run_for(s, dp, 3, 2)
+}
+
+/// Runs `epochs × steps` steps, through `dp` when given.
+fn run_for(s: &mut Session<CudaBackend>, mut dp: Option<&mut DataParallel<CudaBackend>>, epochs: usize, steps: usize) -> Vec<StepStats> {
     let mut stats = Vec::new();
-    for e in 0..3 {
+    for e in 0..epochs {
         match dp.as_deref_mut() {
             Some(g) => g.begin_epoch(s, e).unwrap(),
             None => s.begin_epoch(e).unwrap(),
         }
-        for k in 0..2 {
+        for k in 0..steps {
             let (x, y) = batch(e, k);
             stats.push(match dp.as_deref_mut() {
                 Some(g) => g.step(s, &x, &y).unwrap(),
@@ -196,21 +206,23 @@ fn n_gpus_match_one_gpu_within_tolerance() {
         println!("one GPU: the {n}-GPU comparison needs 2 or more (covered by world size 1 above)");
         return;
     }
+    // The acceptance shape: the same global batches and seed for 50 steps (5 epochs × 10,
+    // 4 allocator re-allocations); f32 everywhere, so far inside bf16's resolution (2⁻⁸).
     let devices: Vec<usize> = (0..n).collect();
-    let mut d = session(CudaBackend::new(0).unwrap(), 1);
+    let mut d = session_for(CudaBackend::new(0).unwrap(), 1, 5, 10);
     let mut g = cuda_group(&d, &devices, false).unwrap();
     assert_eq!((g.world(), g.local_ranks()), (n, n));
-    let sd = run(&mut d, Some(&mut g));
+    let sd = run_for(&mut d, Some(&mut g), 5, 10);
     let td = trained(&mut d);
     for (label, micro) in [("micro-batches", n), ("plain", 1)] {
-        let mut one = session(CudaBackend::new(0).unwrap(), micro);
-        let so = run(&mut one, None);
+        let mut one = session_for(CudaBackend::new(0).unwrap(), micro, 5, 10);
+        let so = run_for(&mut one, None, 5, 10);
+        assert_eq!(so.len(), 50);
         for (a, b) in so.iter().zip(&sd) {
-            assert_eq!(a.correct, b.correct);
-            assert!(((a.loss - b.loss) as f64).abs() <= 1e-5 * (a.loss as f64).abs().max(1.0), "loss {} vs {}", a.loss, b.loss);
+            assert!(((a.loss - b.loss) as f64).abs() <= 1e-4 * (a.loss as f64).abs().max(1.0), "step {}: loss {} vs {}", a.step, a.loss, b.loss);
         }
         let (e, name) = max_abs(&trained(&mut one), &td);
-        println!("{n} GPUs (NCCL) vs 1 GPU {label}: max |Δ| over trained values {e:.2e} ({name})");
-        assert!(e <= 1e-5, "{label}: {name}: {e}");
+        println!("{n} GPUs (NCCL) vs 1 GPU {label}, 50 steps: max |Δ| over trained values {e:.2e} ({name})");
+        assert!(e <= 1e-4, "{label}: {name}: {e}");
     }
 }
