@@ -249,6 +249,18 @@ pub struct DataParallel<B: Backend> {
     failed: Option<String>,
 }
 
+impl<B: Backend> Drop for DataParallel<B> {
+    /// Lets every worker tear its replica down at once (their threads end when their queue
+    /// closes), while this rank's communicator drops with the struct; the workers' own `Drop`
+    /// then joins the threads. Communicators whose release waits for the other ranks of the
+    /// process are thus released together, not one after another.
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            drop(w.tx.take());
+        }
+    }
+}
+
 impl<B: Backend> DataParallel<B> {
     /// A group whose ranks all live in this process: `sess` is rank 0 with `comm0`, and each of
     /// `others` (a backend, e.g. another GPU, and the communicator of ranks 1, 2, … in order) gets a

@@ -5,7 +5,7 @@
 //! `libnccl.so`, `libnccl.so.13`/`.12`/`.11`/`.10`/`.9`/`.1` and a few others, but not
 //! `libnccl.so.2`, the only name that NCCL's runtime packages install (the `libnccl2` deb/rpm and
 //! the `nvidia-nccl-cu12`/`-cu13` pip wheels that PyTorch pulls in); and it panics when nothing
-//! loads. The eleven functions used here are bound through `libloading` instead, so a missing NCCL
+//! loads. The ten functions used here are bound through `libloading` instead, so a missing NCCL
 //! is an error value (`CUDA_UNAVAILABLE` naming `libnccl.so.2` and every path tried) and the addon
 //! still loads without it.
 //!
@@ -54,7 +54,6 @@ struct Api {
     init_all: unsafe extern "C" fn(*mut RawComm, c_int, *const c_int) -> NcclResult,
     all_reduce: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, Stream) -> NcclResult,
     broadcast: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, Stream) -> NcclResult,
-    destroy: unsafe extern "C" fn(RawComm) -> NcclResult,
     abort: unsafe extern "C" fn(RawComm) -> NcclResult,
     error_string: unsafe extern "C" fn(NcclResult) -> *const c_char,
     last_error: Option<unsafe extern "C" fn(RawComm) -> *const c_char>,
@@ -117,7 +116,6 @@ fn bind(lib: Library, path: String) -> std::result::Result<Api, String> {
         init_all: sym!(b"ncclCommInitAll\0"),
         all_reduce: sym!(b"ncclAllReduce\0"),
         broadcast: sym!(b"ncclBroadcast\0"),
-        destroy: sym!(b"ncclCommDestroy\0"),
         abort: sym!(b"ncclCommAbort\0"),
         error_string: sym!(b"ncclGetErrorString\0"),
         // SAFETY: as above; absent before NCCL 2.13.
@@ -326,10 +324,14 @@ impl Communicator<CudaBackend> for NcclComm {
 }
 
 impl Drop for NcclComm {
+    /// Releases the communicator with `ncclCommAbort`, as cudarc's own `Comm` does: a local call,
+    /// where `ncclCommDestroy` may wait for the other ranks of the process to destroy theirs (the
+    /// ranks are dropped one after another by their threads). Nothing is in flight by then: every
+    /// step ends with host reads of the reduced values.
     fn drop(&mut self) {
-        if !self.aborted.load(Ordering::SeqCst) {
+        if !self.aborted.swap(true, Ordering::SeqCst) {
             // SAFETY: the handle is live and no longer used.
-            unsafe { (self.api.destroy)(self.comm) };
+            unsafe { (self.api.abort)(self.comm) };
         }
     }
 }
