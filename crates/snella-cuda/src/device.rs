@@ -23,6 +23,8 @@ pub struct Gpu {
     module: Arc<CudaModule>,
     funcs: Mutex<HashMap<&'static str, CudaFunction>>,
     peak: AtomicUsize,
+    /// The GEMM precision ([`Precision`] as u8).
+    precision: std::sync::atomic::AtomicU8,
     /// The device's default memory pool (what `cuMemAllocAsync` draws from), when the device has one.
     pool: Option<PoolHandle>,
     /// `"NVIDIA H200 (sm_90)"`-style description.
@@ -54,7 +56,7 @@ impl Gpu {
         let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("cannot create a cuBLAS handle", e))?;
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let (ma, mi) = ctx.compute_capability().unwrap_or((0, 0));
-        Ok(Arc::new(Gpu { ctx, stream, blas, module, funcs: Mutex::new(HashMap::new()), peak: AtomicUsize::new(0), pool, description: format!("{name} (sm_{ma}{mi}), {driver}") }))
+        Ok(Arc::new(Gpu { ctx, stream, blas, module, funcs: Mutex::new(HashMap::new()), peak: AtomicUsize::new(0), precision: std::sync::atomic::AtomicU8::new(Precision::F32 as u8), pool, description: format!("{name} (sm_{ma}{mi}), {driver}") }))
     }
 
     /// The kernel `name` of the fatbin (cached).
@@ -181,10 +183,45 @@ impl Gpu {
     /// # Errors
     /// `CUDA_ERROR` when cuBLAS refuses the mode.
     pub fn set_tf32(&self, on: bool) -> Result<(), SnellaError> {
+        self.set_precision(if on { Precision::Tf32 } else { Precision::F32 })
+    }
+
+    /// Sets the precision of every GEMM on this device (see [`Precision`]).
+    ///
+    /// # Errors
+    /// `CUDA_ERROR` when cuBLAS refuses the math mode.
+    pub fn set_precision(&self, p: Precision) -> Result<(), SnellaError> {
         use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode, cublasStatus_t};
-        let mode = if on { cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH } else { cublasMath_t::CUBLAS_DEFAULT_MATH };
+        // bf16 mode: the layer GEMMs take bf16 operands (crate::gemm); the attention's batched f32
+        // products use TF32.
+        let mode = if p == Precision::F32 { cublasMath_t::CUBLAS_DEFAULT_MATH } else { cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH };
         // SAFETY: the handle is valid for the life of `self`.
         let st = unsafe { cublasSetMathMode(*self.blas.handle(), mode) };
-        if st == cublasStatus_t::CUBLAS_STATUS_SUCCESS { Ok(()) } else { Err(cuda_err("cublasSetMathMode", st)) }
+        if st != cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(cuda_err("cublasSetMathMode", st));
+        }
+        self.precision.store(p as u8, Ordering::Relaxed);
+        Ok(())
     }
+
+    /// The GEMM precision in force.
+    pub fn precision(&self) -> Precision {
+        match self.precision.load(Ordering::Relaxed) {
+            1 => Precision::Tf32,
+            2 => Precision::Bf16,
+            _ => Precision::F32,
+        }
+    }
+}
+
+/// How a device's GEMMs multiply (all tensors stay f32 in memory; accumulation is always f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// Strict f32 products (the CPU-parity reference; cuBLAS default math).
+    F32 = 0,
+    /// TF32 tensor cores: inputs rounded to a 10-bit mantissa.
+    Tf32 = 1,
+    /// bf16 operands (8-bit mantissa, converted per product as PyTorch's autocast does) on the bf16
+    /// tensor cores for the layer GEMMs; TF32 for the attention's batched products.
+    Bf16 = 2,
 }

@@ -3,14 +3,16 @@
 //! Row-major `C[m,n] = op(A)·op(B)` is column-major `Cᵀ = op(B)ᵀ·op(A)ᵀ`, so cuBLAS is called with
 //! the operands swapped: `(n, m, k)`, B first.
 
-use crate::device::{cuda_err, Gpu};
+use crate::device::{cuda_err, Gpu, Precision};
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{Gemm, GemmConfig};
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 use snella_core::SnellaError;
 
 /// `C = alpha·op(A)·op(B) + beta·C`, row-major, as `snella_core::gemm::gemm` (A is `[m,k]`, or
-/// `[k,m]` when `ta`; B is `[k,n]`, or `[n,k]` when `tb`).
+/// `[k,m]` when `ta`; B is `[k,n]`, or `[n,k]` when `tb`). All f32 in memory; the products run in
+/// the device's [`Precision`]: strict f32, TF32 tensor cores, or bf16 operands (each converted on
+/// the fly) with f32 accumulation and an f32 `C`.
 ///
 /// # Errors
 /// `CUDA_ERROR` when cuBLAS fails.
@@ -20,6 +22,9 @@ pub fn gemm<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
 ) -> Result<(), SnellaError> {
     if m == 0 || n == 0 {
         return Ok(());
+    }
+    if gpu.precision() == Precision::Bf16 && k > 0 {
+        return gemm_bf16(gpu, ta, tb, m, n, k, alpha, a, b, beta, c);
     }
     let cfg = GemmConfig {
         transa: if tb { CUBLAS_OP_T } else { CUBLAS_OP_N },
@@ -37,44 +42,112 @@ pub fn gemm<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
     unsafe { gpu.blas.gemm(cfg, b, a, c) }.map_err(|e| cuda_err("cuBLAS sgemm", e))
 }
 
-/// Row-major strided-batched GEMM with explicit row strides, over `batch` problems:
-/// `C_i = alpha·op(A_i)·op(B_i) + beta·C_i`, where `A_i` starts `i·stride_a` elements after `a`'s
-/// start, and so on. `lda`, `ldb`, `ldc` are the row strides (elements) of the stored matrices
-/// (`A` stored `[m,k]`, or `[k,m]` when `ta`; `B` stored `[k,n]`, or `[n,k]` when `tb`), so a matrix
-/// can be a column block of a wider row-major tensor (e.g. one head of `qkv: [b, t, 3·d]`).
+/// Converts the first `n` values of `src` (f32) to a new bf16 buffer (round to nearest even).
+fn to_bf16<S: DevicePtr<f32>>(gpu: &Gpu, src: &S, n: usize) -> Result<cudarc::driver::CudaSlice<u16>, SnellaError> {
+    use cudarc::driver::PushKernelArg;
+    // SAFETY: the kernel below writes all n elements before any read.
+    let mut dst = unsafe { gpu.stream.alloc::<u16>(n.max(1)) }.map_err(|e| gpu.oom(n * 2, e))?;
+    let f = gpu.func("snella_f32_to_bf16");
+    let n64 = n as u64;
+    let blocks = n.div_ceil(1024).clamp(1, 8192) as u32;
+    let cfg = cudarc::driver::LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (sp, _rs) = src.device_ptr(&gpu.stream);
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(&sp).arg(&mut dst).arg(&n64);
+    // SAFETY: src holds ≥ n floats (the caller's GEMM extents) and dst n bf16 values.
+    unsafe { l.launch(cfg) }.map_err(|e| cuda_err("snella_f32_to_bf16", e))?;
+    Ok(dst)
+}
+
+/// [`gemm`] with bf16 operands: `A` (its `m·k` stored values) and `B` (`k·n`) are converted to bf16,
+/// then `cublasGemmEx` multiplies them with f32 accumulation (`CUBLAS_COMPUTE_32F`) into the f32 `C`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_bf16<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
+    gpu: &Gpu, ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32, a: &A, b: &B, beta: f32, c: &mut C,
+) -> Result<(), SnellaError> {
+    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasGemmEx, cublasStatus_t, cudaDataType};
+    let (a16, b16) = (to_bf16(gpu, a, m * k)?, to_bf16(gpu, b, k * n)?);
+    let (ap, _ra) = a16.device_ptr(&gpu.stream);
+    let (bp, _rb) = b16.device_ptr(&gpu.stream);
+    let (cp, _rc) = c.device_ptr_mut(&gpu.stream);
+    let (lda, ldb) = (if tb { k } else { n }, if ta { m } else { k });
+    // SAFETY: the handle is bound to gpu.stream; a16/b16 hold the converted operands, C holds m·n
+    // f32 values (the caller's extents); alpha/beta are host f32 (the default pointer mode).
+    let st = unsafe {
+        cublasGemmEx(
+            *gpu.blas.handle(),
+            if tb { CUBLAS_OP_T } else { CUBLAS_OP_N },
+            if ta { CUBLAS_OP_T } else { CUBLAS_OP_N },
+            n as i32,
+            m as i32,
+            k as i32,
+            &alpha as *const f32 as *const _,
+            bp as *const _,
+            cudaDataType::CUDA_R_16BF,
+            lda as i32,
+            ap as *const _,
+            cudaDataType::CUDA_R_16BF,
+            ldb as i32,
+            &beta as *const f32 as *const _,
+            cp as *mut _,
+            cudaDataType::CUDA_R_32F,
+            n as i32,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    };
+    if st == cublasStatus_t::CUBLAS_STATUS_SUCCESS { Ok(()) } else { Err(cuda_err("cublasGemmEx (bf16)", st)) }
+}
+
+/// Row-major batched GEMM over problems at explicit element offsets (one cuBLAS call for all of
+/// them): `C_z = alpha·op(A_z)·op(B_z) + beta·C_z`, where `A_z` starts `a_offs[z]` elements after
+/// `a`'s start, and so on; `lda`, `ldb`, `ldc` are the row strides (elements) of the stored matrices. Used where
+/// the problems are not evenly strided (every head of every image of the attention). The pointer
+/// tables (3 × count × 8 bytes) are uploaded per call. f32 products in the handle's math mode.
 ///
 /// # Errors
-/// `CUDA_ERROR` when cuBLAS fails.
+/// `CUDA_ERROR` when cuBLAS or the upload fails.
 ///
 /// # Safety
-/// Every `A_i`, `B_i`, `C_i` must lie inside its buffer; problems must not write overlapping `C`.
+/// Every `A_z`, `B_z`, `C_z` must lie inside its buffer; problems must not write overlapping `C`.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_strided<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
+pub unsafe fn gemm_batched<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
     gpu: &Gpu, ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32,
-    a: &A, lda: usize, stride_a: usize, b: &B, ldb: usize, stride_b: usize,
-    beta: f32, c: &mut C, ldc: usize, stride_c: usize, batch: usize,
+    a: &A, a_offs: &[usize], lda: usize, b: &B, b_offs: &[usize], ldb: usize,
+    beta: f32, c: &mut C, c_offs: &[usize], ldc: usize,
 ) -> Result<(), SnellaError> {
-    use cudarc::cublas::StridedBatchedConfig;
-    if m == 0 || n == 0 || batch == 0 {
+    use cudarc::cublas::sys::{cublasSgemmBatched, cublasStatus_t};
+    let count = a_offs.len();
+    if m == 0 || n == 0 || count == 0 {
         return Ok(());
     }
-    let cfg = StridedBatchedConfig {
-        gemm: GemmConfig {
-            transa: if tb { CUBLAS_OP_T } else { CUBLAS_OP_N },
-            transb: if ta { CUBLAS_OP_T } else { CUBLAS_OP_N },
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
-            alpha,
-            lda: ldb as i32,
-            ldb: lda as i32,
-            beta,
-            ldc: ldc as i32,
-        },
-        batch_size: batch as i32,
-        stride_a: stride_b as i64,
-        stride_b: stride_a as i64,
-        stride_c: stride_c as i64,
-    };
-    gpu.blas.gemm_strided_batched(cfg, b, a, c).map_err(|e| cuda_err("cuBLAS sgemm (strided batched)", e))
+    let (ap, _ra) = a.device_ptr(&gpu.stream);
+    let (bp, _rb) = b.device_ptr(&gpu.stream);
+    let (cp, _rc) = c.device_ptr_mut(&gpu.stream);
+    // column-major view: cuBLAS's A is our B, its B our A (see `gemm`)
+    let mut table: Vec<u64> = Vec::with_capacity(3 * count);
+    table.extend(b_offs.iter().map(|&o| bp + 4 * o as u64));
+    table.extend(a_offs.iter().map(|&o| ap + 4 * o as u64));
+    table.extend(c_offs.iter().map(|&o| cp + 4 * o as u64));
+    let dev = gpu.stream.clone_htod(&table).map_err(|e| cuda_err("upload of the batched GEMM's pointer table", e))?;
+    let (dp, _rd) = dev.device_ptr(&gpu.stream);
+    let (alpha, beta) = (alpha, beta);
+    let st = cublasSgemmBatched(
+        *gpu.blas.handle(),
+        if tb { CUBLAS_OP_T } else { CUBLAS_OP_N },
+        if ta { CUBLAS_OP_T } else { CUBLAS_OP_N },
+        n as i32,
+        m as i32,
+        k as i32,
+        &alpha,
+        dp as *const *const f32,
+        ldb as i32,
+        (dp + 8 * count as u64) as *const *const f32,
+        lda as i32,
+        &beta,
+        (dp + 16 * count as u64) as *const *mut f32,
+        ldc as i32,
+        count as i32,
+    );
+    if st == cublasStatus_t::CUBLAS_STATUS_SUCCESS { Ok(()) } else { Err(cuda_err("cublasSgemmBatched", st)) }
 }

@@ -275,3 +275,42 @@ fn timing_attention_vit_shapes() {
         println!("timing attention b={b} t={t} h={heads} hd={hd}: fwd {:.3} ms, bwd {:.3} ms", f * 1e3, g * 1e3);
     }
 }
+
+/// The layer GEMM in each precision against an f64 reference, on shapes that do not divide the
+/// tiles, for every transpose combination and with `beta = 1` accumulation: strict f32 within
+/// 1e-5; bf16 against the f64 product of the *bf16-rounded* inputs (round to nearest even, by
+/// `half`), so only the f32 accumulation order may differ: within 1e-5 as well. TF32 within 2e-3.
+#[test]
+fn gemm_precisions_match_f64_reference() {
+    let Some(gpu) = setup() else { return };
+    use snella_cuda::device::Precision;
+    let bf = |v: &[f32]| v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect::<Vec<f32>>();
+    for &(m, n, k) in &[(1usize, 1usize, 1usize), (37, 65, 129), (197, 192, 64), (130, 3, 770)] {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let a = rand32(m * k, 1 + m as u64, 1.0);
+            let b = rand32(k * n, 2 + n as u64, 1.0);
+            let c0 = rand32(m * n, 3, 1.0);
+            for (p, rtol) in [(Precision::F32, 1e-5), (Precision::Bf16, 1e-5), (Precision::Tf32, 2e-3)] {
+                gpu.set_precision(p).unwrap();
+                let (ra, rb) = if p == Precision::Bf16 { (bf(&a), bf(&b)) } else { (a.clone(), b.clone()) };
+                let mut want = vec![0f32; m * n];
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut s = 0f64;
+                        for l in 0..k {
+                            let av = if ta { ra[l * m + i] } else { ra[i * k + l] };
+                            let bv = if tb { rb[j * k + l] } else { rb[l * n + j] };
+                            s += av as f64 * bv as f64;
+                        }
+                        want[i * n + j] = (0.5 * s + c0[i * n + j] as f64) as f32;
+                    }
+                }
+                let (ga, gb) = (up(&gpu, &a), up(&gpu, &b));
+                let mut gc = up(&gpu, &c0);
+                snella_cuda::gemm::gemm(&gpu, ta, tb, m, n, k, 0.5, &ga.slice(..), &gb.slice(..), 1.0, &mut gc.slice_mut(..)).unwrap();
+                check(&format!("gemm {p:?} {m}x{n}x{k} ta={ta} tb={tb}"), &down(&gpu, &gc), &want, rtol);
+            }
+        }
+    }
+    gpu.set_precision(Precision::F32).unwrap();
+}

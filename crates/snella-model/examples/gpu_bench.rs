@@ -7,7 +7,9 @@
 //! - `methods_b8`: LoRA r=32, SNELLA and full fine-tuning at batch 8.
 //!
 //! `cargo run --release --features cuda -p snella-model --example gpu_bench -- [batch] [steps] [profile]`
-//! (`profile`: only the per-op device-time breakdown of one SNELLA and one full step, TF32).
+//! (`profile`: only the per-op device-time breakdown of one SNELLA and one full step, bf16).
+//! The headline `vit_b16_step.ours` is bf16 (bf16 GEMM operands, f32 accumulation, f32 tensors);
+//! TF32 and strict f32 follow, then recompute, full fine-tuning and LoRA in bf16.
 
 use snella_core::snella::sparsify::SparsifyRule;
 use snella_core::snella::topk::kept_count;
@@ -15,6 +17,7 @@ use snella_core::st::{HostTensor, TensorFile};
 use snella_model::adapter::uniform;
 use snella_model::backend::Backend;
 use snella_model::cuda::CudaBackend;
+use snella_cuda::device::Precision;
 use snella_model::peft::{MethodConfig, MethodKind};
 use snella_model::session::Session;
 use snella_model::trainer::TrainConfig;
@@ -154,24 +157,28 @@ fn main() {
     let steps: usize = a.get(2).and_then(|s| s.parse().ok()).unwrap_or(10);
     let be = CudaBackend::new(0).expect("CUDA");
     if a.get(3).map(|s| s == "profile").unwrap_or(false) {
-        be.gpu.set_tf32(true).expect("tf32");
+        be.gpu.set_precision(Precision::Bf16).expect("bf16");
         let p = [MethodKind::Snella, MethodKind::Full].iter().map(|&k| profile_step(&be, k, batch)).collect::<Vec<_>>();
-        println!("{{\"profile_tf32\":[{}]}}", p.join(","));
+        println!("{{\"profile_bf16\":[{}]}}", p.join(","));
         return;
     }
     let merges: Vec<String> = [(768, 768), (768, 3072), (3072, 768), (1024, 4096)]
         .iter()
         .map(|&(i, o)| format!("{{\"shape\":[{i},{o}],\"rank\":32,\"sparsity\":0.7,\"ours_ms\":{:.3}}}", merge_ms(&be, i, o, 50)))
         .collect();
-    let main = step_bench(&be, MethodKind::Snella, batch, steps);
-    be.gpu.set_tf32(true).expect("tf32");
-    let main_tf32 = step_bench(&be, MethodKind::Snella, batch, steps).replace("\"dtype\":\"f32\"", "\"dtype\":\"tf32\"");
-    let recompute_tf32 = step_bench_with(&be, MethodKind::Snella, batch, steps, true).replace("\"dtype\":\"f32\"", "\"dtype\":\"tf32\",\"recompute\":true");
-    let full_tf32 = step_bench(&be, MethodKind::Full, batch, steps).replace("\"dtype\":\"f32\"", "\"dtype\":\"tf32\"");
-    be.gpu.set_tf32(false).expect("f32");
+    let tag = |j: String, p: &str| j.replace("\"dtype\":\"f32\"", &format!("\"dtype\":\"{p}\""));
+    let main_f32 = step_bench(&be, MethodKind::Snella, batch, steps);
+    be.gpu.set_precision(Precision::Tf32).expect("tf32");
+    let main_tf32 = tag(step_bench(&be, MethodKind::Snella, batch, steps), "tf32");
+    be.gpu.set_precision(Precision::Bf16).expect("bf16");
+    let main = tag(step_bench(&be, MethodKind::Snella, batch, steps), "bf16");
+    let recompute = tag(step_bench_with(&be, MethodKind::Snella, batch, steps, true), "bf16").replace("\"batch\"", "\"recompute\":true,\"batch\"");
+    let full = tag(step_bench(&be, MethodKind::Full, batch, steps), "bf16");
+    let lora = tag(step_bench(&be, MethodKind::Lora, batch, steps), "bf16");
+    be.gpu.set_precision(Precision::F32).expect("f32");
     let b8: Vec<String> = [MethodKind::Lora, MethodKind::Snella, MethodKind::Full].iter().map(|&k| step_bench(&be, k, 8, steps)).collect();
     println!(
-        "{{\"device\":\"{}\",\"merge\":[{}],\"vit_b16_step\":{{\"ours\":{main},\"ours_tf32\":{main_tf32},\"ours_tf32_recompute\":{recompute_tf32},\"ours_full_tf32\":{full_tf32}}},\"methods_b8\":[{}]}}",
+        "{{\"device\":\"{}\",\"merge\":[{}],\"vit_b16_step\":{{\"ours\":{main},\"ours_recompute\":{recompute},\"ours_tf32\":{main_tf32},\"ours_f32\":{main_f32},\"ours_full\":{full},\"ours_lora\":{lora}}},\"methods_b8\":[{}]}}",
         be.gpu.description,
         merges.join(","),
         b8.join(",")

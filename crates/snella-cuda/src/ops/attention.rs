@@ -1,5 +1,5 @@
-//! The multi-head self-attention core, forward and backward, f32: cuBLAS strided-batched products
-//! (one call per head, batched over the images) around the row-softmax kernels of
+//! The multi-head self-attention core, forward and backward, f32: cuBLAS batched products (one call
+//! per product over every (image, head), through pointer tables) around the row-softmax kernels of
 //! `kernels/attention.cu`. The products use the handle's math mode (strict f32, or TF32 after
 //! [`Gpu::set_tf32`]).
 //!
@@ -11,7 +11,7 @@
 use super::reduce::{check_len, dim_u32, scratch};
 use super::{In, Out};
 use crate::device::{cuda_err, Gpu};
-use crate::gemm::gemm_strided;
+use crate::gemm::gemm_batched;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use snella_core::SnellaError;
 
@@ -43,25 +43,21 @@ pub fn attention_fwd(
     let t32 = dim_u32(op, "t", t)?;
     let scale = (hd as f64).powf(-0.5) as f32;
     let (r3, tt) = (3 * d, t * t);
-    for h in 0..heads {
-        // S_h = scale · q_h · k_hᵀ  → probs[:, h]
-        let (q, k) = (qkv.slice(h * hd..), qkv.slice(d + h * hd..));
-        let mut s = probs.slice_mut(h * tt..);
-        // SAFETY: every problem lies inside qkv [b,t,3d] / probs [b,heads,t,t] (lengths checked).
-        unsafe { gemm_strided(gpu, false, true, t, t, hd, scale, &q, r3, t * r3, &k, r3, t * r3, 0.0, &mut s, t, heads * tt, b)? };
-    }
+    // offsets of problem z = image·heads + head
+    let z = |f: &dyn Fn(usize, usize) -> usize| -> Vec<usize> { (0..b * heads).map(|z| f(z / heads, z % heads)).collect() };
+    let (q_off, k_off, v_off) = (z(&|i, h| i * t * r3 + h * hd), z(&|i, h| i * t * r3 + d + h * hd), z(&|i, h| i * t * r3 + 2 * d + h * hd));
+    let (p_off, o_off) = (z(&|i, h| (i * heads + h) * tt), z(&|i, h| i * t * d + h * hd));
+    // S = scale · q · kᵀ → probs
+    // SAFETY: every problem lies inside qkv [b,t,3d] / probs [b,heads,t,t] (lengths checked).
+    unsafe { gemm_batched(gpu, false, true, t, t, hd, scale, qkv, &q_off, r3, qkv, &k_off, r3, 0.0, probs, &p_off, t)? };
     let f = gpu.func("snella_softmax_rows_fwd");
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(&mut *probs).arg(&rows32).arg(&t32);
     // SAFETY: probs holds rows·t floats (checked); each warp touches only its row.
     unsafe { l.launch(rows_cfg(rows)) }.map_err(|e| cuda_err("snella_softmax_rows_fwd", e))?;
-    for h in 0..heads {
-        // out_h = P_h · v_h
-        let (p, v) = (probs.slice(h * tt..), qkv.slice(2 * d + h * hd..));
-        let mut o = out.slice_mut(h * hd..);
-        // SAFETY: as above; out [b,t,d] column block h.
-        unsafe { gemm_strided(gpu, false, false, t, hd, t, 1.0, &p, t, heads * tt, &v, r3, t * r3, 0.0, &mut o, d, t * d, b)? };
-    }
+    // out = P · v
+    // SAFETY: as above; out [b,t,d] column block per head.
+    unsafe { gemm_batched(gpu, false, false, t, hd, t, 1.0, &*probs, &p_off, t, qkv, &v_off, r3, 0.0, out, &o_off, d)? };
     Ok(())
 }
 
@@ -95,29 +91,21 @@ pub fn attention_bwd(
     let scale = (hd as f64).powf(-0.5) as f32;
     let (r3, tt) = (3 * d, t * t);
     let mut ds = scratch(gpu, b * heads * tt)?;
-    for h in 0..heads {
-        let (o, v, p) = (dout.slice(h * hd..), qkv.slice(2 * d + h * hd..), probs.slice(h * tt..));
-        // dP_h = dO_h · v_hᵀ → ds[:, h]
-        let mut s = ds.slice_mut(h * tt..);
-        // SAFETY: every problem lies inside its buffer (lengths checked); outputs are disjoint.
-        unsafe { gemm_strided(gpu, false, true, t, t, hd, 1.0, &o, d, t * d, &v, r3, t * r3, 0.0, &mut s, t, heads * tt, b)? };
-        // dv_h = P_hᵀ · dO_h
-        let mut dv = dqkv.slice_mut(2 * d + h * hd..);
-        unsafe { gemm_strided(gpu, true, false, t, hd, t, 1.0, &p, t, heads * tt, &o, d, t * d, 0.0, &mut dv, r3, t * r3, b)? };
-    }
+    let z = |f: &dyn Fn(usize, usize) -> usize| -> Vec<usize> { (0..b * heads).map(|z| f(z / heads, z % heads)).collect() };
+    let (q_off, k_off, v_off) = (z(&|i, h| i * t * r3 + h * hd), z(&|i, h| i * t * r3 + d + h * hd), z(&|i, h| i * t * r3 + 2 * d + h * hd));
+    let (p_off, o_off) = (z(&|i, h| (i * heads + h) * tt), z(&|i, h| i * t * d + h * hd));
+    // dP = dO · vᵀ → ds ; dv = Pᵀ · dO
+    // SAFETY: every problem lies inside its buffer (lengths checked); outputs are disjoint.
+    unsafe { gemm_batched(gpu, false, true, t, t, hd, 1.0, dout, &o_off, d, qkv, &v_off, r3, 0.0, &mut ds, &p_off, t)? };
+    unsafe { gemm_batched(gpu, true, false, t, hd, t, 1.0, probs, &p_off, t, dout, &o_off, d, 0.0, dqkv, &v_off, r3)? };
     let f = gpu.func("snella_softmax_rows_bwd");
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(probs).arg(&mut ds).arg(&rows32).arg(&t32).arg(&scale);
     // SAFETY: probs and ds hold rows·t floats; each warp touches only its row.
     unsafe { l.launch(rows_cfg(rows)) }.map_err(|e| cuda_err("snella_softmax_rows_bwd", e))?;
-    for h in 0..heads {
-        let (s, q, k) = (ds.slice(h * tt..), qkv.slice(h * hd..), qkv.slice(d + h * hd..));
-        // dq_h = dS_h · k_h ; dk_h = dS_hᵀ · q_h (dS already carries the scale)
-        let mut dq = dqkv.slice_mut(h * hd..);
-        // SAFETY: as above.
-        unsafe { gemm_strided(gpu, false, false, t, hd, t, 1.0, &s, t, heads * tt, &k, r3, t * r3, 0.0, &mut dq, r3, t * r3, b)? };
-        let mut dk = dqkv.slice_mut(d + h * hd..);
-        unsafe { gemm_strided(gpu, true, false, t, hd, t, 1.0, &s, t, heads * tt, &q, r3, t * r3, 0.0, &mut dk, r3, t * r3, b)? };
-    }
+    // dq = dS · k ; dk = dSᵀ · q (dS already carries the scale)
+    // SAFETY: as above.
+    unsafe { gemm_batched(gpu, false, false, t, hd, t, 1.0, &ds, &p_off, t, qkv, &k_off, r3, 0.0, &mut *dqkv, &q_off, r3)? };
+    unsafe { gemm_batched(gpu, true, false, t, hd, t, 1.0, &ds, &p_off, t, qkv, &q_off, r3, 0.0, dqkv, &k_off, r3)? };
     Ok(())
 }
