@@ -5,7 +5,7 @@
 //! `libnccl.so`, `libnccl.so.13`/`.12`/`.11`/`.10`/`.9`/`.1` and a few others, but not
 //! `libnccl.so.2`, the only name that NCCL's runtime packages install (the `libnccl2` deb/rpm and
 //! the `nvidia-nccl-cu12`/`-cu13` pip wheels that PyTorch pulls in); and it panics when nothing
-//! loads. The ten functions used here are bound through `libloading` instead, so a missing NCCL
+//! loads. The nine functions used here are bound through `libloading` instead, so a missing NCCL
 //! is an error value (`CUDA_UNAVAILABLE` naming `libnccl.so.2` and every path tried) and the addon
 //! still loads without it.
 //!
@@ -28,7 +28,7 @@ use snella_core::{Result, SnellaError};
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 type NcclResult = c_int;
 type RawComm = *mut c_void;
@@ -162,20 +162,39 @@ pub fn unique_id() -> Result<[u8; ID_BYTES]> {
     Ok(id.internal.map(|c| c as u8))
 }
 
-/// One rank of an NCCL group, bound to one GPU's stream (see the module docs).
-pub struct NcclComm {
+/// An NCCL communicator handle and whether it was aborted (released).
+struct Handle {
     comm: RawComm,
-    rank: usize,
-    world: usize,
     aborted: AtomicBool,
-    api: &'static Api,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread, one call at a time (the data-parallel
-// code calls it from the one thread that runs its rank); abort is designed to be called from
-// another thread.
-unsafe impl Send for NcclComm {}
-unsafe impl Sync for NcclComm {}
+// code calls it from the one thread that runs its rank); `ncclCommAbort` is designed to be called
+// from another thread, to release a rank blocked in a collective.
+unsafe impl Send for Handle {}
+unsafe impl Sync for Handle {}
+
+impl Handle {
+    fn abort(&self, api: &Api) {
+        if !self.aborted.swap(true, Ordering::SeqCst) {
+            // SAFETY: the handle is live until this first abort; NCCL allows it while another thread
+            // is blocked on the communicator, and makes that thread's collectives return.
+            unsafe { (api.abort)(self.comm) };
+        }
+    }
+}
+
+/// One rank of an NCCL group, bound to one GPU's stream (see the module docs).
+pub struct NcclComm {
+    h: Arc<Handle>,
+    /// Every rank of this process's group (from [`NcclComm::init_all`]; only this one otherwise):
+    /// [`Communicator::abort`] releases them all, so that a rank that failed (a CUDA out-of-memory
+    /// in its forward pass, say) does not leave the others waiting in a collective for ever.
+    clique: Vec<Arc<Handle>>,
+    rank: usize,
+    world: usize,
+    api: &'static Api,
+}
 
 impl NcclComm {
     /// One communicator per backend in `bes` (one GPU each, distinct devices), ranks in order,
@@ -190,7 +209,8 @@ impl NcclComm {
         // SAFETY: comms has room for devs.len() handles; devs are valid ordinals.
         check(a, &format!("ncclCommInitAll on devices {devs:?}"), unsafe { (a.init_all)(comms.as_mut_ptr(), devs.len() as c_int, devs.as_ptr()) }, std::ptr::null_mut())?;
         let world = comms.len();
-        Ok(comms.into_iter().enumerate().map(|(rank, comm)| NcclComm { comm, rank, world, aborted: AtomicBool::new(false), api: a }).collect())
+        let clique: Vec<Arc<Handle>> = comms.into_iter().map(|comm| Arc::new(Handle { comm, aborted: AtomicBool::new(false) })).collect();
+        Ok(clique.iter().enumerate().map(|(rank, h)| NcclComm { h: h.clone(), clique: clique.clone(), rank, world, api: a }).collect())
     }
 
     /// Rank `rank` of `world` in the group of `id` (every rank calls this, each in its own process
@@ -205,7 +225,8 @@ impl NcclComm {
         let mut comm: RawComm = std::ptr::null_mut();
         // SAFETY: comm is a valid out-pointer; rank < world.
         check(a, &format!("ncclCommInitRank (rank {rank} of {world})"), unsafe { (a.init_rank)(&mut comm, world as c_int, uid, rank as c_int) }, std::ptr::null_mut())?;
-        Ok(NcclComm { comm, rank, world, aborted: AtomicBool::new(false), api: a })
+        let h = Arc::new(Handle { comm, aborted: AtomicBool::new(false) });
+        Ok(NcclComm { clique: vec![h.clone()], h, rank, world, api: a })
     }
 
     /// Joins a multi-process group through the TCP rendezvous of `cfg`: rank 0 makes the NCCL id
@@ -222,7 +243,7 @@ impl NcclComm {
     }
 
     fn live(&self) -> Result<()> {
-        if self.aborted.load(Ordering::SeqCst) {
+        if self.h.aborted.load(Ordering::SeqCst) {
             return Err(comm_err(format!("the NCCL communicator of rank {} was aborted after a failure", self.rank)));
         }
         Ok(())
@@ -234,8 +255,8 @@ impl NcclComm {
         be.gpu.ctx.bind_to_thread().map_err(|e| comm_err(format!("binding the CUDA context: {e:?}")))?;
         let p = ptr as *mut c_void;
         // SAFETY: ptr addresses n live values of dtype on this rank's device, ordered on the stream.
-        let r = unsafe { (self.api.all_reduce)(p, p, n, dtype, NCCL_SUM, self.comm, be.gpu.stream.cu_stream()) };
-        check(self.api, "ncclAllReduce", r, self.comm)
+        let r = unsafe { (self.api.all_reduce)(p, p, n, dtype, NCCL_SUM, self.h.comm, be.gpu.stream.cu_stream()) };
+        check(self.api, "ncclAllReduce", r, self.h.comm)
     }
 
     /// Copies `bufs` into one packed buffer (or uses the only one), runs `f` on it, copies back.
@@ -307,8 +328,8 @@ impl Communicator<CudaBackend> for NcclComm {
             let (ptr, _sync) = flat.device_ptr_mut(&stream);
             let p = ptr as *mut c_void;
             // SAFETY: p addresses n live f32 values on this rank's device.
-            let r = unsafe { (self.api.broadcast)(p, p, n, NCCL_FLOAT32, root as c_int, self.comm, stream.cu_stream()) };
-            check(self.api, "ncclBroadcast", r, self.comm)
+            let r = unsafe { (self.api.broadcast)(p, p, n, NCCL_FLOAT32, root as c_int, self.h.comm, stream.cu_stream()) };
+            check(self.api, "ncclBroadcast", r, self.h.comm)
         })
     }
     fn barrier(&self, be: &CudaBackend) -> Result<()> {
@@ -316,9 +337,8 @@ impl Communicator<CudaBackend> for NcclComm {
         self.all_reduce_host(be, &mut one)
     }
     fn abort(&self, _why: &str) {
-        if !self.aborted.swap(true, Ordering::SeqCst) {
-            // SAFETY: the handle is live; abort releases it and unblocks pending collectives.
-            unsafe { (self.api.abort)(self.comm) };
+        for h in &self.clique {
+            h.abort(self.api);
         }
     }
 }
@@ -329,10 +349,7 @@ impl Drop for NcclComm {
     /// ranks are dropped one after another by their threads). Nothing is in flight by then: every
     /// step ends with host reads of the reduced values.
     fn drop(&mut self) {
-        if !self.aborted.swap(true, Ordering::SeqCst) {
-            // SAFETY: the handle is live and no longer used.
-            unsafe { (self.api.abort)(self.comm) };
-        }
+        self.h.abort(self.api);
     }
 }
 

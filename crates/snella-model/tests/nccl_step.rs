@@ -118,7 +118,8 @@ fn nccl_collectives_on_every_gpu() {
     let bes: Vec<CudaBackend> = (0..n).map(|d| CudaBackend::new(d).unwrap()).collect();
     let comms = NcclComm::init_all(&bes).unwrap();
     // one thread per GPU, each with its own rank's buffers
-    let out: Vec<(Vec<f32>, Vec<f32>, f64, Vec<f32>)> = std::thread::scope(|sc| {
+    type Got = (Vec<f32>, Vec<f32>, f64, Vec<f32>);
+    let out: Vec<Got> = std::thread::scope(|sc| {
         let hs: Vec<_> = bes
             .iter()
             .zip(&comms)
