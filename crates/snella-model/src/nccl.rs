@@ -392,6 +392,9 @@ pub fn cuda_group(sess: &crate::session::Session<CudaBackend>, devices: &[usize]
         bes.push(be);
     }
     let mut comms = NcclComm::init_all(&bes)?.into_iter();
+    // Opening the other GPUs (and NCCL's init) made their contexts current on this thread: rank 0,
+    // which runs here, goes back to its own (cuBLAS calls do not re-bind it).
+    sess.be.gpu.ctx.bind_to_thread().map_err(|e| comm_err(format!("binding the CUDA context of device {own}: {e:?}")))?;
     let c0: Box<dyn Communicator<CudaBackend>> = Box::new(comms.next().expect("one per device"));
     let others = bes.into_iter().skip(1).zip(comms).map(|(b, c)| (b, Box::new(c) as Box<dyn Communicator<CudaBackend>>)).collect();
     crate::dp::DataParallel::local(sess, c0, others)
