@@ -4,12 +4,14 @@
 //! scaling efficiency `img/s(n) / (n · img/s(1))`. One JSON document on stdout.
 //!
 //! `cargo run --release --features cuda -p snella-model --example dp_bench -- [batch_per_gpu=64]
-//! [steps=10] [gpus=1,2,4,8 (those that exist)] [precision=tf32|f32]`
+//! [steps=10] [gpus=1,2,4,8 (those that exist)] [precision=bf16|tf32|f32]` (bf16: bf16 GEMM
+//! operands with f32 accumulation, the setting; parameters, gradients and AdamW stay f32).
 //!
 //! The model is written once to a temporary safetensors file (`$TMPDIR`), since the replicas of a
 //! data-parallel group load the checkpoint of rank 0.
 
 use snella_core::st::{self, HostTensor};
+use snella_cuda::device::Precision;
 use snella_model::adapter::uniform;
 use snella_model::cuda::CudaBackend;
 use snella_model::nccl::{cuda_group, nccl_version};
@@ -52,14 +54,14 @@ fn write_vit_b16(path: &std::path::Path) {
 }
 
 /// Times `steps` steps on `n` GPUs (after 3 warm-up steps); returns (step ms, images/s).
-fn bench(path: &str, n: usize, per_gpu: usize, steps: usize, tf32: bool) -> serde_json::Value {
+fn bench(path: &str, n: usize, per_gpu: usize, steps: usize, precision: Precision) -> serde_json::Value {
     let be = CudaBackend::new(0).expect("GPU 0");
-    be.gpu.set_tf32(tf32).unwrap();
+    be.gpu.set_precision(precision).unwrap();
     let mut s = Session::load(be.clone(), path).expect("load");
     s.attach(MethodConfig { kind: MethodKind::Snella, rank: 32, heads: 2, s0: 0.7, num_classes: 100, ..MethodConfig::default() }).unwrap();
     let global = per_gpu * n;
     s.prepare(TrainConfig { epochs: 1, steps_per_epoch: 1000, batch_size: global, warmup_epochs: 0, ..TrainConfig::default() }).unwrap();
-    let mut g = (n > 1).then(|| cuda_group(&s, &(0..n).collect::<Vec<_>>(), tf32).expect("NCCL group"));
+    let mut g = (n > 1).then(|| cuda_group(&s, &(0..n).collect::<Vec<_>>()).expect("NCCL group"));
     match g.as_mut() {
         Some(g) => g.begin_epoch(&mut s, 0).unwrap(),
         None => s.begin_epoch(0).unwrap(),
@@ -93,12 +95,18 @@ fn main() {
     let count = cudarc::driver::result::device::get_count().unwrap() as usize;
     let wanted: Vec<usize> = args.get(3).map(|a| a.split(',').filter_map(|x| x.parse().ok()).collect()).unwrap_or_else(|| vec![1, 2, 4, 8]);
     let list: Vec<usize> = wanted.into_iter().filter(|&n| n >= 1 && n <= count).collect();
-    let tf32 = args.get(4).map(|p| p != "f32").unwrap_or(true);
+    let pname = args.get(4).map(String::as_str).unwrap_or("bf16");
+    let precision = match pname {
+        "f32" => Precision::F32,
+        "tf32" => Precision::Tf32,
+        "bf16" => Precision::Bf16,
+        p => panic!("precision must be bf16, tf32 or f32, not {p}"),
+    };
     let path = std::env::temp_dir().join("snella-dp-bench-vit_b16.safetensors");
     write_vit_b16(&path);
     let path_s = path.display().to_string();
     let device = CudaBackend::new(0).unwrap().gpu.description.clone();
-    let runs: Vec<serde_json::Value> = list.iter().map(|&n| bench(&path_s, n, per_gpu, steps, tf32)).collect();
+    let runs: Vec<serde_json::Value> = list.iter().map(|&n| bench(&path_s, n, per_gpu, steps, precision)).collect();
     let base = runs.first().and_then(|r| r["img_per_s"].as_f64()).unwrap_or(0.0);
     let runs: Vec<serde_json::Value> = runs
         .into_iter()
@@ -115,14 +123,18 @@ fn main() {
         "method": "snella r=32 H=2 s=0.7 on q,k,v,proj,fc1,fc2",
         "batch_per_gpu": per_gpu,
         "steps": steps,
-        "precision": if tf32 { "tf32 (f32 storage, TF32 GEMMs)" } else { "f32" },
+        "precision": match precision {
+            Precision::Bf16 => "bf16 (bf16 GEMM operands, f32 accumulation; f32 parameters, gradients, AdamW)",
+            Precision::Tf32 => "tf32 (f32 storage, TF32 GEMMs)",
+            Precision::F32 => "f32",
+        },
         "device": device,
         "gpus_on_machine": count,
         "nccl": nccl_version().unwrap_or_else(|e| e.to_string()),
         "nccl_nvls_enable": std::env::var("NCCL_NVLS_ENABLE").unwrap_or_default(),
         "target_efficiency": 0.9,
         "runs": runs,
-        "command": format!("dp_bench {per_gpu} {steps} {} {}", list.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","), if tf32 { "tf32" } else { "f32" }),
+        "command": format!("dp_bench {per_gpu} {steps} {} {pname}", list.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")),
     });
     println!("{}", serde_json::to_string_pretty(&out).unwrap());
 }

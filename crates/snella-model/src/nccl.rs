@@ -355,14 +355,14 @@ impl Drop for NcclComm {
 
 /// A data-parallel group over the GPUs `devices` of this process for `sess` (on CUDA): `sess` is
 /// rank 0 and must be on `devices[0]`; every other device gets a worker thread with its own
-/// context, stream and replica, and the ranks all-reduce through NCCL (`ncclCommInitAll`).
-/// `tf32` sets the replicas' GEMM precision (use the session's).
+/// context, stream and replica, and the ranks all-reduce through NCCL (`ncclCommInitAll`). The
+/// replicas multiply at the session's GEMM precision (f32, TF32 or bf16).
 ///
 /// # Errors
 /// [`SnellaError::Config`] (field `devices`) for an empty or repeated list, a device that does not
 /// exist (naming how many this machine has) or a first device other than the model's;
 /// `CUDA_UNAVAILABLE` without NCCL; the replicas' load errors.
-pub fn cuda_group(sess: &crate::session::Session<CudaBackend>, devices: &[usize], tf32: bool) -> Result<crate::dp::DataParallel<CudaBackend>> {
+pub fn cuda_group(sess: &crate::session::Session<CudaBackend>, devices: &[usize]) -> Result<crate::dp::DataParallel<CudaBackend>> {
     let list = format!("{devices:?}");
     if devices.is_empty() {
         return Err(SnellaError::config("devices", list, "at least one CUDA device ordinal"));
@@ -388,7 +388,7 @@ pub fn cuda_group(sess: &crate::session::Session<CudaBackend>, devices: &[usize]
     let mut bes = vec![sess.be.clone()];
     for &d in &devices[1..] {
         let be = CudaBackend::new(d)?;
-        be.gpu.set_tf32(tf32)?;
+        be.gpu.set_precision(sess.be.gpu.precision())?;
         bes.push(be);
     }
     let mut comms = NcclComm::init_all(&bes)?.into_iter();

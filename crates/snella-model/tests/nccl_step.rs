@@ -186,7 +186,7 @@ fn nccl_world_size_one_equals_plain_gpu_training() {
     let s2 = run(&mut p2, None);
     let reproducible = s1 == s2 && format!("{:?}", Snapshot::take(&mut p1)) == format!("{:?}", Snapshot::take(&mut p2));
     let mut d = session(CudaBackend::new(0).unwrap(), 1);
-    let mut g = cuda_group(&d, &[0], false).unwrap();
+    let mut g = cuda_group(&d, &[0]).unwrap();
     assert_eq!((g.world(), g.kind()), (1, "nccl"));
     let sd = run(&mut d, Some(&mut g));
     if reproducible {
@@ -211,7 +211,7 @@ fn n_gpus_match_one_gpu_within_tolerance() {
     // 4 allocator re-allocations); f32 everywhere, so far inside bf16's resolution (2⁻⁸).
     let devices: Vec<usize> = (0..n).collect();
     let mut d = session_for(CudaBackend::new(0).unwrap(), 1, 5, 10);
-    let mut g = cuda_group(&d, &devices, false).unwrap();
+    let mut g = cuda_group(&d, &devices).unwrap();
     assert_eq!((g.world(), g.local_ranks()), (n, n));
     let sd = run_for(&mut d, Some(&mut g), 5, 10);
     let td = trained(&mut d);

@@ -22,14 +22,11 @@ pub struct Engine<B: Backend> {
     pub sess: Session<B>,
     /// The data-parallel group ([`NativeModel::data_parallel`], [`NativeModel::join_group`]).
     pub dp: Option<DataParallel<B>>,
-    /// Whether cuBLAS may use TF32 (the replicas on other GPUs follow the model).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub tf32: bool,
 }
 
 impl<B: Backend> Engine<B> {
-    fn new(sess: Session<B>, tf32: bool) -> Self {
-        Engine { sess, dp: None, tf32 }
+    fn new(sess: Session<B>) -> Self {
+        Engine { sess, dp: None }
     }
 
     /// The session's state changed outside training: the group re-syncs before its next step.
@@ -122,7 +119,7 @@ fn local_group(a: &mut AnySession, devices: &[usize]) -> std::result::Result<(),
         #[cfg(feature = "cuda")]
         AnySession::Cuda(e) => {
             e.dp = None;
-            e.dp = Some(snella_model::nccl::cuda_group(&e.sess, devices, e.tf32)?);
+            e.dp = Some(snella_model::nccl::cuda_group(&e.sess, devices)?);
         }
     }
     Ok(())
@@ -172,7 +169,7 @@ pub struct NativeModel {
 /// which tries `cuda` and falls back with the reason.)
 fn open(path: &str, device: &str, tf32: bool) -> std::result::Result<AnySession, SnellaError> {
     if device == "cpu" {
-        return Session::load(CpuBackend, path).map(|s| AnySession::Cpu(Box::new(Engine::new(s, false))));
+        return Session::load(CpuBackend, path).map(|s| AnySession::Cpu(Box::new(Engine::new(s))));
     }
     let ordinal = match device {
         "cuda" => Some(0),
@@ -188,7 +185,7 @@ fn open(path: &str, device: &str, tf32: bool) -> std::result::Result<AnySession,
 fn open_cuda(path: &str, ordinal: usize, tf32: bool) -> std::result::Result<AnySession, SnellaError> {
     let be = snella_model::cuda::CudaBackend::new(ordinal)?;
     be.gpu.set_tf32(tf32)?;
-    Session::load(be, path).map(|s| AnySession::Cuda(Box::new(Engine::new(s, tf32))))
+    Session::load(be, path).map(|s| AnySession::Cuda(Box::new(Engine::new(s))))
 }
 
 #[cfg(not(feature = "cuda"))]
