@@ -54,12 +54,30 @@ __device__ __forceinline__ void k_col(const float* sa, const float* __restrict__
     for (int q = 0; q < R; q++) d2[q] = 0.f;
     const float* bp = B + ((size_t)h * n_out + j) * rh;
     const float* ap = sa + h * rh;
-    for (unsigned r = 0; r < rh; r++) {
-      const float b = __ldg(bp + r);
+    if ((rh & 3u) == 0u) {
+      // 16-byte loads of this column's B row (B starts 16-byte aligned and rows are 4k floats), so
+      // a warp's loads use whole sectors; same r order, so the same bits.
+      const float4* bp4 = reinterpret_cast<const float4*>(bp);
+      for (unsigned r4 = 0; r4 < rh / 4; r4++) {
+        const float4 b4 = __ldg(bp4 + r4);
+        const float bb[4] = {b4.x, b4.y, b4.z, b4.w};
 #pragma unroll
-      for (int q = 0; q < R; q++) {
-        const float t = __fsub_rn(ap[q * hr + r], b);
-        d2[q] = __fadd_rn(d2[q], __fmul_rn(t, t));
+        for (int u = 0; u < 4; u++) {
+#pragma unroll
+          for (int q = 0; q < R; q++) {
+            const float t = __fsub_rn(ap[q * hr + 4 * r4 + u], bb[u]);
+            d2[q] = __fadd_rn(d2[q], __fmul_rn(t, t));
+          }
+        }
+      }
+    } else {
+      for (unsigned r = 0; r < rh; r++) {
+        const float b = __ldg(bp + r);
+#pragma unroll
+        for (int q = 0; q < R; q++) {
+          const float t = __fsub_rn(ap[q * hr + r], b);
+          d2[q] = __fadd_rn(d2[q], __fmul_rn(t, t));
+        }
       }
     }
     const float c = coeff(h);
