@@ -13,7 +13,8 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 export declare class NativeModel {
   /**
    * Loads a timm-named ViT safetensors checkpoint on `device` (`cpu` | `cuda` | `cuda:N`);
-   * `precision` `tf32` lets cuBLAS use TF32 tensor cores on CUDA (default strict `f32`).
+   * `precision` of the GEMMs on CUDA: `f32` (default, strict), `tf32` (TF32 tensor cores) or `bf16`
+   * (bf16 operands, f32 accumulation, as PyTorch's autocast); the CPU always computes in f32.
    */
   static load(path: string, device: string, precision?: string | undefined | null): NativeModel
   /** The backend in use: `"cpu"` or `"cuda"`. */

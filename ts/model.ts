@@ -16,6 +16,14 @@ import { loadCheckpoint, saveCheckpoint, type CheckpointInfo } from './checkpoin
 export type Device = 'auto' | 'cpu' | 'cuda';
 
 /**
+ * How the GEMMs multiply on CUDA (accumulation is f32 and tensors are f32 in memory in every mode):
+ * `f32` strict (the CPU-parity reference), `tf32` (TF32 tensor cores, 10-bit mantissa inputs) or
+ * `bf16` (bf16 operands converted per product, as PyTorch's autocast; the fastest). The CPU always
+ * computes in f32.
+ */
+export type Precision = 'f32' | 'tf32' | 'bf16';
+
+/**
  * Fine-tuning methods, compared under one trainer (every one re-initialises the head and trains it
  * together with `cls_token`):
  *
@@ -174,9 +182,10 @@ export class VitModel {
    * (`img_size`, `patch_size`, `embed_dim`, `depth`, `num_heads`, `mlp_ratio`, `mean`, `std`, …).
    *
    * @param path - the `.safetensors` checkpoint.
-   * @param opts - `device`: see {@link Device} (default `auto`). `precision` on CUDA: `f32` (default,
-   *   strict; what the CPU-parity tests use) or `tf32` (cuBLAS TF32 tensor cores for the GEMMs: 10-bit
-   *   mantissa inputs, f32 accumulation; faster). Ignored on the CPU.
+   * @param opts - `device`: see {@link Device} (default `auto`). `precision` of the GEMMs on CUDA
+   *   ({@link Precision}): `f32` (default, strict; what the CPU-parity tests use), `tf32` (TF32 tensor
+   *   cores: 10-bit mantissa inputs, f32 accumulation) or `bf16` (bf16 operands, f32 accumulation, as
+   *   PyTorch's autocast; fastest). Tensors stay f32 in memory either way. Ignored on the CPU.
    * @returns the model, with no method attached (it predicts with the checkpoint's own head).
    * @throws {@link SnellaError} `FILE`/`TENSOR` naming the file and tensor for a bad checkpoint;
    *   `CUDA_UNAVAILABLE` when `cuda` was asked for and cannot be used; `NATIVE_LOAD` when the native
@@ -189,7 +198,7 @@ export class VitModel {
    * model.dispose();
    * ```
    */
-  static load(path: string, opts: { device?: Device; precision?: 'f32' | 'tf32' } = {}): VitModel {
+  static load(path: string, opts: { device?: Device; precision?: Precision } = {}): VitModel {
     const device = opts.device ?? 'auto';
     const precision = opts.precision ?? 'f32';
     const b = binding();

@@ -8,7 +8,7 @@ import * as path from 'node:path';
 import { SingleBar } from 'cli-progress';
 import { ImageDataset } from '../data';
 import { SnellaError } from '../errors';
-import { VitModel, type Device, type Method, type LayerReport } from '../model';
+import { VitModel, type Device, type Method, type LayerReport, type Precision } from '../model';
 import { evaluate, train, type EpochInfo } from '../train';
 import { epochTestTop1, jobRecorder, wrapCallbacks, writeJobReport } from '../report/job';
 
@@ -66,6 +66,8 @@ export interface JobOptions {
   out: string;
   /** Device. */
   device: Device;
+  /** GEMM precision on CUDA (default `f32`). */
+  precision?: Precision;
   /** Print one JSON line instead of human output. */
   json: boolean;
   /** Replace existing output files. */
@@ -154,7 +156,7 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
   if (root && !o.overwrite && !o.resume && fs.existsSync(path.join(adapterDir, 'adapter_model.safetensors'))) {
     throw new SnellaError('FILE', `${adapterDir}: an adapter is already there; pass --overwrite or another --out`);
   }
-  const model = VitModel.load(o.model, { device: o.device });
+  const model = VitModel.load(o.model, { device: o.device, precision: o.precision });
   try {
     if (model.deviceReason) log(`device: cpu (${model.deviceReason})`);
     const cfg = model.config;

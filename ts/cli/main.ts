@@ -56,6 +56,7 @@ function withRecipe(c: Command, d: Partial<JobOptions>): Command {
     .option('--eval-every-epoch', 'evaluate the test set after every epoch (default: on with --report)')
     .option('--no-eval-every-epoch', 'no test evaluation after every epoch, only at the end')
     .addOption(new Option('--device <d>', 'compute device').choices(['auto', 'cpu', 'cuda']).default('auto'))
+    .addOption(new Option('--precision <p>', 'GEMM precision on CUDA (bf16: bf16 operands, f32 accumulation)').choices(['f32', 'tf32', 'bf16']).default('f32'))
     .option('--json', 'print one JSON result line, no progress bar', false);
 }
 

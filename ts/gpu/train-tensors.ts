@@ -3,12 +3,12 @@
  * trains from pre-decoded {@link TensorDataset} files and prints one JSON result line.
  *
  * `node dist/gpu/train-tensors.js --model M --train T.safetensors --test E.safetensors
- *   [--device cuda] [--method snella] [--rank 8] [--s0 0.01] [--sT 0.5] [--epochs 40] [--batch 64]
+ *   [--device cuda] [--precision f32|tf32|bf16] [--method snella] [--rank 8] [--s0 0.01] [--sT 0.5] [--epochs 40] [--batch 64]
  *   [--lr 1e-3] [--wd 0.05] [--warmup 4] [--seed 0] [--out DIR]`
  * @module
  */
 import { TensorDataset } from '../data/tensor';
-import { VitModel, type Device, type Method } from '../model';
+import { VitModel, type Device, type Method, type Precision } from '../model';
 import { evaluate, train } from '../train';
 
 function args(argv: string[]): Record<string, string> {
@@ -24,7 +24,7 @@ function args(argv: string[]): Record<string, string> {
 async function main(): Promise<void> {
   const a = args(process.argv.slice(2));
   const num = (k: string, d: number) => (a[k] === undefined ? d : Number(a[k]));
-  const model = VitModel.load(a.model, { device: (a.device ?? 'auto') as Device });
+  const model = VitModel.load(a.model, { device: (a.device ?? 'auto') as Device, precision: (a.precision ?? 'f32') as Precision });
   const { mean, std } = model.config;
   const tr = TensorDataset.fromSafetensors(a.train, { normalization: { mean, std } });
   const te = TensorDataset.fromSafetensors(a.test, { normalization: { mean, std } });

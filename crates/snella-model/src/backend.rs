@@ -113,6 +113,13 @@ pub trait Backend: Clone + Send + Sync + 'static {
         self.transpose(gt, gt_off, c, n_in, &mut g, 0, false);
         self.sparsify_bwd(m, set, rule, &g, gh);
     }
+    /// Whether adapted linears multiply by `W0` and by `ΔWᵀ` in two products (`x·W0ᵀ + x·ΔW`, as the
+    /// reference's autocast does) instead of by one effective weight `W0 + ΔWᵀ`. True where the
+    /// products round their operands coarsely (bf16 on CUDA): one bf16 weight would keep only
+    /// 8 bits of `W0 + ΔWᵀ`, and a small `ΔW` would be lost against `W0`. The default (f32) is false.
+    fn separate_delta_products(&self) -> bool {
+        false
+    }
     /// A buffer of `n` values for an op to overwrite completely: uninitialised on CUDA (no memset),
     /// zeros on the CPU. Never read it before writing every element.
     fn empty(&self, n: usize) -> Self::Buf {

@@ -246,6 +246,9 @@ impl Backend for CudaBackend {
             ok("sparsify_bwd_from_weight", sparsify::sparsify_bwd_from_weight(&self.gpu, &gt.slice(gt_off..gt_off + n), &m.slice(..), set, rule, n_in, c, &mut gh.slice_mut(..)));
         })
     }
+    fn separate_delta_products(&self) -> bool {
+        self.gpu.precision() == snella_cuda::device::Precision::Bf16
+    }
     fn empty(&self, n: usize) -> CudaSlice<f32> {
         // SAFETY: callers (Backend::empty's contract) write every element before reading it.
         ok("alloc", unsafe { self.gpu.stream.alloc::<f32>(n.max(1)) }.map_err(|e| self.gpu.oom(n * 4, e)))

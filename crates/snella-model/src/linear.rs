@@ -4,6 +4,14 @@
 //! added to its chunk of output rows): one GEMM for `y`, one for `∂L/∂x`, and `∂L/∂ΔW = xᵀ·∂L/∂y`
 //! for the adapters. Backward rebuilds `ΔW` from the adapter parameters instead of keeping it
 //! (spec §2, "dump in forward, recover in backward").
+//!
+//! **Decision (departs from design.md's "W0 + ΔWᵀ in bf16 for the forward GEMM"):** where the backend
+//! multiplies in bf16 ([`Backend::separate_delta_products`]), `W0` and `ΔWᵀ` are multiplied in two
+//! products, `x·W0ᵀ + x·ΔW`, as the reference does under autocast. One bf16 effective weight keeps
+//! 8 bits of `W0 + ΔWᵀ`, so a `ΔW` much smaller than `W0` is rounded away: the spec §8 recipe fell to
+//! 42.7% test top-1 (seed 0) that way, 43.4% with two products, 44.6% in f32
+//! (bench/results/gpu-recipe-h200-precision.json). It costs one more GEMM per adapted linear in
+//! forward and in `∂L/∂x`.
 
 use crate::adapter::{Delta, Materialized};
 use crate::backend::Backend;
@@ -52,41 +60,62 @@ impl<B: Backend> Linear<B> {
         self.deltas.iter().any(|d| d.is_some())
     }
 
-    /// `W0 + Σ ΔWᵀ` and the materialised adapters, or `None` when there are no active adapters
-    /// (none attached, or merged into `W` already). Kernel adapters write their sparsified `ΔWᵀ`
-    /// into their chunk in one pass ([`Backend::sparsify_into_weight`]); LoRA adds its `ΔWᵀ` onto a
-    /// copy of the chunk; chunks without an adapter are copied.
-    fn effective(&self, be: &B) -> Option<(B::Buf, Vec<Option<Materialized<B>>>)> {
+    /// The adapted weight and the materialised adapters, or `None` when there are no active
+    /// adapters (none attached, or merged into `W` already). With `separate` false: `W0 + Σ ΔWᵀ` — kernel adapters write their
+    /// sparsified `ΔWᵀ` into their chunk in one pass ([`Backend::sparsify_into_weight`]), LoRA adds
+    /// its `ΔWᵀ` onto a copy of the chunk, chunks without an adapter are copied. With it true: `Σ ΔWᵀ`
+    /// alone (`[out, in]`, zero rows where a chunk has no adapter), to be multiplied next to `W0`.
+    fn effective(&self, be: &B, separate: bool) -> Option<(B::Buf, Vec<Option<Materialized<B>>>)> {
         if !self.adapted() || self.original.is_some() {
             return None;
         }
-        let mut w = be.empty(self.n_out * self.n_in);
         let c = self.chunk();
         let n = c * self.n_in;
+        let mut w = if separate { be.zeros(self.n_out * self.n_in) } else { be.empty(self.n_out * self.n_in) };
+        let zero = separate.then(|| be.zeros(n));
         let mats: Vec<Option<Materialized<B>>> = self.deltas.iter().map(|d| d.as_ref().map(|d| d.materialize(be))).collect();
         for (i, (d, m)) in self.deltas.iter().zip(&mats).enumerate() {
             let off = i * n;
             match (d, m) {
                 (Some(Delta::Kernel(k)), Some(m)) => {
                     let (mm, set) = (m.m.as_ref().expect("M"), m.set.as_ref().expect("kept set"));
-                    be.sparsify_into_weight(mm, set, k.rule, &self.weight.value, off, self.n_in, c, &mut w, off);
+                    match &zero {
+                        Some(z) => be.sparsify_into_weight(mm, set, k.rule, z, 0, self.n_in, c, &mut w, off),
+                        None => be.sparsify_into_weight(mm, set, k.rule, &self.weight.value, off, self.n_in, c, &mut w, off),
+                    }
                 }
                 (_, Some(m)) => {
-                    be.copy(&self.weight.value, off, &mut w, off, n);
+                    if !separate {
+                        be.copy(&self.weight.value, off, &mut w, off, n);
+                    }
                     be.transpose(m.dw.as_ref().expect("LoRA ΔW"), 0, self.n_in, c, &mut w, off, true);
                 }
-                _ => be.copy(&self.weight.value, off, &mut w, off, n),
+                _ if !separate => be.copy(&self.weight.value, off, &mut w, off, n),
+                _ => {}
             }
         }
         Some((w, mats))
     }
 
+    /// `out = a·W` (`tw`: `a·Wᵀ`) with `W` the adapted weight: one product with `W0 + ΔWᵀ`, or, when
+    /// the backend multiplies them separately, `a·W0 + a·ΔWᵀ` (two products into `out`).
+    #[allow(clippy::too_many_arguments)]
+    fn product(&self, be: &B, eff: Option<&B::Buf>, tw: bool, rows: usize, n: usize, k: usize, a: &B::Buf, out: &mut B::Buf) {
+        match eff {
+            Some(w) if be.separate_delta_products() => {
+                be.gemm(false, tw, rows, n, k, 1.0, a, 0, &self.weight.value, 0, 0.0, out, 0);
+                be.gemm(false, tw, rows, n, k, 1.0, a, 0, w, 0, 1.0, out, 0);
+            }
+            Some(w) => be.gemm(false, tw, rows, n, k, 1.0, a, 0, w, 0, 0.0, out, 0),
+            None => be.gemm(false, tw, rows, n, k, 1.0, a, 0, &self.weight.value, 0, 0.0, out, 0),
+        }
+    }
+
     /// Forward for `rows` rows of `x: [rows, in]`, returning `y: [rows, out]`.
     pub fn forward(&self, be: &B, x: &B::Buf, rows: usize) -> B::Buf {
         let mut y = be.empty(rows * self.n_out);
-        let eff = self.effective(be);
-        let w = eff.as_ref().map(|e| &e.0).unwrap_or(&self.weight.value);
-        be.gemm(false, true, rows, self.n_out, self.n_in, 1.0, x, 0, w, 0, 0.0, &mut y, 0);
+        let eff = self.effective(be, be.separate_delta_products());
+        self.product(be, eff.as_ref().map(|e| &e.0), true, rows, self.n_out, self.n_in, x, &mut y);
         be.add_bias(&mut y, &self.bias.value, rows, self.n_out);
         y
     }
@@ -94,11 +123,10 @@ impl<B: Backend> Linear<B> {
     /// Backward: writes the gradients of trainable weights, bias and adapters, and returns
     /// `∂L/∂x: [rows, in]` when `need_dx`.
     pub fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, need_dx: bool) -> Option<B::Buf> {
-        let eff = self.effective(be);
+        let eff = self.effective(be, be.separate_delta_products());
         let dx = need_dx.then(|| {
-            let w = eff.as_ref().map(|e| &e.0).unwrap_or(&self.weight.value);
             let mut dx = be.empty(rows * self.n_in);
-            be.gemm(false, false, rows, self.n_in, self.n_out, 1.0, dy, 0, w, 0, 0.0, &mut dx, 0);
+            self.product(be, eff.as_ref().map(|e| &e.0), false, rows, self.n_in, self.n_out, dy, &mut dx);
             dx
         });
         let (n_in, n_out) = (self.n_in, self.n_out);
@@ -139,7 +167,7 @@ impl<B: Backend> Linear<B> {
     /// Writes `W = W0 + ΔWᵀ` into the weight (spec §7), keeping `W0` for [`Linear::unmerge`].
     /// Does nothing without adapters or when already merged.
     pub fn merge(&mut self, be: &B) {
-        if let Some((w, _)) = self.effective(be) {
+        if let Some((w, _)) = self.effective(be, false) {
             let w0 = std::mem::replace(&mut self.weight.value, w);
             self.original = Some(w0);
         }

@@ -88,3 +88,44 @@ fn gpu_step_matches_cpu_step() {
         }
     }
 }
+
+/// The same step in bf16 (bf16 GEMM operands, f32 accumulation; adapted linears multiply `W0` and
+/// `ΔWᵀ` separately) against the f32 CPU step, with bf16 tolerances relative to each tensor's
+/// largest magnitude: logits and loss 3e-2, gradients 1e-1. The updated values: AdamW's first step
+/// moves every element by `lr·g/(|g| + ε)` ≈ ±lr, so an element whose gradient is near 0 may move the
+/// other way under bf16 rounding: every element must stay within `2·lr` of the CPU's, and at most
+/// 5% of a tensor's elements may move the other way.
+#[test]
+fn gpu_bf16_step_matches_cpu_step_within_bf16_tolerance() {
+    if let Err(e) = snella_cuda::probe::probe() {
+        println!("skipped: no CUDA ({e})");
+        return;
+    }
+    let mut cpu = session(CpuBackend);
+    let be = CudaBackend::new(0).unwrap();
+    be.gpu.set_precision(snella_cuda::device::Precision::Bf16).unwrap();
+    let mut gpu = session(be);
+    let x: Vec<f32> = snella_core::gradcheck::rand_vec(6 * 3 * 16 * 16, 5, 1.5).iter().map(|&v| v as f32).collect();
+    let y = [0u32, 1, 2, 3, 4, 1];
+    let e = rel(&gpu.predict(&x, 6).unwrap(), &cpu.predict(&x, 6).unwrap());
+    println!("bf16 logits rel err {e:.2e}");
+    assert!(e <= 3e-2, "logits {e}");
+    let (sc, sg) = (cpu.train_step(&x, &y).unwrap(), gpu.train_step(&x, &y).unwrap());
+    println!("bf16 loss cpu {} gpu {}", sc.loss, sg.loss);
+    assert!(((sc.loss - sg.loss) as f64).abs() <= 3e-2 * (sc.loss as f64).abs().max(1.0));
+    let (cb, gb) = (cpu.be, gpu.be.clone());
+    let mut worst = (0f64, 0f64);
+    for (p, q) in cpu.vit.params_mut().into_iter().zip(gpu.vit.params_mut()) {
+        let (Some(tc), Some(tg)) = (&p.train, &q.train) else { continue };
+        let ge = rel(&gb.download(&tg.grad), &cb.download(&tc.grad));
+        assert!(ge <= 1e-1, "{} bf16 gradient rel err {ge}", p.name);
+        let (vg, vc) = (gb.download(&q.value), cb.download(&p.value));
+        let (gg, gc) = (gb.download(&tg.grad), cb.download(&tc.grad));
+        let ve = vg.iter().zip(&vc).fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+        assert!(ve <= 2.0 * 1e-2 + 1e-6, "{} bf16 updated value differs by {ve} (> 2·lr)", p.name);
+        let flipped = gg.iter().zip(&gc).filter(|(a, b)| a.signum() != b.signum() && **b != 0.0).count();
+        assert!(flipped as f64 <= 0.05 * gc.len() as f64, "{}: {flipped} of {} gradient signs differ", p.name, gc.len());
+        worst = (worst.0.max(ge), worst.1.max(ve));
+    }
+    println!("bf16 worst: gradient rel {:.2e}, updated value |Δ| {:.2e} (lr 1e-2)", worst.0, worst.1);
+}

@@ -167,7 +167,7 @@ pub struct NativeModel {
 
 /// Opens `path` on `device`: `cpu`, `cuda` or `cuda:N`. (`auto` is resolved by the TS façade,
 /// which tries `cuda` and falls back with the reason.)
-fn open(path: &str, device: &str, tf32: bool) -> std::result::Result<AnySession, SnellaError> {
+fn open(path: &str, device: &str, precision: &str) -> std::result::Result<AnySession, SnellaError> {
     if device == "cpu" {
         return Session::load(CpuBackend, path).map(|s| AnySession::Cpu(Box::new(Engine::new(s))));
     }
@@ -178,33 +178,39 @@ fn open(path: &str, device: &str, tf32: bool) -> std::result::Result<AnySession,
     let Some(ordinal) = ordinal else {
         return Err(SnellaError::config("device", device, "one of 'auto', 'cpu', 'cuda', 'cuda:N'"));
     };
-    open_cuda(path, ordinal, tf32)
+    open_cuda(path, ordinal, precision)
 }
 
 #[cfg(feature = "cuda")]
-fn open_cuda(path: &str, ordinal: usize, tf32: bool) -> std::result::Result<AnySession, SnellaError> {
+fn open_cuda(path: &str, ordinal: usize, precision: &str) -> std::result::Result<AnySession, SnellaError> {
+    use snella_cuda::device::Precision;
     let be = snella_model::cuda::CudaBackend::new(ordinal)?;
-    be.gpu.set_tf32(tf32)?;
+    be.gpu.set_precision(match precision {
+        "tf32" => Precision::Tf32,
+        "bf16" => Precision::Bf16,
+        _ => Precision::F32,
+    })?;
     Session::load(be, path).map(|s| AnySession::Cuda(Box::new(Engine::new(s))))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_cuda(_path: &str, _ordinal: usize, _tf32: bool) -> std::result::Result<AnySession, SnellaError> {
+fn open_cuda(_path: &str, _ordinal: usize, _precision: &str) -> std::result::Result<AnySession, SnellaError> {
     Err(SnellaError::Device { code: "CUDA_UNAVAILABLE".into(), message: "this build of snella was made without the CUDA backend".into() })
 }
 
 #[napi]
 impl NativeModel {
     /// Loads a timm-named ViT safetensors checkpoint on `device` (`cpu` | `cuda` | `cuda:N`);
-    /// `precision` `tf32` lets cuBLAS use TF32 tensor cores on CUDA (default strict `f32`).
+    /// `precision` of the GEMMs on CUDA: `f32` (default, strict), `tf32` (TF32 tensor cores) or `bf16`
+    /// (bf16 operands, f32 accumulation, as PyTorch's autocast); the CPU always computes in f32.
     #[napi(factory)]
     pub fn load(path: String, device: String, precision: Option<String>) -> napi::Result<Self> {
-        let tf32 = match precision.as_deref() {
-            None | Some("f32") => false,
-            Some("tf32") => true,
-            Some(p) => return Err(js_err(SnellaError::config("precision", p, "'f32' or 'tf32'"))),
+        let precision = match precision.as_deref() {
+            None => "f32",
+            Some(p @ ("f32" | "tf32" | "bf16")) => p,
+            Some(p) => return Err(js_err(SnellaError::config("precision", p, "'f32', 'tf32' or 'bf16'"))),
         };
-        let mut s = open(&path, &device, tf32).map_err(js_err)?;
+        let mut s = open(&path, &device, precision).map_err(js_err)?;
         let live = crate::live::Tracker::new(dispatch!(&mut s, x => x.native_bytes()));
         Ok(NativeModel { inner: Arc::new(Mutex::new(Some(s))), live })
     }
