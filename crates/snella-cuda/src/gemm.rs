@@ -65,8 +65,38 @@ fn to_bf16<S: DevicePtr<f32>>(gpu: &Gpu, src: &S, n: usize) -> Result<cudarc::dr
 fn gemm_bf16<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
     gpu: &Gpu, ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32, a: &A, b: &B, beta: f32, c: &mut C,
 ) -> Result<(), SnellaError> {
-    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasGemmEx, cublasStatus_t, cudaDataType};
     let (a16, b16) = (to_bf16(gpu, a, m * k)?, to_bf16(gpu, b, k * n)?);
+    gemm_ex_bf16(gpu, ta, tb, m, n, k, alpha, &a16, &b16, beta, c)
+}
+
+/// `C = op(A)·op(B1) + op(A)·op(B2)`, row-major, f32 in memory, in the device's precision: in bf16
+/// `A` is converted once for both products (the adapted linears' `x·W0ᵀ + x·ΔW`, see
+/// `snella_model::linear`); otherwise two [`gemm`] calls.
+///
+/// # Errors
+/// `CUDA_ERROR` when cuBLAS fails; `CUDA_OOM` for the bf16 copies.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_sum<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
+    gpu: &Gpu, ta: bool, tb: bool, m: usize, n: usize, k: usize, a: &A, b1: &B, b2: &B, c: &mut C,
+) -> Result<(), SnellaError> {
+    if gpu.precision() != Precision::Bf16 || m == 0 || n == 0 || k == 0 {
+        gemm(gpu, ta, tb, m, n, k, 1.0, a, b1, 0.0, c)?;
+        return gemm(gpu, ta, tb, m, n, k, 1.0, a, b2, 1.0, c);
+    }
+    let a16 = to_bf16(gpu, a, m * k)?;
+    let b16 = to_bf16(gpu, b1, k * n)?;
+    gemm_ex_bf16(gpu, ta, tb, m, n, k, 1.0, &a16, &b16, 0.0, c)?;
+    let b16 = to_bf16(gpu, b2, k * n)?;
+    gemm_ex_bf16(gpu, ta, tb, m, n, k, 1.0, &a16, &b16, 1.0, c)
+}
+
+/// `cublasGemmEx` on bf16 operands already converted, f32 accumulation into the f32 `C`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_ex_bf16<C: DevicePtrMut<f32>>(
+    gpu: &Gpu, ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32,
+    a16: &cudarc::driver::CudaSlice<u16>, b16: &cudarc::driver::CudaSlice<u16>, beta: f32, c: &mut C,
+) -> Result<(), SnellaError> {
+    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasGemmEx, cublasStatus_t, cudaDataType};
     let (ap, _ra) = a16.device_ptr(&gpu.stream);
     let (bp, _rb) = b16.device_ptr(&gpu.stream);
     let (cp, _rc) = c.device_ptr_mut(&gpu.stream);

@@ -105,9 +105,16 @@ impl<B: Backend> KernelAdapter<B> {
     /// Builds `M` and selects its top-k (spec §1–§2); the sparsify rule is applied where `ΔW` is
     /// used ([`Backend::sparsify_into_weight`], or [`KernelAdapter::delta`]).
     pub fn materialize(&self, be: &B) -> Materialized<B> {
+        self.materialize_with(be, None)
+    }
+
+    /// [`KernelAdapter::materialize`] reusing a kept set selected earlier from the same `A`, `B`
+    /// and sparsity (the forward pass's, in backward): `M` is recomputed (spec §2, "recover in
+    /// backward"), the deterministic top-k is not repeated. `None` selects it.
+    pub fn materialize_with(&self, be: &B, set: Option<B::Kept>) -> Materialized<B> {
         let mut m = be.empty(self.numel());
         be.merge_fwd(&self.a.value, &self.b.value, self.heads, self.n_in, self.n_out, self.rh, self.mix.as_ref().map(|p| &p.value), &mut m);
-        let set = be.select_topk(&m, self.kept());
+        let set = set.unwrap_or_else(|| be.select_topk(&m, self.kept()));
         Materialized { m: Some(m), set: Some(set), dw: None }
     }
 
@@ -197,10 +204,10 @@ impl<B: Backend> Delta<B> {
             Delta::Lora(l) => &l.name,
         }
     }
-    /// Builds this step's `ΔW`.
-    pub fn materialize(&self, be: &B) -> Materialized<B> {
+    /// Builds this step's `M` and kept set (kernel adapters, reusing `set` when given) or `ΔW` (LoRA).
+    pub fn materialize_with(&self, be: &B, set: Option<B::Kept>) -> Materialized<B> {
         match self {
-            Delta::Kernel(k) => k.materialize(be),
+            Delta::Kernel(k) => k.materialize_with(be, set),
             Delta::Lora(l) => l.materialize(be),
         }
     }

@@ -42,6 +42,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
         &self, ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32,
         a: &Self::Buf, a_off: usize, b: &Self::Buf, b_off: usize, beta: f32, c: &mut Self::Buf, c_off: usize,
     );
+    /// `C[m,n] = op(A)·op(B1) + op(A)·op(B2)` (as two [`Backend::gemm`] calls by default; CUDA in bf16
+    /// converts `A` once for both). The adapted linears' `x·W0ᵀ + x·ΔW`.
+    fn gemm_sum(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, a: &Self::Buf, b1: &Self::Buf, b2: &Self::Buf, c: &mut Self::Buf) {
+        self.gemm(ta, tb, m, n, k, 1.0, a, 0, b1, 0, 0.0, c, 0);
+        self.gemm(ta, tb, m, n, k, 1.0, a, 0, b2, 0, 1.0, c, 0);
+    }
     /// `y += x`, element-wise (residual connections).
     fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf);
     /// `y[r,:] += bias` for `y: [rows, cols]`.

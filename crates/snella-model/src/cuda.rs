@@ -124,6 +124,10 @@ impl Backend for CudaBackend {
         let name = match (ta, tb) { (false, true) => "gemm_nt (fwd)", (false, false) => "gemm_nn (dgrad)", (true, false) => "gemm_tn (wgrad)", _ => "gemm_tt" };
         self.timed(name, || ok("gemm", gemm::gemm(&self.gpu, ta, tb, m, n, k, alpha, &av, &bv, beta, &mut cv)));
     }
+    fn gemm_sum(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, a: &CudaSlice<f32>, b1: &CudaSlice<f32>, b2: &CudaSlice<f32>, c: &mut CudaSlice<f32>) {
+        let name = if ta { "gemm_sum_t" } else if tb { "gemm_sum_nt (fwd)" } else { "gemm_sum_nn (dgrad)" };
+        self.timed(name, || ok("gemm_sum", gemm::gemm_sum(&self.gpu, ta, tb, m, n, k, &a.slice(..), &b1.slice(..), &b2.slice(..), &mut c.slice_mut(..))));
+    }
     fn add_assign(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) {
         self.timed("add_assign", || {
             let n = y.len();

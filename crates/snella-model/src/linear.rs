@@ -17,6 +17,10 @@ use crate::adapter::{Delta, Materialized};
 use crate::backend::Backend;
 use crate::param::Param;
 
+/// The kept sets of a linear's adapter chunks from one forward pass (`None` for chunks without a
+/// kernel adapter), carried to its backward so that the top-k is not selected twice.
+pub type KeptSets<B> = Vec<Option<<B as Backend>::Kept>>;
+
 /// A linear layer with optional adapters on equal output chunks.
 pub struct Linear<B: Backend> {
     /// Layer name without suffix, e.g. `blocks.0.attn.qkv`.
@@ -65,7 +69,7 @@ impl<B: Backend> Linear<B> {
     /// sparsified `ΔWᵀ` into their chunk in one pass ([`Backend::sparsify_into_weight`]), LoRA adds
     /// its `ΔWᵀ` onto a copy of the chunk, chunks without an adapter are copied. With it true: `Σ ΔWᵀ`
     /// alone (`[out, in]`, zero rows where a chunk has no adapter), to be multiplied next to `W0`.
-    fn effective(&self, be: &B, separate: bool) -> Option<(B::Buf, Vec<Option<Materialized<B>>>)> {
+    fn effective(&self, be: &B, separate: bool, kept: Option<KeptSets<B>>) -> Option<(B::Buf, Vec<Option<Materialized<B>>>)> {
         if !self.adapted() || self.original.is_some() {
             return None;
         }
@@ -73,7 +77,9 @@ impl<B: Backend> Linear<B> {
         let n = c * self.n_in;
         let mut w = if separate { be.zeros(self.n_out * self.n_in) } else { be.empty(self.n_out * self.n_in) };
         let zero = separate.then(|| be.zeros(n));
-        let mats: Vec<Option<Materialized<B>>> = self.deltas.iter().map(|d| d.as_ref().map(|d| d.materialize(be))).collect();
+        let mut kept = kept.unwrap_or_default().into_iter();
+        let mats: Vec<Option<Materialized<B>>> =
+            self.deltas.iter().map(|d| { let set = kept.next().flatten(); d.as_ref().map(|d| d.materialize_with(be, set)) }).collect();
         for (i, (d, m)) in self.deltas.iter().zip(&mats).enumerate() {
             let off = i * n;
             match (d, m) {
@@ -102,10 +108,7 @@ impl<B: Backend> Linear<B> {
     #[allow(clippy::too_many_arguments)]
     fn product(&self, be: &B, eff: Option<&B::Buf>, tw: bool, rows: usize, n: usize, k: usize, a: &B::Buf, out: &mut B::Buf) {
         match eff {
-            Some(w) if be.separate_delta_products() => {
-                be.gemm(false, tw, rows, n, k, 1.0, a, 0, &self.weight.value, 0, 0.0, out, 0);
-                be.gemm(false, tw, rows, n, k, 1.0, a, 0, w, 0, 1.0, out, 0);
-            }
+            Some(w) if be.separate_delta_products() => be.gemm_sum(false, tw, rows, n, k, a, &self.weight.value, w, out),
             Some(w) => be.gemm(false, tw, rows, n, k, 1.0, a, 0, w, 0, 0.0, out, 0),
             None => be.gemm(false, tw, rows, n, k, 1.0, a, 0, &self.weight.value, 0, 0.0, out, 0),
         }
@@ -113,17 +116,30 @@ impl<B: Backend> Linear<B> {
 
     /// Forward for `rows` rows of `x: [rows, in]`, returning `y: [rows, out]`.
     pub fn forward(&self, be: &B, x: &B::Buf, rows: usize) -> B::Buf {
+        self.forward_keep(be, x, rows).0
+    }
+
+    /// [`Linear::forward`], also returning the adapters' kept sets for [`Linear::backward_with`].
+    pub fn forward_keep(&self, be: &B, x: &B::Buf, rows: usize) -> (B::Buf, KeptSets<B>) {
         let mut y = be.empty(rows * self.n_out);
-        let eff = self.effective(be, be.separate_delta_products());
+        let eff = self.effective(be, be.separate_delta_products(), None);
         self.product(be, eff.as_ref().map(|e| &e.0), true, rows, self.n_out, self.n_in, x, &mut y);
         be.add_bias(&mut y, &self.bias.value, rows, self.n_out);
-        y
+        let kept = eff.map(|(_, mats)| mats.into_iter().map(|m| m.and_then(|m| m.set)).collect()).unwrap_or_default();
+        (y, kept)
     }
 
     /// Backward: writes the gradients of trainable weights, bias and adapters, and returns
     /// `∂L/∂x: [rows, in]` when `need_dx`.
     pub fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, need_dx: bool) -> Option<B::Buf> {
-        let eff = self.effective(be, be.separate_delta_products());
+        self.backward_with(be, x, dy, rows, need_dx, None)
+    }
+
+    /// [`Linear::backward`] reusing the kept sets of this step's forward pass ([`Linear::forward_keep`]):
+    /// the adapters' `M` is recomputed from `A`, `B` (spec §2), the top-k is not re-selected (same
+    /// `A`, `B` and sparsity, deterministic selection: the same set).
+    pub fn backward_with(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, need_dx: bool, kept: Option<KeptSets<B>>) -> Option<B::Buf> {
+        let eff = self.effective(be, be.separate_delta_products(), kept);
         let dx = need_dx.then(|| {
             let mut dx = be.empty(rows * self.n_in);
             self.product(be, eff.as_ref().map(|e| &e.0), false, rows, self.n_in, self.n_out, dy, &mut dx);
@@ -167,7 +183,7 @@ impl<B: Backend> Linear<B> {
     /// Writes `W = W0 + ΔWᵀ` into the weight (spec §7), keeping `W0` for [`Linear::unmerge`].
     /// Does nothing without adapters or when already merged.
     pub fn merge(&mut self, be: &B) {
-        if let Some((w, _)) = self.effective(be, false) {
+        if let Some((w, _)) = self.effective(be, false, None) {
             let w0 = std::mem::replace(&mut self.weight.value, w);
             self.original = Some(w0);
         }

@@ -7,7 +7,7 @@
 
 use crate::backend::Backend;
 use crate::config::VitConfig;
-use crate::linear::Linear;
+use crate::linear::{KeptSets, Linear};
 use crate::param::Param;
 use snella_core::st::TensorFile;
 use snella_core::Result;
@@ -43,6 +43,8 @@ pub struct BlockCache<B: Backend> {
     r2: B::Buf,
     f1: B::Buf,
     g: B::Buf,
+    /// The kept sets of qkv, proj, fc1 and fc2 from this forward pass.
+    kept: [KeptSets<B>; 4],
 }
 
 /// What the forward pass keeps of one block: all its activations, or (with
@@ -233,19 +235,19 @@ impl<B: Backend> Vit<B> {
         let (d, t, rows) = (cfg.embed_dim, cfg.tokens(), b * cfg.tokens());
         let (mut ln1, mut m1, mut r1) = (be.empty(rows * d), be.empty(rows), be.empty(rows));
         be.layernorm_fwd(&x, &blk.norm1.0.value, &blk.norm1.1.value, rows, d, cfg.ln_eps, &mut ln1, &mut m1, &mut r1);
-        let qkv = blk.qkv.forward(be, &ln1, rows);
+        let (qkv, k_qkv) = blk.qkv.forward_keep(be, &ln1, rows);
         let (mut att, mut probs) = (be.empty(rows * d), be.empty(b * cfg.num_heads * t * t));
         be.attention_fwd(&qkv, b, t, cfg.num_heads, cfg.head_dim(), &mut att, &mut probs);
-        let mut h = blk.proj.forward(be, &att, rows);
+        let (mut h, k_proj) = blk.proj.forward_keep(be, &att, rows);
         be.add_assign(&mut h, &x);
         let (mut ln2, mut m2, mut r2) = (be.empty(rows * d), be.empty(rows), be.empty(rows));
         be.layernorm_fwd(&h, &blk.norm2.0.value, &blk.norm2.1.value, rows, d, cfg.ln_eps, &mut ln2, &mut m2, &mut r2);
-        let f1 = blk.fc1.forward(be, &ln2, rows);
+        let (f1, k_fc1) = blk.fc1.forward_keep(be, &ln2, rows);
         let mut g = be.empty(rows * cfg.mlp_hidden);
         be.gelu_fwd(&f1, &mut g);
-        let mut out = blk.fc2.forward(be, &g, rows);
+        let (mut out, k_fc2) = blk.fc2.forward_keep(be, &g, rows);
         be.add_assign(&mut out, &h);
-        let cache = train.then_some(BlockCache { x, ln1, m1, r1, qkv, probs, att, h, ln2, m2, r2, f1, g });
+        let cache = train.then_some(BlockCache { x, ln1, m1, r1, qkv, probs, att, h, ln2, m2, r2, f1, g, kept: [k_qkv, k_proj, k_fc1, k_fc2] });
         (out, cache)
     }
 
@@ -293,10 +295,11 @@ impl<B: Backend> Vit<B> {
 
     fn block_bwd(be: &B, cfg: &VitConfig, blk: &mut Block<B>, c: BlockCache<B>, dout: B::Buf, b: usize) -> B::Buf {
         let (d, t, rows) = (cfg.embed_dim, cfg.tokens(), b * cfg.tokens());
-        let dg = blk.fc2.backward(be, &c.g, &dout, rows, true).expect("dx");
+        let [k_qkv, k_proj, k_fc1, k_fc2] = c.kept;
+        let dg = blk.fc2.backward_with(be, &c.g, &dout, rows, true, Some(k_fc2)).expect("dx");
         let mut df1 = be.empty(rows * cfg.mlp_hidden);
         be.gelu_bwd(&c.f1, &dg, &mut df1);
-        let dln2 = blk.fc1.backward(be, &c.ln2, &df1, rows, true).expect("dx");
+        let dln2 = blk.fc1.backward_with(be, &c.ln2, &df1, rows, true, Some(k_fc1)).expect("dx");
         let mut dh = be.empty(rows * d);
         {
             let (w, bb) = (&mut blk.norm2.0, &mut blk.norm2.1);
@@ -305,10 +308,10 @@ impl<B: Backend> Vit<B> {
             be.layernorm_bwd(&dln2, &c.h, &w.value, &c.m2, &c.r2, rows, d, &mut dh, gw, gb);
         }
         be.add_assign(&mut dh, &dout);
-        let datt = blk.proj.backward(be, &c.att, &dh, rows, true).expect("dx");
+        let datt = blk.proj.backward_with(be, &c.att, &dh, rows, true, Some(k_proj)).expect("dx");
         let mut dqkv = be.empty(rows * 3 * d);
         be.attention_bwd(&datt, &c.qkv, &c.probs, b, t, cfg.num_heads, cfg.head_dim(), &mut dqkv);
-        let dln1 = blk.qkv.backward(be, &c.ln1, &dqkv, rows, true).expect("dx");
+        let dln1 = blk.qkv.backward_with(be, &c.ln1, &dqkv, rows, true, Some(k_qkv)).expect("dx");
         let mut dx = be.empty(rows * d);
         {
             let (w, bb) = (&mut blk.norm1.0, &mut blk.norm1.1);
