@@ -52,3 +52,19 @@ extern "C" __global__ void snella_all_finite(const float* __restrict__ x, unsign
     bad |= (__float_as_uint(x[i]) & 0x7f800000u) == 0x7f800000u;
   if (__any_sync(0xffffffffu, bad) && (threadIdx.x & 31) == 0) flag[0] = 1u;
 }
+
+// Multi-tensor form of snella_all_finite: table holds (pointer, length) pairs of `count` f32 tensors;
+// flags[t] = 1 when tensor t holds a NaN or ±Inf (flags start at 0). Grid (x: element blocks,
+// y: tensors, strided), 256 threads.
+extern "C" __global__ void snella_all_finite_multi(const unsigned long long* __restrict__ table, unsigned count,
+                                                   unsigned* __restrict__ flags) {
+  for (unsigned t = blockIdx.y; t < count; t += gridDim.y) {
+    const float* x = reinterpret_cast<const float*>(table[2 * t]);
+    const unsigned long long n = table[2 * t + 1];
+    bool bad = false;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+      bad |= (__float_as_uint(x[i]) & 0x7f800000u) == 0x7f800000u;
+    if (__any_sync(0xffffffffu, bad) && (threadIdx.x & 31) == 0) flags[t] = 1u;
+  }
+}

@@ -25,6 +25,8 @@ pub struct Gpu {
     peak: AtomicUsize,
     /// The GEMM precision ([`Precision`] as u8).
     precision: std::sync::atomic::AtomicU8,
+    /// A page-locked staging buffer for large uploads (grow-only), see [`Gpu::upload`].
+    staging: Mutex<Option<cudarc::driver::PinnedHostSlice<f32>>>,
     /// The device's default memory pool (what `cuMemAllocAsync` draws from), when the device has one.
     pool: Option<PoolHandle>,
     /// `"NVIDIA H200 (sm_90)"`-style description.
@@ -56,7 +58,7 @@ impl Gpu {
         let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("cannot create a cuBLAS handle", e))?;
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let (ma, mi) = ctx.compute_capability().unwrap_or((0, 0));
-        Ok(Arc::new(Gpu { ctx, stream, blas, module, funcs: Mutex::new(HashMap::new()), peak: AtomicUsize::new(0), precision: std::sync::atomic::AtomicU8::new(Precision::F32 as u8), pool, description: format!("{name} (sm_{ma}{mi}), {driver}") }))
+        Ok(Arc::new(Gpu { ctx, stream, blas, module, funcs: Mutex::new(HashMap::new()), peak: AtomicUsize::new(0), precision: std::sync::atomic::AtomicU8::new(Precision::F32 as u8), staging: Mutex::new(None), pool, description: format!("{name} (sm_{ma}{mi}), {driver}") }))
     }
 
     /// The kernel `name` of the fatbin (cached).
@@ -127,6 +129,40 @@ impl Gpu {
         }
     }
 
+    /// Copies `data` to a new device buffer. Large arrays (≥ 1 Mi values, e.g. a batch of images) go
+    /// through a reused page-locked staging buffer, filled by all cores in parallel, so the DMA runs at
+    /// full speed instead of the driver's pageable-memory path (≈ 6 GB/s here); smaller ones are
+    /// copied directly. Waits for the stream first when staging (the previous copy out of the buffer).
+    ///
+    /// # Errors
+    /// `CUDA_OOM` for the device buffer; `CUDA_ERROR` when the staging buffer or the copy fails.
+    pub fn upload(&self, data: &[f32]) -> Result<CudaSlice<f32>, SnellaError> {
+        use rayon::prelude::*;
+        let n = data.len();
+        if n < STAGED_MIN {
+            return self.stream.clone_htod(data).map_err(|e| self.oom(n * 4, e));
+        }
+        let mut g = self.staging.lock().expect("staging buffer");
+        if g.as_ref().map_or(true, |p| p.len() < n) {
+            *g = None;
+            // SAFETY: the buffer is written below before any copy reads it.
+            *g = Some(unsafe { self.ctx.alloc_pinned::<f32>(n) }.map_err(|e| cuda_err("page-locked staging buffer", e))?);
+        }
+        self.sync()?;
+        let p = g.as_mut().expect("staging buffer");
+        let host = p.as_mut_slice().map_err(|e| cuda_err("page-locked staging buffer", e))?;
+        host[..n].par_chunks_mut(1 << 16).zip(data.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
+        // SAFETY: the copy below writes all n values.
+        let mut dev = unsafe { self.stream.alloc::<f32>(n) }.map_err(|e| self.oom(n * 4, e))?;
+        {
+            let (dp, _rec) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut dev, &self.stream);
+            // SAFETY: `host[..n]` stays valid and unwritten until the next upload, which waits for the
+            // stream (above) before writing into it; dev holds n values.
+            unsafe { cudarc::driver::result::memcpy_htod_async(dp, &host[..n], self.stream.cu_stream()) }.map_err(|e| cuda_err("upload", e))?;
+        }
+        Ok(dev)
+    }
+
     /// Waits for all queued work.
     ///
     /// # Errors
@@ -137,6 +173,9 @@ impl Gpu {
 }
 
 use cudarc::driver::sys::CUmemPool_attribute as PoolAttr;
+
+/// Uploads of at least this many values go through the page-locked staging buffer.
+const STAGED_MIN: usize = 1 << 20;
 
 /// The device's default memory pool.
 struct PoolHandle(cudarc::driver::sys::CUmemoryPool);

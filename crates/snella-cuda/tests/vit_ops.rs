@@ -348,3 +348,63 @@ fn gemm_sum_matches_two_products() {
     }
     gpu.set_precision(Precision::F32).unwrap();
 }
+
+/// Large uploads go through the reused page-locked staging buffer: three back-to-back uploads
+/// (shrinking, then growing the buffer) each arrive intact, and a small one takes the direct path.
+#[test]
+fn staged_uploads_arrive_intact() {
+    let Some(gpu) = setup() else { return };
+    let sizes = [2_000_003usize, 1_500_001, 3_000_017, 1_000];
+    let data: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| rand32(n, 40 + i as u64, 1.0)).collect();
+    let devs: Vec<_> = data.iter().map(|d| gpu.upload(d).unwrap()).collect();
+    for ((d, g), n) in data.iter().zip(&devs).zip(sizes) {
+        let back = down(&gpu, g);
+        assert_eq!(back.len(), n);
+        assert!(back.iter().zip(d).all(|(a, b)| a.to_bits() == b.to_bits()), "upload of {n} values differs");
+    }
+}
+
+/// The multi-tensor AdamW (one launch) equals one CPU AdamW per tensor bit for bit, with the
+/// weight decay on some tensors and off on others, over three steps; tensors of very different sizes.
+#[test]
+fn adamw_multi_matches_cpu_bitwise() {
+    let Some(gpu) = setup() else { return };
+    let sizes = [3usize, 1, 70_001, 256, 4097];
+    let mut cpu: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = sizes.iter().enumerate().map(|(i, &n)| (rand32(n, 60 + i as u64, 1.0), vec![0f32; n], vec![0f32; n])).collect();
+    let mut dev: Vec<_> = cpu.iter().map(|(p, m, v)| (up(&gpu, p), up(&gpu, m), up(&gpu, v))).collect();
+    for step in 1..=3u64 {
+        let h = AdamWParams { lr: 1e-3 * step as f64, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05, step };
+        let grads: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| rand32(n, 70 + 10 * step + i as u64, 0.1)).collect();
+        for (i, ((p, m, v), g)) in cpu.iter_mut().zip(&grads).enumerate() {
+            let hi = AdamWParams { weight_decay: if i % 2 == 0 { 0.05 } else { 0.0 }, ..h };
+            ops::adamw::adamw_step(p, g, m, v, &hi);
+        }
+        let gg: Vec<_> = grads.iter().map(|g| up(&gpu, g)).collect();
+        let mut ts: Vec<adamw::AdamwTensor<'_>> = dev.iter_mut().zip(&gg).enumerate().map(|(i, ((p, m, v), g))| adamw::AdamwTensor { param: p, grad: g, m, v, decay: i % 2 == 0 }).collect();
+        adamw::adamw_multi(&gpu, &mut ts, &h).unwrap();
+    }
+    for (i, ((p, m, v), (gp, gm, gv))) in cpu.iter().zip(&dev).enumerate() {
+        for (name, want, got) in [("param", p, gp), ("m", m, gm), ("v", v, gv)] {
+            let got = down(&gpu, got);
+            assert!(got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "tensor {i} {name} differs from the CPU");
+        }
+    }
+}
+
+/// The multi-tensor finite check names the first tensor holding a NaN or ±Inf (or none).
+#[test]
+fn first_non_finite_multi_names_the_first_bad_tensor() {
+    let Some(gpu) = setup() else { return };
+    let mk = |n: usize, bad: Option<(usize, f32)>| {
+        let mut v = rand32(n, n as u64, 1.0);
+        if let Some((i, x)) = bad {
+            v[i] = x;
+        }
+        up(&gpu, &v)
+    };
+    let (a, b, c, d) = (mk(10, None), mk(300_007, Some((300_006, f32::INFINITY))), mk(5, Some((0, f32::NAN))), mk(1, None));
+    assert_eq!(reduce::first_non_finite(&gpu, &[&a, &d]).unwrap(), None);
+    assert_eq!(reduce::first_non_finite(&gpu, &[&a, &b, &c]).unwrap(), Some(1));
+    assert_eq!(reduce::first_non_finite(&gpu, &[&d, &c, &b]).unwrap(), Some(1));
+    assert_eq!(reduce::first_non_finite(&gpu, &[]).unwrap(), None);
+}

@@ -87,6 +87,15 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn im2col(&self, images: &Self::Buf, b: usize, ch: usize, h: usize, w: usize, p: usize, cols: &mut Self::Buf);
     /// One AdamW update in place.
     fn adamw(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, h: &AdamWParams);
+    /// AdamW updates of many tensors at one learning rate and step (`h`; each slot's `decay` says
+    /// whether `h.weight_decay` applies to it, else 0), as one [`Backend::adamw`] per slot (the
+    /// default); CUDA does them in one launch, bit-identically.
+    fn adamw_many(&self, slots: &mut [AdamwSlot<'_, Self>], h: &AdamWParams) {
+        for s in slots.iter_mut() {
+            let hs = AdamWParams { weight_decay: if s.decay { h.weight_decay } else { 0.0 }, ..*h };
+            self.adamw(s.param, s.grad, s.m, s.v, &hs);
+        }
+    }
     /// Kernelized merge forward (spec §1): `m [n_in, n_out]`; `mix` holds `[α, γ, β]` (SNELLA) or is
     /// `None` (SNELL).
     fn merge_fwd(&self, a: &Self::Buf, b: &Self::Buf, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&Self::Buf>, m: &mut Self::Buf);
@@ -145,4 +154,19 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn download_many(&self, xs: &[&Self::Buf]) -> Vec<Vec<f32>> {
         xs.iter().map(|x| self.download(x)).collect()
     }
+}
+
+/// One tensor of [`Backend::adamw_many`]: the parameter, its gradient and moments, and whether the
+/// decoupled weight decay applies (matrices; not norms, biases, tokens — spec §6).
+pub struct AdamwSlot<'a, B: Backend + ?Sized> {
+    /// The parameter, updated in place.
+    pub param: &'a mut B::Buf,
+    /// Its gradient.
+    pub grad: &'a B::Buf,
+    /// First moment.
+    pub m: &'a mut B::Buf,
+    /// Second moment.
+    pub v: &'a mut B::Buf,
+    /// Weight decay applies.
+    pub decay: bool,
 }

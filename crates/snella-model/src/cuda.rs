@@ -5,7 +5,7 @@
 //! programming errors at this level and panic with the op name; the napi layer turns a panic into
 //! a JS error and the process survives.
 
-use crate::backend::Backend;
+use crate::backend::{AdamwSlot, Backend};
 use cudarc::driver::{CudaEvent, CudaSlice};
 use snella_core::ops::adamw::AdamWParams;
 use snella_core::snella::sparsify::SparsifyRule;
@@ -98,7 +98,7 @@ impl Backend for CudaBackend {
     fn upload(&self, data: &[f32]) -> CudaSlice<f32> {
         self.timed("upload", || {
             if data.is_empty() { return self.zeros(0); }
-            ok("upload", self.gpu.stream.clone_htod(data).map_err(|e| self.gpu.oom(data.len() * 4, e)))
+            ok("upload", self.gpu.upload(data))
         })
     }
     fn download(&self, buf: &CudaSlice<f32>) -> Vec<f32> {
@@ -258,13 +258,13 @@ impl Backend for CudaBackend {
         ok("alloc", unsafe { self.gpu.stream.alloc::<f32>(n.max(1)) }.map_err(|e| self.gpu.oom(n * 4, e)))
     }
     fn first_non_finite(&self, xs: &[&CudaSlice<f32>]) -> Option<usize> {
-        self.timed("first_non_finite", || {
-            let mut flags = ok("alloc", self.gpu.stream.alloc_zeros::<u32>(xs.len().max(1)).map_err(|e| self.gpu.oom(4 * xs.len(), e)));
-            for (i, x) in xs.iter().enumerate() {
-                ok("all_finite", reduce::all_finite(&self.gpu, &x.slice(..), &mut flags.slice_mut(i..i + 1)));
-            }
-            let v = ok("all_finite", self.gpu.stream.clone_dtoh(&flags).map_err(|e| snella_cuda::device::cuda_err("download", e)));
-            v.iter().take(xs.len()).position(|&f| f != 0)
+        self.timed("first_non_finite", || ok("all_finite", reduce::first_non_finite(&self.gpu, xs)))
+    }
+    fn adamw_many(&self, slots: &mut [AdamwSlot<'_, Self>], h: &AdamWParams) {
+        self.timed("adamw_many", || {
+            let mut ts: Vec<adamw::AdamwTensor<'_>> =
+                slots.iter_mut().map(|s| adamw::AdamwTensor { param: &mut *s.param, grad: s.grad, m: &mut *s.m, v: &mut *s.v, decay: s.decay }).collect();
+            ok("adamw_many", adamw::adamw_multi(&self.gpu, &mut ts, h));
         })
     }
     fn download_many(&self, xs: &[&CudaSlice<f32>]) -> Vec<Vec<f32>> {

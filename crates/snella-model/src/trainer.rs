@@ -3,7 +3,7 @@
 
 use crate::adapter::{Delta, KernelAdapter};
 use crate::allocator::{Allocator, AllocatorConfig, LayerInfo};
-use crate::backend::Backend;
+use crate::backend::{AdamwSlot, Backend};
 use crate::vit::Vit;
 use snella_core::ops::adamw::AdamWParams;
 use snella_core::{Result, SnellaError};
@@ -353,11 +353,15 @@ impl Trainer {
         }
         let lr = self.lr_at(self.step);
         let (b1, b2, eps, wd) = (self.cfg.beta1, self.cfg.beta2, self.cfg.eps, self.cfg.weight_decay);
-        for p in vit.params_mut() {
-            if let Some(t) = p.train.as_mut() {
-                let h = AdamWParams { lr, beta1: b1, beta2: b2, eps, weight_decay: if t.decay { wd } else { 0.0 }, step };
-                be.adamw(&mut p.value, &t.grad, &mut t.m, &mut t.v, &h);
+        {
+            let mut slots: Vec<AdamwSlot<'_, B>> = Vec::new();
+            for p in vit.params_mut() {
+                let crate::param::Param { value, train, .. } = p;
+                if let Some(crate::param::TrainState { grad, m, v, decay, .. }) = train.as_mut() {
+                    slots.push(AdamwSlot { param: value, grad, m, v, decay: *decay });
+                }
             }
+            be.adamw_many(&mut slots, &AdamWParams { lr, beta1: b1, beta2: b2, eps, weight_decay: wd, step });
         }
         self.step = step;
         // A finite gradient can still overflow a parameter (a huge learning rate): name it.

@@ -98,3 +98,36 @@ pub fn all_finite(gpu: &Gpu, x: &In, flag: &mut CudaViewMut<u32>) -> Result<(), 
     // SAFETY: x holds n floats and flag at least one u32; grid-stride over i < n.
     unsafe { b.launch(grid_stride(n)) }.map(|_| ()).map_err(|e| cuda_err("snella_all_finite", e))
 }
+
+/// The index of the first of `xs` holding a NaN or ±Inf, if any: one multi-tensor launch over a
+/// pointer table (2 × u64 per tensor), then one host wait for the flags.
+///
+/// # Errors
+/// `CUDA_ERROR` on an upload, launch or download failure.
+pub fn first_non_finite(gpu: &Gpu, xs: &[&CudaSlice<f32>]) -> Result<Option<usize>, SnellaError> {
+    use cudarc::driver::DevicePtr;
+    if xs.is_empty() {
+        return Ok(None);
+    }
+    let mut table: Vec<u64> = Vec::with_capacity(2 * xs.len());
+    let mut records = Vec::with_capacity(xs.len());
+    let mut longest = 0usize;
+    for x in xs {
+        let (p, r) = x.device_ptr(&gpu.stream);
+        table.extend([p, x.len() as u64]);
+        records.push(r);
+        longest = longest.max(x.len());
+    }
+    let dev = gpu.stream.clone_htod(&table).map_err(|e| cuda_err("upload of the finite-check table", e))?;
+    let mut flags = gpu.stream.alloc_zeros::<u32>(xs.len()).map_err(|e| gpu.oom(4 * xs.len(), e))?;
+    let count = xs.len() as u32;
+    let cfg = LaunchConfig { grid_dim: (longest.div_ceil(256).clamp(1, 64) as u32, count.min(65535), 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let f = gpu.func("snella_all_finite_multi");
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&dev).arg(&count).arg(&mut flags);
+    // SAFETY: the table holds valid pointers and lengths of the tensors; flags holds one u32 each.
+    unsafe { b.launch(cfg) }.map_err(|e| cuda_err("snella_all_finite_multi", e))?;
+    drop(records);
+    let v = gpu.stream.clone_dtoh(&flags).map_err(|e| cuda_err("download", e))?;
+    Ok(v.iter().position(|&f| f != 0))
+}
