@@ -113,6 +113,7 @@ test('microBatches, devices and distributed out of range are CONFIG errors namin
     [{ microBatches: 9 }, /microBatches = 9/],
     [{ devices: [] }, /devices = \[\]: a non-empty array of distinct device ordinals/],
     [{ devices: [0, 0] }, /devices = \[0,0\]/],
+    [{ devices: [...Array(9).keys()] }, /at most batchSize = 8 devices/],
     [{ devices: [0, 1], distributed: { rendezvous: 'h:1', rank: 0, world: 2 } }, /not together with distributed/],
     [{ distributed: { rendezvous: 'h:1', rank: 2, world: 2 } }, /distributed\.rank = 2: an integer in \[0, world = 2\)/],
     [{ distributed: { rendezvous: 'h:1', rank: 0, world: 0 } }, /distributed\.world = 0/],
@@ -166,13 +167,24 @@ test('snella train: two processes (--rendezvous/--world-rank/--world) equal --mi
   const f = 'adapter/adapter_model.safetensors';
   t.true(fs.readFileSync(path.join(out0, f)).equals(fs.readFileSync(path.join(outM, f))), 'rank 0 adapter equals the micro-batch run');
   t.false(fs.existsSync(path.join(out1, f)), 'only rank 0 writes the adapter');
-  const r0 = JSON.parse(a.out.trim().split('\n').at(-1)!) as { testTop1: number };
-  const rm = JSON.parse(m.out.trim().split('\n').at(-1)!) as { testTop1: number };
+  const last = (o: string) => JSON.parse(o.trim().split('\n').at(-1)!) as { testTop1: number; world: number; microBatches: number; precision: string; adapterDir?: string };
+  const [r0, r1, rm] = [last(a.out), last(b.out), last(m.out)];
   t.is(r0.testTop1, rm.testTop1);
+  // the results say how they were made; rank 1 names no adapter (it writes none)
+  t.like(r0, { world: 2, microBatches: 1, precision: 'f32' });
+  t.like(rm, { world: 1, microBatches: 2 });
+  t.is(r1.adapterDir, undefined);
+  t.truthy(r0.adapterDir);
   // usage errors name the flags
   const bad = await cli([...base, '--out', out1, '--gpus', '2']);
   t.is(bad.code, 2);
   t.regex(bad.err, /gpus = 2: --gpus needs CUDA GPUs, and the model runs on the cpu/);
+  // an error raised inside training, in the human (progress-bar) mode, ends the process with code 2
+  // (a running progress bar used to keep it alive)
+  const human = base.filter((x) => x !== '--json');
+  const tooMany = await cli([...human, '--out', out1, '--micro-batches', '9']);
+  t.is(tooMany.code, 2);
+  t.regex(tooMany.err, /error \[CONFIG\]: invalid config: microBatches = 9/);
   const half = await cli([...base, '--out', out1, '--rendezvous', rv]);
   t.is(half.code, 2);
   t.regex(half.err, /--rendezvous host:port, --world-rank R and --world W go together/);

@@ -168,7 +168,7 @@ test.serial('the CLI job: --report writes report.html and history.json; tests af
   t.is(h.settings['test after every epoch'], true);
   t.is(h.allocator.length, 2);
   t.true(r.trainSeconds > 0 && h.evalSeconds > 0);
-  t.deepEqual(JSON.parse(fs.readFileSync(path.join(r.adapterDir, '..', 'results.json'), 'utf8')).report, r.report);
+  t.deepEqual(JSON.parse(fs.readFileSync(path.join(r.adapterDir!, '..', 'results.json'), 'utf8')).report, r.report);
   t.is(out.length, 1, 'with --json, one line on stdout');
   const { rendered } = await dump(t, fs.readFileSync(r.report!, 'utf8'));
   t.is(rendered, '5');

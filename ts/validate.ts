@@ -68,6 +68,7 @@ function validateParallelOptions(opts: TrainOptions): void {
     if (!Array.isArray(d) || d.length === 0 || !d.every((x) => isInt(x) && x >= 0) || new Set(d).size !== d.length) {
       fail('devices', JSON.stringify(d), 'a non-empty array of distinct device ordinals (integers ≥ 0), e.g. [0, 1]');
     }
+    if (d.length > batchSize) fail('devices', JSON.stringify(d), `at most batchSize = ${batchSize} devices (each takes a slice of at least one image per step)`);
     if (opts.distributed !== undefined) fail('devices', JSON.stringify(d), 'not together with distributed (each process of a multi-process group trains on its model\'s one device)');
   }
   const x = opts.distributed;

@@ -102,8 +102,14 @@ export interface JobResult {
   epochs: EpochInfo[];
   /** Device used. */
   device: string;
-  /** Where the adapter was written. */
-  adapterDir: string;
+  /** GEMM precision in effect (`f32` on the CPU, whatever was asked). */
+  precision: Precision;
+  /** Micro-batches per step (gradient accumulation; 1 = none). */
+  microBatches: number;
+  /** Data-parallel ranks (GPUs or processes) that trained together; 1 = one device. */
+  world: number;
+  /** Where the adapter was written (absent on ranks other than 0, which write nothing). */
+  adapterDir?: string;
   /** Test top-1 after each epoch, in [0, 1], when evaluated every epoch. */
   epochTestTop1?: number[];
   /** The HTML training report written, when `report` was set. */
@@ -159,6 +165,8 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
   const model = VitModel.load(o.model, { device: o.device, precision: o.precision });
   try {
     if (model.deviceReason) log(`device: cpu (${model.deviceReason})`);
+    const precision: Precision = model.device === 'cuda' ? (o.precision ?? 'f32') : 'f32';
+    if (o.precision && o.precision !== precision) log(`precision: ${o.precision} has no effect on the cpu (it computes in f32)`);
     const cfg = model.config;
     const norm = { mean: cfg.mean, std: cfg.std };
     const trainDs = await openSplit(o.data, o.trainSplit, '--train-split', cfg.img_size, norm);
@@ -170,11 +178,14 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
     log(`data: ${trainDs.length} training and ${testDs.length} test images, ${numClasses} classes; ${model.trainableCount} trainable values`);
     const gpus = o.gpus ?? 1;
     if (gpus > 1 && model.device !== 'cuda') {
-      throw new SnellaError('CONFIG', `invalid config: gpus = ${gpus}: --gpus needs CUDA GPUs, and the model runs on the ${model.device}${model.deviceReason ? ` (${model.deviceReason})` : ''}`);
+      throw new SnellaError('CONFIG', `invalid config: gpus = ${gpus}: --gpus needs CUDA GPUs, and the model runs on the ${model.device}${model.deviceReason ? ` (${model.deviceReason})` : ''}; on the CPU, --micro-batches ${gpus} gives the same result`);
     }
     const devices = gpus > 1 ? Array.from({ length: gpus }, (_, i) => i) : undefined;
     if (devices) log(`data-parallel: ${gpus} GPUs (NCCL), ${o.batch} images per step (${Math.floor(o.batch / gpus)}–${Math.ceil(o.batch / gpus)} per GPU)`);
-    if (distributed) log(`data-parallel: rank ${distributed.rank} of ${distributed.world} processes, rendezvous ${distributed.rendezvous}`);
+    if (distributed) {
+      log(`data-parallel: rank ${distributed.rank} of ${distributed.world} processes, rendezvous ${distributed.rendezvous}`);
+      log(`waiting for all ${distributed.world} ranks at ${distributed.rendezvous} (up to 600 s; start every rank with the same options)`);
+    }
     const bar = new SingleBar({
       format: 'epoch {epoch}/{epochs} |{bar}| {value}/{total} steps | loss {loss} | {ips} img/s | eta {eta}s',
       hideCursor: true,
@@ -185,32 +196,37 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
     const rec = jobRecorder(model, o, testDs);
     const steps = Math.ceil(trainDs.length / o.batch) * o.epochs;
     if (!o.json) bar.start(steps, 0, { epoch: 1, epochs: o.epochs, loss: '-', ips: '-' });
-    const r = await train(model, {
-      train: trainDs,
-      epochs: o.epochs,
-      batchSize: o.batch,
-      lr: o.lr,
-      weightDecay: o.wd,
-      warmupEpochs: o.warmup,
-      sT: o.sT,
-      allocatorBeta1: o.beta1,
-      allocatorBeta2: o.beta2,
-      seed: o.seed,
-      recompute: o.recompute ?? false,
-      microBatches: o.microBatches ?? 1,
-      ...(devices ? { devices } : {}),
-      ...(distributed ? { distributed } : {}),
-      signal,
-      checkpointDir,
-      resume: o.resume ?? false,
-      overwriteCheckpoint: o.overwrite,
-      callbacks: wrapCallbacks(rec, {
-        onStep: (s) => {
-          if (!o.json) bar.update(s.step, { epoch: s.epoch + 1, epochs: o.epochs, loss: s.loss.toFixed(3), ips: s.imagesPerSecond.toFixed(1) });
-        },
-      }),
-    });
-    if (!o.json) bar.stop();
+    let r: Awaited<ReturnType<typeof train>>;
+    try {
+      r = await train(model, {
+        train: trainDs,
+        epochs: o.epochs,
+        batchSize: o.batch,
+        lr: o.lr,
+        weightDecay: o.wd,
+        warmupEpochs: o.warmup,
+        sT: o.sT,
+        allocatorBeta1: o.beta1,
+        allocatorBeta2: o.beta2,
+        seed: o.seed,
+        recompute: o.recompute ?? false,
+        microBatches: o.microBatches ?? 1,
+        ...(devices ? { devices } : {}),
+        ...(distributed ? { distributed } : {}),
+        signal,
+        checkpointDir,
+        resume: o.resume ?? false,
+        overwriteCheckpoint: o.overwrite,
+        callbacks: wrapCallbacks(rec, {
+          onStep: (s) => {
+            if (!o.json) bar.update(s.step, { epoch: s.epoch + 1, epochs: o.epochs, loss: s.loss.toFixed(3), ips: s.imagesPerSecond.toFixed(1) });
+          },
+        }),
+      });
+    } finally {
+      // also on an error: a running bar keeps the process alive and the cursor hidden
+      if (!o.json) bar.stop();
+    }
     // with a test evaluation after every epoch, the last one is the final result: not run twice
     const test = rec?.lastTest && !r.aborted && r.epochs.length ? rec.lastTest : await evaluate(model, testDs);
     const report = rec && o.report !== undefined ? writeJobReport(rec, o.report, test, r) : undefined;
@@ -228,7 +244,10 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
       keptFraction: total ? rep.reduce((s, l) => s + l.kept, 0) / total : undefined,
       epochs: r.epochs,
       device: model.device,
-      adapterDir,
+      precision,
+      microBatches: o.microBatches ?? 1,
+      world: devices?.length ?? distributed?.world ?? 1,
+      ...(root ? { adapterDir } : {}),
       ...(rec && epochTestTop1(rec)),
       ...(report ? { report } : {}),
     };

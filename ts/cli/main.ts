@@ -72,8 +72,10 @@ async function run(o: JobOptions): Promise<number> {
     const r = await runJob(o, ac.signal);
     return ac.signal.aborted ? EXIT.interrupted : r ? EXIT.ok : EXIT.failure;
   } catch (e) {
-    const msg = e instanceof SnellaError ? `error [${e.code}]: ${e.message}` : `error: ${(e as Error).stack ?? e}`;
-    if (o.json) process.stdout.write(JSON.stringify({ error: msg }) + '\n');
+    // a native error's message may already start with its code ("CUDA_UNAVAILABLE: …"): once is enough
+    const text = e instanceof SnellaError ? e.message.replace(new RegExp(`^${e.code}: `), '') : '';
+    const msg = e instanceof SnellaError ? `error [${e.code}]: ${text}` : `error: ${(e as Error).stack ?? e}`;
+    if (o.json) process.stdout.write(JSON.stringify({ error: msg, code: e instanceof SnellaError ? e.code : 'INTERNAL' }) + '\n');
     process.stderr.write(msg + '\n');
     return e instanceof SnellaError && e.code === 'CONFIG' ? EXIT.usage : EXIT.failure;
   } finally {
@@ -83,7 +85,7 @@ async function run(o: JobOptions): Promise<number> {
 
 /** Builds the command tree (exported for tests). */
 export function program(): Command {
-  const p = new Command('snella').description('SNELLA sparse fine-tuning of Vision Transformers').showHelpAfterError();
+  const p = new Command('snella').description('SNELLA sparse fine-tuning of Vision Transformers').showHelpAfterError('(add --help for the options)');
   withRecipe(
     p.command('train').description('fine-tune a ViT checkpoint on an image dataset (defaults: the reference recipe, spec §8)'),
     {},

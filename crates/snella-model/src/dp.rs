@@ -126,8 +126,8 @@ impl Snapshot {
     }
 }
 
-/// A 64-bit FNV-1a hash of the training state (step, epoch, sparsities, trainable values), to check
-/// that the ranks of a multi-process group start from the same state.
+/// A 64-bit FNV-1a hash of the training state (step, epoch, training options, sparsities, trainable
+/// values), to check that the ranks of a multi-process group start from the same state.
 pub fn fingerprint<B: Backend>(sess: &mut Session<B>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
@@ -138,6 +138,9 @@ pub fn fingerprint<B: Backend>(sess: &mut Session<B>) -> u64 {
     if let Some(t) = &sess.trainer {
         eat(&t.step.to_le_bytes());
         eat(&(t.epoch as u64).to_le_bytes());
+        // the options too (lr, epochs, batch, warm-up, allocator, …): ranks that differ only there
+        // would drift apart without any other sign
+        eat(serde_json::to_string(&t.cfg).unwrap_or_default().as_bytes());
     }
     for k in kernel_adapters(&sess.vit) {
         eat(&k.sparsity.to_bits().to_le_bytes());
@@ -380,7 +383,7 @@ impl<B: Backend> DataParallel<B> {
                 let w = self.comm.world() as f64;
                 if v[0] != w * h || v[1] != w * h * h {
                     return Err(comm_err(format!(
-                        "the {} ranks hold different training states (rank {} differs from the mean); start every rank with the same model, method, seed, options and checkpoint",
+                        "the {} ranks hold different training states (rank {}'s parameters, counters or options differ from another rank's); start every rank with the same model, method, seed, training options (lr, epochs, batch size, warm-up, sT, …) and checkpoint",
                         self.comm.world(),
                         self.comm.rank()
                     )));

@@ -305,6 +305,34 @@ fn a_process_group_refuses_ranks_with_different_states() {
     }
 }
 
+/// Ranks that differ only in a training option (here the learning rate) are refused too: they would
+/// drift apart with no other sign.
+#[test]
+fn a_process_group_refuses_ranks_with_different_options() {
+    let hs: Vec<_> = LocalComm::group(2)
+        .into_iter()
+        .enumerate()
+        .map(|(r, c)| {
+            std::thread::spawn(move || {
+                let mut s = session(MethodKind::Snella, 1, 11);
+                if r == 1 {
+                    let mut cfg = s.trainer.as_ref().unwrap().cfg.clone();
+                    cfg.lr *= 2.0;
+                    s.prepare(cfg).unwrap();
+                }
+                let mut dp = DataParallel::process(Box::new(c));
+                dp.begin_epoch(&mut s, 0).unwrap();
+                let (x, y) = batch(0, 0);
+                dp.step(&mut s, &x, &y).unwrap_err().to_string()
+            })
+        })
+        .collect();
+    for h in hs {
+        let e = h.join().unwrap();
+        assert!(e.contains("COMM_ERROR") && e.contains("different training states") && e.contains("lr"), "{e}");
+    }
+}
+
 #[test]
 fn local_group_needs_a_method_and_ordered_ranks() {
     let s = Session::load(CpuBackend, PATH).unwrap();
