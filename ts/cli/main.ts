@@ -60,6 +60,21 @@ function withRecipe(c: Command, d: Partial<JobOptions>): Command {
     .option('--json', 'print one JSON result line, no progress bar', false);
 }
 
+/** The CLI flag of each training option that errors name by its API field. */
+const FLAGS: Record<string, string> = {
+  microBatches: '--micro-batches',
+  batchSize: '--batch',
+  epochs: '--epochs',
+  lr: '--lr',
+  weightDecay: '--wd',
+  warmupEpochs: '--warmup',
+  sT: '--sT',
+  seed: '--seed',
+  'distributed.rank': '--world-rank',
+  'distributed.world': '--world',
+  'distributed.rendezvous': '--rendezvous',
+};
+
 async function run(o: JobOptions): Promise<number> {
   const ac = new AbortController();
   const onInt = () => {
@@ -74,7 +89,8 @@ async function run(o: JobOptions): Promise<number> {
   } catch (e) {
     // a native error's message may already start with its code ("CUDA_UNAVAILABLE: …"): once is enough
     const text = e instanceof SnellaError ? e.message.replace(new RegExp(`^${e.code}: `), '') : '';
-    const msg = e instanceof SnellaError ? `error [${e.code}]: ${text}` : `error: ${(e as Error).stack ?? e}`;
+    const flag = e instanceof SnellaError && e.code === 'CONFIG' ? FLAGS[/invalid config: ([\w.]+) =/.exec(text)?.[1] ?? ''] : undefined;
+    const msg = e instanceof SnellaError ? `error [${e.code}]: ${text}${flag ? ` (option ${flag})` : ''}` : `error: ${(e as Error).stack ?? e}`;
     if (o.json) process.stdout.write(JSON.stringify({ error: msg, code: e instanceof SnellaError ? e.code : 'INTERNAL' }) + '\n');
     process.stderr.write(msg + '\n');
     return e instanceof SnellaError && e.code === 'CONFIG' ? EXIT.usage : EXIT.failure;
