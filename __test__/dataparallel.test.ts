@@ -6,14 +6,13 @@
 // - both are within 1e-5 of plain training (f32 summation order only);
 // - options out of range are CONFIG errors naming the field.
 import test from 'ava';
-import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { readSafetensors, SnellaError, train, VitModel, type TrainOptions, type TrainResult } from '../ts';
-import { FLOWERS, ROOT, TINY, VIT_TINY, randomSource, tmpDir } from './helpers/tiny';
+import { cli, smallData } from './helpers/cli';
+import { TINY, VIT_TINY, randomSource, tmpDir } from './helpers/tiny';
 
-const CLI = path.join(ROOT, 'ts/cli/main.ts');
 
 /** A TCP port that was free a moment ago on localhost. */
 function freePort(): Promise<number> {
@@ -125,29 +124,6 @@ test('microBatches, devices and distributed out of range are CONFIG errors namin
     t.regex(e?.message ?? '', re);
   }
 });
-
-/** A 24-image training and 13-image test subset of the bundled flowers (every 10th line). */
-function smallData(): string {
-  const d = tmpDir('snella-dp-data-');
-  fs.symlinkSync(path.join(FLOWERS, 'images.tar'), path.join(d, 'images.tar'));
-  fs.copyFileSync(path.join(FLOWERS, 'classes.json'), path.join(d, 'classes.json'));
-  for (const split of ['train', 'test']) {
-    const lines = fs.readFileSync(path.join(FLOWERS, `${split}.txt`), 'utf8').split('\n').filter(Boolean);
-    fs.writeFileSync(path.join(d, `${split}.txt`), lines.filter((_, i) => i % 10 === 0).join('\n') + '\n');
-  }
-  return d;
-}
-
-function cli(args: string[]): Promise<{ code: number | null; out: string; err: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, ['--import=tsx', CLI, 'train', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    p.stdout.on('data', (d) => (out += d));
-    p.stderr.on('data', (d) => (err += d));
-    p.on('exit', (code) => resolve({ code, out, err }));
-  });
-}
 
 test('snella train: two processes (--rendezvous/--world-rank/--world) equal --micro-batches 2 bit for bit', async (t) => {
   t.timeout(600_000);

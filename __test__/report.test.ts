@@ -10,6 +10,7 @@ import * as path from 'node:path';
 import sharp from 'sharp';
 import { ImageDataset, ReportRecorder, VitModel, renderReport, train, type TrainingHistory } from '../ts';
 import { runJob, type JobOptions } from '../ts/cli/job';
+import { smallData } from './helpers/cli';
 import { FLOWERS, TINY, VIT_TINY, tmpDir } from './helpers/tiny';
 
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
@@ -122,18 +123,6 @@ test('a real SNELLA run: ReportRecorder + renderReport give a page whose 5 chart
   const stats = await sharp(png).stats();
   t.true(stats.channels[0].stdev > 10, `pixel stdev ${stats.channels[0].stdev}`);
 });
-
-/** A 24-image training and 14-image test subset of the bundled flowers (every 10th line). */
-function smallData(): string {
-  const d = tmpDir('snella-report-data-');
-  fs.symlinkSync(path.join(FLOWERS, 'images.tar'), path.join(d, 'images.tar'));
-  fs.copyFileSync(path.join(FLOWERS, 'classes.json'), path.join(d, 'classes.json'));
-  for (const split of ['train', 'test']) {
-    const lines = fs.readFileSync(path.join(FLOWERS, `${split}.txt`), 'utf8').split('\n').filter(Boolean);
-    fs.writeFileSync(path.join(d, `${split}.txt`), lines.filter((_, i) => i % 10 === 0).join('\n') + '\n');
-  }
-  return d;
-}
 
 function job(data: string, over: Partial<JobOptions>): JobOptions {
   return {

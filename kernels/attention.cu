@@ -2,7 +2,7 @@
 // around cuBLAS's strided-batched products. CPU reference: snella_core::ops::attention.
 //
 // The products (S = scale·q·kᵀ, O = P·v; backward dP = dO·vᵀ, dv = Pᵀ·dO, dq = dS·k, dk = dSᵀ·q)
-// run on cuBLAS, one strided-batched call per head over the batch (crates/snella-cuda/src/ops/
+// run on cuBLAS, one batched call per product over every (image, head) (crates/snella-cuda/src/ops/
 // attention.rs); the probabilities P [b, heads, t, t] are materialised for the backward. What is
 // left to these kernels is the softmax over keys and its backward, one warp per row, each row
 // reduced by one warp in a fixed order (deterministic).

@@ -54,8 +54,8 @@ __device__ __forceinline__ void k_col(const float* sa, const float* __restrict__
     for (int q = 0; q < R; q++) d2[q] = 0.f;
     const float* bp = B + ((size_t)h * n_out + j) * rh;
     const float* ap = sa + h * rh;
-    if ((rh & 3u) == 0u) {
-      // 16-byte loads of this column's B row (B starts 16-byte aligned and rows are 4k floats), so
+    if ((rh & 3u) == 0u && (reinterpret_cast<uintptr_t>(B) & 15u) == 0u) {
+      // 16-byte loads of this column's B row (when B starts 16-byte aligned; rows are 4k floats), so
       // a warp's loads use whole sectors; same r order, so the same bits.
       const float4* bp4 = reinterpret_cast<const float4*>(bp);
       for (unsigned r4 = 0; r4 < rh / 4; r4++) {

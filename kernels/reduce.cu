@@ -42,14 +42,20 @@ extern "C" __global__ void snella_colsum_final(const float* __restrict__ part, u
   db[c] = accumulate ? db[c] + s : s;
 }
 
-// flag[0] = 1 when any of x[0..n) is NaN or ±Inf (exponent bits all ones); flag is never cleared
-// here, so several tensors can be checked into one flag. Grid-stride.
-extern "C" __global__ void snella_all_finite(const float* __restrict__ x, unsigned long long n,
-                                             unsigned* __restrict__ flag) {
+// Whether this thread's grid-stride share of x[0..n) holds a NaN or ±Inf (exponent bits all ones).
+__device__ __forceinline__ bool snella_any_non_finite(const float* __restrict__ x, unsigned long long n) {
   bool bad = false;
   for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
        i += (unsigned long long)gridDim.x * blockDim.x)
     bad |= (__float_as_uint(x[i]) & 0x7f800000u) == 0x7f800000u;
+  return bad;
+}
+
+// flag[0] = 1 when any of x[0..n) is NaN or ±Inf (exponent bits all ones); flag is never cleared
+// here, so several tensors can be checked into one flag. Grid-stride.
+extern "C" __global__ void snella_all_finite(const float* __restrict__ x, unsigned long long n,
+                                             unsigned* __restrict__ flag) {
+  const bool bad = snella_any_non_finite(x, n);
   if (__any_sync(0xffffffffu, bad) && (threadIdx.x & 31) == 0) flag[0] = 1u;
 }
 
@@ -59,12 +65,7 @@ extern "C" __global__ void snella_all_finite(const float* __restrict__ x, unsign
 extern "C" __global__ void snella_all_finite_multi(const unsigned long long* __restrict__ table, unsigned count,
                                                    unsigned* __restrict__ flags) {
   for (unsigned t = blockIdx.y; t < count; t += gridDim.y) {
-    const float* x = reinterpret_cast<const float*>(table[2 * t]);
-    const unsigned long long n = table[2 * t + 1];
-    bool bad = false;
-    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (unsigned long long)gridDim.x * blockDim.x)
-      bad |= (__float_as_uint(x[i]) & 0x7f800000u) == 0x7f800000u;
+    const bool bad = snella_any_non_finite(reinterpret_cast<const float*>(table[2 * t]), table[2 * t + 1]);
     if (__any_sync(0xffffffffu, bad) && (threadIdx.x & 31) == 0) flags[t] = 1u;
   }
 }

@@ -33,17 +33,7 @@ extern "C" __global__ void __launch_bounds__(256)
   const float tau = __uint_as_float(kept[2]);
   const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
   for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const float a = fabsf(m[i]);
-    float f;
-    if (rule == 1) {
-      const float d = __fsub_rn(a, tau);
-      f = d > 0.f ? d : 0.f;
-    } else {
-      const unsigned kk = snella_sparsify::key(a);
-      const bool keep = kk > thr || (kk == thr && i < (unsigned long long)cut);
-      f = keep ? (rule == 0 ? a : 1.f) : 0.f;
-    }
-    out[i] = __fmul_rn(src[i], f);
+    out[i] = __fmul_rn(src[i], snella_sparsify::factor(fabsf(m[i]), i, thr, cut, tau, rule));
   }
 }
 

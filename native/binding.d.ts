@@ -81,8 +81,6 @@ export declare class NativeModel {
   joinGroup(rendezvous: string, rank: number, world: number, timeoutSeconds?: number | undefined | null): Promise<{ kind: string, world: number, rank: number, localRanks: number }>
   /** Ends data-parallel training: frees the replicas and communicators. Idempotent. */
   leaveGroup(): void
-  /** The data-parallel group `{ kind, world, rank, localRanks }`, or null. */
-  group(): any
   /** Frees the model; later calls fail with `[DISPOSED]`. Idempotent. */
   dispose(): void
   /** Whether [`NativeModel::dispose`] was called. */

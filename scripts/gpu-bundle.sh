@@ -27,10 +27,8 @@ for line in sys.stdin:
         dst = os.path.join(".gpu/bin", pkg + "-" + name)
         shutil.copy(m["executable"], dst); print("bundled", dst)
 '
-cargo build --release -p snella-model --features cuda --example gpu_bench
-cp target/release/examples/gpu_bench .gpu/bin/gpu_bench
-cargo build --release -p snella-model --features cuda --example dp_bench
-cp target/release/examples/dp_bench .gpu/bin/dp_bench
+cargo build --release -p snella-model --features cuda --example gpu_bench --example dp_bench
+cp target/release/examples/gpu_bench target/release/examples/dp_bench .gpu/bin/
 strip .gpu/bin/* 2>/dev/null || true
 ref=../shared/reference/ref_snella.py
 [ -f "$ref" ] && cp "$ref" .gpu/ref_snella.py

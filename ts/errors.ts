@@ -64,7 +64,8 @@ export class SnellaError extends Error {
 export function fromNative(e: unknown): unknown {
   if (e instanceof Error) {
     const m = /^\[([A-Z_]+)\] ([\s\S]*)$/.exec(e.message);
-    if (m) return new SnellaError(m[1], m[2], { cause: e });
+    // device and communication errors also start their text with the code: keep it once, in `code`
+    if (m) return new SnellaError(m[1], m[2].startsWith(`${m[1]}: `) ? m[2].slice(m[1].length + 2) : m[2], { cause: e });
   }
   return e;
 }

@@ -211,7 +211,7 @@ export class VitModel {
         const err = fromNative(e);
         if (!(err instanceof SnellaError) || !['CUDA_UNAVAILABLE', 'CUDA_ERROR'].includes(err.code)) throw err;
         const n = native(() => b.NativeModel.load(path, 'cpu'));
-        return new VitModel(n, 'cpu', path, err.message);
+        return new VitModel(n, 'cpu', path, `${err.code}: ${err.message}`);
       }
     }
     const n = native(() => b.NativeModel.load(path, device, precision));

@@ -87,8 +87,7 @@ async function run(o: JobOptions): Promise<number> {
     const r = await runJob(o, ac.signal);
     return ac.signal.aborted ? EXIT.interrupted : r ? EXIT.ok : EXIT.failure;
   } catch (e) {
-    // a native error's message may already start with its code ("CUDA_UNAVAILABLE: …"): once is enough
-    const text = e instanceof SnellaError ? e.message.replace(new RegExp(`^${e.code}: `), '') : '';
+    const text = e instanceof SnellaError ? e.message : '';
     const flag = e instanceof SnellaError && e.code === 'CONFIG' ? FLAGS[/invalid config: ([\w.]+) =/.exec(text)?.[1] ?? ''] : undefined;
     const msg = e instanceof SnellaError ? `error [${e.code}]: ${text}${flag ? ` (option ${flag})` : ''}` : `error: ${(e as Error).stack ?? e}`;
     if (o.json) process.stdout.write(JSON.stringify({ error: msg, code: e instanceof SnellaError ? e.code : 'INTERNAL' }) + '\n');

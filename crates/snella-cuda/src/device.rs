@@ -23,6 +23,8 @@ pub struct Gpu {
     module: Arc<CudaModule>,
     funcs: Mutex<HashMap<&'static str, CudaFunction>>,
     peak: AtomicUsize,
+    /// The pool's bytes in use at [`Gpu::reset_peak`].
+    used_at_reset: AtomicUsize,
     /// The GEMM precision ([`Precision`] as u8).
     precision: std::sync::atomic::AtomicU8,
     /// A page-locked staging buffer for large uploads (grow-only), see [`Gpu::upload`].
@@ -58,7 +60,7 @@ impl Gpu {
         let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("cannot create a cuBLAS handle", e))?;
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let (ma, mi) = ctx.compute_capability().unwrap_or((0, 0));
-        Ok(Arc::new(Gpu { ctx, stream, blas, module, funcs: Mutex::new(HashMap::new()), peak: AtomicUsize::new(0), precision: std::sync::atomic::AtomicU8::new(Precision::F32 as u8), staging: Mutex::new(None), pool, description: format!("{name} (sm_{ma}{mi}), {driver}") }))
+        Ok(Arc::new(Gpu { ctx, stream, blas, module, funcs: Mutex::new(HashMap::new()), peak: AtomicUsize::new(0), used_at_reset: AtomicUsize::new(0), precision: std::sync::atomic::AtomicU8::new(Precision::F32 as u8), staging: Mutex::new(None), pool, description: format!("{name} (sm_{ma}{mi}), {driver}") }))
     }
 
     /// The kernel `name` of the fatbin (cached).
@@ -99,7 +101,12 @@ impl Gpu {
     /// allocations.
     pub fn peak_bytes(&self) -> usize {
         match &self.pool {
-            Some(p) => self.peak.load(Ordering::Relaxed) + p.get(PoolAttr::CU_MEMPOOL_ATTR_USED_MEM_HIGH) as usize,
+            // The high mark counts the pool's bytes in use (absolute, not growth since the reset); it
+            // restarts from 0 at the reset, so before any allocation it may read below what is live.
+            Some(p) => {
+                let high = (p.get(PoolAttr::CU_MEMPOOL_ATTR_USED_MEM_HIGH) as usize).max(self.used_at_reset.load(Ordering::Relaxed));
+                self.peak.load(Ordering::Relaxed) + high
+            }
             None => self.peak.load(Ordering::Relaxed),
         }
     }
@@ -113,11 +120,23 @@ impl Gpu {
                 let reserved = p.get(PoolAttr::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT) as usize;
                 let used = p.get(PoolAttr::CU_MEMPOOL_ATTR_USED_MEM_CURRENT) as usize;
                 p.set(PoolAttr::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0);
-                // outside the pool, plus what is live in it now (the high mark restarts from 0)
-                self.peak.store((total - free).saturating_sub(reserved) + used, Ordering::Relaxed);
+                // outside the pool; what is live in it now is already part of the high mark
+                self.peak.store((total - free).saturating_sub(reserved), Ordering::Relaxed);
+                self.used_at_reset.store(used, Ordering::Relaxed);
             }
             None => self.note_usage(),
         }
+    }
+
+    /// `n` (at least 1) uninitialised values of `T` on the device, from the stream's pool.
+    ///
+    /// # Errors
+    /// `CUDA_OOM` naming the bytes asked for and free.
+    ///
+    /// # Safety
+    /// The caller writes every element before reading it.
+    pub unsafe fn uninit<T: cudarc::driver::DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>, SnellaError> {
+        self.stream.alloc::<T>(n.max(1)).map_err(|e| self.oom(n * std::mem::size_of::<T>(), e))
     }
 
     /// An out-of-memory error naming how much was asked for and how much is free.
@@ -143,17 +162,18 @@ impl Gpu {
             return self.stream.clone_htod(data).map_err(|e| self.oom(n * 4, e));
         }
         let mut g = self.staging.lock().expect("staging buffer");
+        // the previous copy out of the buffer must be done before it is refilled or freed
+        self.sync()?;
         if g.as_ref().map_or(true, |p| p.len() < n) {
             *g = None;
             // SAFETY: the buffer is written below before any copy reads it.
             *g = Some(unsafe { self.ctx.alloc_pinned::<f32>(n) }.map_err(|e| cuda_err("page-locked staging buffer", e))?);
         }
-        self.sync()?;
         let p = g.as_mut().expect("staging buffer");
         let host = p.as_mut_slice().map_err(|e| cuda_err("page-locked staging buffer", e))?;
         host[..n].par_chunks_mut(1 << 16).zip(data.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
         // SAFETY: the copy below writes all n values.
-        let mut dev = unsafe { self.stream.alloc::<f32>(n) }.map_err(|e| self.oom(n * 4, e))?;
+        let mut dev = unsafe { self.uninit::<f32>(n) }?;
         {
             let (dp, _rec) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut dev, &self.stream);
             // SAFETY: `host[..n]` stays valid and unwritten until the next upload, which waits for the
@@ -169,6 +189,13 @@ impl Gpu {
     /// `CUDA_ERROR` when a queued kernel failed.
     pub fn sync(&self) -> Result<(), SnellaError> {
         self.stream.synchronize().map_err(|e| cuda_err("stream synchronize", e))
+    }
+}
+
+impl Drop for Gpu {
+    /// Waits for queued work before the fields go, so the staging buffer is not freed under a copy.
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
     }
 }
 

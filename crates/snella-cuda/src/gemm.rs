@@ -46,11 +46,10 @@ pub fn gemm<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
 fn to_bf16<S: DevicePtr<f32>>(gpu: &Gpu, src: &S, n: usize) -> Result<cudarc::driver::CudaSlice<u16>, SnellaError> {
     use cudarc::driver::PushKernelArg;
     // SAFETY: the kernel below writes all n elements before any read.
-    let mut dst = unsafe { gpu.stream.alloc::<u16>(n.max(1)) }.map_err(|e| gpu.oom(n * 2, e))?;
+    let mut dst = unsafe { gpu.uninit::<u16>(n) }?;
     let f = gpu.func("snella_f32_to_bf16");
     let n64 = n as u64;
-    let blocks = n.div_ceil(1024).clamp(1, 8192) as u32;
-    let cfg = cudarc::driver::LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = crate::ops::reduce::grid_stride(n.div_ceil(4));
     let (sp, _rs) = src.device_ptr(&gpu.stream);
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(&sp).arg(&mut dst).arg(&n64);
@@ -161,7 +160,6 @@ pub unsafe fn gemm_batched<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut
     table.extend(c_offs.iter().map(|&o| cp + 4 * o as u64));
     let dev = gpu.stream.clone_htod(&table).map_err(|e| cuda_err("upload of the batched GEMM's pointer table", e))?;
     let (dp, _rd) = dev.device_ptr(&gpu.stream);
-    let (alpha, beta) = (alpha, beta);
     let st = cublasSgemmBatched(
         *gpu.blas.handle(),
         if tb { CUBLAS_OP_T } else { CUBLAS_OP_N },

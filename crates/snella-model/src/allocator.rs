@@ -210,11 +210,7 @@ impl Allocator {
         let l = &mut self.layers[layer];
         let bad_a = importance_update(a, ga, &mut l.ibar_a, &mut l.ubar_a, b1, b2);
         let bad_b = importance_update(b, gb, &mut l.ibar_b, &mut l.ubar_b, b1, b2);
-        for (param, count) in [("A", bad_a), ("B", bad_b)] {
-            if count > 0 {
-                self.events.push(AllocatorEvent { step, layer: l.name.clone(), param: param.into(), count });
-            }
-        }
+        self.record_non_finite(step, layer, bad_a, bad_b);
     }
 
     /// The EMAs of `layer` as `[Ī_A, Ū_A, Ī_B, Ū_B]` (host copy; see [`Allocator::ema_mut`]).

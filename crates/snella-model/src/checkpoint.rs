@@ -307,10 +307,9 @@ impl<B: Backend> Session<B> {
         }
         for k in kernel_adapters_mut(&mut self.vit) {
             k.sparsity = sp[&k.name];
-            k.ema = None; // the allocator's EMAs now come from the checkpoint
         }
         let resume = resume_point(&trainer);
-        self.trainer = Some(trainer);
+        self.set_trainer(Some(trainer));
         Ok(CheckpointInfo { resume, extra, path: path.display().to_string() })
     }
 }

@@ -255,7 +255,7 @@ impl Backend for CudaBackend {
     }
     fn empty(&self, n: usize) -> CudaSlice<f32> {
         // SAFETY: callers (Backend::empty's contract) write every element before reading it.
-        ok("alloc", unsafe { self.gpu.stream.alloc::<f32>(n.max(1)) }.map_err(|e| self.gpu.oom(n * 4, e)))
+        ok("alloc", unsafe { self.gpu.uninit::<f32>(n) })
     }
     fn first_non_finite(&self, xs: &[&CudaSlice<f32>]) -> Option<usize> {
         self.timed("first_non_finite", || ok("all_finite", reduce::first_non_finite(&self.gpu, xs)))

@@ -82,16 +82,15 @@ impl Snapshot {
     pub fn take<B: Backend>(sess: &mut Session<B>) -> Self {
         sess.pull_importance();
         let be = sess.be.clone();
-        let params = sess
-            .vit
-            .params_mut()
-            .into_iter()
-            .filter_map(|p| {
-                let t = p.train.as_ref()?;
-                let h = be.download_many(&[&p.value, &t.m, &t.v]);
-                let mut h = h.into_iter();
-                Some(TensorState { name: p.name.clone(), shape: p.shape.clone(), value: h.next()?, m: h.next()?, v: h.next()? })
-            })
+        let trained: Vec<_> = sess.vit.params_mut().into_iter().filter(|p| p.train.is_some()).collect();
+        let bufs: Vec<&B::Buf> = trained.iter().flat_map(|p| {
+            let t = p.train.as_ref().expect("filtered trainable");
+            [&p.value, &t.m, &t.v]
+        }).collect();
+        let mut h = be.download_many(&bufs).into_iter(); // one host wait for every tensor
+        let params = trained
+            .iter()
+            .map(|p| TensorState { name: p.name.clone(), shape: p.shape.clone(), value: h.next().expect("value"), m: h.next().expect("m"), v: h.next().expect("v") })
             .collect();
         let sparsities = kernel_adapters(&sess.vit).iter().map(|k| k.sparsity).collect();
         Snapshot { params, sparsities, trainer: sess.trainer.clone() }
@@ -119,9 +118,8 @@ impl Snapshot {
         for (k, s) in kernel_adapters_mut(&mut sess.vit).into_iter().zip(&self.sparsities) {
             k.sparsity = *s;
         }
-        sess.trainer = self.trainer.clone();
         // The allocator's statistics now come from the snapshot: the backend copies are re-made.
-        Trainer::drop_device_importance(&mut sess.vit);
+        sess.set_trainer(self.trainer.clone());
         Ok(())
     }
 }
@@ -146,12 +144,9 @@ pub fn fingerprint<B: Backend>(sess: &mut Session<B>) -> u64 {
         eat(&k.sparsity.to_bits().to_le_bytes());
     }
     let be = sess.be.clone();
-    for p in sess.vit.params_mut() {
-        if p.train.is_some() {
-            for v in be.download(&p.value) {
-                eat(&v.to_bits().to_le_bytes());
-            }
-        }
+    let values: Vec<&B::Buf> = sess.vit.params_mut().into_iter().filter(|p| p.train.is_some()).map(|p| &p.value).collect();
+    for v in be.download_many(&values).iter().flatten() {
+        eat(&v.to_bits().to_le_bytes());
     }
     h
 }

@@ -116,13 +116,14 @@ impl<B: Backend> Linear<B> {
 
     /// Forward for `rows` rows of `x: [rows, in]`, returning `y: [rows, out]`.
     pub fn forward(&self, be: &B, x: &B::Buf, rows: usize) -> B::Buf {
-        self.forward_keep(be, x, rows).0
+        self.forward_keep(be, x, rows, None).0
     }
 
-    /// [`Linear::forward`], also returning the adapters' kept sets for [`Linear::backward_with`].
-    pub fn forward_keep(&self, be: &B, x: &B::Buf, rows: usize) -> (B::Buf, KeptSets<B>) {
+    /// [`Linear::forward`], reusing `kept` (sets selected earlier in this step from the same `A`, `B`
+    /// and sparsity) when given, and returning the adapters' kept sets for [`Linear::backward_with`].
+    pub fn forward_keep(&self, be: &B, x: &B::Buf, rows: usize, kept: Option<KeptSets<B>>) -> (B::Buf, KeptSets<B>) {
         let mut y = be.empty(rows * self.n_out);
-        let eff = self.effective(be, be.separate_delta_products(), None);
+        let eff = self.effective(be, be.separate_delta_products(), kept);
         self.product(be, eff.as_ref().map(|e| &e.0), true, rows, self.n_out, self.n_in, x, &mut y);
         be.add_bias(&mut y, &self.bias.value, rows, self.n_out);
         let kept = eff.map(|(_, mats)| mats.into_iter().map(|m| m.and_then(|m| m.set)).collect()).unwrap_or_default();

@@ -80,9 +80,17 @@ impl<B: Backend> Session<B> {
         if self.method.is_none() {
             return Err(SnellaError::config("method", "none", "attach a method before training"));
         }
-        self.trainer = Some(Trainer::new(&mut self.vit, cfg)?);
-        Trainer::drop_device_importance(&mut self.vit);
+        let t = Trainer::new(&mut self.vit, cfg)?;
+        self.set_trainer(Some(t));
         Ok(())
+    }
+
+    /// Installs `trainer` (a new one, a resumed one, rank 0's copy) and forgets the backend copies of
+    /// the allocator's EMAs, which belonged to the trainer replaced: the next step uploads the new
+    /// trainer's. Every replacement of the trainer goes through here.
+    pub fn set_trainer(&mut self, trainer: Option<Trainer>) {
+        Trainer::drop_device_importance(&mut self.vit);
+        self.trainer = trainer;
     }
 
     /// Starts epoch `t` (allocator round).
@@ -307,8 +315,7 @@ impl<B: Backend> Session<B> {
             if let Some(a) = t.allocator.as_mut() {
                 a.load_state_tensors(&mut f)?;
             }
-            Trainer::drop_device_importance(&mut self.vit);
-            self.trainer = Some(t);
+            self.set_trainer(Some(t));
         }
         Ok(())
     }

@@ -275,7 +275,8 @@ impl Trainer {
             if i > 0 {
                 let mut grads = trained_grads_mut(vit);
                 if spare.is_empty() {
-                    spare = grads.iter().map(|g| be.zeros(be.len(g))).collect();
+                    // every backward overwrites every gradient, so the spare set needs no zeros
+                    spare = grads.iter().map(|g| be.empty(be.len(g))).collect();
                 }
                 for (g, s) in grads.iter_mut().zip(spare.iter_mut()) {
                     std::mem::swap(*g, s);
@@ -312,7 +313,7 @@ impl Trainer {
         let x = be.upload(images);
         let (logits, cache) = vit.forward(be, &x, b, true);
         let c = vit.head.n_out;
-        let mut dlogits = be.zeros(b * c);
+        let mut dlogits = be.empty(b * c);
         let (sum, correct) = if norm == b {
             // The whole batch at once: the backend's fused op, as a plain step always did.
             let (l, k) = be.cross_entropy(&logits, labels, b, c, &mut dlogits);
@@ -348,9 +349,8 @@ impl Trainer {
                 return Err(SnellaError::NonFinite { tensor: format!("{} (gradient)", trained[i].name), step });
             }
         }
-        if let Some(a) = self.allocator.as_mut() {
-            update_importance(be, vit, a, step);
-        }
+        // the allocator's non-finite counts stay on the device until the host waits anyway (below)
+        let bad = self.allocator.as_mut().map(|a| update_importance(be, vit, a));
         let lr = self.lr_at(self.step);
         let (b1, b2, eps, wd) = (self.cfg.beta1, self.cfg.beta2, self.cfg.eps, self.cfg.weight_decay);
         {
@@ -368,7 +368,13 @@ impl Trainer {
         let params = vit.params_mut();
         let trained: Vec<&crate::param::Param<B>> = params.iter().filter(|p| p.train.is_some()).map(|p| &**p).collect();
         let values: Vec<&B::Buf> = trained.iter().map(|p| &p.value).collect();
-        if let Some(i) = be.first_non_finite(&values) {
+        let non_finite = be.first_non_finite(&values);
+        if let (Some(a), Some(bad)) = (self.allocator.as_mut(), bad) {
+            for (l, c) in be.download(&bad).chunks(2).enumerate() {
+                a.record_non_finite(step, l, c[0] as usize, c[1] as usize);
+            }
+        }
+        if let Some(i) = non_finite {
             return Err(SnellaError::NonFinite { tensor: format!("{} (after the update)", trained[i].name), step });
         }
         Ok(StepStats { step, loss, correct, batch, lr })
@@ -390,9 +396,9 @@ pub fn zero_grads<B: Backend>(be: &B, vit: &mut Vit<B>) {
 
 /// The allocator's importance statistics after a backward (spec §5), on the backend: each kernel
 /// adapter's `Ī`, `Ū` of `A` and `B` are updated where the parameters and gradients live (uploaded
-/// from the allocator's host state the first time). Only the non-finite counts (two per layer)
-/// come back to the host, recorded as allocator events at `step`.
-fn update_importance<B: Backend>(be: &B, vit: &mut Vit<B>, a: &mut Allocator, step: u64) {
+/// from the allocator's host state the first time). Returns the non-finite counts (two per layer,
+/// on the backend) for the caller to record as allocator events once it waits for the device.
+fn update_importance<B: Backend>(be: &B, vit: &mut Vit<B>, a: &Allocator) -> B::Buf {
     let (b1, b2) = (a.config().beta1 as f32, a.config().beta2 as f32);
     let mut ks = kernel_adapters_mut(vit);
     let mut bad = be.zeros(2 * ks.len());
@@ -403,8 +409,5 @@ fn update_importance<B: Backend>(be: &B, vit: &mut Vit<B>, a: &mut Allocator, st
         be.importance_update(&pa.value, &pa.train.as_ref().expect("A trainable").grad, ia, ua, b1, b2, &mut bad, 2 * l);
         be.importance_update(&pb.value, &pb.train.as_ref().expect("B trainable").grad, ib, ub, b1, b2, &mut bad, 2 * l + 1);
     }
-    let counts = be.download(&bad);
-    for (l, c) in counts.chunks(2).enumerate() {
-        a.record_non_finite(step, l, c[0] as usize, c[1] as usize);
-    }
+    bad
 }

@@ -52,8 +52,9 @@ pub struct BlockCache<B: Backend> {
 pub enum Saved<B: Backend> {
     /// Every activation the backward needs.
     Full(BlockCache<B>),
-    /// The block input `[b·t, d]` only (activation checkpointing).
-    Input(B::Buf),
+    /// The block input `[b·t, d]` only (activation checkpointing), and the kept sets its forward
+    /// selected (reused when backward recomputes the block).
+    Input(B::Buf, [KeptSets<B>; 4]),
 }
 
 /// Saved activations of a whole forward pass.
@@ -210,11 +211,12 @@ impl<B: Backend> Vit<B> {
             if train && self.recompute {
                 let mut keep = be.empty(b * t * d);
                 be.copy(&x, 0, &mut keep, 0, b * t * d);
-                caches.push(Saved::Input(keep));
-                x = Self::block_fwd(be, cfg, blk, x, b, false).0;
+                let (out, _, kept) = Self::block_fwd(be, cfg, blk, x, b, false, None);
+                caches.push(Saved::Input(keep, kept));
+                x = out;
                 continue;
             }
-            let (out, c) = Self::block_fwd(be, cfg, blk, x, b, train);
+            let (out, c, _) = Self::block_fwd(be, cfg, blk, x, b, train, None);
             x = out;
             if let Some(c) = c {
                 caches.push(Saved::Full(c));
@@ -231,24 +233,31 @@ impl<B: Backend> Vit<B> {
         (logits, cache)
     }
 
-    fn block_fwd(be: &B, cfg: &VitConfig, blk: &Block<B>, x: B::Buf, b: usize, train: bool) -> (B::Buf, Option<BlockCache<B>>) {
+    /// One block's forward; `kept` reuses the kept sets of an earlier forward of the same step (a
+    /// recompute), and the sets used are returned.
+    #[allow(clippy::type_complexity)]
+    fn block_fwd(be: &B, cfg: &VitConfig, blk: &Block<B>, x: B::Buf, b: usize, train: bool, kept: Option<[KeptSets<B>; 4]>) -> (B::Buf, Option<BlockCache<B>>, [KeptSets<B>; 4]) {
+        let [kq, kp, k1, k2] = kept.map(|k| k.map(Some)).unwrap_or([None, None, None, None]);
         let (d, t, rows) = (cfg.embed_dim, cfg.tokens(), b * cfg.tokens());
         let (mut ln1, mut m1, mut r1) = (be.empty(rows * d), be.empty(rows), be.empty(rows));
         be.layernorm_fwd(&x, &blk.norm1.0.value, &blk.norm1.1.value, rows, d, cfg.ln_eps, &mut ln1, &mut m1, &mut r1);
-        let (qkv, k_qkv) = blk.qkv.forward_keep(be, &ln1, rows);
+        let (qkv, k_qkv) = blk.qkv.forward_keep(be, &ln1, rows, kq);
         let (mut att, mut probs) = (be.empty(rows * d), be.empty(b * cfg.num_heads * t * t));
         be.attention_fwd(&qkv, b, t, cfg.num_heads, cfg.head_dim(), &mut att, &mut probs);
-        let (mut h, k_proj) = blk.proj.forward_keep(be, &att, rows);
+        let (mut h, k_proj) = blk.proj.forward_keep(be, &att, rows, kp);
         be.add_assign(&mut h, &x);
         let (mut ln2, mut m2, mut r2) = (be.empty(rows * d), be.empty(rows), be.empty(rows));
         be.layernorm_fwd(&h, &blk.norm2.0.value, &blk.norm2.1.value, rows, d, cfg.ln_eps, &mut ln2, &mut m2, &mut r2);
-        let (f1, k_fc1) = blk.fc1.forward_keep(be, &ln2, rows);
+        let (f1, k_fc1) = blk.fc1.forward_keep(be, &ln2, rows, k1);
         let mut g = be.empty(rows * cfg.mlp_hidden);
         be.gelu_fwd(&f1, &mut g);
-        let (mut out, k_fc2) = blk.fc2.forward_keep(be, &g, rows);
+        let (mut out, k_fc2) = blk.fc2.forward_keep(be, &g, rows, k2);
         be.add_assign(&mut out, &h);
-        let cache = train.then_some(BlockCache { x, ln1, m1, r1, qkv, probs, att, h, ln2, m2, r2, f1, g, kept: [k_qkv, k_proj, k_fc1, k_fc2] });
-        (out, cache)
+        if !train {
+            return (out, None, [k_qkv, k_proj, k_fc1, k_fc2]);
+        }
+        let cache = BlockCache { x, ln1, m1, r1, qkv, probs, att, h, ln2, m2, r2, f1, g, kept: [k_qkv, k_proj, k_fc1, k_fc2] };
+        (out, Some(cache), [Vec::new(), Vec::new(), Vec::new(), Vec::new()])
     }
 
     /// Backward pass from `dlogits: [b, classes]`, writing the gradient of every trainable parameter.
@@ -269,7 +278,7 @@ impl<B: Backend> Vit<B> {
         for (blk, saved) in self.blocks.iter_mut().zip(cache.blocks).rev() {
             let c = match saved {
                 Saved::Full(c) => c,
-                Saved::Input(x) => Self::block_fwd(be, &cfg, blk, x, b, true).1.expect("recomputed block cache"),
+                Saved::Input(x, kept) => Self::block_fwd(be, &cfg, blk, x, b, true, Some(kept)).1.expect("recomputed block cache"),
             };
             dx = Self::block_bwd(be, &cfg, blk, c, dx, b);
         }

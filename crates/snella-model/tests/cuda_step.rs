@@ -16,9 +16,13 @@ use snella_model::session::Session;
 use snella_model::trainer::{kernel_adapters, TrainConfig};
 use snella_model::allocator::AllocatorConfig;
 
+/// max |a − b| / max |b| (floor 1e-6); infinite when a difference is NaN (`f64::max` would skip it).
 fn rel(a: &[f32], b: &[f32]) -> f64 {
     let scale = b.iter().fold(0f64, |m, &v| m.max((v as f64).abs())).max(1e-6);
-    a.iter().zip(b).fold(0f64, |m, (&x, &y)| m.max(((x - y) as f64).abs())) / scale
+    a.iter().zip(b).fold(0f64, |m, (&x, &y)| {
+        let d = ((x - y) as f64).abs();
+        if d.is_nan() { f64::INFINITY } else { m.max(d) }
+    }) / scale
 }
 
 fn session<B: Backend>(be: B) -> Session<B> {
@@ -92,9 +96,10 @@ fn gpu_step_matches_cpu_step() {
 /// The same step in bf16 (bf16 GEMM operands, f32 accumulation; adapted linears multiply `W0` and
 /// `ΔWᵀ` separately) against the f32 CPU step, with bf16 tolerances relative to each tensor's
 /// largest magnitude: logits and loss 3e-2, gradients 1e-1. The updated values: AdamW's first step
-/// moves every element by `lr·g/(|g| + ε)` ≈ ±lr, so an element whose gradient is near 0 may move the
-/// other way under bf16 rounding: every element must stay within `2·lr` of the CPU's, and at most
-/// 5% of a tensor's elements may move the other way.
+/// moves an element by `lr·g/(|g| + ε)` ≈ ±lr, so an element whose gradient is near 0 may move the
+/// other way under bf16 rounding: at most 5% of a tensor's gradient signs may differ, and every
+/// element whose gradient has the same sign on both (and |g| ≥ 1e-4) must land within 1e-5 of the
+/// CPU's value.
 #[test]
 fn gpu_bf16_step_matches_cpu_step_within_bf16_tolerance() {
     if let Err(e) = snella_cuda::probe::probe() {
@@ -121,11 +126,15 @@ fn gpu_bf16_step_matches_cpu_step_within_bf16_tolerance() {
         assert!(ge <= 1e-1, "{} bf16 gradient rel err {ge}", p.name);
         let (vg, vc) = (gb.download(&q.value), cb.download(&p.value));
         let (gg, gc) = (gb.download(&tg.grad), cb.download(&tc.grad));
-        let ve = vg.iter().zip(&vc).fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
-        assert!(ve <= 2.0 * 1e-2 + 1e-6, "{} bf16 updated value differs by {ve} (> 2·lr)", p.name);
+        let same = |i: usize| gg[i].signum() == gc[i].signum() && gc[i].abs() >= 1e-4;
+        let ve = (0..vc.len()).filter(|&i| same(i)).fold(0f64, |m, i| {
+            let d = (vg[i] - vc[i]).abs() as f64;
+            if d.is_nan() { f64::INFINITY } else { m.max(d) }
+        });
+        assert!(ve <= 1e-5, "{} bf16 updated value differs by {ve} where the gradient signs agree", p.name);
         let flipped = gg.iter().zip(&gc).filter(|(a, b)| a.signum() != b.signum() && **b != 0.0).count();
         assert!(flipped as f64 <= 0.05 * gc.len() as f64, "{}: {flipped} of {} gradient signs differ", p.name, gc.len());
         worst = (worst.0.max(ge), worst.1.max(ve));
     }
-    println!("bf16 worst: gradient rel {:.2e}, updated value |Δ| {:.2e} (lr 1e-2)", worst.0, worst.1);
+    println!("bf16 worst: gradient rel {:.2e}, updated value |Δ| {:.2e} where signs agree (lr 1e-2)", worst.0, worst.1);
 }

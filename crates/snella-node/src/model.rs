@@ -440,12 +440,6 @@ impl NativeModel {
         })
     }
 
-    /// The data-parallel group `{ kind, world, rank, localRanks }`, or null.
-    #[napi]
-    pub fn group(&self) -> napi::Result<Value> {
-        with(&self.inner, |a| dispatch_engine!(a, e => Ok(e.group_info())))
-    }
-
     /// Frees the model; later calls fail with `[DISPOSED]`. Idempotent.
     #[napi]
     pub fn dispose(&self) {

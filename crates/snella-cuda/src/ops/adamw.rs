@@ -98,7 +98,7 @@ pub fn adamw_multi(gpu: &Gpu, tensors: &mut [AdamwTensor<'_>], h: &AdamWParams) 
         return Ok(());
     }
     let dev = gpu.stream.clone_htod(&table).map_err(|e| cuda_err("upload of the AdamW tensor table", e))?;
-    let [decay, w1, b2, w2, neg_step, bc2_sqrt, eps] = scalars(&AdamWParams { weight_decay: h.weight_decay, ..*h });
+    let [decay, w1, b2, w2, neg_step, bc2_sqrt, eps] = scalars(h);
     let cfg = cudarc::driver::LaunchConfig {
         grid_dim: (longest.div_ceil(256).clamp(1, 64) as u32, count.min(65535), 1),
         block_dim: (256, 1, 1),

@@ -205,7 +205,7 @@ fn bwd_core(
     let (len_pa, len_pb, len_gp) = (ns_a * heads * n_in * r1, ns_b * heads * n_out * r1, n_it * ns_a);
     let total = (len_rs + len_pa + len_pb + len_gp).max(1);
     // SAFETY: every element read later is written first by the kernels below.
-    let mut scratch = unsafe { gpu.stream.alloc::<f32>(total) }.map_err(|e| gpu.oom(total * 4, e))?;
+    let mut scratch = unsafe { gpu.uninit::<f32>(total) }?;
     let (mut rowstat, mut rest) = scratch.split_at_mut(len_rs);
     let (mut part_a, mut rest) = rest.split_at_mut(len_pa);
     let (mut part_b, mut gpart) = rest.split_at_mut(len_pb);

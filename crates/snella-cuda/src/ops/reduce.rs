@@ -26,7 +26,7 @@ pub(crate) fn dim_u32(op: &str, name: &str, v: usize) -> Result<u32, SnellaError
 /// An uninitialised device scratch buffer of `n` (≥ 1) floats; every kernel that reads it writes it first.
 pub(crate) fn scratch(gpu: &Gpu, n: usize) -> Result<CudaSlice<f32>, SnellaError> {
     // SAFETY: callers launch a kernel that writes every element they later read.
-    unsafe { gpu.stream.alloc::<f32>(n.max(1)) }.map_err(|e| gpu.oom(n * 4, e))
+    unsafe { gpu.uninit::<f32>(n) }
 }
 
 /// A grid-stride launch over `n` elements: 256 threads per block, at most 8192 blocks.

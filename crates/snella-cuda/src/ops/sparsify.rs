@@ -63,9 +63,7 @@ fn check_t(op: &str, n_in: usize, c: usize, kept: &CudaKept, lens: &[(&str, usiz
         return Err(SnellaError::tensor("<device>", &format!("{op}.kept"), format!("covers {} entries, M is {n_in}×{c}", kept.n)));
     }
     for (name, len) in lens {
-        if *len < n_in * c {
-            return Err(SnellaError::tensor("<device>", &format!("{op}.{name}"), format!("has {len} elements, needs {n_in}×{c}")));
-        }
+        super::reduce::check_len(op, name, *len, n_in * c)?;
     }
     if n_in.div_ceil(32) > 65535 || c.div_ceil(32) > 65535 {
         return Err(SnellaError::config(&format!("{op}.shape"), format!("{n_in}×{c}"), "at most 2097120 rows or columns"));
