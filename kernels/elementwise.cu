@@ -1,6 +1,7 @@
-// Element-wise ops of the ViT step: residual add, bias add and transpose(-add).
+// Element-wise ops of the ViT step: residual add, bias add, transpose(-add) and strided row copies.
 // Forward and backward are the same ops here (add is its own adjoint; transpose likewise).
-// CPU references: snella-model's CpuBackend (add_assign, transpose) and snella_core::ops::linear::add_bias.
+// CPU references: snella-model's CpuBackend (add_assign, transpose), snella_core::ops::linear::add_bias, and
+// Backend::copy_rows's default (a loop of copies) for snella_copy_rows.
 #include "common.cuh"
 
 // y[i] += x[i], i < n.
@@ -35,4 +36,16 @@ extern "C" __global__ void snella_transpose(const float* __restrict__ src, float
       dst[o] = accumulate ? dst[o] + v : v;
     }
   }
+}
+
+// dst[dst_off + q·dst_stride + e] = src[src_off + q·src_stride + e] for q < count, e < len (a stride of 0
+// repeats one source row). Grid (ceil(len/256), ≤ 1024): rows walked with stride gridDim.y. Replaces
+// one memcpy per image in the token assembly and the class-token gathers of the ViT step.
+extern "C" __global__ void snella_copy_rows(const float* __restrict__ src, unsigned long long src_off, unsigned long long src_stride,
+                                            float* __restrict__ dst, unsigned long long dst_off, unsigned long long dst_stride,
+                                            unsigned len, unsigned count) {
+  const unsigned e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= len) return;
+  for (unsigned q = blockIdx.y; q < count; q += gridDim.y)
+    dst[dst_off + q * dst_stride + e] = src[src_off + q * src_stride + e];
 }

@@ -469,29 +469,40 @@ SNELLA_MERGE_ROWSTATS(4)
 SNELLA_MERGE_ROWSTATS(8)
 #undef SNELLA_MERGE_ROWSTATS
 
-// Backward step 2: 1-D grid of n_it·ns_a ∂A blocks (block b → rows (b % n_it)·32, split b / n_it)
-// followed by n_jt·ns_b ∂B blocks (columns (b' % n_jt)·32, split b' / n_jt). rowstat and mix may be
-// null (SNELL). Dynamic shared memory: (2·H·32·rs + H·32·33) floats, rs = rh | 1.
-extern "C" __global__ void __launch_bounds__(256)
-    snella_merge_bwd_tiles(const float* __restrict__ A, const float* __restrict__ B, unsigned H, unsigned n_in,
-                           unsigned n_out, unsigned rh, const float* __restrict__ mix, const float* __restrict__ G,
-                           const float* __restrict__ rowstat, unsigned ns_a, unsigned tps_a, unsigned tps_b,
-                           float* __restrict__ partA, float* __restrict__ gpart, float* __restrict__ partB) {
-  using namespace snella_merge;
-  extern __shared__ float snella_merge_tiles_sh[];
+namespace snella_merge {
+__device__ __forceinline__ void tiles_body(const float* __restrict__ A, const float* __restrict__ B, unsigned H, unsigned n_in,
+                                           unsigned n_out, unsigned rh, const float* __restrict__ mix, const float* __restrict__ G,
+                                           const float* __restrict__ rowstat, unsigned ns_a, unsigned tps_a, unsigned tps_b,
+                                           float* __restrict__ partA, float* __restrict__ gpart, float* __restrict__ partB, float* sh) {
   const bool has_mix = mix != nullptr;
   const float alpha = has_mix ? mix[0] : 0.f, g = has_mix ? clamp_gamma(mix[1]) : 1.f;
   const unsigned n_it = (n_in + TI - 1) / TI, n_jt = (n_out + TJ - 1) / TJ;
   const unsigned nb_a = n_it * ns_a;
   if (blockIdx.x < nb_a) {
     da_block(A, B, H, n_in, n_out, rh, has_mix, alpha, g, G, rowstat, tps_a, blockIdx.x % n_it, blockIdx.x / n_it,
-             n_it, partA, gpart, snella_merge_tiles_sh);
+             n_it, partA, gpart, sh);
   } else {
     const unsigned b = blockIdx.x - nb_a;
-    db_block(A, B, H, n_in, n_out, rh, has_mix, alpha, g, G, rowstat, tps_b, b % n_jt, b / n_jt, partB,
-             snella_merge_tiles_sh);
+    db_block(A, B, H, n_in, n_out, rh, has_mix, alpha, g, G, rowstat, tps_b, b % n_jt, b / n_jt, partB, sh);
   }
 }
+}  // namespace snella_merge
+
+// Backward step 2: 1-D grid of n_it·ns_a ∂A blocks (block b → rows (b % n_it)·32, split b / n_it)
+// followed by n_jt·ns_b ∂B blocks (columns (b' % n_jt)·32, split b' / n_jt). rowstat and mix may be
+// null (SNELL). Dynamic shared memory: (2·H·32·rs + H·32·33) floats, rs = rh | 1. Compiled for 3
+// resident blocks per SM (≤ 85 registers): measured on the H200 against the compiler's own choice
+// (2 blocks) and 4 (bench/PERF.md, session 3), with the splits aiming at 8 blocks per SM.
+extern "C" __global__ void __launch_bounds__(256, 3)
+    snella_merge_bwd_tiles(const float* __restrict__ A, const float* __restrict__ B, unsigned H, unsigned n_in,
+                           unsigned n_out, unsigned rh, const float* __restrict__ mix, const float* __restrict__ G,
+                           const float* __restrict__ rowstat, unsigned ns_a, unsigned tps_a, unsigned tps_b,
+                           float* __restrict__ partA, float* __restrict__ gpart, float* __restrict__ partB) {
+  extern __shared__ float snella_merge_tiles_sh[];
+  snella_merge::tiles_body(A, B, H, n_in, n_out, rh, mix, G, rowstat, ns_a, tps_a, tps_b, partA, gpart, partB,
+                           snella_merge_tiles_sh);
+}
+
 
 // dX[h, x, r] = X[h, x, r]·Σ_s part[s, h, x, rh] − Σ_s part[s, h, x, r] (splits in index order).
 static __device__ __forceinline__ void snella_merge_reduce_one(const float* __restrict__ part, unsigned nsplit,

@@ -426,6 +426,54 @@ fn importance_update_is_bit_exact() {
     }
 }
 
+/// The multi-tensor EMA update (one launch for all of a model's adapter factors) equals the CPU's
+/// per-tensor update bit for bit, with each tensor's non-finite count in its own slot.
+#[test]
+fn importance_update_multi_is_bit_exact() {
+    let Some(gpu) = setup() else { return };
+    use snella_core::snella::importance::importance_update as cpu_update;
+    use snella_cuda::ops::importance::{importance_update_multi, ImportanceTensor};
+    let sizes = [1usize, 37, 4096 + 13, 3 * 768 * 16 + 5, 0, 70_000];
+    let mut host: Vec<(Vec<f32>, Vec<f32>)> = sizes.iter().map(|&n| (vec![0f32; n], vec![0f32; n])).collect();
+    let mut dev: Vec<_> = host.iter().map(|(i, u)| (up(&gpu, i), up(&gpu, u))).collect();
+    for step in 0..3u64 {
+        let mut want_bad = vec![0f32; 2 * sizes.len()];
+        let mut inputs = Vec::new();
+        for (t, &n) in sizes.iter().enumerate() {
+            let p = rand32(n, 300 + step + 7 * t as u64, 2.0);
+            let mut g = rand32(n, 400 + step + 7 * t as u64, 1e-3);
+            if n > 30 {
+                g[5 + t] = f32::NAN;
+                g[9] = f32::NEG_INFINITY;
+            }
+            let (ib, ub) = &mut host[t];
+            want_bad[2 * t + 1] = cpu_update(&p, &g, ib, ub, 0.85, 0.8) as f32;
+            inputs.push((up(&gpu, &p), up(&gpu, &g)));
+        }
+        let mut bad = up(&gpu, &vec![0f32; 2 * sizes.len()]);
+        let mut ts: Vec<ImportanceTensor<'_>> = inputs
+            .iter()
+            .zip(dev.iter_mut())
+            .enumerate()
+            .map(|(t, ((p, g), (ib, ub)))| ImportanceTensor { p, g, ibar: ib, ubar: ub, slot: 2 * t + 1 })
+            .collect();
+        importance_update_multi(&gpu, &mut ts, 0.85, 0.8, &mut bad).unwrap();
+        drop(ts);
+        assert_eq!(down(&gpu, &bad), want_bad, "step {step}: non-finite counts per slot");
+        for (t, (ib, ub)) in host.iter().enumerate() {
+            same_bits(&format!("ibar tensor {t} step {step}"), &down(&gpu, &dev[t].0)[..ib.len()], ib);
+            same_bits(&format!("ubar tensor {t} step {step}"), &down(&gpu, &dev[t].1)[..ub.len()], ub);
+        }
+    }
+    // a slot outside the counter buffer is refused before any launch
+    let (p, g) = (up(&gpu, &[1.0; 4]), up(&gpu, &[1.0; 4]));
+    let (mut ib, mut ub) = (up(&gpu, &[0.0; 4]), up(&gpu, &[0.0; 4]));
+    let mut bad = up(&gpu, &[0.0; 2]);
+    let mut ts = [ImportanceTensor { p: &p, g: &g, ibar: &mut ib, ubar: &mut ub, slot: 2 }];
+    assert!(importance_update_multi(&gpu, &mut ts, 0.85, 0.85, &mut bad).is_err());
+    println!("importance_update_multi: {} tensors x 3 steps bit-exact; counts per slot", sizes.len());
+}
+
 /// The fused transposed sparsify kernels against the CPU composition they replace (sparsify then
 /// an accumulating transpose onto `W0`; a transpose then sparsify backward), bit for bit, on
 /// shapes that do not divide the 32×32 tile, with ties (values rounded to a coarse grid), for

@@ -1,4 +1,4 @@
-//! The ViT op kernels (`kernels/{layernorm,gelu,attention,cross_entropy,adamw,patch,reduce}.cu`)
+//! The ViT op kernels (`kernels/{layernorm,gelu,attention,cross_entropy,adamw,patch,reduce,elementwise}.cu`)
 //! against the CPU references of `snella_core::ops` in f32, on shapes that do not divide the tile
 //! sizes. Without CUDA every test prints `skipped: no CUDA (...)` and returns (project rule).
 //!
@@ -11,7 +11,7 @@ use cudarc::driver::CudaSlice;
 use snella_core::gradcheck::rand_vec;
 use snella_core::ops;
 use snella_core::ops::adamw::AdamWParams;
-use snella_cuda::ops::{adamw, attention, cross_entropy, gelu, layernorm, patch, reduce};
+use snella_cuda::ops::{adamw, attention, cross_entropy, elementwise, gelu, layernorm, patch, reduce};
 
 mod common;
 use common::{check, down, rand32, setup, up};
@@ -407,4 +407,33 @@ fn first_non_finite_multi_names_the_first_bad_tensor() {
     assert_eq!(reduce::first_non_finite(&gpu, &[&a, &b, &c]).unwrap(), Some(1));
     assert_eq!(reduce::first_non_finite(&gpu, &[&d, &c, &b]).unwrap(), Some(1));
     assert_eq!(reduce::first_non_finite(&gpu, &[]).unwrap(), None);
+}
+
+#[test]
+fn copy_rows_matches_a_loop_of_copies_exactly() {
+    let Some(gpu) = setup() else { return };
+    // (src_off, src_stride, dst_off, dst_stride, len, count): the ViT's token assembly (class token
+    // repeated with stride 0, patch rows into every image), the class-token gather, odd sizes, and
+    // more rows than the launcher's 1024 grid rows.
+    let cases = [(0usize, 0usize, 0usize, 197 * 768usize, 768usize, 64usize), (0, 196 * 768, 768, 197 * 768, 196 * 768, 3), (0, 197 * 8, 0, 8, 8, 5), (3, 7, 1, 5, 4, 9), (0, 3, 0, 3, 3, 1500), (5, 2, 0, 2, 0, 4)];
+    for &(so, ss, d_o, ds, len, count) in &cases {
+        let src_len = so + count.saturating_sub(1) * ss + len + 3;
+        let dst_len = d_o + count.saturating_sub(1) * ds + len + 2;
+        let src = rand32(src_len, 70 + len as u64, 1.0);
+        let dst0 = rand32(dst_len, 71, 1.0);
+        let mut want = dst0.clone();
+        for q in 0..count {
+            want[d_o + q * ds..d_o + q * ds + len].copy_from_slice(&src[so + q * ss..so + q * ss + len]);
+        }
+        let gs = up(&gpu, &src);
+        let mut gd = up(&gpu, &dst0);
+        elementwise::copy_rows(&gpu, &gs.slice(..), so, ss, &mut gd.slice_mut(..), d_o, ds, len, count).unwrap();
+        assert_eq!(down(&gpu, &gd), want, "copy_rows so={so} ss={ss} do={d_o} ds={ds} len={len} count={count}");
+    }
+    // a row past the end is a CONFIG error, not a stray write
+    let gs = up(&gpu, &[1.0; 10]);
+    let mut gd = up(&gpu, &[0.0; 10]);
+    let e = elementwise::copy_rows(&gpu, &gs.slice(..), 0, 4, &mut gd.slice_mut(..), 0, 4, 4, 3).unwrap_err();
+    assert!(e.to_string().contains("copy_rows"), "{e}");
+    println!("copy_rows: {} cases equal to a loop of copies; out-of-range rows refused", cases.len());
 }

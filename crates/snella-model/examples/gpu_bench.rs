@@ -163,6 +163,13 @@ fn main() {
         println!("{{\"profile_bf16\":[{}]}}", p.join(","));
         return;
     }
+    if a.get(3).map(|s| s == "merge").unwrap_or(false) {
+        // only the merge + top-k + sparsify forward/backward timings (for kernel tuning)
+        for &(i, o) in &[(768, 768), (768, 3072), (3072, 768), (1024, 4096)] {
+            println!("{{\"shape\":[{i},{o}],\"ours_ms\":{:.4}}}", merge_ms(&be, i, o, 100));
+        }
+        return;
+    }
     let merges: Vec<String> = [(768, 768), (768, 3072), (3072, 768), (1024, 4096)]
         .iter()
         .map(|&(i, o)| format!("{{\"shape\":[{i},{o}],\"rank\":32,\"sparsity\":0.7,\"ours_ms\":{:.3}}}", merge_ms(&be, i, o, 50)))

@@ -30,6 +30,15 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn len(&self, buf: &Self::Buf) -> usize;
     /// Copies `n` values from `src[src_off..]` to `dst[dst_off..]`.
     fn copy(&self, src: &Self::Buf, src_off: usize, dst: &mut Self::Buf, dst_off: usize, n: usize);
+    /// Copies `count` rows of `len` values: row `q` from `src[src_off + q·src_stride..]` to
+    /// `dst[dst_off + q·dst_stride..]` (`src_stride = 0` repeats one row). The default is a loop of
+    /// [`Backend::copy`] (the CPU reference); the CUDA backend does it in one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_rows(&self, src: &Self::Buf, src_off: usize, src_stride: usize, dst: &mut Self::Buf, dst_off: usize, dst_stride: usize, len: usize, count: usize) {
+        for q in 0..count {
+            self.copy(src, src_off + q * src_stride, dst, dst_off + q * dst_stride, len);
+        }
+    }
     /// Fills `buf` with zeros.
     fn fill_zero(&self, buf: &mut Self::Buf);
     /// Bytes held by a buffer (for memory reports).
@@ -150,10 +159,32 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// (same length): `Ī`, `Ū` in place, as `snella_core::snella::importance::importance_update`
     /// (bit-identical on every backend), adding the count of non-finite `|p ⊙ g|` to `bad[slot]`.
     fn importance_update(&self, p: &Self::Buf, g: &Self::Buf, ibar: &mut Self::Buf, ubar: &mut Self::Buf, beta1: f32, beta2: f32, bad: &mut Self::Buf, slot: usize);
+    /// [`Backend::importance_update`] over many tensors (each slot's non-finite count into
+    /// `bad[slot.slot]`), as one call per slot (the default; CUDA: one launch).
+    fn importance_update_many(&self, slots: &mut [ImportanceSlot<'_, Self>], beta1: f32, beta2: f32, bad: &mut Self::Buf) {
+        for s in slots.iter_mut() {
+            self.importance_update(s.p, s.g, s.ibar, s.ubar, beta1, beta2, bad, s.slot);
+        }
+    }
     /// Host copies of several buffers (one host wait on CUDA).
     fn download_many(&self, xs: &[&Self::Buf]) -> Vec<Vec<f32>> {
         xs.iter().map(|x| self.download(x)).collect()
     }
+}
+
+/// One tensor of [`Backend::importance_update_many`] (spec §5): an adapter factor, its gradient,
+/// its EMAs and the index of its non-finite counter.
+pub struct ImportanceSlot<'a, B: Backend + ?Sized> {
+    /// The parameter `p`.
+    pub p: &'a B::Buf,
+    /// Its gradient.
+    pub g: &'a B::Buf,
+    /// `Ī`, updated in place.
+    pub ibar: &'a mut B::Buf,
+    /// `Ū`, updated in place.
+    pub ubar: &'a mut B::Buf,
+    /// Index of this tensor's non-finite counter.
+    pub slot: usize,
 }
 
 /// One tensor of [`Backend::adamw_many`]: the parameter, its gradient and moments, and whether the

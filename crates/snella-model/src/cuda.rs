@@ -5,7 +5,7 @@
 //! programming errors at this level and panic with the op name; the napi layer turns a panic into
 //! a JS error and the process survives.
 
-use crate::backend::{AdamwSlot, Backend};
+use crate::backend::{AdamwSlot, Backend, ImportanceSlot};
 use cudarc::driver::{CudaEvent, CudaSlice};
 use snella_core::ops::adamw::AdamWParams;
 use snella_core::snella::sparsify::SparsifyRule;
@@ -113,6 +113,11 @@ impl Backend for CudaBackend {
             ok("copy", self.gpu.stream.memcpy_dtod(&s, &mut t).map_err(|e| snella_cuda::device::cuda_err("copy", e)));
         })
     }
+    fn copy_rows(&self, src: &CudaSlice<f32>, so: usize, ss: usize, dst: &mut CudaSlice<f32>, d: usize, ds: usize, len: usize, count: usize) {
+        self.timed("copy_rows", || {
+            ok("copy_rows", elementwise::copy_rows(&self.gpu, &src.slice(..), so, ss, &mut dst.slice_mut(..), d, ds, len, count));
+        })
+    }
     fn fill_zero(&self, buf: &mut CudaSlice<f32>) {
         self.timed("fill_zero", || {
             ok("fill_zero", self.gpu.stream.memset_zeros(buf).map_err(|e| snella_cuda::device::cuda_err("memset", e)));
@@ -200,6 +205,13 @@ impl Backend for CudaBackend {
     fn importance_update(&self, p: &CudaSlice<f32>, g: &CudaSlice<f32>, ibar: &mut CudaSlice<f32>, ubar: &mut CudaSlice<f32>, beta1: f32, beta2: f32, bad: &mut CudaSlice<f32>, slot: usize) {
         self.timed("importance_update", || {
             ok("importance_update", importance::importance_update(&self.gpu, &p.slice(..), &g.slice(..), &mut ibar.slice_mut(..), &mut ubar.slice_mut(..), beta1, beta2, &mut bad.slice_mut(slot..slot + 1)));
+        })
+    }
+    fn importance_update_many(&self, slots: &mut [ImportanceSlot<'_, Self>], beta1: f32, beta2: f32, bad: &mut CudaSlice<f32>) {
+        self.timed("importance_update_many", || {
+            let mut ts: Vec<importance::ImportanceTensor<'_>> =
+                slots.iter_mut().map(|s| importance::ImportanceTensor { p: s.p, g: s.g, ibar: &mut *s.ibar, ubar: &mut *s.ubar, slot: s.slot }).collect();
+            ok("importance_update_many", importance::importance_update_multi(&self.gpu, &mut ts, beta1, beta2, bad));
         })
     }
     fn adamw(&self, param: &mut CudaSlice<f32>, grad: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>, h: &AdamWParams) {

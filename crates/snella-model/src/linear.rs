@@ -11,7 +11,14 @@
 //! 8 bits of `W0 + ΔWᵀ`, so a `ΔW` much smaller than `W0` is rounded away: the spec §8 recipe fell to
 //! 42.7% test top-1 (seed 0) that way, 43.4% with two products, 44.6% in f32
 //! (bench/results/gpu-recipe-h200-precision.json). It costs one more GEMM per adapted linear in
-//! forward and in `∂L/∂x`.
+//! forward.
+//!
+//! `∂L/∂x` keeps the single effective weight in every precision (session 3): there the rounding of
+//! `W0 + ΔWᵀ` to bf16 is an error of the same size as the rounding of `W0` alone (a `ΔW` below the
+//! resolution of `W0` changes `∂L/∂x` by less than that rounding does), and it only shapes the
+//! gradient passed down, not what the adapter's own gradient `xᵀ·∂L/∂y` sees. The forward needs the
+//! second product because there a rounded-away `ΔW` has no effect on the loss at all. This halves the
+//! `∂L/∂x` products of the bf16 step (≈ 5 ms of 67 at ViT-B/16 batch 64).
 
 use crate::adapter::{Delta, Materialized};
 use crate::backend::Backend;
@@ -103,12 +110,12 @@ impl<B: Backend> Linear<B> {
         Some((w, mats))
     }
 
-    /// `out = a·W` (`tw`: `a·Wᵀ`) with `W` the adapted weight: one product with `W0 + ΔWᵀ`, or, when
-    /// the backend multiplies them separately, `a·W0 + a·ΔWᵀ` (two products into `out`).
+    /// `out = a·W` (`tw`: `a·Wᵀ`) with `W` the adapted weight: one product with `W0 + ΔWᵀ`, or, with
+    /// `separate` (`eff` then holds `ΔWᵀ` alone), `a·W0 + a·ΔWᵀ` (two products into `out`).
     #[allow(clippy::too_many_arguments)]
-    fn product(&self, be: &B, eff: Option<&B::Buf>, tw: bool, rows: usize, n: usize, k: usize, a: &B::Buf, out: &mut B::Buf) {
+    fn product(&self, be: &B, eff: Option<&B::Buf>, separate: bool, tw: bool, rows: usize, n: usize, k: usize, a: &B::Buf, out: &mut B::Buf) {
         match eff {
-            Some(w) if be.separate_delta_products() => be.gemm_sum(false, tw, rows, n, k, a, &self.weight.value, w, out),
+            Some(w) if separate => be.gemm_sum(false, tw, rows, n, k, a, &self.weight.value, w, out),
             Some(w) => be.gemm(false, tw, rows, n, k, 1.0, a, 0, w, 0, 0.0, out, 0),
             None => be.gemm(false, tw, rows, n, k, 1.0, a, 0, &self.weight.value, 0, 0.0, out, 0),
         }
@@ -123,8 +130,9 @@ impl<B: Backend> Linear<B> {
     /// and sparsity) when given, and returning the adapters' kept sets for [`Linear::backward_with`].
     pub fn forward_keep(&self, be: &B, x: &B::Buf, rows: usize, kept: Option<KeptSets<B>>) -> (B::Buf, KeptSets<B>) {
         let mut y = be.empty(rows * self.n_out);
-        let eff = self.effective(be, be.separate_delta_products(), kept);
-        self.product(be, eff.as_ref().map(|e| &e.0), true, rows, self.n_out, self.n_in, x, &mut y);
+        let separate = be.separate_delta_products();
+        let eff = self.effective(be, separate, kept);
+        self.product(be, eff.as_ref().map(|e| &e.0), separate, true, rows, self.n_out, self.n_in, x, &mut y);
         be.add_bias(&mut y, &self.bias.value, rows, self.n_out);
         let kept = eff.map(|(_, mats)| mats.into_iter().map(|m| m.and_then(|m| m.set)).collect()).unwrap_or_default();
         (y, kept)
@@ -140,10 +148,11 @@ impl<B: Backend> Linear<B> {
     /// the adapters' `M` is recomputed from `A`, `B` (spec §2), the top-k is not re-selected (same
     /// `A`, `B` and sparsity, deterministic selection: the same set).
     pub fn backward_with(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, need_dx: bool, kept: Option<KeptSets<B>>) -> Option<B::Buf> {
-        let eff = self.effective(be, be.separate_delta_products(), kept);
+        // one effective weight for ∂L/∂x in every precision (see the module docs)
+        let eff = self.effective(be, false, kept);
         let dx = need_dx.then(|| {
             let mut dx = be.empty(rows * self.n_in);
-            self.product(be, eff.as_ref().map(|e| &e.0), false, rows, self.n_in, self.n_out, dy, &mut dx);
+            self.product(be, eff.as_ref().map(|e| &e.0), false, false, rows, self.n_in, self.n_out, dy, &mut dx);
             dx
         });
         let (n_in, n_out) = (self.n_in, self.n_out);

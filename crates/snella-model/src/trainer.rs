@@ -3,7 +3,7 @@
 
 use crate::adapter::{Delta, KernelAdapter};
 use crate::allocator::{Allocator, AllocatorConfig, LayerInfo};
-use crate::backend::{AdamwSlot, Backend};
+use crate::backend::{AdamwSlot, Backend, ImportanceSlot};
 use crate::vit::Vit;
 use snella_core::ops::adamw::AdamWParams;
 use snella_core::{Result, SnellaError};
@@ -402,12 +402,15 @@ fn update_importance<B: Backend>(be: &B, vit: &mut Vit<B>, a: &Allocator) -> B::
     let (b1, b2) = (a.config().beta1 as f32, a.config().beta2 as f32);
     let mut ks = kernel_adapters_mut(vit);
     let mut bad = be.zeros(2 * ks.len());
+    let mut slots = Vec::with_capacity(2 * ks.len());
     for (l, k) in ks.iter_mut().enumerate() {
         let KernelAdapter { a: pa, b: pb, ema, .. } = &mut **k;
         let e = ema.get_or_insert_with(|| a.ema(l).map(|v| be.upload(v)));
         let [ia, ua, ib, ub] = e;
-        be.importance_update(&pa.value, &pa.train.as_ref().expect("A trainable").grad, ia, ua, b1, b2, &mut bad, 2 * l);
-        be.importance_update(&pb.value, &pb.train.as_ref().expect("B trainable").grad, ib, ub, b1, b2, &mut bad, 2 * l + 1);
+        slots.push(ImportanceSlot { p: &pa.value, g: &pa.train.as_ref().expect("A trainable").grad, ibar: ia, ubar: ua, slot: 2 * l });
+        slots.push(ImportanceSlot { p: &pb.value, g: &pb.train.as_ref().expect("B trainable").grad, ibar: ib, ubar: ub, slot: 2 * l + 1 });
     }
+    be.importance_update_many(&mut slots, b1, b2, &mut bad);
+    drop(slots);
     bad
 }

@@ -201,10 +201,8 @@ impl<B: Backend> Vit<B> {
         be.im2col(images, b, cfg.in_chans, cfg.img_size, cfg.img_size, p, &mut cols);
         let pe = self.patch.forward(be, &cols, b * np);
         let mut x = be.empty(b * t * d);
-        for i in 0..b {
-            be.copy(&self.cls_token.value, 0, &mut x, i * t * d, d);
-            be.copy(&pe, i * np * d, &mut x, (i * t + 1) * d, np * d);
-        }
+        be.copy_rows(&self.cls_token.value, 0, 0, &mut x, 0, t * d, d, b);
+        be.copy_rows(&pe, 0, np * d, &mut x, d, t * d, np * d, b);
         be.add_bias(&mut x, &self.pos_embed.value, b, t * d);
         let mut caches = Vec::new();
         for blk in &self.blocks {
@@ -223,9 +221,7 @@ impl<B: Backend> Vit<B> {
             }
         }
         let mut cls_in = be.empty(b * d);
-        for i in 0..b {
-            be.copy(&x, i * t * d, &mut cls_in, i * d, d);
-        }
+        be.copy_rows(&x, 0, t * d, &mut cls_in, 0, d, d, b);
         let (mut cls_norm, mut mean, mut rstd) = (be.empty(b * d), be.empty(b), be.empty(b));
         be.layernorm_fwd(&cls_in, &self.norm.0.value, &self.norm.1.value, b, d, cfg.ln_eps, &mut cls_norm, &mut mean, &mut rstd);
         let logits = self.head.forward(be, &cls_norm, b);
@@ -272,9 +268,7 @@ impl<B: Backend> Vit<B> {
         let db = nb.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
         be.layernorm_bwd(&dcls_norm, &cache.cls_in, &ng.value, &cache.cls_mean, &cache.cls_rstd, b, d, &mut dcls, dg, db);
         let mut dx = be.zeros(rows * d);
-        for i in 0..b {
-            be.copy(&dcls, i * d, &mut dx, i * t * d, d);
-        }
+        be.copy_rows(&dcls, 0, d, &mut dx, 0, t * d, d, b);
         for (blk, saved) in self.blocks.iter_mut().zip(cache.blocks).rev() {
             let c = match saved {
                 Saved::Full(c) => c,
@@ -287,17 +281,13 @@ impl<B: Backend> Vit<B> {
         }
         if let Some(s) = self.cls_token.train.as_mut() {
             let mut rows0 = be.empty(b * d);
-            for i in 0..b {
-                be.copy(&dx, i * t * d, &mut rows0, i * d, d);
-            }
+            be.copy_rows(&dx, 0, t * d, &mut rows0, 0, d, d, b);
             be.bias_grad(&rows0, b, d, &mut s.grad, false);
         }
         if self.patch.weight.train.is_some() || self.patch.bias.train.is_some() || self.patch.adapted() {
             let np = t - 1;
             let mut dpe = be.empty(b * np * d);
-            for i in 0..b {
-                be.copy(&dx, (i * t + 1) * d, &mut dpe, i * np * d, np * d);
-            }
+            be.copy_rows(&dx, d, t * d, &mut dpe, 0, np * d, np * d, b);
             self.patch.backward(be, &cache.cols, &dpe, b * np, false);
         }
     }

@@ -1,4 +1,5 @@
-//! Launchers of `kernels/elementwise.cu`: residual add, bias add and the transpose(-add).
+//! Launchers of `kernels/elementwise.cu`: residual add, bias add, the transpose(-add) and strided
+//! row copies.
 
 use super::grid;
 use crate::device::{cuda_err, Gpu};
@@ -45,4 +46,29 @@ pub fn transpose(gpu: &Gpu, src: &In, rows: usize, cols: usize, dst: &mut Out, a
     b.arg(src).arg(dst).arg(&r).arg(&c).arg(&acc);
     // SAFETY: src holds rows·cols floats and dst cols·rows; bounds-checked in the kernel.
     unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err("snella_transpose", e))
+}
+
+/// Strided row copy, one launch: `dst[dst_off + q·dst_stride + e] = src[src_off + q·src_stride + e]`
+/// for `q < count`, `e < len` (f32 elements; `src_stride = 0` repeats one row). CPU reference:
+/// `snella_model::backend::Backend::copy_rows`'s default.
+///
+/// # Errors
+/// `CONFIG_ERROR` when a row would fall outside `src` or `dst`; `CUDA_ERROR` on a launch failure.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_rows(gpu: &Gpu, src: &In, src_off: usize, src_stride: usize, dst: &mut Out, dst_off: usize, dst_stride: usize, len: usize, count: usize) -> Result<(), SnellaError> {
+    if len == 0 || count == 0 {
+        return Ok(());
+    }
+    let (src_len, dst_len) = (src.len(), dst.len());
+    if src_off + (count - 1) * src_stride + len > src_len || dst_off + (count - 1) * dst_stride + len > dst_len {
+        return Err(SnellaError::config("copy_rows", format!("{count} rows of {len} at strides {src_stride}/{dst_stride}"), &format!("rows inside the source ({src_len}) and destination ({dst_len}) buffers")));
+    }
+    let f = gpu.func("snella_copy_rows");
+    let (so, ss, d_o, ds) = (src_off as u64, src_stride as u64, dst_off as u64, dst_stride as u64);
+    let (l, c) = (len as u32, count as u32);
+    let cfg = cudarc::driver::LaunchConfig { grid_dim: (l.div_ceil(256), c.clamp(1, 1024), 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(src).arg(&so).arg(&ss).arg(dst).arg(&d_o).arg(&ds).arg(&l).arg(&c);
+    // SAFETY: every row lies inside its buffer (checked above).
+    unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err("snella_copy_rows", e))
 }

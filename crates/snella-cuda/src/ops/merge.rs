@@ -195,7 +195,8 @@ fn bwd_core(
     let (h32, i32_, o32, r32) = (heads as u32, n_in as u32, n_out as u32, rh as u32);
     let null = 0u64;
     let sms = sm_count(gpu);
-    let target = 4 * sms;
+    // the splits aim at 8 blocks per SM (3 resident; measured, bench/PERF.md)
+    let target = 8 * sms;
     let (n_it, n_jt) = (n_in.div_ceil(TILE), n_out.div_ceil(TILE));
     let (ns_a, tps_a) = split(n_it, n_jt, target);
     let (ns_b, tps_b) = split(n_jt, n_it, target);
@@ -273,3 +274,4 @@ fn bwd_core(
     // H·n_in·rh and H·n_out·rh floats (bounds-checked); the mixture block runs only with dmix.
     unsafe { lb.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err("snella_merge_bwd_finish", e))
 }
+
