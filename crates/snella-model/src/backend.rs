@@ -75,15 +75,8 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn gelu_bwd(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
     /// Attention core forward: `qkv [b,t,3d]` → `out [b,t,d]`, saving `probs [b,h,t,t]`.
     fn attention_fwd(&self, qkv: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, out: &mut Self::Buf, probs: &mut Self::Buf);
-    /// Attention core backward from the forward's input `qkv`, output `out` and saved `probs`
-    /// (see [`Backend::attention_saved_len`]); overwrites `dqkv`.
-    fn attention_bwd(&self, dout: &Self::Buf, qkv: &Self::Buf, out: &Self::Buf, probs: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, dqkv: &mut Self::Buf);
-    /// Length (f32 values) of what [`Backend::attention_fwd`] saves for the backward in `probs`:
-    /// the probabilities `[b, heads, t, t]` (the default, and the CPU), or, where the backend runs
-    /// a fused attention, the row log-sum-exp `[b, heads, t]` (CUDA in bf16 precision, head dim 64).
-    fn attention_saved_len(&self, b: usize, t: usize, heads: usize, _hd: usize) -> usize {
-        b * heads * t * t
-    }
+    /// Attention core backward.
+    fn attention_bwd(&self, dout: &Self::Buf, qkv: &Self::Buf, probs: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, dqkv: &mut Self::Buf);
     /// Mean softmax cross-entropy; returns `(loss, correct)` and writes `dlogits`.
     fn cross_entropy(&self, logits: &Self::Buf, labels: &[u32], b: usize, c: usize, dlogits: &mut Self::Buf) -> (f32, usize);
     /// Softmax cross-entropy of `b` rows with an explicit normaliser `norm` (the global batch size

@@ -11,7 +11,7 @@ use snella_core::ops::adamw::AdamWParams;
 use snella_core::snella::sparsify::SparsifyRule;
 use snella_core::snella::topk::KeptSet;
 use snella_core::SnellaError;
-use snella_cuda::ops::{adamw, attention, cross_entropy, elementwise, flash_attention, gelu, importance, layernorm, merge, patch, reduce, sparsify, topk};
+use snella_cuda::ops::{adamw, attention, cross_entropy, elementwise, gelu, importance, layernorm, merge, patch, reduce, sparsify, topk};
 use snella_cuda::{gemm, Gpu};
 use std::sync::{Arc, Mutex};
 
@@ -72,13 +72,6 @@ impl CudaBackend {
     }
 
     /// Runs `f`, between two recorded events when profiling.
-    /// Whether attention with `t` tokens and head dimension `hd` runs on the fused bf16 kernels
-    /// (`snella_cuda::ops::flash_attention`): in bf16 precision where they fit the device. f32 and
-    /// TF32 keep the f32 kernels (the CPU-parity path).
-    fn flash(&self, t: usize, hd: usize) -> bool {
-        self.gpu.precision() == snella_cuda::device::Precision::Bf16 && flash_attention::supported(&self.gpu, t, hd)
-    }
-
     fn timed<T>(&self, op: &'static str, f: impl FnOnce() -> T) -> T {
         let Some(p) = &self.prof else { return f() };
         let ev = || ok("event", self.gpu.ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| snella_cuda::device::cuda_err("event", e)));
@@ -187,24 +180,13 @@ impl Backend for CudaBackend {
     }
     fn attention_fwd(&self, qkv: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, out: &mut CudaSlice<f32>, probs: &mut CudaSlice<f32>) {
         self.timed("attention_fwd", || {
-            if self.flash(t, hd) {
-                ok("attention_fwd", flash_attention::attention_fwd(&self.gpu, &qkv.slice(..), b, t, h, hd, &mut out.slice_mut(..), &mut probs.slice_mut(..)));
-            } else {
-                ok("attention_fwd", attention::attention_fwd(&self.gpu, &qkv.slice(..), b, t, h, hd, &mut out.slice_mut(..), &mut probs.slice_mut(..)));
-            }
+            ok("attention_fwd", attention::attention_fwd(&self.gpu, &qkv.slice(..), b, t, h, hd, &mut out.slice_mut(..), &mut probs.slice_mut(..)));
         })
     }
-    fn attention_bwd(&self, dout: &CudaSlice<f32>, qkv: &CudaSlice<f32>, out: &CudaSlice<f32>, probs: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: &mut CudaSlice<f32>) {
+    fn attention_bwd(&self, dout: &CudaSlice<f32>, qkv: &CudaSlice<f32>, probs: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: &mut CudaSlice<f32>) {
         self.timed("attention_bwd", || {
-            if self.flash(t, hd) {
-                ok("attention_bwd", flash_attention::attention_bwd(&self.gpu, &dout.slice(..), &qkv.slice(..), &out.slice(..), &probs.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..)));
-            } else {
-                ok("attention_bwd", attention::attention_bwd(&self.gpu, &dout.slice(..), &qkv.slice(..), &probs.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..)));
-            }
+            ok("attention_bwd", attention::attention_bwd(&self.gpu, &dout.slice(..), &qkv.slice(..), &probs.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..)));
         })
-    }
-    fn attention_saved_len(&self, b: usize, t: usize, heads: usize, hd: usize) -> usize {
-        if self.flash(t, hd) { b * heads * t } else { b * heads * t * t }
     }
     fn cross_entropy(&self, logits: &CudaSlice<f32>, labels: &[u32], b: usize, c: usize, dl: &mut CudaSlice<f32>) -> (f32, usize) {
         self.timed("cross_entropy", || {

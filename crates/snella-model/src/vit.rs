@@ -238,7 +238,7 @@ impl<B: Backend> Vit<B> {
         let (mut ln1, mut m1, mut r1) = (be.empty(rows * d), be.empty(rows), be.empty(rows));
         be.layernorm_fwd(&x, &blk.norm1.0.value, &blk.norm1.1.value, rows, d, cfg.ln_eps, &mut ln1, &mut m1, &mut r1);
         let (qkv, k_qkv) = blk.qkv.forward_keep(be, &ln1, rows, kq);
-        let (mut att, mut probs) = (be.empty(rows * d), be.empty(be.attention_saved_len(b, t, cfg.num_heads, cfg.head_dim())));
+        let (mut att, mut probs) = (be.empty(rows * d), be.empty(b * cfg.num_heads * t * t));
         be.attention_fwd(&qkv, b, t, cfg.num_heads, cfg.head_dim(), &mut att, &mut probs);
         let (mut h, k_proj) = blk.proj.forward_keep(be, &att, rows, kp);
         be.add_assign(&mut h, &x);
@@ -309,7 +309,7 @@ impl<B: Backend> Vit<B> {
         be.add_assign(&mut dh, &dout);
         let datt = blk.proj.backward_with(be, &c.att, &dh, rows, true, Some(k_proj)).expect("dx");
         let mut dqkv = be.empty(rows * 3 * d);
-        be.attention_bwd(&datt, &c.qkv, &c.att, &c.probs, b, t, cfg.num_heads, cfg.head_dim(), &mut dqkv);
+        be.attention_bwd(&datt, &c.qkv, &c.probs, b, t, cfg.num_heads, cfg.head_dim(), &mut dqkv);
         let dln1 = blk.qkv.backward_with(be, &c.ln1, &dqkv, rows, true, Some(k_qkv)).expect("dx");
         let mut dx = be.empty(rows * d);
         {

@@ -4,7 +4,6 @@ pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod elementwise;
-pub mod flash_attention;
 pub mod gelu;
 pub mod importance;
 pub mod layernorm;
