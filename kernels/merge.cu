@@ -12,19 +12,17 @@
 // with explicitly rounded mul/add (no FMA contraction) in the CPU's order, so they carry the CPU's
 // bits; only expf and the softmax sum order differ.
 //
-// Backward, recomputing D, K and P (no stored M, no [H, in, out] tensor), three launches:
+// Backward, recomputing D, K and P (no stored M), launched by crates/snella-cuda/src/ops/merge.rs:
 //   1. snella_merge_bwd_rowstats_r{1,2,4,8} (mixture only): per row i, in one pass over j with an
 //      online (rescaled) softmax: max_j K/γ, S = Σ_j exp(K/γ − max), s_i = Σ_j Ĝ·P, Σ_j Ĝ → rowstat [in, 4].
-//   2. snella_merge_bwd_tiles, two kinds of blocks in one grid:
-//      - ∂A blocks: 32 rows × a split of the column tiles. For each 32×32 tile they recompute D_h, K,
-//        P, ∂L/∂K and E_h = c_h·∂L/∂K ⊘ D_h into shared memory and accumulate, in registers,
-//        Σ_j E_h[i,j]·B[h,j,r] and Σ_j E_h[i,j] → partA [split, H, in, rh + 1], and Σ P⊙(Ĝ − s)⊙K
-//        (for ∂γ) → gpart [split, in-tiles];
-//      - ∂B blocks, the transpose: 32 columns × a split of the row tiles, Σ_i E_h[i,j]·A[h,i,r] and
-//        Σ_i E_h[i,j] → partB [split, H, out, rh + 1].
-//   3. snella_merge_bwd_finish: dX = X·Σ_split part[.., rh] − Σ_split part[.., r] (fixed split
-//      order) for dA and dB, and in its last block (∂α, ∂γ, ∂β) from rowstat and gpart in f64.
-// Every reduction has one fixed order (no float atomics): results are bit-identical run to run.
+//   2. snella_merge_bwd_e: one 32×32 tile per block recomputes D_h, K, P, ∂L/∂K and writes
+//      E_h = c_h·∂L/∂K ⊘ D_h to E [H, in, out] (f32 scratch), with the tile's Σ P⊙(Ĝ − s)⊙K (∂γ).
+//   3. (cuBLAS, strict f32) E_h·[B_h | 1] and E_hᵀ·[A_h | 1] (snella_merge_pad_ones adds the ones
+//      columns, which yield the row and column sums of E_h).
+//   4. snella_merge_bwd_finish: dX = X·Σ part[.., rh] − Σ part[.., r] for dA and dB, and in its last
+//      block (∂α, ∂γ, ∂β) from rowstat and the ∂γ partials in f64.
+// Every reduction has one fixed order (no float atomics; cuBLAS GEMMs are deterministic): results
+// are bit-identical run to run.
 #include "common.cuh"
 
 namespace snella_merge {
@@ -33,7 +31,6 @@ constexpr int NWARPS = THREADS / 32;
 constexpr int TI = 32;                // backward tile: rows
 constexpr int TJ = 32;                // backward tile: columns (one per lane)
 constexpr int ES = TJ + 1;            // row stride of the E tile in shared memory
-constexpr int QMAX = 9;               // accumulators per thread: H·32·(rh + 1) ≤ 256·9
 
 __device__ __forceinline__ float coeff(unsigned h) { return (h & 1u) ? -0.1f : 0.1f; }
 
@@ -325,118 +322,6 @@ __device__ __forceinline__ void rowstats_body(const float* __restrict__ A, const
   }
 }
 
-// ∂A block: rows xb·32 …, column tiles [yb·tps, +tps) → partA [gridY, H, n_in, rh + 1] and
-// gpart[yb·n_it + xb]. Shared: as, bs, es as in e_tile.
-__device__ __forceinline__ void da_block(const float* __restrict__ A, const float* __restrict__ B, unsigned H,
-                                         unsigned n_in, unsigned n_out, unsigned rh, bool has_mix, float alpha,
-                                         float g, const float* __restrict__ G, const float* __restrict__ rowstat,
-                                         unsigned tps, unsigned xb, unsigned yb, unsigned n_it,
-                                         float* __restrict__ partA, float* __restrict__ gpart, float* sh) {
-  __shared__ float red[NWARPS][1];
-  __shared__ float gsum[1];
-  const unsigned rs = rh | 1u;
-  float* as = sh;
-  float* bs = as + H * TI * rs;
-  float* es = bs + H * TJ * rs;
-  const unsigned i0 = xb * TI;
-  const unsigned n_jt = (n_out + TJ - 1) / TJ;
-  const unsigned jt0 = yb * tps, jt1 = min(jt0 + tps, n_jt);
-  load_tile(as, A, H, n_in, rh, rs, i0);
-  const unsigned r1 = rh + 1, total = H * TI * r1;
-  float acc[QMAX];
-#pragma unroll
-  for (int q = 0; q < QMAX; q++) acc[q] = 0.f;
-  float gam = 0.f;
-  for (unsigned jt = jt0; jt < jt1; jt++) {
-    __syncthreads();  // the previous tile's B and E are consumed
-    load_tile(bs, B, H, n_out, rh, rs, jt * TJ);
-    __syncthreads();
-    gam += e_tile(as, bs, es, G, rowstat, i0, jt * TJ, n_in, n_out, H, rh, rs, has_mix, alpha, g);
-    __syncthreads();
-#pragma unroll
-    for (int q = 0; q < QMAX; q++) {
-      const unsigned o = threadIdx.x + THREADS * q;
-      if (o < total) {
-        const unsigned h = o / (TI * r1), rem = o % (TI * r1), ii = rem / r1, r = rem % r1;
-        const float* e = es + (h * TI + ii) * ES;
-        float s = acc[q];
-        if (r < rh) {
-          const float* b = bs + h * TJ * rs + r;
-#pragma unroll 8
-          for (int jj = 0; jj < TJ; jj++) s = fmaf(e[jj], b[jj * rs], s);
-        } else {
-#pragma unroll 8
-          for (int jj = 0; jj < TJ; jj++) s += e[jj];
-        }
-        acc[q] = s;
-      }
-    }
-  }
-#pragma unroll
-  for (int q = 0; q < QMAX; q++) {
-    const unsigned o = threadIdx.x + THREADS * q;
-    if (o < total) {
-      const unsigned h = o / (TI * r1), rem = o % (TI * r1), ii = rem / r1, r = rem % r1, i = i0 + ii;
-      if (i < n_in) partA[(((size_t)yb * H + h) * n_in + i) * r1 + r] = acc[q];
-    }
-  }
-  float gv[1] = {gam};
-  block_reduce<1, false>(gv, red, gsum);
-  if (threadIdx.x == 0) gpart[(size_t)yb * n_it + xb] = gsum[0];
-}
-
-// ∂B block: columns xb·32 …, row tiles [yb·tps, +tps) → partB [gridY, H, n_out, rh + 1].
-__device__ __forceinline__ void db_block(const float* __restrict__ A, const float* __restrict__ B, unsigned H,
-                                         unsigned n_in, unsigned n_out, unsigned rh, bool has_mix, float alpha,
-                                         float g, const float* __restrict__ G, const float* __restrict__ rowstat,
-                                         unsigned tps, unsigned xb, unsigned yb, float* __restrict__ partB,
-                                         float* sh) {
-  const unsigned rs = rh | 1u;
-  float* as = sh;
-  float* bs = as + H * TI * rs;
-  float* es = bs + H * TJ * rs;
-  const unsigned j0 = xb * TJ;
-  const unsigned n_it = (n_in + TI - 1) / TI;
-  const unsigned it0 = yb * tps, it1 = min(it0 + tps, n_it);
-  load_tile(bs, B, H, n_out, rh, rs, j0);
-  const unsigned r1 = rh + 1, total = H * TJ * r1;
-  float acc[QMAX];
-#pragma unroll
-  for (int q = 0; q < QMAX; q++) acc[q] = 0.f;
-  for (unsigned it = it0; it < it1; it++) {
-    __syncthreads();
-    load_tile(as, A, H, n_in, rh, rs, it * TI);
-    __syncthreads();
-    e_tile(as, bs, es, G, rowstat, it * TI, j0, n_in, n_out, H, rh, rs, has_mix, alpha, g);
-    __syncthreads();
-#pragma unroll
-    for (int q = 0; q < QMAX; q++) {
-      const unsigned o = threadIdx.x + THREADS * q;
-      if (o < total) {
-        const unsigned h = o / (TJ * r1), rem = o % (TJ * r1), jj = rem / r1, r = rem % r1;
-        const float* e = es + h * TI * ES + jj;
-        float s = acc[q];
-        if (r < rh) {
-          const float* a = as + h * TI * rs + r;
-#pragma unroll 8
-          for (int ii = 0; ii < TI; ii++) s = fmaf(e[ii * ES], a[ii * rs], s);
-        } else {
-#pragma unroll 8
-          for (int ii = 0; ii < TI; ii++) s += e[ii * ES];
-        }
-        acc[q] = s;
-      }
-    }
-  }
-#pragma unroll
-  for (int q = 0; q < QMAX; q++) {
-    const unsigned o = threadIdx.x + THREADS * q;
-    if (o < total) {
-      const unsigned h = o / (TJ * r1), rem = o % (TJ * r1), jj = rem / r1, r = rem % r1, j = j0 + jj;
-      if (j < n_out) partB[(((size_t)yb * H + h) * n_out + j) * r1 + r] = acc[q];
-    }
-  }
-}
 }  // namespace snella_merge
 
 // Forward (spec §1): M [n_in, n_out] from A, B and the optional mixture (null: SNELL, M = K), R rows
@@ -469,40 +354,52 @@ SNELLA_MERGE_ROWSTATS(4)
 SNELLA_MERGE_ROWSTATS(8)
 #undef SNELLA_MERGE_ROWSTATS
 
-namespace snella_merge {
-__device__ __forceinline__ void tiles_body(const float* __restrict__ A, const float* __restrict__ B, unsigned H, unsigned n_in,
-                                           unsigned n_out, unsigned rh, const float* __restrict__ mix, const float* __restrict__ G,
-                                           const float* __restrict__ rowstat, unsigned ns_a, unsigned tps_a, unsigned tps_b,
-                                           float* __restrict__ partA, float* __restrict__ gpart, float* __restrict__ partB, float* sh) {
+// Backward step 2: one 32×32 tile per block (grid (n_jt, n_it)): E_h[i, j] (e_tile) into
+// E [H, n_in, n_out], and the block's share of Σ P⊙(Ĝ − s)⊙K (∂γ) into
+// gpart[blockIdx.y·gridDim.x + blockIdx.x]. The sums over j and over i of E·B and Eᵀ·A are then two
+// f32 GEMMs. Dynamic shared memory: (2·H·32·rs + H·32·33) floats, rs = rh | 1.
+extern "C" __global__ void __launch_bounds__(256)
+    snella_merge_bwd_e(const float* __restrict__ A, const float* __restrict__ B, unsigned H, unsigned n_in,
+                       unsigned n_out, unsigned rh, const float* __restrict__ mix, const float* __restrict__ G,
+                       const float* __restrict__ rowstat, float* __restrict__ E, float* __restrict__ gpart) {
+  using namespace snella_merge;
+  extern __shared__ float snella_merge_e_sh[];
+  __shared__ float red[NWARPS][1];
+  __shared__ float gsum[1];
   const bool has_mix = mix != nullptr;
   const float alpha = has_mix ? mix[0] : 0.f, g = has_mix ? clamp_gamma(mix[1]) : 1.f;
-  const unsigned n_it = (n_in + TI - 1) / TI, n_jt = (n_out + TJ - 1) / TJ;
-  const unsigned nb_a = n_it * ns_a;
-  if (blockIdx.x < nb_a) {
-    da_block(A, B, H, n_in, n_out, rh, has_mix, alpha, g, G, rowstat, tps_a, blockIdx.x % n_it, blockIdx.x / n_it,
-             n_it, partA, gpart, sh);
-  } else {
-    const unsigned b = blockIdx.x - nb_a;
-    db_block(A, B, H, n_in, n_out, rh, has_mix, alpha, g, G, rowstat, tps_b, b % n_jt, b / n_jt, partB, sh);
+  const unsigned rs = rh | 1u;
+  float* as = snella_merge_e_sh;
+  float* bs = as + H * TI * rs;
+  float* es = bs + H * TJ * rs;
+  const unsigned i0 = blockIdx.y * TI, j0 = blockIdx.x * TJ;
+  load_tile(as, A, H, n_in, rh, rs, i0);
+  load_tile(bs, B, H, n_out, rh, rs, j0);
+  __syncthreads();
+  float gv[1] = {e_tile(as, bs, es, G, rowstat, i0, j0, n_in, n_out, H, rh, rs, has_mix, alpha, g)};
+  // each thread writes the entries it computed (jj = lane, ii = warp + 8q): rows of 32 coalesced
+  const unsigned jj = threadIdx.x & 31, w = threadIdx.x >> 5, j = j0 + jj;
+  for (unsigned h = 0; h < H; h++)
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+      const unsigned ii = w + 8 * q, i = i0 + ii;
+      if (i < n_in && j < n_out) E[((size_t)h * n_in + i) * n_out + j] = es[(h * TI + ii) * ES + jj];
+    }
+  block_reduce<1, false>(gv, red, gsum);
+  if (threadIdx.x == 0) gpart[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = gsum[0];
+}
+
+// Xp [rows, rh + 1] = [X | 1] for X [rows, rh]: the ones column makes the E GEMMs also return the
+// row (column) sums of E. Grid-stride.
+extern "C" __global__ void snella_merge_pad_ones(const float* __restrict__ X, float* __restrict__ Xp,
+                                                 unsigned long long rows, unsigned rh) {
+  const unsigned long long n = rows * (rh + 1);
+  for (unsigned long long idx = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
+       idx += (unsigned long long)gridDim.x * blockDim.x) {
+    const unsigned long long row = idx / (rh + 1), r = idx % (rh + 1);
+    Xp[idx] = r < rh ? X[row * rh + r] : 1.f;
   }
 }
-}  // namespace snella_merge
-
-// Backward step 2: 1-D grid of n_it·ns_a ∂A blocks (block b → rows (b % n_it)·32, split b / n_it)
-// followed by n_jt·ns_b ∂B blocks (columns (b' % n_jt)·32, split b' / n_jt). rowstat and mix may be
-// null (SNELL). Dynamic shared memory: (2·H·32·rs + H·32·33) floats, rs = rh | 1. Compiled for 3
-// resident blocks per SM (≤ 85 registers): measured on the H200 against the compiler's own choice
-// (2 blocks) and 4 (bench/PERF.md, session 3), with the splits aiming at 8 blocks per SM.
-extern "C" __global__ void __launch_bounds__(256, 3)
-    snella_merge_bwd_tiles(const float* __restrict__ A, const float* __restrict__ B, unsigned H, unsigned n_in,
-                           unsigned n_out, unsigned rh, const float* __restrict__ mix, const float* __restrict__ G,
-                           const float* __restrict__ rowstat, unsigned ns_a, unsigned tps_a, unsigned tps_b,
-                           float* __restrict__ partA, float* __restrict__ gpart, float* __restrict__ partB) {
-  extern __shared__ float snella_merge_tiles_sh[];
-  snella_merge::tiles_body(A, B, H, n_in, n_out, rh, mix, G, rowstat, ns_a, tps_a, tps_b, partA, gpart, partB,
-                           snella_merge_tiles_sh);
-}
-
 
 // dX[h, x, r] = X[h, x, r]·Σ_s part[s, h, x, rh] − Σ_s part[s, h, x, r] (splits in index order).
 static __device__ __forceinline__ void snella_merge_reduce_one(const float* __restrict__ part, unsigned nsplit,

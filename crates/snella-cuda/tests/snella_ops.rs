@@ -32,8 +32,9 @@ const H: usize = 2;
 
 /// Shapes `(in, out, rh)`: odd sizes that do not divide the 32×32 tiles or the 8-row blocks.
 /// On an H200 (132 SMs) the row kernels use 1, 1, 2, 2, 1, 8 and 4 rows per block for these.
-const SHAPES: [(usize, usize, usize); 7] =
-    [(5, 7, 3), (192, 768, 4), (768, 3072, 16), (1000, 37, 8), (33, 65, 32), (3072, 768, 16), (1111, 45, 6)];
+// (37, 50, 40): r = 80 at H = 2, beyond the H·(r/H + 1) ≤ 72 of the session-2 backward kernel.
+const SHAPES: [(usize, usize, usize); 8] =
+    [(5, 7, 3), (192, 768, 4), (768, 3072, 16), (1000, 37, 8), (33, 65, 32), (3072, 768, 16), (1111, 45, 6), (37, 50, 40)];
 
 fn mixture(gamma: f32) -> Mixture<f32> {
     Mixture { alpha: 1.1, gamma, beta: 0.01 }
@@ -151,9 +152,9 @@ fn merge_rejects_bad_shapes() {
     let mut m = gpu.zeros(10).unwrap();
     let r = merge::merge_fwd(&gpu, &a.slice(..), &b.slice(..), 2, 5, 5, 3, None, &mut m.slice_mut(..));
     assert!(r.is_err(), "a short A must be rejected");
-    let (a80, b80) = (gpu.zeros(80).unwrap(), gpu.zeros(80).unwrap());
-    let r = merge::merge_fwd(&gpu, &a80.slice(..), &b80.slice(..), 1, 1, 1, 80, None, &mut m.slice_mut(..));
-    assert!(r.is_err(), "rh beyond the kernel limit must be rejected");
+    let (a200, b200) = (gpu.zeros(200).unwrap(), gpu.zeros(200).unwrap());
+    let r = merge::merge_fwd(&gpu, &a200.slice(..), &b200.slice(..), 1, 1, 1, 200, None, &mut m.slice_mut(..));
+    assert!(r.is_err(), "rh beyond the shared-memory limit must be rejected");
 }
 
 fn key(x: f32) -> u32 {

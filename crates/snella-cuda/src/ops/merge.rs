@@ -4,9 +4,10 @@
 //! Layouts (f32, row-major): `A: [H, in, rh]`, `B: [H, out, rh]`, `M` and `Ĝ: [in, out]`, mixture
 //! `[α, γ, β]` on the device (`None`: SNELL, `M = K`). `c_h = 0.1·(−1)^h`; `γ` is clamped to `≥ 1e-4`.
 //!
-//! Neither pass writes the `[H, in, out]` distance tensor: the forward forms `K` row by row in
-//! registers (the softmax's row max and sum are block reductions), and the backward recomputes
-//! `D`, `K` and `P` tile by tile. Every reduction runs in one fixed order (no float atomics), so the
+//! The forward forms `K` row by row in registers (the softmax's row max and sum are block
+//! reductions); the backward recomputes `D`, `K` and `P` tile by tile into the transient
+//! `E_h = c_h·∂L/∂K ⊘ D_h` (`[H, in, out]` f32 scratch, freed at return) and sums it against `B` and
+//! `A` with two cuBLAS GEMMs. Every reduction runs in one fixed order (no float atomics), so the
 //! results are bit-identical from run to run. Against the CPU reference they agree to rounding:
 //! `D` and `K` are computed with the CPU's operation order and carry its bits; `expf` and the order
 //! of the softmax and gradient sums differ.
@@ -20,13 +21,11 @@ use snella_core::SnellaError;
 const TILE: usize = 32;
 /// Threads per block of every merge kernel.
 const THREADS: u32 = 256;
-/// The backward keeps `H·32·(rh + 1)` accumulators per block in registers, 9 per thread.
-const MAX_H_RH1: usize = 72;
 /// Dynamic shared memory per block we allow: the 48 KiB available without opt-in, less the
 /// kernels' static shared memory.
 const MAX_SHARED: usize = 47 * 1024;
 
-/// Checks the shapes shared by both passes; returns the dynamic shared memory of the backward tiles.
+/// Checks the shapes shared by both passes; returns the dynamic shared memory of the backward's E kernel.
 #[allow(clippy::too_many_arguments)]
 fn check(
     a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, m_len: usize, m_name: &str,
@@ -44,17 +43,14 @@ fn check(
     if let Some(x) = mix {
         need("mixture", x.len(), 3, "[α, γ, β]".into())?;
     }
-    if heads * (rh + 1) > MAX_H_RH1 {
-        return Err(SnellaError::config(
-            "rank",
-            format!("H={heads}, r/H={rh}"),
-            "H·(r/H + 1) ≤ 72 on the CUDA backend (e.g. r ≤ 70 at H = 2)",
-        ));
-    }
     let rs = rh | 1;
     let shared = (2 * heads * TILE * rs + heads * TILE * (TILE + 1)) * 4;
     if shared > MAX_SHARED {
-        return Err(SnellaError::config("heads", heads, "at most 8 kernel pieces (H) on the CUDA backend"));
+        return Err(SnellaError::config(
+            "heads/rank",
+            format!("H={heads}, r/H={rh}"),
+            "(2·H·32·((r/H) | 1) + H·32·33)·4 bytes ≤ 47 KiB of shared memory on the CUDA backend (e.g. r/H ≤ 77 at H = 2, ≤ 171 at H = 1)",
+        ));
     }
     if n_in > u32::MAX as usize || n_out > u32::MAX as usize {
         return Err(SnellaError::config("in/out", format!("{n_in}x{n_out}"), "dimensions below 2^32"));
@@ -87,7 +83,7 @@ fn rows_per_block(n_in: usize, sms: usize) -> usize {
 /// whole SNELL output, bit for bit).
 ///
 /// # Errors
-/// `Tensor` when a buffer is shorter than its shape; `Config` when `heads·(rh + 1) > 72`;
+/// `Tensor` when a buffer is shorter than its shape; `Config` when `heads > 8`;
 /// `CUDA_ERROR` on a launch failure.
 #[allow(clippy::too_many_arguments)]
 pub fn merge_fwd(
@@ -124,14 +120,6 @@ pub fn merge_fwd(
     unsafe { lb.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err(name, e))
 }
 
-/// Splits `tiles` tiles into chunks so that `other · splits` blocks reach about `target`; returns
-/// `(splits, tiles per split)`.
-fn split(other: usize, tiles: usize, target: usize) -> (usize, usize) {
-    let want = target.div_ceil(other.max(1)).clamp(1, tiles.max(1));
-    let tps = tiles.div_ceil(want).max(1);
-    (tiles.div_ceil(tps).max(1), tps)
-}
-
 /// Backward of the kernelized merge (spec §3), recomputing `D`, `K` and `P` (no stored `M`).
 ///
 /// - `dm`: `Ĝ = ∂L/∂M`, `[n_in, n_out]` (already through the sparsify backward).
@@ -141,14 +129,13 @@ fn split(other: usize, tiles: usize, target: usize) -> (usize, usize) {
 /// - `dmix`: `[3]`, overwritten with `(∂α, ∂γ, ∂β)` when `mix` is given (`∂γ = 0` while `γ < 1e-4`);
 ///   zeros when `mix` is `None`.
 ///
-/// Three launches (two without the mixture). Deterministic: the cross-row and cross-column sums
-/// are per-tile partials reduced in a fixed order (one scratch allocation of
-/// `O((in + out)·H·(rh + 1))` floats, no float atomics). Matches
-/// [`snella_core::snella::merge::merge_bwd`] to f32 rounding.
+/// Four to five launches and two strict-f32 cuBLAS GEMMs (see `bwd_gemm`), one scratch allocation
+/// of `H·in·out + 2·H·(in + out)·(rh + 1)` floats (+ `4·in` with the mixture). Deterministic.
+/// Matches [`snella_core::snella::merge::merge_bwd`] to f32 rounding.
 ///
 /// # Errors
-/// `Tensor` when a buffer is shorter than its shape; `Config` when `heads·(rh + 1) > 72`;
-/// `CUDA_OOM` for the scratch; `CUDA_ERROR` on a launch failure.
+/// `Tensor` when a buffer is shorter than its shape; `Config` when `heads > 8` or a dimension is
+/// too large; `CUDA_OOM` for the scratch; `CUDA_ERROR` on a launch failure.
 #[allow(clippy::too_many_arguments)]
 pub fn merge_bwd(
     gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, dm: &In,
@@ -183,76 +170,114 @@ pub fn merge_bwd(
         }
         (_, d) => d,
     };
-    bwd_core(gpu, a, b, heads, n_in, n_out, rh, mix, dm, da, db, dmix, shared)
+    bwd_gemm(gpu, a, b, heads, n_in, n_out, rh, mix, dm, da, db, dmix, shared)
 }
 
-/// The kernels of [`merge_bwd`] for `n_in, n_out ≥ 1`.
+/// [`merge_bwd`] for `n_in, n_out ≥ 1` through a materialised `E: [H, in, out]` (f32 scratch):
+/// 1. the row statistics of the softmax (mixture only);
+/// 2. `snella_merge_bwd_e`: `E_h` tile by tile (and the `∂γ` partials);
+/// 3. two strict-f32 strided-batched GEMMs over `h`: `partA_h = E_h·[B_h | 1]` and
+///    `partB_h = E_hᵀ·[A_h | 1]` (the ones columns give the row and column sums of `E_h`);
+/// 4. `snella_merge_bwd_finish`: `dA = A ⊙ rowsum − E·B`, `dB = B ⊙ colsum − Eᵀ·A`, `dmix`.
+///
+/// The sums over `j` and `i` thus run on cuBLAS instead of shared-memory loops in the tiles kernel
+/// (session 3: the earlier tiles kernel formed each `E` tile twice, once for `∂A`, once for `∂B`,
+/// and summed in shared memory; 768×3072 merge + top-k + sparsify fwd+bwd 0.413 → 0.375 ms on the
+/// H200, and it lifts that kernel's `H·(r/H + 1) ≤ 72` limit).
 #[allow(clippy::too_many_arguments)]
-fn bwd_core(
+fn bwd_gemm(
     gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, dm: &In,
     da: &mut Out, db: &mut Out, dmix: Option<&mut Out>, shared: usize,
 ) -> Result<(), SnellaError> {
     let (h32, i32_, o32, r32) = (heads as u32, n_in as u32, n_out as u32, rh as u32);
     let null = 0u64;
     let sms = sm_count(gpu);
-    // the splits aim at 8 blocks per SM (3 resident; measured, bench/PERF.md)
-    let target = 8 * sms;
     let (n_it, n_jt) = (n_in.div_ceil(TILE), n_out.div_ceil(TILE));
-    let (ns_a, tps_a) = split(n_it, n_jt, target);
-    let (ns_b, tps_b) = split(n_jt, n_it, target);
+    if n_it > 65535 {
+        return Err(SnellaError::config("in", n_in, "at most 65535·32 rows on the CUDA backend"));
+    }
     let r1 = rh + 1;
-    // One scratch buffer: rowstat [n_in, 4] (mixture only) | partA | partB | gpart.
+    // One scratch buffer: rowstat [n_in, 4] (mixture only) | E [H, in, out] | A' | B' | partA | partB | gpart.
     let len_rs = if mix.is_some() { 4 * n_in } else { 0 };
-    let (len_pa, len_pb, len_gp) = (ns_a * heads * n_in * r1, ns_b * heads * n_out * r1, n_it * ns_a);
-    let total = (len_rs + len_pa + len_pb + len_gp).max(1);
-    // SAFETY: every element read later is written first by the kernels below.
+    let len_e = heads * n_in * n_out;
+    let (len_ap, len_bp) = (heads * n_in * r1, heads * n_out * r1);
+    let len_gp = n_it * n_jt;
+    let total = len_rs + len_e + 2 * len_ap + 2 * len_bp + len_gp;
+    // SAFETY: every element read later is written first by the kernels and GEMMs below.
     let mut scratch = unsafe { gpu.uninit::<f32>(total) }?;
     let (mut rowstat, mut rest) = scratch.split_at_mut(len_rs);
-    let (mut part_a, mut rest) = rest.split_at_mut(len_pa);
-    let (mut part_b, mut gpart) = rest.split_at_mut(len_pb);
+    let (mut e, mut rest) = rest.split_at_mut(len_e);
+    let (mut a1, mut rest) = rest.split_at_mut(len_ap);
+    let (mut b1, mut rest) = rest.split_at_mut(len_bp);
+    let (mut part_a, mut rest) = rest.split_at_mut(len_ap);
+    let (mut part_b, mut gpart) = rest.split_at_mut(len_bp);
 
-    // 1. Row statistics of the softmax (mixture only).
     if let Some(x) = mix {
-        let rows = rows_per_block(n_in, sms);
-        let name = match rows {
-            8 => "snella_merge_bwd_rowstats_r8",
-            4 => "snella_merge_bwd_rowstats_r4",
-            2 => "snella_merge_bwd_rowstats_r2",
-            _ => "snella_merge_bwd_rowstats_r1",
-        };
-        let f = gpu.func(name);
-        let cfg = LaunchConfig {
-            grid_dim: (n_in.div_ceil(rows) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: (rows * heads * rh * 4) as u32,
-        };
-        let mut lb = gpu.stream.launch_builder(&f);
-        lb.arg(a).arg(b).arg(&h32).arg(&i32_).arg(&o32).arg(&r32).arg(x).arg(dm).arg(&mut rowstat);
-        // SAFETY: shapes checked; rowstat holds 4·n_in floats; bounds-checked in the kernel.
-        unsafe { lb.launch(cfg) }.map_err(|e| cuda_err(name, e))?;
+        rowstats(gpu, a, b, heads, n_in, n_out, rh, x, dm, &mut rowstat, sms)?;
     }
     let rowstat = rowstat.as_view();
-    // 2. ∂A and ∂B partials (and the ∂γ partials), one grid.
     {
-        let f = gpu.func("snella_merge_bwd_tiles");
-        let (ns_a32, tps_a32, tps_b32) = (ns_a as u32, tps_a as u32, tps_b as u32);
-        let cfg = LaunchConfig {
-            grid_dim: ((n_it * ns_a + n_jt * ns_b) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: shared as u32,
-        };
+        let f = gpu.func("snella_merge_bwd_e");
+        let cfg = LaunchConfig { grid_dim: (n_jt as u32, n_it as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
         let mut lb = gpu.stream.launch_builder(&f);
         lb.arg(a).arg(b).arg(&h32).arg(&i32_).arg(&o32).arg(&r32);
         match mix {
             Some(x) => lb.arg(x).arg(dm).arg(&rowstat),
             None => lb.arg(&null).arg(dm).arg(&null),
         };
-        lb.arg(&ns_a32).arg(&tps_a32).arg(&tps_b32).arg(&mut part_a).arg(&mut gpart).arg(&mut part_b);
-        // SAFETY: part_a holds ns_a·H·n_in·(rh+1) floats, gpart n_it·ns_a and part_b
-        // ns_b·H·n_out·(rh+1); the grid is exactly n_it·ns_a + n_jt·ns_b blocks.
-        unsafe { lb.launch(cfg) }.map_err(|e| cuda_err("snella_merge_bwd_tiles", e))?;
+        lb.arg(&mut e).arg(&mut gpart);
+        // SAFETY: E holds H·n_in·n_out floats, gpart n_it·n_jt; the grid is n_jt × n_it tiles and
+        // the kernel writes only entries inside [n_in, n_out].
+        unsafe { lb.launch(cfg) }.map_err(|e| cuda_err("snella_merge_bwd_e", e))?;
     }
-    // 3. dA, dB from the partials, and the mixture gradients.
+    for (src, dst, rows) in [(a, &mut a1, heads * n_in), (b, &mut b1, heads * n_out)] {
+        let f = gpu.func("snella_merge_pad_ones");
+        let (rows64, n) = (rows as u64, rows * r1);
+        let mut lb = gpu.stream.launch_builder(&f);
+        lb.arg(src).arg(dst).arg(&rows64).arg(&r32);
+        // SAFETY: src holds rows·rh floats (checked), dst rows·(rh + 1); grid-stride over the latter.
+        unsafe { lb.launch(super::reduce::grid_stride(n)) }.map_err(|e| cuda_err("snella_merge_pad_ones", e))?;
+    }
+    let e = e.as_view();
+    // SAFETY: per h, E_h [n_in, n_out], A'_h [n_in, rh+1], B'_h [n_out, rh+1] and the partials lie
+    // inside their buffers (sized above).
+    unsafe {
+        crate::gemm::gemm_strided_f32(gpu, false, false, n_in, r1, n_out, &e, n_out, n_in * n_out, &b1, r1, n_out * r1, &mut part_a, r1, n_in * r1, heads)?;
+        crate::gemm::gemm_strided_f32(gpu, true, false, n_out, r1, n_in, &e, n_out, n_in * n_out, &a1, r1, n_in * r1, &mut part_b, r1, n_out * r1, heads)?;
+    }
+    finish(gpu, heads, n_in, n_out, rh, a, b, da, db, mix, dmix, &part_a.as_view(), 1, &part_b.as_view(), 1, &rowstat, &gpart.as_view(), len_gp)
+}
+
+/// Backward step 1 (mixture only): `rowstat [n_in, 4]` = (max_j K/γ, Σ_j exp(K/γ − max),
+/// s_i = Σ_j Ĝ·P, Σ_j Ĝ) per row.
+#[allow(clippy::too_many_arguments)]
+fn rowstats(gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: &In, dm: &In, rowstat: &mut Out, sms: usize) -> Result<(), SnellaError> {
+    let (h32, i32_, o32, r32) = (heads as u32, n_in as u32, n_out as u32, rh as u32);
+    let rows = rows_per_block(n_in, sms);
+    let name = match rows {
+        8 => "snella_merge_bwd_rowstats_r8",
+        4 => "snella_merge_bwd_rowstats_r4",
+        2 => "snella_merge_bwd_rowstats_r2",
+        _ => "snella_merge_bwd_rowstats_r1",
+    };
+    let f = gpu.func(name);
+    let cfg = LaunchConfig { grid_dim: (n_in.div_ceil(rows) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: (rows * heads * rh * 4) as u32 };
+    let mut lb = gpu.stream.launch_builder(&f);
+    lb.arg(a).arg(b).arg(&h32).arg(&i32_).arg(&o32).arg(&r32).arg(mix).arg(dm).arg(rowstat);
+    // SAFETY: shapes checked; rowstat holds 4·n_in floats; bounds-checked in the kernel.
+    unsafe { lb.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err(name, e))
+}
+
+/// Backward's last step: `dA`, `dB` from the partials (`ns_a`, `ns_b` splits, summed in index
+/// order) and, with the mixture and `dmix`, the mixture gradients from `rowstat` and the `ng` ∂γ
+/// partials in `gpart`.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    gpu: &Gpu, heads: usize, n_in: usize, n_out: usize, rh: usize, a: &In, b: &In, da: &mut Out, db: &mut Out, mix: Option<&In>,
+    dmix: Option<&mut Out>, part_a: &In, ns_a: usize, part_b: &In, ns_b: usize, rowstat: &In, gpart: &In, ng: usize,
+) -> Result<(), SnellaError> {
+    let (h32, i32_, o32, r32) = (heads as u32, n_in as u32, n_out as u32, rh as u32);
+    let null = 0u64;
     let (nb_a, nb_b) = ((heads * n_in * rh).div_ceil(THREADS as usize), (heads * n_out * rh).div_ceil(THREADS as usize));
     let with_mix = mix.is_some() && dmix.is_some();
     let blocks = nb_a + nb_b + with_mix as usize;
@@ -260,18 +285,16 @@ fn bwd_core(
         return Ok(());
     }
     let f = gpu.func("snella_merge_bwd_finish");
-    let (ns_a32, ns_b32, nb_a32, nb_b32, ng32) = (ns_a as u32, ns_b as u32, nb_a as u32, nb_b as u32, len_gp as u32);
+    let (ns_a32, ns_b32, nb_a32, nb_b32, ng32) = (ns_a as u32, ns_b as u32, nb_a as u32, nb_b as u32, ng as u32);
     let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-    let (part_a, part_b, gpart) = (part_a.as_view(), part_b.as_view(), gpart.as_view());
     let mut lb = gpu.stream.launch_builder(&f);
-    lb.arg(&part_a).arg(&ns_a32).arg(&part_b).arg(&ns_b32).arg(&h32).arg(&i32_).arg(&o32).arg(&r32);
+    lb.arg(part_a).arg(&ns_a32).arg(part_b).arg(&ns_b32).arg(&h32).arg(&i32_).arg(&o32).arg(&r32);
     lb.arg(a).arg(b).arg(da).arg(db).arg(&nb_a32).arg(&nb_b32);
     match (mix, dmix) {
-        (Some(x), Some(d)) => lb.arg(&rowstat).arg(&gpart).arg(&ng32).arg(x).arg(d),
-        _ => lb.arg(&null).arg(&gpart).arg(&ng32).arg(&null).arg(&null),
+        (Some(x), Some(d)) => lb.arg(rowstat).arg(gpart).arg(&ng32).arg(x).arg(d),
+        _ => lb.arg(&null).arg(gpart).arg(&ng32).arg(&null).arg(&null),
     };
-    // SAFETY: the partials were written in step 2 for every valid (h, row, r); dA and dB hold
-    // H·n_in·rh and H·n_out·rh floats (bounds-checked); the mixture block runs only with dmix.
+    // SAFETY: the partials were written for every valid (h, row, r); dA and dB hold H·n_in·rh and
+    // H·n_out·rh floats (bounds-checked); the mixture block runs only with dmix.
     unsafe { lb.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err("snella_merge_bwd_finish", e))
 }
-
