@@ -39,9 +39,12 @@ __device__ __forceinline__ float clamp_gamma(float g) { return g < 1e-4f ? 1e-4f
 
 // K[i0 + q, j] for q < R from the A rows in shared memory (sa: [R][H][rh]) and B[h, j, :] in global
 // memory. Same arithmetic and order as the CPU's row_kernel: d = Σ_r (a − b)², D = √d, K = Σ_h c_h·D.
+// With dsave (not null), D_h[i0 + q, j] is also stored to dsave[h, i0 + q, j] ([H, n_in, n_out]) for
+// the rows i0 + q < n_in: the backward's saved distances.
 template <int R>
 __device__ __forceinline__ void k_col(const float* sa, const float* __restrict__ B, unsigned H, unsigned n_out,
-                                      unsigned rh, unsigned j, float (&k)[R]) {
+                                      unsigned rh, unsigned j, float (&k)[R], float* __restrict__ dsave = nullptr,
+                                      unsigned i0 = 0, unsigned n_in = 0) {
   const unsigned hr = H * rh;
 #pragma unroll
   for (int q = 0; q < R; q++) k[q] = 0.f;
@@ -79,7 +82,11 @@ __device__ __forceinline__ void k_col(const float* sa, const float* __restrict__
     }
     const float c = coeff(h);
 #pragma unroll
-    for (int q = 0; q < R; q++) k[q] = __fadd_rn(k[q], __fmul_rn(c, __fsqrt_rn(d2[q])));
+    for (int q = 0; q < R; q++) {
+      const float d = __fsqrt_rn(d2[q]);
+      if (dsave != nullptr && i0 + q < n_in) dsave[((size_t)h * n_in + i0 + q) * n_out + j] = d;
+      k[q] = __fadd_rn(k[q], __fmul_rn(c, d));
+    }
   }
 }
 
@@ -191,7 +198,8 @@ __device__ __forceinline__ void load_tile(float* dst, const float* __restrict__ 
 template <int R>
 __device__ __forceinline__ void fwd_body(const float* __restrict__ A, const float* __restrict__ B, unsigned H,
                                          unsigned n_in, unsigned n_out, unsigned rh, const float* __restrict__ mix,
-                                         float* __restrict__ M, float* sa) {
+                                         float* __restrict__ M, float* sa, float* __restrict__ ksave,
+                                         float* __restrict__ dsave) {
   __shared__ float red[NWARPS][R];
   __shared__ float zmax[R], ssum[R];
   const unsigned i0 = blockIdx.x * R;
@@ -204,11 +212,12 @@ __device__ __forceinline__ void fwd_body(const float* __restrict__ A, const floa
   for (int q = 0; q < R; q++) v[q] = -INFINITY;
   for (unsigned j = threadIdx.x; j < n_out; j += blockDim.x) {
     float k[R];
-    k_col<R>(sa, B, H, n_out, rh, j, k);
+    k_col<R>(sa, B, H, n_out, rh, j, k, dsave, i0, n_in);
 #pragma unroll
     for (int q = 0; q < R; q++) {
       if (i0 + q < n_in) {
         M[(size_t)(i0 + q) * n_out + j] = k[q];
+        if (ksave != nullptr) ksave[(size_t)(i0 + q) * n_out + j] = k[q];
         if (mix) v[q] = fmaxf(v[q], __fdiv_rn(k[q], g));
       }
     }
@@ -325,13 +334,15 @@ __device__ __forceinline__ void rowstats_body(const float* __restrict__ A, const
 }  // namespace snella_merge
 
 // Forward (spec §1): M [n_in, n_out] from A, B and the optional mixture (null: SNELL, M = K), R rows
-// per block. Grid: ceil(n_in / R) blocks of 256 threads; dynamic shared memory R·H·rh floats.
+// per block; with ksave / dsave (not null; the backward-time merge) K [n_in, n_out] and the distances
+// D [H, n_in, n_out] are saved too, for snella_merge_bwd_rowstats_saved / snella_merge_bwd_e_saved. Grid: ceil(n_in / R) blocks of 256 threads; dynamic shared memory R·H·rh floats.
 #define SNELLA_MERGE_FWD(R)                                                                                        \
   extern "C" __global__ void __launch_bounds__(256) snella_merge_fwd_r##R(                                          \
       const float* __restrict__ A, const float* __restrict__ B, unsigned H, unsigned n_in, unsigned n_out,         \
-      unsigned rh, const float* __restrict__ mix, float* __restrict__ M) {                                         \
+      unsigned rh, const float* __restrict__ mix, float* __restrict__ M, float* __restrict__ ksave,                 \
+      float* __restrict__ dsave) {                                                                                 \
     extern __shared__ float snella_merge_fwd_sa_##R[];                                                             \
-    snella_merge::fwd_body<R>(A, B, H, n_in, n_out, rh, mix, M, snella_merge_fwd_sa_##R);                          \
+    snella_merge::fwd_body<R>(A, B, H, n_in, n_out, rh, mix, M, snella_merge_fwd_sa_##R, ksave, dsave);            \
   }
 SNELLA_MERGE_FWD(1)
 SNELLA_MERGE_FWD(2)
@@ -387,6 +398,99 @@ extern "C" __global__ void __launch_bounds__(256)
     }
   block_reduce<1, false>(gv, red, gsum);
   if (threadIdx.x == 0) gpart[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = gsum[0];
+}
+
+// Backward step 1 from the saved K (mixture only): rowstat[i] as snella_merge_bwd_rowstats_r*, one
+// block of 256 threads per row (the same online-softmax updates and merge tree of the threads'
+// partial states). Grid n_in.
+extern "C" __global__ void __launch_bounds__(256)
+    snella_merge_bwd_rowstats_saved(const float* __restrict__ K, unsigned n_in, unsigned n_out,
+                                    const float* __restrict__ mix, const float* __restrict__ G,
+                                    float* __restrict__ rowstat) {
+  using namespace snella_merge;
+  __shared__ Soft red[NWARPS];
+  __shared__ float redu[NWARPS];
+  const unsigned i = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float g = clamp_gamma(mix[1]);
+  Soft st{-INFINITY, 0.f, 0.f};
+  float u = 0.f;
+  for (unsigned j = threadIdx.x; j < n_out; j += blockDim.x) {
+    const float z = __fdiv_rn(K[(size_t)i * n_out + j], g);
+    const float gv = G[(size_t)i * n_out + j];
+    if (z > st.m) {
+      const float f = st.m == -INFINITY ? 0.f : expf(st.m - z);
+      st = Soft{z, fmaf(st.s, f, 1.f), fmaf(st.t, f, gv)};
+    } else {
+      const float e = expf(z - st.m);
+      st.s += e;
+      st.t = fmaf(gv, e, st.t);
+    }
+    u += gv;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const Soft other{__shfl_xor_sync(0xffffffffu, st.m, o), __shfl_xor_sync(0xffffffffu, st.s, o),
+                     __shfl_xor_sync(0xffffffffu, st.t, o)};
+    st = soft_merge(st, other);
+    u += __shfl_xor_sync(0xffffffffu, u, o);
+  }
+  if (lane == 0) {
+    red[warp] = st;
+    redu[warp] = u;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    Soft x = red[0];
+    float uu = redu[0];
+    for (int w = 1; w < NWARPS; w++) {
+      x = soft_merge(x, red[w]);
+      uu += redu[w];
+    }
+    float* o = rowstat + 4 * (size_t)i;
+    o[0] = x.m;
+    o[1] = x.s;
+    o[2] = __fdiv_rn(x.t, x.s);
+    o[3] = uu;
+  }
+}
+
+// Backward step 2 from the saved K and D: E_h[i, j] = c_h·∂L/∂K / D_h (0 where D_h = 0) with the
+// arithmetic of e_tile, element-wise. Grid
+// (ceil(n_out / 256), n_in): block (x, i) writes the ∂γ partial Σ P⊙(Ĝ − s)⊙K of its 256 columns to
+// gpart[i·gridDim.x + x].
+extern "C" __global__ void __launch_bounds__(256)
+    snella_merge_bwd_e_saved(const float* __restrict__ K, const float* __restrict__ D, unsigned H, unsigned n_in,
+                             unsigned n_out, const float* __restrict__ mix, const float* __restrict__ G,
+                             const float* __restrict__ rowstat, float* __restrict__ E, float* __restrict__ gpart) {
+  using namespace snella_merge;
+  __shared__ float red[NWARPS][1];
+  __shared__ float gsum[1];
+  const bool has_mix = mix != nullptr;
+  const float alpha = has_mix ? mix[0] : 0.f, g = has_mix ? clamp_gamma(mix[1]) : 1.f;
+  const float ag = has_mix ? __fdiv_rn(alpha, g) : 0.f;
+  const unsigned i = blockIdx.y, j = blockIdx.x * blockDim.x + threadIdx.x;
+  float gam = 0.f;
+  if (j < n_out) {
+    const size_t ij = (size_t)i * n_out + j;
+    const float gv = G[ij];
+    float dk = gv;
+    if (has_mix) {
+      const float kv = K[ij];
+      const float zmax = rowstat[4 * (size_t)i], s_exp = rowstat[4 * (size_t)i + 1], s = rowstat[4 * (size_t)i + 2];
+      const float p = __fdiv_rn(expf(__fsub_rn(__fdiv_rn(kv, g), zmax)), s_exp);
+      const float pm = __fmul_rn(p, __fsub_rn(gv, s));
+      dk = __fadd_rn(gv, __fmul_rn(ag, pm));
+      gam = __fmul_rn(pm, kv);
+    }
+    for (unsigned h = 0; h < H; h++) {
+      const size_t hij = (size_t)h * n_in * n_out + ij;
+      const float d = D[hij];
+      E[hij] = d != 0.f ? __fdiv_rn(__fmul_rn(coeff(h), dk), d) : 0.f;
+    }
+  }
+  if (!has_mix) return;  // uniform across the block
+  float gv1[1] = {gam};
+  block_reduce<1, false>(gv1, red, gsum);
+  if (threadIdx.x == 0) gpart[(size_t)i * gridDim.x + blockIdx.x] = gsum[0];
 }
 
 // Xp [rows, rh + 1] = [X | 1] for X [rows, rh]: the ones column makes the E GEMMs also return the

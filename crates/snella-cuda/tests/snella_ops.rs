@@ -140,6 +140,33 @@ fn merge_bwd_matches_cpu() {
             let (ga2, gb2, gm2) = run();
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert!(bits(&ga) == bits(&ga2) && bits(&gb) == bits(&gb2) && bits(&gm) == bits(&gm2), "merge_bwd is not deterministic");
+
+            // The backward-time path: merge_fwd_saving gives the same M bits as merge_fwd and keeps K
+            // and D; merge_bwd_saved from them matches the recomputing backward to f32 rounding (the
+            // same K, D, row-statistics reduction tree and E arithmetic).
+            let mv = dmixin.as_ref().map(|x| x.slice(..));
+            let (mut m1, mut m2) = (gpu.zeros(n_in * n_out).unwrap(), gpu.zeros(n_in * n_out).unwrap());
+            merge::merge_fwd(&gpu, &dav.slice(..), &dbv.slice(..), H, n_in, n_out, rh, mv.as_ref(), &mut m1.slice_mut(..)).unwrap();
+            let saved = merge::merge_fwd_saving(&gpu, &dav.slice(..), &dbv.slice(..), H, n_in, n_out, rh, mv.as_ref(), &mut m2.slice_mut(..)).unwrap();
+            assert_eq!(bits(&down(&gpu, &m1)), bits(&down(&gpu, &m2)), "merge_fwd_saving changed M");
+            let (mut sa, mut sb, mut sm) = (gpu.zeros(a.len()).unwrap(), gpu.zeros(b.len()).unwrap(), up(&gpu, &[7.0f32, 7.0, 7.0]));
+            {
+                let mut smv = sm.slice_mut(..);
+                merge::merge_bwd_saved(&gpu, Some(&saved), &dav.slice(..), &dbv.slice(..), H, n_in, n_out, rh, mv.as_ref(), &dg.slice(..), &mut sa.slice_mut(..), &mut sb.slice_mut(..), Some(&mut smv)).unwrap();
+            }
+            let (sa, sb, sm) = (down(&gpu, &sa), down(&gpu, &sb), down(&gpu, &sm));
+            let differ = |x: &[f32], y: &[f32]| x.iter().zip(y).filter(|(p, q)| p.to_bits() != q.to_bits()).count();
+            println!("  saved vs recomputed: {} of {} dA, {} of {} dB, {} of 3 dmix values differ in bits", differ(&sa, &ga), ga.len(), differ(&sb, &gb), gb.len(), differ(&sm, &gm));
+            print!("  (saved vs recomputed)");
+            check("dA", &sa, &ga, 1e-5);
+            print!("  (saved vs recomputed)");
+            check("dB", &sb, &gb, 1e-5);
+            print!("  (saved vs cpu)");
+            check("dA", &sa, &wa, 1e-4);
+            for q in 0..3 {
+                let (x, y) = (sm[q] as f64, gm[q] as f64);
+                assert!((x - y).abs() <= 1e-5 * y.abs() + 1e-12, "dmix[{q}]: saved {x} vs recomputed {y}");
+            }
         }
     }
 }

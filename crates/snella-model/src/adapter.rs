@@ -48,6 +48,8 @@ pub struct Materialized<B: Backend> {
     pub set: Option<B::Kept>,
     /// `ΔW: [n_in, n_out]` (LoRA).
     pub dw: Option<B::Buf>,
+    /// What the backward-time merge kept for the merge backward ([`Backend::merge_fwd_saving`]).
+    pub saved: Option<B::MergeSaved>,
 }
 
 /// PyTorch's `kaiming_uniform_(a=√5)` bound for a tensor whose fan-in is `fan_in`: `1/sqrt(fan_in)`.
@@ -105,17 +107,24 @@ impl<B: Backend> KernelAdapter<B> {
     /// Builds `M` and selects its top-k (spec §1–§2); the sparsify rule is applied where `ΔW` is
     /// used ([`Backend::sparsify_into_weight`], or [`KernelAdapter::delta`]).
     pub fn materialize(&self, be: &B) -> Materialized<B> {
-        self.materialize_with(be, None)
+        self.materialize_with(be, None, false)
     }
 
     /// [`KernelAdapter::materialize`] reusing a kept set selected earlier from the same `A`, `B`
     /// and sparsity (the forward pass's, in backward): `M` is recomputed (spec §2, "recover in
-    /// backward"), the deterministic top-k is not repeated. `None` selects it.
-    pub fn materialize_with(&self, be: &B, set: Option<B::Kept>) -> Materialized<B> {
+    /// backward"), the deterministic top-k is not repeated. `None` selects it. With `for_backward`
+    /// the merge also keeps what the backend reuses in [`KernelAdapter::backward_from_masked`].
+    pub fn materialize_with(&self, be: &B, set: Option<B::Kept>, for_backward: bool) -> Materialized<B> {
         let mut m = be.empty(self.numel());
-        be.merge_fwd(&self.a.value, &self.b.value, self.heads, self.n_in, self.n_out, self.rh, self.mix.as_ref().map(|p| &p.value), &mut m);
+        let (a, b, mix) = (&self.a.value, &self.b.value, self.mix.as_ref().map(|p| &p.value));
+        let saved = if for_backward {
+            be.merge_fwd_saving(a, b, self.heads, self.n_in, self.n_out, self.rh, mix, &mut m)
+        } else {
+            be.merge_fwd(a, b, self.heads, self.n_in, self.n_out, self.rh, mix, &mut m);
+            None
+        };
         let set = set.unwrap_or_else(|| be.select_topk(&m, self.kept()));
-        Materialized { m: Some(m), set: Some(set), dw: None }
+        Materialized { m: Some(m), set: Some(set), dw: None, saved }
     }
 
     /// `ΔW: [n_in, n_out]` of the current parameters (spec §1–§2), for export and tests.
@@ -128,14 +137,14 @@ impl<B: Backend> KernelAdapter<B> {
 
     /// Backward from `Ĝ = ∂L/∂M: [n_in, n_out]` (spec §3, the sparsify backward already applied,
     /// e.g. by [`Backend::sparsify_bwd_from_weight`]), writing the gradients of `A`, `B` and the
-    /// mixture scalars.
-    pub fn backward_from_masked(&mut self, be: &B, gh: &B::Buf) {
+    /// mixture scalars; `saved` is what [`KernelAdapter::materialize_with`] kept for it, if anything.
+    pub fn backward_from_masked(&mut self, be: &B, gh: &B::Buf, saved: Option<&B::MergeSaved>) {
         let (da, db) = (self.a.train.as_mut().expect("A trainable"), self.b.train.as_mut().expect("B trainable"));
         let (mix, dmix) = match self.mix.as_mut() {
             Some(p) => (Some(&p.value), Some(&mut p.train.as_mut().expect("mixture trainable").grad)),
             None => (None, None),
         };
-        be.merge_bwd(&self.a.value, &self.b.value, self.heads, self.n_in, self.n_out, self.rh, mix, &gh, &mut da.grad, &mut db.grad, dmix);
+        be.merge_bwd_saved(saved, &self.a.value, &self.b.value, self.heads, self.n_in, self.n_out, self.rh, mix, gh, &mut da.grad, &mut db.grad, dmix);
     }
 
 }
@@ -175,7 +184,7 @@ impl<B: Backend> LoraAdapter<B> {
     pub fn materialize(&self, be: &B) -> Materialized<B> {
         let mut dw = be.empty(self.n_in * self.n_out);
         be.gemm(true, true, self.n_in, self.n_out, self.rank, 1.0, &self.down.value, 0, &self.up.value, 0, 0.0, &mut dw, 0);
-        Materialized { m: None, set: None, dw: Some(dw) }
+        Materialized { m: None, set: None, dw: Some(dw), saved: None }
     }
 
     /// Gradients from `G [in, out]`: `∂down = upᵀ·Gᵀ`, `∂up = Gᵀ·downᵀ`.
@@ -205,9 +214,10 @@ impl<B: Backend> Delta<B> {
         }
     }
     /// Builds this step's `M` and kept set (kernel adapters, reusing `set` when given) or `ΔW` (LoRA).
-    pub fn materialize_with(&self, be: &B, set: Option<B::Kept>) -> Materialized<B> {
+    /// `for_backward`: see [`KernelAdapter::materialize_with`].
+    pub fn materialize_with(&self, be: &B, set: Option<B::Kept>, for_backward: bool) -> Materialized<B> {
         match self {
-            Delta::Kernel(k) => k.materialize_with(be, set),
+            Delta::Kernel(k) => k.materialize_with(be, set, for_backward),
             Delta::Lora(l) => l.materialize(be),
         }
     }

@@ -17,6 +17,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// A layer's kept set (spec §2) as the backend holds it (host struct on CPU, device words on CUDA),
     /// so selecting and applying it needs no host round trip.
     type Kept: Send + Sync;
+    /// What a backward-time merge keeps for [`Backend::merge_bwd_saved`] (CUDA: `K` and the
+    /// distances `D`, transient; the CPU keeps nothing and recomputes).
+    type MergeSaved: Send + Sync;
 
     /// A short name: `"cpu"` or `"cuda"`.
     fn name(&self) -> &'static str;
@@ -108,6 +111,20 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Kernelized merge forward (spec §1): `m [n_in, n_out]`; `mix` holds `[α, γ, β]` (SNELLA) or is
     /// `None` (SNELL).
     fn merge_fwd(&self, a: &Self::Buf, b: &Self::Buf, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&Self::Buf>, m: &mut Self::Buf);
+    /// [`Backend::merge_fwd`] for a backward pass: may also return what [`Backend::merge_bwd_saved`]
+    /// reuses (the same `m`). The default saves nothing.
+    #[allow(clippy::too_many_arguments)]
+    fn merge_fwd_saving(&self, a: &Self::Buf, b: &Self::Buf, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&Self::Buf>, m: &mut Self::Buf) -> Option<Self::MergeSaved> {
+        self.merge_fwd(a, b, heads, n_in, n_out, rh, mix, m);
+        None
+    }
+    /// [`Backend::merge_bwd`] reusing `saved` from [`Backend::merge_fwd_saving`] of the same `A`, `B`
+    /// and mixture (`None`: recompute). The default ignores it.
+    #[allow(clippy::too_many_arguments)]
+    fn merge_bwd_saved(&self, saved: Option<&Self::MergeSaved>, a: &Self::Buf, b: &Self::Buf, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&Self::Buf>, dm: &Self::Buf, da: &mut Self::Buf, db: &mut Self::Buf, dmix: Option<&mut Self::Buf>) {
+        let _ = saved;
+        self.merge_bwd(a, b, heads, n_in, n_out, rh, mix, dm, da, db, dmix)
+    }
     /// Kernelized merge backward (spec §3): writes `da`, `db` and, with a mixture, `dmix = [∂α, ∂γ, ∂β]`.
     fn merge_bwd(&self, a: &Self::Buf, b: &Self::Buf, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&Self::Buf>, dm: &Self::Buf, da: &mut Self::Buf, db: &mut Self::Buf, dmix: Option<&mut Self::Buf>);
     /// Exact top-k of `|m|` (spec §2).

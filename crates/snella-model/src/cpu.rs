@@ -21,6 +21,7 @@ pub struct CpuBackend;
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Kept = KeptSet;
+    type MergeSaved = ();
 
     fn name(&self) -> &'static str { "cpu" }
     fn zeros(&self, n: usize) -> Vec<f32> { vec![0.0; n] }

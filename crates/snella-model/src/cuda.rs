@@ -92,6 +92,7 @@ fn ok<T>(what: &str, r: Result<T, SnellaError>) -> T {
 impl Backend for CudaBackend {
     type Buf = CudaSlice<f32>;
     type Kept = topk::CudaKept;
+    type MergeSaved = merge::MergeSaved;
 
     fn name(&self) -> &'static str { "cuda" }
     fn zeros(&self, n: usize) -> CudaSlice<f32> { self.timed("alloc_zeros", || { ok("alloc", self.gpu.zeros(n)) }) }
@@ -230,6 +231,19 @@ impl Backend for CudaBackend {
             let mv = mix.map(|x| x.slice(..));
             let mut dmv = dmix.map(|x| x.slice_mut(..));
             ok("merge_bwd", merge::merge_bwd(&self.gpu, &a.slice(..), &b.slice(..), heads, n_in, n_out, rh, mv.as_ref(), &dm.slice(..), &mut da.slice_mut(..), &mut db.slice_mut(..), dmv.as_mut()));
+        })
+    }
+    fn merge_fwd_saving(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&CudaSlice<f32>>, m: &mut CudaSlice<f32>) -> Option<merge::MergeSaved> {
+        self.timed("merge_fwd_saving", || {
+            let mv = mix.map(|x| x.slice(..));
+            Some(ok("merge_fwd_saving", merge::merge_fwd_saving(&self.gpu, &a.slice(..), &b.slice(..), heads, n_in, n_out, rh, mv.as_ref(), &mut m.slice_mut(..))))
+        })
+    }
+    fn merge_bwd_saved(&self, saved: Option<&merge::MergeSaved>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&CudaSlice<f32>>, dm: &CudaSlice<f32>, da: &mut CudaSlice<f32>, db: &mut CudaSlice<f32>, dmix: Option<&mut CudaSlice<f32>>) {
+        self.timed("merge_bwd", || {
+            let mv = mix.map(|x| x.slice(..));
+            let mut dmv = dmix.map(|x| x.slice_mut(..));
+            ok("merge_bwd", merge::merge_bwd_saved(&self.gpu, saved, &a.slice(..), &b.slice(..), heads, n_in, n_out, rh, mv.as_ref(), &dm.slice(..), &mut da.slice_mut(..), &mut db.slice_mut(..), dmv.as_mut()));
         })
     }
     fn select_topk(&self, m: &CudaSlice<f32>, k: usize) -> topk::CudaKept {

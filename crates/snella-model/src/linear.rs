@@ -76,7 +76,7 @@ impl<B: Backend> Linear<B> {
     /// sparsified `ΔWᵀ` into their chunk in one pass ([`Backend::sparsify_into_weight`]), LoRA adds
     /// its `ΔWᵀ` onto a copy of the chunk, chunks without an adapter are copied. With it true: `Σ ΔWᵀ`
     /// alone (`[out, in]`, zero rows where a chunk has no adapter), to be multiplied next to `W0`.
-    fn effective(&self, be: &B, separate: bool, kept: Option<KeptSets<B>>) -> Option<(B::Buf, Vec<Option<Materialized<B>>>)> {
+    fn effective(&self, be: &B, separate: bool, kept: Option<KeptSets<B>>, for_backward: bool) -> Option<(B::Buf, Vec<Option<Materialized<B>>>)> {
         if !self.adapted() || self.original.is_some() {
             return None;
         }
@@ -86,7 +86,7 @@ impl<B: Backend> Linear<B> {
         let zero = separate.then(|| be.zeros(n));
         let mut kept = kept.unwrap_or_default().into_iter();
         let mats: Vec<Option<Materialized<B>>> =
-            self.deltas.iter().map(|d| { let set = kept.next().flatten(); d.as_ref().map(|d| d.materialize_with(be, set)) }).collect();
+            self.deltas.iter().map(|d| { let set = kept.next().flatten(); d.as_ref().map(|d| d.materialize_with(be, set, for_backward)) }).collect();
         for (i, (d, m)) in self.deltas.iter().zip(&mats).enumerate() {
             let off = i * n;
             match (d, m) {
@@ -131,7 +131,7 @@ impl<B: Backend> Linear<B> {
     pub fn forward_keep(&self, be: &B, x: &B::Buf, rows: usize, kept: Option<KeptSets<B>>) -> (B::Buf, KeptSets<B>) {
         let mut y = be.empty(rows * self.n_out);
         let separate = be.separate_delta_products();
-        let eff = self.effective(be, separate, kept);
+        let eff = self.effective(be, separate, kept, false);
         self.product(be, eff.as_ref().map(|e| &e.0), separate, true, rows, self.n_out, self.n_in, x, &mut y);
         be.add_bias(&mut y, &self.bias.value, rows, self.n_out);
         let kept = eff.map(|(_, mats)| mats.into_iter().map(|m| m.and_then(|m| m.set)).collect()).unwrap_or_default();
@@ -149,7 +149,7 @@ impl<B: Backend> Linear<B> {
     /// `A`, `B` and sparsity, deterministic selection: the same set).
     pub fn backward_with(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, need_dx: bool, kept: Option<KeptSets<B>>) -> Option<B::Buf> {
         // one effective weight for ∂L/∂x in every precision (see the module docs)
-        let eff = self.effective(be, false, kept);
+        let eff = self.effective(be, false, kept, true);
         let dx = need_dx.then(|| {
             let mut dx = be.empty(rows * self.n_in);
             self.product(be, eff.as_ref().map(|e| &e.0), false, false, rows, self.n_in, self.n_out, dy, &mut dx);
@@ -173,7 +173,7 @@ impl<B: Backend> Linear<B> {
                             let mut gh = be.empty(n_in * c);
                             let (mm, set) = (m.m.as_ref().expect("M"), m.set.as_ref().expect("kept set"));
                             be.sparsify_bwd_from_weight(&gt, i * c * n_in, mm, set, k.rule, n_in, c, &mut gh);
-                            k.backward_from_masked(be, &gh);
+                            k.backward_from_masked(be, &gh, m.saved.as_ref());
                         }
                         Delta::Lora(l) => {
                             let mut g = be.empty(n_in * c);
@@ -193,7 +193,7 @@ impl<B: Backend> Linear<B> {
     /// Writes `W = W0 + ΔWᵀ` into the weight (spec §7), keeping `W0` for [`Linear::unmerge`].
     /// Does nothing without adapters or when already merged.
     pub fn merge(&mut self, be: &B) {
-        if let Some((w, _)) = self.effective(be, false, None) {
+        if let Some((w, _)) = self.effective(be, false, None, false) {
             let w0 = std::mem::replace(&mut self.weight.value, w);
             self.original = Some(w0);
         }

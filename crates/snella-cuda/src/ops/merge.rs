@@ -14,7 +14,7 @@
 
 use super::{In, Out};
 use crate::device::{cuda_err, Gpu};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use snella_core::SnellaError;
 
 /// Backward tile edge (`TI = TJ` in `merge.cu`).
@@ -90,6 +90,41 @@ pub fn merge_fwd(
     gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, m: &mut Out,
 ) -> Result<(), SnellaError> {
     check(a, b, heads, n_in, n_out, rh, mix, m.len(), "M")?;
+    fwd_launch(gpu, a, b, heads, n_in, n_out, rh, mix, m, None)
+}
+
+/// What the backward-time merge keeps for [`merge_bwd_saved`]: `K: [in, out]` and the distances
+/// `D: [H, in, out]` (f32), so that the backward's row statistics and `E` do not recompute them.
+/// Transient: built at the start of an adapted linear's backward and dropped at its end.
+pub struct MergeSaved {
+    /// `K = Σ_h c_h·D_h`, `[in, out]`.
+    pub k: CudaSlice<f32>,
+    /// `D_h[i, j] = ‖A[h,i,:] − B[h,j,:]‖₂`, `[H, in, out]`.
+    pub d: CudaSlice<f32>,
+}
+
+/// [`merge_fwd`] that also returns `K` and the distances for [`merge_bwd_saved`] (`(1 + H)·in·out`
+/// floats; the same `M`, bit for bit).
+///
+/// # Errors
+/// As [`merge_fwd`]; `CUDA_OOM` for the saved tensors.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_fwd_saving(
+    gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, m: &mut Out,
+) -> Result<MergeSaved, SnellaError> {
+    check(a, b, heads, n_in, n_out, rh, mix, m.len(), "M")?;
+    // SAFETY: the forward writes every element of K and D (rows < n_in, columns < n_out).
+    let mut saved = unsafe { MergeSaved { k: gpu.uninit::<f32>((n_in * n_out).max(1))?, d: gpu.uninit::<f32>((heads * n_in * n_out).max(1))? } };
+    fwd_launch(gpu, a, b, heads, n_in, n_out, rh, mix, m, Some(&mut saved))?;
+    Ok(saved)
+}
+
+/// The forward launch (shapes checked by the caller).
+#[allow(clippy::too_many_arguments)]
+fn fwd_launch(
+    gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, m: &mut Out,
+    saved: Option<&mut MergeSaved>,
+) -> Result<(), SnellaError> {
     if n_in == 0 || n_out == 0 {
         return Ok(());
     }
@@ -115,8 +150,12 @@ pub fn merge_fwd(
         None => lb.arg(&null),
     };
     lb.arg(m);
-    // SAFETY: the lengths were checked against the shapes; the kernel bounds-checks rows and columns,
-    // and the dynamic shared memory holds rows·H·rh floats.
+    match saved {
+        Some(sv) => lb.arg(&mut sv.k).arg(&mut sv.d),
+        None => lb.arg(&null).arg(&null),
+    };
+    // SAFETY: the lengths were checked against the shapes (K and D sized by merge_fwd_saving); the
+    // kernel bounds-checks rows and columns, and the dynamic shared memory holds rows·H·rh floats.
     unsafe { lb.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err(name, e))
 }
 
@@ -141,7 +180,26 @@ pub fn merge_bwd(
     gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, dm: &In,
     da: &mut Out, db: &mut Out, dmix: Option<&mut Out>,
 ) -> Result<(), SnellaError> {
+    merge_bwd_saved(gpu, None, a, b, heads, n_in, n_out, rh, mix, dm, da, db, dmix)
+}
+
+/// [`merge_bwd`] reusing `K` and the distances saved by [`merge_fwd_saving`] from the same `A`,
+/// `B` (and mixture): the row statistics and `E` are then element-wise passes over them instead of
+/// recomputing `D` (matches the recomputing path to f32 rounding). `None` recomputes.
+///
+/// # Errors
+/// As [`merge_bwd`]; `Tensor` when `saved` does not hold `in·out` and `H·in·out` values.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_bwd_saved(
+    gpu: &Gpu, saved: Option<&MergeSaved>, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize,
+    mix: Option<&In>, dm: &In, da: &mut Out, db: &mut Out, dmix: Option<&mut Out>,
+) -> Result<(), SnellaError> {
     let shared = check(a, b, heads, n_in, n_out, rh, mix, dm.len(), "dM")?;
+    if let Some(sv) = saved {
+        if sv.k.len() < n_in * n_out || sv.d.len() < heads * n_in * n_out {
+            return Err(SnellaError::tensor("<device>", "merge saved K/D", format!("has {}/{} elements, expected {}/{}", sv.k.len(), sv.d.len(), n_in * n_out, heads * n_in * n_out)));
+        }
+    }
     let need = |name: &str, got: usize, want: usize| {
         if got < want {
             Err(SnellaError::tensor("<device>", name, format!("has {got} elements, expected {want}")))
@@ -170,7 +228,7 @@ pub fn merge_bwd(
         }
         (_, d) => d,
     };
-    bwd_gemm(gpu, a, b, heads, n_in, n_out, rh, mix, dm, da, db, dmix, shared)
+    bwd_gemm(gpu, saved, a, b, heads, n_in, n_out, rh, mix, dm, da, db, dmix, shared)
 }
 
 /// [`merge_bwd`] for `n_in, n_out ≥ 1` through a materialised `E: [H, in, out]` (f32 scratch):
@@ -186,7 +244,7 @@ pub fn merge_bwd(
 /// H200, and it lifts that kernel's `H·(r/H + 1) ≤ 72` limit).
 #[allow(clippy::too_many_arguments)]
 fn bwd_gemm(
-    gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, dm: &In,
+    gpu: &Gpu, saved: Option<&MergeSaved>, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, dm: &In,
     da: &mut Out, db: &mut Out, dmix: Option<&mut Out>, shared: usize,
 ) -> Result<(), SnellaError> {
     let (h32, i32_, o32, r32) = (heads as u32, n_in as u32, n_out as u32, rh as u32);
@@ -196,12 +254,15 @@ fn bwd_gemm(
     if n_it > 65535 {
         return Err(SnellaError::config("in", n_in, "at most 65535·32 rows on the CUDA backend"));
     }
+    // the saved-tensor kernels take one grid row per matrix row
+    let saved = saved.filter(|_| n_in <= 65535);
     let r1 = rh + 1;
     // One scratch buffer: rowstat [n_in, 4] (mixture only) | E [H, in, out] | A' | B' | partA | partB | gpart.
     let len_rs = if mix.is_some() { 4 * n_in } else { 0 };
     let len_e = heads * n_in * n_out;
     let (len_ap, len_bp) = (heads * n_in * r1, heads * n_out * r1);
-    let len_gp = n_it * n_jt;
+    // ∂γ partials: one per E tile, or per (row, 256 columns) from the saved tensors
+    let len_gp = if saved.is_some() { n_in * n_out.div_ceil(THREADS as usize) } else { n_it * n_jt };
     let total = len_rs + len_e + 2 * len_ap + 2 * len_bp + len_gp;
     // SAFETY: every element read later is written first by the kernels and GEMMs below.
     let mut scratch = unsafe { gpu.uninit::<f32>(total) }?;
@@ -212,11 +273,31 @@ fn bwd_gemm(
     let (mut part_a, mut rest) = rest.split_at_mut(len_ap);
     let (mut part_b, mut gpart) = rest.split_at_mut(len_bp);
 
-    if let Some(x) = mix {
+    if let (Some(x), Some(sv)) = (mix, saved) {
+        let f = gpu.func("snella_merge_bwd_rowstats_saved");
+        let cfg = LaunchConfig { grid_dim: (n_in as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let mut lb = gpu.stream.launch_builder(&f);
+        lb.arg(&sv.k).arg(&i32_).arg(&o32).arg(x).arg(dm).arg(&mut rowstat);
+        // SAFETY: K and dM hold n_in·n_out floats (checked), rowstat 4·n_in; one block per row.
+        unsafe { lb.launch(cfg) }.map_err(|e| cuda_err("snella_merge_bwd_rowstats_saved", e))?;
+    } else if let Some(x) = mix {
         rowstats(gpu, a, b, heads, n_in, n_out, rh, x, dm, &mut rowstat, sms)?;
     }
     let rowstat = rowstat.as_view();
-    {
+    if let Some(sv) = saved {
+        let f = gpu.func("snella_merge_bwd_e_saved");
+        let cfg = LaunchConfig { grid_dim: (n_out.div_ceil(THREADS as usize) as u32, n_in as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let mut lb = gpu.stream.launch_builder(&f);
+        lb.arg(&sv.k).arg(&sv.d).arg(&h32).arg(&i32_).arg(&o32);
+        match mix {
+            Some(x) => lb.arg(x).arg(dm).arg(&rowstat),
+            None => lb.arg(&null).arg(dm).arg(&null),
+        };
+        lb.arg(&mut e).arg(&mut gpart);
+        // SAFETY: K, D, dM and E hold (H·)n_in·n_out floats (checked / sized above), gpart one value
+        // per block of the grid; each thread touches only its (i, j).
+        unsafe { lb.launch(cfg) }.map_err(|e| cuda_err("snella_merge_bwd_e_saved", e))?;
+    } else {
         let f = gpu.func("snella_merge_bwd_e");
         let cfg = LaunchConfig { grid_dim: (n_jt as u32, n_it as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
         let mut lb = gpu.stream.launch_builder(&f);
