@@ -89,6 +89,38 @@ pub fn gemm_sum<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
     gemm_ex_bf16(gpu, ta, tb, m, n, k, 1.0, &a16, &b16, 1.0, c)
 }
 
+/// The two products of a linear layer's backward, row-major f32 in memory: `dx = dy·W`
+/// (`dy: [rows, n_out]`, `W: [n_out, n_in]`, `dx: [rows, n_in]`) and `gt = dyᵀ·x` (`x: [rows, n_in]`,
+/// `gt: [n_out, n_in]`), each when given, in the device's precision; in bf16 `dy` is converted once
+/// for both (as [`gemm_sum`] shares `A`).
+///
+/// # Errors
+/// `CUDA_ERROR` when cuBLAS fails; `CUDA_OOM` for the bf16 copies.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd_products<Y: DevicePtr<f32>, W: DevicePtr<f32>, X: DevicePtr<f32>, D: DevicePtrMut<f32>, G: DevicePtrMut<f32>>(
+    gpu: &Gpu, dy: &Y, w: &W, x: &X, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut D>, gt: Option<&mut G>,
+) -> Result<(), SnellaError> {
+    if gpu.precision() != Precision::Bf16 || rows == 0 || n_in == 0 || n_out == 0 {
+        if let Some(dx) = dx {
+            gemm(gpu, false, false, rows, n_in, n_out, 1.0, dy, w, 0.0, dx)?;
+        }
+        if let Some(gt) = gt {
+            gemm(gpu, true, false, n_out, n_in, rows, 1.0, dy, x, 0.0, gt)?;
+        }
+        return Ok(());
+    }
+    let dy16 = to_bf16(gpu, dy, rows * n_out)?;
+    if let Some(dx) = dx {
+        let w16 = to_bf16(gpu, w, n_out * n_in)?;
+        gemm_ex_bf16(gpu, false, false, rows, n_in, n_out, 1.0, &dy16, &w16, 0.0, dx)?;
+    }
+    if let Some(gt) = gt {
+        let x16 = to_bf16(gpu, x, rows * n_in)?;
+        gemm_ex_bf16(gpu, true, false, n_out, n_in, rows, 1.0, &dy16, &x16, 0.0, gt)?;
+    }
+    Ok(())
+}
+
 /// `cublasGemmEx` on bf16 operands already converted, f32 accumulation into the f32 `C`.
 #[allow(clippy::too_many_arguments)]
 fn gemm_ex_bf16<C: DevicePtrMut<f32>>(

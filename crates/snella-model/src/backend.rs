@@ -60,6 +60,18 @@ pub trait Backend: Clone + Send + Sync + 'static {
         self.gemm(ta, tb, m, n, k, 1.0, a, 0, b1, 0, 0.0, c, 0);
         self.gemm(ta, tb, m, n, k, 1.0, a, 0, b2, 0, 1.0, c, 0);
     }
+    /// The two products of a linear layer's backward (`y = x·Wᵀ`, `W: [n_out, n_in]`):
+    /// `dx = dy·W` (`[rows, n_in]`, when given) and `gt = dyᵀ·x` (`[n_out, n_in]`, when given).
+    /// The default is two [`Backend::gemm`] calls; the CUDA backend in bf16 converts `dy` once.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd_products(&self, dy: &Self::Buf, w: &Self::Buf, x: &Self::Buf, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Self::Buf>, gt: Option<&mut Self::Buf>) {
+        if let Some(dx) = dx {
+            self.gemm(false, false, rows, n_in, n_out, 1.0, dy, 0, w, 0, 0.0, dx, 0);
+        }
+        if let Some(gt) = gt {
+            self.gemm(true, false, n_out, n_in, rows, 1.0, dy, 0, x, 0, 0.0, gt, 0);
+        }
+    }
     /// `y += x`, element-wise (residual connections).
     fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf);
     /// `y[r,:] += bias` for `y: [rows, cols]`.

@@ -134,6 +134,13 @@ impl Backend for CudaBackend {
         let name = if ta { "gemm_sum_t" } else if tb { "gemm_sum_nt (fwd)" } else { "gemm_sum_nn (dgrad)" };
         self.timed(name, || ok("gemm_sum", gemm::gemm_sum(&self.gpu, ta, tb, m, n, k, &a.slice(..), &b1.slice(..), &b2.slice(..), &mut c.slice_mut(..))));
     }
+    fn linear_bwd_products(&self, dy: &CudaSlice<f32>, w: &CudaSlice<f32>, x: &CudaSlice<f32>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut CudaSlice<f32>>, gt: Option<&mut CudaSlice<f32>>) {
+        self.timed("linear_bwd_products (dgrad + wgrad)", || {
+            let mut dxv = dx.map(|v| v.slice_mut(..));
+            let mut gtv = gt.map(|v| v.slice_mut(..));
+            ok("linear_bwd_products", gemm::linear_bwd_products(&self.gpu, &dy.slice(..), &w.slice(..), &x.slice(..), rows, n_in, n_out, dxv.as_mut(), gtv.as_mut()));
+        })
+    }
     fn add_assign(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) {
         self.timed("add_assign", || {
             let n = y.len();

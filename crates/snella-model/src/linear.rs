@@ -150,20 +150,18 @@ impl<B: Backend> Linear<B> {
     pub fn backward_with(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, need_dx: bool, kept: Option<KeptSets<B>>) -> Option<B::Buf> {
         // one effective weight for ∂L/∂x in every precision (see the module docs)
         let eff = self.effective(be, false, kept, true);
-        let dx = need_dx.then(|| {
-            let mut dx = be.empty(rows * self.n_in);
-            self.product(be, eff.as_ref().map(|e| &e.0), false, false, rows, self.n_in, self.n_out, dy, &mut dx);
-            dx
-        });
         let (n_in, n_out) = (self.n_in, self.n_out);
+        let need_gt = self.weight.train.is_some() || eff.is_some();
+        let mut dx = need_dx.then(|| be.empty(rows * n_in));
+        // Gᵀ = ∂L/∂W = dyᵀ·x : [out, in], and ∂L/∂x = dy·W with the adapted weight: one call, so
+        // that a bf16 backend converts dy once for both products
+        let mut gt = need_gt.then(|| be.empty(n_out * n_in));
+        let w = eff.as_ref().map_or(&self.weight.value, |e| &e.0);
+        be.linear_bwd_products(dy, w, x, rows, n_in, n_out, dx.as_mut(), gt.as_mut());
         if let Some(t) = self.bias.train.as_mut() {
             be.bias_grad(dy, rows, n_out, &mut t.grad, false);
         }
-        let need_gt = self.weight.train.is_some() || eff.is_some();
-        if need_gt {
-            // Gᵀ = ∂L/∂W = dyᵀ·x : [out, in].
-            let mut gt = be.empty(n_out * n_in);
-            be.gemm(true, false, n_out, n_in, rows, 1.0, dy, 0, x, 0, 0.0, &mut gt, 0);
+        if let Some(gt) = gt {
             if let Some((_, mats)) = eff.as_ref() {
                 let c = self.chunk();
                 for (i, (d, m)) in self.deltas.iter_mut().zip(mats).enumerate() {
