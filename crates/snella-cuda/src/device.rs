@@ -33,6 +33,8 @@ pub struct Gpu {
     pool: Option<PoolHandle>,
     /// `"NVIDIA H200 (sm_90)"`-style description.
     pub description: String,
+    /// cuBLASLt, created at the first fused-epilogue GEMM ([`Gpu::lt`]).
+    lt: std::sync::OnceLock<crate::gemm_lt::Lt>,
 }
 
 /// Turns a cudarc error into a `CUDA_ERROR` device error naming the operation.
@@ -60,7 +62,20 @@ impl Gpu {
         let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("cannot create a cuBLAS handle", e))?;
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let (ma, mi) = ctx.compute_capability().unwrap_or((0, 0));
-        Ok(Arc::new(Gpu { ctx, stream, blas, module, funcs: Mutex::new(HashMap::new()), peak: AtomicUsize::new(0), used_at_reset: AtomicUsize::new(0), precision: std::sync::atomic::AtomicU8::new(Precision::F32 as u8), staging: Mutex::new(None), pool, description: format!("{name} (sm_{ma}{mi}), {driver}") }))
+        Ok(Arc::new(Gpu { ctx, stream, blas, module, funcs: Mutex::new(HashMap::new()), peak: AtomicUsize::new(0), used_at_reset: AtomicUsize::new(0), precision: std::sync::atomic::AtomicU8::new(Precision::F32 as u8), staging: Mutex::new(None), pool, description: format!("{name} (sm_{ma}{mi}), {driver}"), lt: std::sync::OnceLock::new() }))
+    }
+
+    /// The cuBLASLt handle and workspace of this device, created on first use.
+    ///
+    /// # Errors
+    /// As [`crate::gemm_lt::Lt::new`].
+    pub fn lt(&self) -> Result<&crate::gemm_lt::Lt, SnellaError> {
+        if let Some(l) = self.lt.get() {
+            return Ok(l);
+        }
+        let l = crate::gemm_lt::Lt::new(self)?;
+        let _ = self.lt.set(l);
+        Ok(self.lt.get().expect("set above"))
     }
 
     /// The kernel `name` of the fatbin (cached).

@@ -265,3 +265,48 @@ pub unsafe fn gemm_strided_f32<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePt
     );
     if st == cublasStatus_t::CUBLAS_STATUS_SUCCESS { Ok(()) } else { Err(cuda_err("cublasGemmStridedBatchedEx (f32)", st)) }
 }
+
+/// The forward of a linear layer, row-major f32 in memory: `y = x·Wᵀ (+ x·Δ) + bias (+ residual)`
+/// (`x: [rows, n_in]`, `W`, `Δ: [n_out, n_in]`, `y`, `residual: [rows, n_out]`), the bias and the
+/// residual added by cuBLASLt's epilogues ([`crate::gemm_lt`]) instead of separate passes. In bf16
+/// `x`, `W` and `Δ` are converted once each and `Δ`'s product accumulates onto the first (the
+/// adapted linears' two products, see `snella_model::linear`); in f32/TF32 one product, with `W`
+/// already the effective weight and `Δ` `None`.
+///
+/// # Errors
+/// `CUDA_ERROR` when cuBLASLt fails; `CUDA_OOM` for the bf16 copies.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_fwd<X: DevicePtr<f32>, W: DevicePtr<f32>, Bi: DevicePtr<f32>, R: DevicePtr<f32>, Y: DevicePtrMut<f32>>(
+    gpu: &Gpu, x: &X, w: &W, delta: Option<&W>, bias: &Bi, residual: Option<&R>, rows: usize, n_in: usize, n_out: usize, y: &mut Y,
+) -> Result<(), SnellaError> {
+    use crate::gemm_lt::{matmul, OperandType};
+    if rows == 0 || n_out == 0 {
+        return Ok(());
+    }
+    let (bp, _rb) = bias.device_ptr(&gpu.stream);
+    let rp = residual.map(|r| r.device_ptr(&gpu.stream));
+    let res = rp.as_ref().map(|(p, _)| *p);
+    let yp = {
+        let (p, _r) = y.device_ptr_mut(&gpu.stream);
+        p
+    };
+    if gpu.precision() != Precision::Bf16 || n_in == 0 {
+        // SAFETY: the caller's buffers hold the row-major extents given.
+        unsafe { matmul(gpu, false, true, rows, n_out, n_in, OperandType::F32, x, w, res, if delta.is_none() { Some(bp) } else { None }, y)? };
+        if let Some(dl) = delta {
+            // SAFETY: as above; C = y (in place).
+            unsafe { matmul(gpu, false, true, rows, n_out, n_in, OperandType::F32, x, dl, Some(yp), Some(bp), y)? };
+        }
+        return Ok(());
+    }
+    let x16 = to_bf16(gpu, x, rows * n_in)?;
+    let w16 = to_bf16(gpu, w, n_out * n_in)?;
+    // SAFETY: the converted operands hold the extents given; y holds rows·n_out values.
+    unsafe { matmul(gpu, false, true, rows, n_out, n_in, OperandType::Bf16, &x16, &w16, res, if delta.is_none() { Some(bp) } else { None }, y)? };
+    if let Some(dl) = delta {
+        let d16 = to_bf16(gpu, dl, n_out * n_in)?;
+        // SAFETY: as above; C = y (in place).
+        unsafe { matmul(gpu, false, true, rows, n_out, n_in, OperandType::Bf16, &x16, &d16, Some(yp), Some(bp), y)? };
+    }
+    Ok(())
+}

@@ -5,10 +5,12 @@
 //!   [`snella_core::SnellaError::Device`] (`CUDA_UNAVAILABLE`) naming the library and paths tried.
 //!   cudarc panics on a missing library, so nothing here calls it before [`probe`] succeeded.
 //! - [`device::Gpu`] holds the context, stream, cuBLAS handle and the kernels of the embedded fatbin.
-//! - [`gemm`] is the row-major GEMM on cuBLAS; [`ops`] the safe launchers of `kernels/*.cu`.
+//! - [`gemm`] is the row-major GEMM on cuBLAS, [`gemm_lt`] the GEMMs with fused bias/residual
+//!   epilogues on cuBLASLt; [`ops`] the safe launchers of `kernels/*.cu`.
 
 pub mod device;
 pub mod gemm;
+pub mod gemm_lt;
 pub mod ops;
 pub mod probe;
 

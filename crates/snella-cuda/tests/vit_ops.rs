@@ -315,6 +315,50 @@ fn gemm_precisions_match_f64_reference() {
     gpu.set_precision(Precision::F32).unwrap();
 }
 
+/// The fused linear forward (cuBLASLt bias and residual epilogues, `gemm::linear_fwd`) against the
+/// f64 `x·Wᵀ (+ x·Δ) + bias (+ residual)` per precision, with and without Δ and residual, on shapes
+/// that do not divide the tiles (bf16 on bf16-rounded x, W, Δ: only the accumulation order may
+/// differ). Same tolerances as the plain GEMMs.
+#[test]
+fn linear_fwd_epilogues_match_f64_reference() {
+    let Some(gpu) = setup() else { return };
+    use snella_cuda::device::Precision;
+    let bf = |v: &[f32]| v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect::<Vec<f32>>();
+    for &(rows, n_in, n_out) in &[(1usize, 1usize, 1usize), (37, 65, 129), (197, 192, 576), (130, 770, 3)] {
+        let x = rand32(rows * n_in, 21 + rows as u64, 1.0);
+        let w = rand32(n_out * n_in, 22 + n_out as u64, 1.0);
+        let dl = rand32(n_out * n_in, 23, 0.01);
+        let bias = rand32(n_out, 24, 1.0);
+        let res = rand32(rows * n_out, 25, 1.0);
+        for (p, rtol) in [(Precision::F32, 1e-5), (Precision::Bf16, 1e-5), (Precision::Tf32, 2e-3)] {
+            gpu.set_precision(p).unwrap();
+            let r = |v: &[f32]| if p == Precision::Bf16 { bf(v) } else { v.to_vec() };
+            let (rx, rw, rd) = (r(&x), r(&w), r(&dl));
+            for (with_delta, with_res) in [(false, false), (false, true), (true, false), (true, true)] {
+                let mut want = vec![0f32; rows * n_out];
+                for i in 0..rows {
+                    for j in 0..n_out {
+                        let mut s = bias[j] as f64 + if with_res { res[i * n_out + j] as f64 } else { 0.0 };
+                        for l in 0..n_in {
+                            s += rx[i * n_in + l] as f64 * rw[j * n_in + l] as f64;
+                            if with_delta {
+                                s += rx[i * n_in + l] as f64 * rd[j * n_in + l] as f64;
+                            }
+                        }
+                        want[i * n_out + j] = s as f32;
+                    }
+                }
+                let (gx, gw, gd, gb, gr) = (up(&gpu, &x), up(&gpu, &w), up(&gpu, &dl), up(&gpu, &bias), up(&gpu, &res));
+                let mut gy = up(&gpu, &vec![f32::NAN; rows * n_out]);
+                let (dv, rv) = (gd.slice(..), gr.slice(..));
+                snella_cuda::gemm::linear_fwd(&gpu, &gx.slice(..), &gw.slice(..), with_delta.then_some(&dv), &gb.slice(..), with_res.then_some(&rv), rows, n_in, n_out, &mut gy.slice_mut(..)).unwrap();
+                check(&format!("linear_fwd {p:?} {rows}x{n_in}->{n_out} delta={with_delta} residual={with_res}"), &down(&gpu, &gy), &want, rtol);
+            }
+        }
+    }
+    gpu.set_precision(Precision::F32).unwrap();
+}
+
 /// `gemm_sum` (A converted once in bf16) against the f64 sum of the two products, per precision,
 /// with the same tolerances as `gemm_precisions_match_f64_reference` (bf16: on bf16-rounded inputs).
 #[test]

@@ -60,6 +60,23 @@ pub trait Backend: Clone + Send + Sync + 'static {
         self.gemm(ta, tb, m, n, k, 1.0, a, 0, b1, 0, 0.0, c, 0);
         self.gemm(ta, tb, m, n, k, 1.0, a, 0, b2, 0, 1.0, c, 0);
     }
+    /// The forward of a linear layer: `y = x·Wᵀ (+ x·Δ) + bias (+ residual)` (`x: [rows, n_in]`,
+    /// `W`, `Δ: [n_out, n_in]`, `y`, `residual: [rows, n_out]`); `Δ` is the adapters' `ΔWᵀ` where
+    /// the backend multiplies it apart from `W = W0` ([`Backend::separate_delta_products`]). The
+    /// default composes [`Backend::gemm`] / [`Backend::gemm_sum`], [`Backend::add_bias`] and
+    /// [`Backend::add_assign`] in that order (the CPU reference); CUDA fuses the bias and the
+    /// residual into the GEMM (cuBLASLt epilogues).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_fwd(&self, x: &Self::Buf, w: &Self::Buf, delta: Option<&Self::Buf>, bias: &Self::Buf, residual: Option<&Self::Buf>, rows: usize, n_in: usize, n_out: usize, y: &mut Self::Buf) {
+        match delta {
+            Some(d) => self.gemm_sum(false, true, rows, n_out, n_in, x, w, d, y),
+            None => self.gemm(false, true, rows, n_out, n_in, 1.0, x, 0, w, 0, 0.0, y, 0),
+        }
+        self.add_bias(y, bias, rows, n_out);
+        if let Some(r) = residual {
+            self.add_assign(y, r);
+        }
+    }
     /// The two products of a linear layer's backward (`y = x·Wᵀ`, `W: [n_out, n_in]`):
     /// `dx = dy·W` (`[rows, n_in]`, when given) and `gt = dyᵀ·x` (`[n_out, n_in]`, when given).
     /// The default is two [`Backend::gemm`] calls; the CUDA backend in bf16 converts `dy` once.

@@ -134,6 +134,13 @@ impl Backend for CudaBackend {
         let name = if ta { "gemm_sum_t" } else if tb { "gemm_sum_nt (fwd)" } else { "gemm_sum_nn (dgrad)" };
         self.timed(name, || ok("gemm_sum", gemm::gemm_sum(&self.gpu, ta, tb, m, n, k, &a.slice(..), &b1.slice(..), &b2.slice(..), &mut c.slice_mut(..))));
     }
+    fn linear_fwd(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, delta: Option<&CudaSlice<f32>>, bias: &CudaSlice<f32>, residual: Option<&CudaSlice<f32>>, rows: usize, n_in: usize, n_out: usize, y: &mut CudaSlice<f32>) {
+        self.timed("linear_fwd (+ bias, residual)", || {
+            let dv = delta.map(|d| d.slice(..));
+            let rv = residual.map(|r| r.slice(..));
+            ok("linear_fwd", gemm::linear_fwd(&self.gpu, &x.slice(..), &w.slice(..), dv.as_ref(), &bias.slice(..), rv.as_ref(), rows, n_in, n_out, &mut y.slice_mut(..)));
+        })
+    }
     fn linear_bwd_products(&self, dy: &CudaSlice<f32>, w: &CudaSlice<f32>, x: &CudaSlice<f32>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut CudaSlice<f32>>, gt: Option<&mut CudaSlice<f32>>) {
         self.timed("linear_bwd_products (dgrad + wgrad)", || {
             let mut dxv = dx.map(|v| v.slice_mut(..));

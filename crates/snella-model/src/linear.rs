@@ -110,17 +110,6 @@ impl<B: Backend> Linear<B> {
         Some((w, mats))
     }
 
-    /// `out = a·W` (`tw`: `a·Wᵀ`) with `W` the adapted weight: one product with `W0 + ΔWᵀ`, or, with
-    /// `separate` (`eff` then holds `ΔWᵀ` alone), `a·W0 + a·ΔWᵀ` (two products into `out`).
-    #[allow(clippy::too_many_arguments)]
-    fn product(&self, be: &B, eff: Option<&B::Buf>, separate: bool, tw: bool, rows: usize, n: usize, k: usize, a: &B::Buf, out: &mut B::Buf) {
-        match eff {
-            Some(w) if separate => be.gemm_sum(false, tw, rows, n, k, a, &self.weight.value, w, out),
-            Some(w) => be.gemm(false, tw, rows, n, k, 1.0, a, 0, w, 0, 0.0, out, 0),
-            None => be.gemm(false, tw, rows, n, k, 1.0, a, 0, &self.weight.value, 0, 0.0, out, 0),
-        }
-    }
-
     /// Forward for `rows` rows of `x: [rows, in]`, returning `y: [rows, out]`.
     pub fn forward(&self, be: &B, x: &B::Buf, rows: usize) -> B::Buf {
         self.forward_keep(be, x, rows, None).0
@@ -129,11 +118,21 @@ impl<B: Backend> Linear<B> {
     /// [`Linear::forward`], reusing `kept` (sets selected earlier in this step from the same `A`, `B`
     /// and sparsity) when given, and returning the adapters' kept sets for [`Linear::backward_with`].
     pub fn forward_keep(&self, be: &B, x: &B::Buf, rows: usize, kept: Option<KeptSets<B>>) -> (B::Buf, KeptSets<B>) {
+        self.forward_res(be, x, rows, kept, None)
+    }
+
+    /// [`Linear::forward_keep`] adding `residual: [rows, out]` to the output (a ViT block's
+    /// `x + proj(·)` and `h + fc2(·)`), in the same backend call as the product and the bias.
+    pub fn forward_res(&self, be: &B, x: &B::Buf, rows: usize, kept: Option<KeptSets<B>>, residual: Option<&B::Buf>) -> (B::Buf, KeptSets<B>) {
         let mut y = be.empty(rows * self.n_out);
         let separate = be.separate_delta_products();
         let eff = self.effective(be, separate, kept, false);
-        self.product(be, eff.as_ref().map(|e| &e.0), separate, true, rows, self.n_out, self.n_in, x, &mut y);
-        be.add_bias(&mut y, &self.bias.value, rows, self.n_out);
+        let (w, delta) = match eff.as_ref() {
+            Some((e, _)) if separate => (&self.weight.value, Some(e)),
+            Some((e, _)) => (e, None),
+            None => (&self.weight.value, None),
+        };
+        be.linear_fwd(x, w, delta, &self.bias.value, residual, rows, self.n_in, self.n_out, &mut y);
         let kept = eff.map(|(_, mats)| mats.into_iter().map(|m| m.and_then(|m| m.set)).collect()).unwrap_or_default();
         (y, kept)
     }

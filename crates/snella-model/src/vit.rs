@@ -240,15 +240,13 @@ impl<B: Backend> Vit<B> {
         let (qkv, k_qkv) = blk.qkv.forward_keep(be, &ln1, rows, kq);
         let (mut att, mut probs) = (be.empty(rows * d), be.empty(b * cfg.num_heads * t * t));
         be.attention_fwd(&qkv, b, t, cfg.num_heads, cfg.head_dim(), &mut att, &mut probs);
-        let (mut h, k_proj) = blk.proj.forward_keep(be, &att, rows, kp);
-        be.add_assign(&mut h, &x);
+        let (h, k_proj) = blk.proj.forward_res(be, &att, rows, kp, Some(&x));
         let (mut ln2, mut m2, mut r2) = (be.empty(rows * d), be.empty(rows), be.empty(rows));
         be.layernorm_fwd(&h, &blk.norm2.0.value, &blk.norm2.1.value, rows, d, cfg.ln_eps, &mut ln2, &mut m2, &mut r2);
         let (f1, k_fc1) = blk.fc1.forward_keep(be, &ln2, rows, k1);
         let mut g = be.empty(rows * cfg.mlp_hidden);
         be.gelu_fwd(&f1, &mut g);
-        let (mut out, k_fc2) = blk.fc2.forward_keep(be, &g, rows, k2);
-        be.add_assign(&mut out, &h);
+        let (out, k_fc2) = blk.fc2.forward_res(be, &g, rows, k2, Some(&h));
         if !train {
             return (out, None, [k_qkv, k_proj, k_fc1, k_fc2]);
         }

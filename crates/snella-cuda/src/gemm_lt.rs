@@ -1,0 +1,205 @@
+//! Row-major GEMMs with fused epilogues on cuBLASLt (design.md: "use cuBLASLt epilogues where they
+//! fuse"): `D = op(A)·op(B) + C + bias` with the residual `C` and the bias vector added by the GEMM
+//! itself instead of two more passes over `D`. Operands are f32 (strict f32 or TF32 compute) or
+//! bf16 (f32 accumulation); `C`, `D` and the bias are f32.
+//!
+//! As in [`crate::gemm`], row-major `D[m,n]` is column-major `Dᵀ[n,m] = op(B)ᵀ·op(A)ᵀ`: cuBLASLt's
+//! A is our B and its B our A, and the bias (one value per row of the column-major `D`) is one per
+//! column of ours. The matmul descriptors, layouts and the heuristic's algorithm are cached per
+//! shape on the [`Lt`] of each [`Gpu`]; the bias pointer is set per call.
+
+use crate::device::{cuda_err, Gpu, Precision};
+use cudarc::cublaslt::result as lt;
+use cudarc::cublaslt::sys;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use snella_core::SnellaError;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+/// The data type of both GEMM operands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OperandType {
+    /// f32 operands, multiplied in the device's f32 or TF32 [`Precision`].
+    F32,
+    /// bf16 operands (as `u16` bits), f32 accumulation.
+    Bf16,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    ty: OperandType,
+    tf32: bool,
+    bias: bool,
+}
+
+/// The cuBLASLt objects of one shape.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    a: sys::cublasLtMatrixLayout_t,
+    b: sys::cublasLtMatrixLayout_t,
+    c: sys::cublasLtMatrixLayout_t,
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: created by this module and destroyed once, here.
+        unsafe {
+            let _ = lt::destroy_matrix_layout(self.a);
+            let _ = lt::destroy_matrix_layout(self.b);
+            let _ = lt::destroy_matrix_layout(self.c);
+            let _ = lt::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+/// A cuBLASLt handle, its workspace (32 MiB) and the plans by shape, for one [`Gpu`].
+pub struct Lt {
+    handle: sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    plans: Mutex<HashMap<Key, Plan>>,
+}
+
+// SAFETY: the raw cuBLASLt handles are used only through `&Lt` under the plans mutex or on the one
+// stream of the owning Gpu, whose ops are issued in order.
+unsafe impl Send for Lt {}
+unsafe impl Sync for Lt {}
+
+const WORKSPACE: usize = 32 << 20;
+
+impl Lt {
+    /// Creates the handle and workspace on `gpu`'s stream.
+    ///
+    /// # Errors
+    /// `CUDA_ERROR` when cuBLASLt cannot create a handle; `CUDA_OOM` for the workspace.
+    pub fn new(gpu: &Gpu) -> Result<Self, SnellaError> {
+        let handle = lt::create_handle().map_err(|e| cuda_err("cublasLtCreate", e))?;
+        // SAFETY: cuBLASLt's workspace needs no initial contents.
+        let workspace = unsafe { gpu.uninit::<u8>(WORKSPACE) }?;
+        Ok(Lt { handle, workspace, plans: Mutex::new(HashMap::new()) })
+    }
+}
+
+impl Drop for Lt {
+    fn drop(&mut self) {
+        self.plans.lock().map(|mut p| p.clear()).ok();
+        // SAFETY: created in `new`, destroyed once.
+        unsafe {
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}
+
+fn lt_err(what: &str) -> impl Fn(lt::CublasError) -> SnellaError + '_ {
+    move |e| cuda_err(what, e)
+}
+
+/// Sets one matmul-descriptor attribute.
+fn set_desc<T>(desc: sys::cublasLtMatmulDesc_t, attr: sys::cublasLtMatmulDescAttributes_t, v: &T) -> Result<(), SnellaError> {
+    // SAFETY: v points at a live value of the attribute's documented type and size.
+    unsafe { lt::set_matmul_desc_attribute(desc, attr, v as *const T as *const c_void, std::mem::size_of::<T>()) }.map_err(lt_err("cublasLtMatmulDescSetAttribute"))
+}
+
+fn plan(lt_: &Lt, key: Key) -> Result<Plan, SnellaError> {
+    use sys::cublasLtMatmulDescAttributes_t as A;
+    let ty = match key.ty {
+        OperandType::F32 => sys::cudaDataType::CUDA_R_32F,
+        OperandType::Bf16 => sys::cudaDataType::CUDA_R_16BF,
+    };
+    let compute = match (key.ty, key.tf32) {
+        (OperandType::F32, true) => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+        _ => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+    };
+    let (lm, ln, k) = (key.n as u64, key.m as u64, key.k as u64);
+    // cuBLASLt's A is our B: [n, k] op'd; its B is our A
+    let (a_rows, a_cols, lda) = if key.tb { (k, lm, k) } else { (lm, k, lm) };
+    let (b_rows, b_cols, ldb) = if key.ta { (ln, k, ln) } else { (k, ln, k) };
+    let desc = lt::create_matmul_desc(compute, sys::cudaDataType::CUDA_R_32F).map_err(lt_err("cublasLtMatmulDescCreate"))?;
+    let mk = |t, r, c, ld: u64| lt::create_matrix_layout(t, r, c, ld as i64).map_err(lt_err("cublasLtMatrixLayoutCreate"));
+    let mut p = Plan { desc, a: mk(ty, a_rows, a_cols, lda)?, b: mk(ty, b_rows, b_cols, ldb)?, c: mk(sys::cudaDataType::CUDA_R_32F, lm, ln, lm)?, algo: unsafe { std::mem::zeroed() } };
+    let (ta, tb) = (key.tb as i32, key.ta as i32);
+    set_desc(p.desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &ta)?;
+    set_desc(p.desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &tb)?;
+    let epi = if key.bias { sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS } else { sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT };
+    set_desc(p.desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi)?;
+    if key.bias {
+        let bt = sys::cudaDataType::CUDA_R_32F;
+        set_desc(p.desc, A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt)?;
+    }
+    let pref = lt::create_matmul_pref().map_err(lt_err("cublasLtMatmulPreferenceCreate"))?;
+    let ws = WORKSPACE;
+    // SAFETY: pref is live; the attribute is a size_t.
+    let r = unsafe {
+        lt::set_matmul_pref_attribute(pref, sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const usize as *const c_void, std::mem::size_of::<usize>())
+            .and_then(|_| lt::get_matmul_algo_heuristic(lt_.handle, p.desc, p.a, p.b, p.c, p.c, pref))
+    };
+    // SAFETY: created above, destroyed once.
+    unsafe {
+        let _ = lt::destroy_matmul_pref(pref);
+    }
+    let h = r.map_err(lt_err("cublasLtMatmulAlgoGetHeuristic"))?;
+    p.algo = h.algo;
+    Ok(p)
+}
+
+/// Row-major `D[m,n] = op(A)·op(B) + C + bias` (`C: [m,n]` f32 when given — it may be `D` itself —,
+/// `bias: [n]` f32 when given), `A` `[m,k]` (`[k,m]` when `ta`) and `B` `[k,n]` (`[n,k]` when `tb`)
+/// of `ty` (bf16 as `u16` bits). f32 operands multiply in the device's precision (strict f32 or
+/// TF32). The sum is formed as cuBLASLt's epilogue does: `(op(A)·op(B) + C) + bias`.
+///
+/// # Errors
+/// `CUDA_ERROR` when cuBLASLt fails (no algorithm, launch failure).
+///
+/// # Safety
+/// The buffers must hold the extents given; `C`, when not `D`, must not overlap `D`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul<A: DevicePtr<T>, B: DevicePtr<T>, T, D: DevicePtrMut<f32>>(
+    gpu: &Gpu, ta: bool, tb: bool, m: usize, n: usize, k: usize, ty: OperandType, a: &A, b: &B, c: Option<u64>,
+    bias: Option<u64>, d: &mut D,
+) -> Result<(), SnellaError> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let lt_ = gpu.lt()?;
+    let key = Key { ta, tb, m, n, k, ty, tf32: gpu.precision() != Precision::F32, bias: bias.is_some() };
+    let mut plans = lt_.plans.lock().expect("cuBLASLt plans");
+    if !plans.contains_key(&key) {
+        let p = plan(lt_, key)?;
+        plans.insert(key, p);
+    }
+    let p = plans.get(&key).expect("plan inserted above");
+    if let Some(bp) = bias {
+        set_desc(p.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp)?;
+    }
+    let (ap, _ra) = a.device_ptr(&gpu.stream);
+    let (bp, _rb) = b.device_ptr(&gpu.stream);
+    let (dp, _rd) = d.device_ptr_mut(&gpu.stream);
+    let (wp, _rw) = lt_.workspace.device_ptr(&gpu.stream);
+    let (alpha, beta) = (1.0f32, if c.is_some() { 1.0f32 } else { 0.0 });
+    let cp = c.unwrap_or(dp);
+    lt::matmul(
+        lt_.handle,
+        p.desc,
+        &alpha as *const f32 as *const c_void,
+        &beta as *const f32 as *const c_void,
+        bp as *const c_void,
+        p.a,
+        ap as *const c_void,
+        p.b,
+        cp as *const c_void,
+        p.c,
+        dp as *mut c_void,
+        p.c,
+        &p.algo,
+        wp as *mut c_void,
+        WORKSPACE,
+        gpu.stream.cu_stream() as *mut _,
+    )
+    .map_err(lt_err("cublasLtMatmul"))
+}
