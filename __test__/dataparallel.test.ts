@@ -164,5 +164,16 @@ test('snella train: two processes (--rendezvous/--world-rank/--world) equal --mi
   const half = await cli([...base, '--out', out1, '--rendezvous', rv]);
   t.is(half.code, 2);
   t.regex(half.err, /--rendezvous host:port, --world-rank R and --world W go together/);
+  // a lone rank gives up after --rendezvous-timeout with a COMM_ERROR naming the address
+  const lone = `127.0.0.1:${await freePort()}`;
+  const started = Date.now();
+  const alone = await cli([...base, '--out', out1, '--rendezvous', lone, '--world-rank', '0', '--world', '2', '--rendezvous-timeout', '1']);
+  t.is(alone.code, 1); // a failure, not a usage error (EXIT.failure)
+  t.regex(alone.err, /COMM_ERROR/);
+  t.true(alone.err.includes(lone), alone.err);
+  t.true(Date.now() - started < 60_000, 'the lone rank stops after about a second, not the default 600 s');
+  const stray = await cli([...base, '--out', out1, '--rendezvous-timeout', '5']);
+  t.is(stray.code, 2);
+  t.regex(stray.err, /--rendezvous-timeout applies to a multi-process group/);
   for (const d of [data, out0, out1, outM]) fs.rmSync(d, { recursive: true, force: true });
 });

@@ -26,6 +26,8 @@ export interface JobOptions {
   worldRank?: number;
   /** The number of processes in the multi-process group (with `rendezvous`). */
   world?: number;
+  /** Seconds to wait for every rank of the multi-process group (with `rendezvous`; default 600). */
+  rendezvousTimeout?: number;
   /** Checkpoint (timm-named safetensors). */
   model: string;
   /** Data folder: list files + images.tar/images (VTAB-1k style), or class subfolders. */
@@ -184,7 +186,7 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
     if (devices) log(`data-parallel: ${gpus} GPUs (NCCL), ${o.batch} images per step (${Math.floor(o.batch / gpus)}–${Math.ceil(o.batch / gpus)} per GPU)`);
     if (distributed) {
       log(`data-parallel: rank ${distributed.rank} of ${distributed.world} processes, rendezvous ${distributed.rendezvous}`);
-      log(`waiting for all ${distributed.world} ranks at ${distributed.rendezvous} (up to 600 s; start every rank with the same options)`);
+      log(`waiting for all ${distributed.world} ranks at ${distributed.rendezvous} (up to ${distributed.timeoutSeconds ?? 600} s; start every rank with the same options)`);
     }
     const bar = new SingleBar({
       format: 'epoch {epoch}/{epochs} |{bar}| {value}/{total} steps | loss {loss} | {ips} img/s | eta {eta}s',
@@ -268,17 +270,29 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
 }
 
 /**
- * The multi-process group of `--rendezvous/--world-rank/--world`, or undefined without `--rendezvous`.
- * @throws {@link SnellaError} `CONFIG` when the three flags are not given together, or with `--gpus`.
+ * The multi-process group of `--rendezvous/--world-rank/--world` (and `--rendezvous-timeout`), or
+ * undefined without `--rendezvous`.
+ * @throws {@link SnellaError} `CONFIG` when the three flags are not given together, with `--gpus`, or
+ * `--rendezvous-timeout` without them.
  */
-function distributedOptions(o: JobOptions): { rendezvous: string; rank: number; world: number } | undefined {
+function distributedOptions(o: JobOptions): { rendezvous: string; rank: number; world: number; timeoutSeconds?: number } | undefined {
   const given = [o.rendezvous !== undefined, o.worldRank !== undefined, o.world !== undefined];
-  if (!given.some(Boolean)) return undefined;
+  if (!given.some(Boolean)) {
+    if (o.rendezvousTimeout !== undefined) {
+      throw new SnellaError('CONFIG', 'invalid config: rendezvous: --rendezvous-timeout applies to a multi-process group (--rendezvous, --world-rank, --world)');
+    }
+    return undefined;
+  }
   if (!given.every(Boolean)) {
     throw new SnellaError('CONFIG', 'invalid config: rendezvous: --rendezvous host:port, --world-rank R and --world W go together (every process of the group gets all three)');
   }
   if ((o.gpus ?? 1) > 1) {
     throw new SnellaError('CONFIG', `invalid config: gpus = ${o.gpus}: not together with --rendezvous (each process of a multi-process group trains on one GPU, its --device)`);
   }
-  return { rendezvous: o.rendezvous as string, rank: o.worldRank as number, world: o.world as number };
+  return {
+    rendezvous: o.rendezvous as string,
+    rank: o.worldRank as number,
+    world: o.world as number,
+    ...(o.rendezvousTimeout !== undefined ? { timeoutSeconds: o.rendezvousTimeout } : {}),
+  };
 }

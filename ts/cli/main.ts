@@ -45,6 +45,7 @@ function withRecipe(c: Command, d: Partial<JobOptions>): Command {
     .option('--rendezvous <host:port>', 'multi-process data-parallel training: where rank 0 listens (with --world-rank and --world)')
     .option('--world-rank <r>', 'this process\'s rank in the multi-process group, 0..world-1', num('world-rank', 0, 65535, true))
     .option('--world <w>', 'the number of processes in the multi-process group', num('world', 1, 65536, true))
+    .option('--rendezvous-timeout <s>', 'seconds to wait for every rank of the multi-process group (default 600)', num('rendezvous-timeout', 0.001, 86400))
     .option('--train-split <name>', 'training list file (without .txt) or subfolder', d.trainSplit ?? 'train800val200')
     .option('--test-split <name>', 'test list file or subfolder', d.testSplit ?? 'test')
     .option('--test-data <dir>', 'a separate test folder (ImageFolder data)')
@@ -73,6 +74,7 @@ const FLAGS: Record<string, string> = {
   'distributed.rank': '--world-rank',
   'distributed.world': '--world',
   'distributed.rendezvous': '--rendezvous',
+  'distributed.timeoutSeconds': '--rendezvous-timeout',
 };
 
 async function run(o: JobOptions): Promise<number> {
