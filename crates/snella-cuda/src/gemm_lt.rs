@@ -36,6 +36,14 @@ struct Key {
     ty: OperandType,
     tf32: bool,
     bias: bool,
+    /// Alignment (bytes, a power of two ≤ 256) of the A, B, C and D addresses: the heuristic's
+    /// algorithm is only valid for pointers at least this aligned.
+    align: [u32; 4],
+}
+
+/// The largest power of two ≤ 256 dividing `addr` (cuBLASLt's default assumption is 256).
+fn alignment(addr: u64) -> u32 {
+    if addr == 0 { 256 } else { (1u64 << addr.trailing_zeros().min(8)) as u32 }
 }
 
 /// The cuBLASLt objects of one shape.
@@ -49,12 +57,16 @@ struct Plan {
 
 impl Drop for Plan {
     fn drop(&mut self) {
-        // SAFETY: created by this module and destroyed once, here.
+        // SAFETY: created by this module (null while not created yet) and destroyed once, here.
         unsafe {
-            let _ = lt::destroy_matrix_layout(self.a);
-            let _ = lt::destroy_matrix_layout(self.b);
-            let _ = lt::destroy_matrix_layout(self.c);
-            let _ = lt::destroy_matmul_desc(self.desc);
+            for l in [self.a, self.b, self.c] {
+                if !l.is_null() {
+                    let _ = lt::destroy_matrix_layout(l);
+                }
+            }
+            if !self.desc.is_null() {
+                let _ = lt::destroy_matmul_desc(self.desc);
+            }
         }
     }
 }
@@ -79,9 +91,11 @@ impl Lt {
     /// # Errors
     /// `CUDA_ERROR` when cuBLASLt cannot create a handle; `CUDA_OOM` for the workspace.
     pub fn new(gpu: &Gpu) -> Result<Self, SnellaError> {
-        let handle = lt::create_handle().map_err(|e| cuda_err("cublasLtCreate", e))?;
+        gpu.ctx.bind_to_thread().map_err(|e| cuda_err("binding the CUDA context", e))?;
+        // the workspace first: a failed allocation then leaves no handle behind
         // SAFETY: cuBLASLt's workspace needs no initial contents.
         let workspace = unsafe { gpu.uninit::<u8>(WORKSPACE) }?;
+        let handle = lt::create_handle().map_err(|e| cuda_err("cublasLtCreate", e))?;
         Ok(Lt { handle, workspace, plans: Mutex::new(HashMap::new()) })
     }
 }
@@ -120,9 +134,14 @@ fn plan(lt_: &Lt, key: Key) -> Result<Plan, SnellaError> {
     // cuBLASLt's A is our B: [n, k] op'd; its B is our A
     let (a_rows, a_cols, lda) = if key.tb { (k, lm, k) } else { (lm, k, lm) };
     let (b_rows, b_cols, ldb) = if key.ta { (ln, k, ln) } else { (k, ln, k) };
-    let desc = lt::create_matmul_desc(compute, sys::cudaDataType::CUDA_R_32F).map_err(lt_err("cublasLtMatmulDescCreate"))?;
+    // built up field by field: on an error, Drop releases what was created so far
+    // SAFETY: an all-zero algo is a placeholder, overwritten by the heuristic's before any use.
+    let mut p = Plan { desc: std::ptr::null_mut(), a: std::ptr::null_mut(), b: std::ptr::null_mut(), c: std::ptr::null_mut(), algo: unsafe { std::mem::zeroed() } };
+    p.desc = lt::create_matmul_desc(compute, sys::cudaDataType::CUDA_R_32F).map_err(lt_err("cublasLtMatmulDescCreate"))?;
     let mk = |t, r, c, ld: u64| lt::create_matrix_layout(t, r, c, ld as i64).map_err(lt_err("cublasLtMatrixLayoutCreate"));
-    let mut p = Plan { desc, a: mk(ty, a_rows, a_cols, lda)?, b: mk(ty, b_rows, b_cols, ldb)?, c: mk(sys::cudaDataType::CUDA_R_32F, lm, ln, lm)?, algo: unsafe { std::mem::zeroed() } };
+    p.a = mk(ty, a_rows, a_cols, lda)?;
+    p.b = mk(ty, b_rows, b_cols, ldb)?;
+    p.c = mk(sys::cudaDataType::CUDA_R_32F, lm, ln, lm)?;
     let (ta, tb) = (key.tb as i32, key.ta as i32);
     set_desc(p.desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &ta)?;
     set_desc(p.desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &tb)?;
@@ -134,9 +153,16 @@ fn plan(lt_: &Lt, key: Key) -> Result<Plan, SnellaError> {
     }
     let pref = lt::create_matmul_pref().map_err(lt_err("cublasLtMatmulPreferenceCreate"))?;
     let ws = WORKSPACE;
-    // SAFETY: pref is live; the attribute is a size_t.
+    use sys::cublasLtMatmulPreferenceAttributes_t as P;
+    // our A is cuBLASLt's B and ours B its A (see the module docs)
+    let [al_a, al_b, al_c, al_d] = key.align;
+    // SAFETY: pref is live; the attributes are a size_t and four u32.
     let r = unsafe {
-        lt::set_matmul_pref_attribute(pref, sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const usize as *const c_void, std::mem::size_of::<usize>())
+        lt::set_matmul_pref_attribute(pref, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const usize as *const c_void, std::mem::size_of::<usize>())
+            .and_then(|_| lt::set_matmul_pref_attribute(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_b as *const u32 as *const c_void, 4))
+            .and_then(|_| lt::set_matmul_pref_attribute(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_a as *const u32 as *const c_void, 4))
+            .and_then(|_| lt::set_matmul_pref_attribute(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c as *const u32 as *const c_void, 4))
+            .and_then(|_| lt::set_matmul_pref_attribute(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d as *const u32 as *const c_void, 4))
             .and_then(|_| lt::get_matmul_algo_heuristic(lt_.handle, p.desc, p.a, p.b, p.c, p.c, pref))
     };
     // SAFETY: created above, destroyed once.
@@ -167,22 +193,23 @@ pub unsafe fn matmul<A: DevicePtr<T>, B: DevicePtr<T>, T, D: DevicePtrMut<f32>>(
         return Ok(());
     }
     let lt_ = gpu.lt()?;
-    let key = Key { ta, tb, m, n, k, ty, tf32: gpu.precision() != Precision::F32, bias: bias.is_some() };
-    let mut plans = lt_.plans.lock().expect("cuBLASLt plans");
-    if !plans.contains_key(&key) {
-        let p = plan(lt_, key)?;
-        plans.insert(key, p);
-    }
-    let p = plans.get(&key).expect("plan inserted above");
-    if let Some(bp) = bias {
-        set_desc(p.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp)?;
-    }
     let (ap, _ra) = a.device_ptr(&gpu.stream);
     let (bp, _rb) = b.device_ptr(&gpu.stream);
     let (dp, _rd) = d.device_ptr_mut(&gpu.stream);
     let (wp, _rw) = lt_.workspace.device_ptr(&gpu.stream);
     let (alpha, beta) = (1.0f32, if c.is_some() { 1.0f32 } else { 0.0 });
     let cp = c.unwrap_or(dp);
+    let align = [alignment(ap), alignment(bp), alignment(cp), alignment(dp)];
+    let key = Key { ta, tb, m, n, k, ty, tf32: gpu.precision() != Precision::F32, bias: bias.is_some(), align };
+    let mut plans = lt_.plans.lock().expect("cuBLASLt plans");
+    if !plans.contains_key(&key) {
+        let p = plan(lt_, key)?;
+        plans.insert(key, p);
+    }
+    let p = plans.get(&key).expect("plan inserted above");
+    if let Some(bias_ptr) = bias {
+        set_desc(p.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr)?;
+    }
     lt::matmul(
         lt_.handle,
         p.desc,
