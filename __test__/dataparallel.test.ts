@@ -172,6 +172,15 @@ test('snella train: two processes (--rendezvous/--world-rank/--world) equal --mi
   t.regex(alone.err, /COMM_ERROR/);
   t.true(alone.err.includes(lone), alone.err);
   t.true(Date.now() - started < 60_000, 'the lone rank stops after about a second, not the default 600 s');
+  // in the human mode no progress bar is drawn before that error, and a bad option of a
+  // multi-process run is reported before the wait for the other ranks
+  const aloneHuman = await cli([...human, '--out', out1, '--rendezvous', lone, '--world-rank', '0', '--world', '2', '--rendezvous-timeout', '1']);
+  t.is(aloneHuman.code, 1);
+  t.false(/epoch \d+\/\d+ \|/.test(aloneHuman.out + aloneHuman.err), 'no progress bar before the rendezvous error');
+  const badOpt = await cli([...human, '--out', out1, '--rendezvous', lone, '--world-rank', '0', '--world', '2', '--warmup', '99']);
+  t.is(badOpt.code, 2);
+  t.regex(badOpt.err, /warmupEpochs = 99/);
+  t.false((badOpt.out + badOpt.err).includes('waiting for all'), 'the option error comes before the wait');
   const stray = await cli([...base, '--out', out1, '--rendezvous-timeout', '5']);
   t.is(stray.code, 2);
   t.regex(stray.err, /--rendezvous-timeout applies to a multi-process group/);

@@ -10,6 +10,7 @@ import { ImageDataset } from '../data';
 import { SnellaError } from '../errors';
 import { VitModel, type Device, type Method, type LayerReport, type Precision } from '../model';
 import { evaluate, train, type EpochInfo } from '../train';
+import { validateTrainOptions } from '../validate';
 import { epochTestTop1, jobRecorder, wrapCallbacks, writeJobReport } from '../report/job';
 
 /** Everything a run needs; CLI flags map 1:1 onto these. */
@@ -185,6 +186,11 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
     const devices = gpus > 1 ? Array.from({ length: gpus }, (_, i) => i) : undefined;
     if (devices) log(`data-parallel: ${gpus} GPUs (NCCL), ${o.batch} images per step (${Math.floor(o.batch / gpus)}–${Math.ceil(o.batch / gpus)} per GPU)`);
     if (distributed) {
+      // the options' own checks first, so that a bad option is reported before the (long) wait
+      validateTrainOptions(
+        { train: trainDs, epochs: o.epochs, batchSize: o.batch, lr: o.lr, weightDecay: o.wd, warmupEpochs: o.warmup, sT: o.sT, allocatorBeta1: o.beta1, allocatorBeta2: o.beta2, seed: o.seed, microBatches: o.microBatches ?? 1, distributed },
+        o.epochs,
+      );
       log(`data-parallel: rank ${distributed.rank} of ${distributed.world} processes, rendezvous ${distributed.rendezvous}`);
       log(`waiting for all ${distributed.world} ranks at ${distributed.rendezvous} (up to ${distributed.timeoutSeconds ?? 600} s; start every rank with the same options)`);
     }
@@ -197,7 +203,9 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
     });
     const rec = jobRecorder(model, o, testDs);
     const steps = Math.ceil(trainDs.length / o.batch) * o.epochs;
-    if (!o.json) bar.start(steps, 0, { epoch: 1, epochs: o.epochs, loss: '-', ips: '-' });
+    // the bar starts with the first step, so nothing is drawn before an error raised while the
+    // run starts (e.g. ranks that never join)
+    let barStarted = false;
     let r: Awaited<ReturnType<typeof train>>;
     try {
       r = await train(model, {
@@ -221,13 +229,18 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
         overwriteCheckpoint: o.overwrite,
         callbacks: wrapCallbacks(rec, {
           onStep: (s) => {
-            if (!o.json) bar.update(s.step, { epoch: s.epoch + 1, epochs: o.epochs, loss: s.loss.toFixed(3), ips: s.imagesPerSecond.toFixed(1) });
+            if (o.json) return;
+            if (!barStarted) {
+              bar.start(steps, 0, { epoch: 1, epochs: o.epochs, loss: '-', ips: '-' });
+              barStarted = true;
+            }
+            bar.update(s.step, { epoch: s.epoch + 1, epochs: o.epochs, loss: s.loss.toFixed(3), ips: s.imagesPerSecond.toFixed(1) });
           },
         }),
       });
     } finally {
       // also on an error: a running bar keeps the process alive and the cursor hidden
-      if (!o.json) bar.stop();
+      if (barStarted) bar.stop();
     }
     // with a test evaluation after every epoch, the last one is the final result: not run twice
     const test = rec?.lastTest && !r.aborted && r.epochs.length ? rec.lastTest : await evaluate(model, testDs);
