@@ -9,7 +9,7 @@ import { SingleBar } from 'cli-progress';
 import { ImageDataset } from '../data';
 import { SnellaError } from '../errors';
 import { VitModel, type Device, type Method, type LayerReport, type Precision } from '../model';
-import { evaluate, train, type EpochInfo } from '../train';
+import { evaluate, train, type EpochInfo, type TrainOptions } from '../train';
 import { validateTrainOptions } from '../validate';
 import { epochTestTop1, jobRecorder, wrapCallbacks, writeJobReport } from '../report/job';
 
@@ -185,15 +185,8 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
     }
     const devices = gpus > 1 ? Array.from({ length: gpus }, (_, i) => i) : undefined;
     if (devices) log(`data-parallel: ${gpus} GPUs (NCCL), ${o.batch} images per step (${Math.floor(o.batch / gpus)}–${Math.ceil(o.batch / gpus)} per GPU)`);
-    if (distributed) {
-      // the options' own checks first, so that a bad option is reported before the (long) wait
-      validateTrainOptions(
-        { train: trainDs, epochs: o.epochs, batchSize: o.batch, lr: o.lr, weightDecay: o.wd, warmupEpochs: o.warmup, sT: o.sT, allocatorBeta1: o.beta1, allocatorBeta2: o.beta2, seed: o.seed, microBatches: o.microBatches ?? 1, distributed },
-        o.epochs,
-      );
-      log(`data-parallel: rank ${distributed.rank} of ${distributed.world} processes, rendezvous ${distributed.rendezvous}`);
-      log(`waiting for all ${distributed.world} ranks at ${distributed.rendezvous} (up to ${distributed.timeoutSeconds ?? 600} s; start every rank with the same options)`);
-    }
+    // the bar starts with the first step, so nothing is drawn before an error raised while the
+    // run starts (e.g. ranks that never join)
     const bar = new SingleBar({
       format: 'epoch {epoch}/{epochs} |{bar}| {value}/{total} steps | loss {loss} | {ips} img/s | eta {eta}s',
       hideCursor: true,
@@ -203,41 +196,46 @@ export async function runJob(o: JobOptions, signal?: AbortSignal): Promise<JobRe
     });
     const rec = jobRecorder(model, o, testDs);
     const steps = Math.ceil(trainDs.length / o.batch) * o.epochs;
-    // the bar starts with the first step, so nothing is drawn before an error raised while the
-    // run starts (e.g. ranks that never join)
     let barStarted = false;
+    const trainOpts: TrainOptions = {
+      train: trainDs,
+      epochs: o.epochs,
+      batchSize: o.batch,
+      lr: o.lr,
+      weightDecay: o.wd,
+      warmupEpochs: o.warmup,
+      sT: o.sT,
+      allocatorBeta1: o.beta1,
+      allocatorBeta2: o.beta2,
+      seed: o.seed,
+      recompute: o.recompute ?? false,
+      microBatches: o.microBatches ?? 1,
+      ...(devices ? { devices } : {}),
+      ...(distributed ? { distributed } : {}),
+      signal,
+      checkpointDir,
+      resume: o.resume ?? false,
+      overwriteCheckpoint: o.overwrite,
+      callbacks: wrapCallbacks(rec, {
+        onStep: (s) => {
+          if (o.json) return;
+          if (!barStarted) {
+            bar.start(steps, 0, { epoch: 1, epochs: o.epochs, loss: '-', ips: '-' });
+            barStarted = true;
+          }
+          bar.update(s.step, { epoch: s.epoch + 1, epochs: o.epochs, loss: s.loss.toFixed(3), ips: s.imagesPerSecond.toFixed(1) });
+        },
+      }),
+    };
+    if (distributed) {
+      // train() checks these too; here first, so that a bad option is reported before the (long) wait
+      validateTrainOptions(trainOpts, o.epochs);
+      log(`data-parallel: rank ${distributed.rank} of ${distributed.world} processes, rendezvous ${distributed.rendezvous}`);
+      log(`waiting for all ${distributed.world} ranks at ${distributed.rendezvous} (up to ${distributed.timeoutSeconds ?? 600} s; start every rank with the same options)`);
+    }
     let r: Awaited<ReturnType<typeof train>>;
     try {
-      r = await train(model, {
-        train: trainDs,
-        epochs: o.epochs,
-        batchSize: o.batch,
-        lr: o.lr,
-        weightDecay: o.wd,
-        warmupEpochs: o.warmup,
-        sT: o.sT,
-        allocatorBeta1: o.beta1,
-        allocatorBeta2: o.beta2,
-        seed: o.seed,
-        recompute: o.recompute ?? false,
-        microBatches: o.microBatches ?? 1,
-        ...(devices ? { devices } : {}),
-        ...(distributed ? { distributed } : {}),
-        signal,
-        checkpointDir,
-        resume: o.resume ?? false,
-        overwriteCheckpoint: o.overwrite,
-        callbacks: wrapCallbacks(rec, {
-          onStep: (s) => {
-            if (o.json) return;
-            if (!barStarted) {
-              bar.start(steps, 0, { epoch: 1, epochs: o.epochs, loss: '-', ips: '-' });
-              barStarted = true;
-            }
-            bar.update(s.step, { epoch: s.epoch + 1, epochs: o.epochs, loss: s.loss.toFixed(3), ips: s.imagesPerSecond.toFixed(1) });
-          },
-        }),
-      });
+      r = await train(model, trainOpts);
     } finally {
       // also on an error: a running bar keeps the process alive and the cursor hidden
       if (barStarted) bar.stop();
