@@ -68,31 +68,10 @@ fn gemm_bf16<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
     gemm_ex_bf16(gpu, ta, tb, m, n, k, alpha, &a16, &b16, beta, c)
 }
 
-/// `C = op(A)·op(B1) + op(A)·op(B2)`, row-major, f32 in memory, in the device's precision: in bf16
-/// `A` is converted once for both products (the adapted linears' `x·W0ᵀ + x·ΔW`, see
-/// `snella_model::linear`); otherwise two [`gemm`] calls.
-///
-/// # Errors
-/// `CUDA_ERROR` when cuBLAS fails; `CUDA_OOM` for the bf16 copies.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_sum<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
-    gpu: &Gpu, ta: bool, tb: bool, m: usize, n: usize, k: usize, a: &A, b1: &B, b2: &B, c: &mut C,
-) -> Result<(), SnellaError> {
-    if gpu.precision() != Precision::Bf16 || m == 0 || n == 0 || k == 0 {
-        gemm(gpu, ta, tb, m, n, k, 1.0, a, b1, 0.0, c)?;
-        return gemm(gpu, ta, tb, m, n, k, 1.0, a, b2, 1.0, c);
-    }
-    let a16 = to_bf16(gpu, a, m * k)?;
-    let b16 = to_bf16(gpu, b1, k * n)?;
-    gemm_ex_bf16(gpu, ta, tb, m, n, k, 1.0, &a16, &b16, 0.0, c)?;
-    let b16 = to_bf16(gpu, b2, k * n)?;
-    gemm_ex_bf16(gpu, ta, tb, m, n, k, 1.0, &a16, &b16, 1.0, c)
-}
-
 /// The two products of a linear layer's backward, row-major f32 in memory: `dx = dy·W`
 /// (`dy: [rows, n_out]`, `W: [n_out, n_in]`, `dx: [rows, n_in]`) and `gt = dyᵀ·x` (`x: [rows, n_in]`,
 /// `gt: [n_out, n_in]`), each when given, in the device's precision; in bf16 `dy` is converted once
-/// for both (as [`gemm_sum`] shares `A`).
+/// for both.
 ///
 /// # Errors
 /// `CUDA_ERROR` when cuBLAS fails; `CUDA_OOM` for the bf16 copies.

@@ -54,23 +54,17 @@ pub trait Backend: Clone + Send + Sync + 'static {
         &self, ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32,
         a: &Self::Buf, a_off: usize, b: &Self::Buf, b_off: usize, beta: f32, c: &mut Self::Buf, c_off: usize,
     );
-    /// `C[m,n] = op(A)·op(B1) + op(A)·op(B2)` (as two [`Backend::gemm`] calls by default; CUDA in bf16
-    /// converts `A` once for both). The adapted linears' `x·W0ᵀ + x·ΔW`.
-    fn gemm_sum(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, a: &Self::Buf, b1: &Self::Buf, b2: &Self::Buf, c: &mut Self::Buf) {
-        self.gemm(ta, tb, m, n, k, 1.0, a, 0, b1, 0, 0.0, c, 0);
-        self.gemm(ta, tb, m, n, k, 1.0, a, 0, b2, 0, 1.0, c, 0);
-    }
     /// The forward of a linear layer: `y = x·Wᵀ (+ x·Δ) + bias (+ residual)` (`x: [rows, n_in]`,
     /// `W`, `Δ: [n_out, n_in]`, `y`, `residual: [rows, n_out]`); `Δ` is the adapters' `ΔWᵀ` where
     /// the backend multiplies it apart from `W = W0` ([`Backend::separate_delta_products`]). The
-    /// default composes [`Backend::gemm`] / [`Backend::gemm_sum`], [`Backend::add_bias`] and
-    /// [`Backend::add_assign`] in that order (the CPU reference); CUDA fuses the bias and the
+    /// default composes [`Backend::gemm`] (a second, accumulating one for `Δ`), [`Backend::add_bias`]
+    /// and [`Backend::add_assign`] in that order (the CPU reference); CUDA fuses the bias and the
     /// residual into the GEMM (cuBLASLt epilogues).
     #[allow(clippy::too_many_arguments)]
     fn linear_fwd(&self, x: &Self::Buf, w: &Self::Buf, delta: Option<&Self::Buf>, bias: &Self::Buf, residual: Option<&Self::Buf>, rows: usize, n_in: usize, n_out: usize, y: &mut Self::Buf) {
-        match delta {
-            Some(d) => self.gemm_sum(false, true, rows, n_out, n_in, x, w, d, y),
-            None => self.gemm(false, true, rows, n_out, n_in, 1.0, x, 0, w, 0, 0.0, y, 0),
+        self.gemm(false, true, rows, n_out, n_in, 1.0, x, 0, w, 0, 0.0, y, 0);
+        if let Some(d) = delta {
+            self.gemm(false, true, rows, n_out, n_in, 1.0, x, 0, d, 0, 1.0, y, 0);
         }
         self.add_bias(y, bias, rows, n_out);
         if let Some(r) = residual {

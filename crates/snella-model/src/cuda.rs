@@ -130,10 +130,6 @@ impl Backend for CudaBackend {
         let name = match (ta, tb) { (false, true) => "gemm_nt (fwd)", (false, false) => "gemm_nn (dgrad)", (true, false) => "gemm_tn (wgrad)", _ => "gemm_tt" };
         self.timed(name, || ok("gemm", gemm::gemm(&self.gpu, ta, tb, m, n, k, alpha, &av, &bv, beta, &mut cv)));
     }
-    fn gemm_sum(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, a: &CudaSlice<f32>, b1: &CudaSlice<f32>, b2: &CudaSlice<f32>, c: &mut CudaSlice<f32>) {
-        let name = if ta { "gemm_sum_t" } else if tb { "gemm_sum_nt (fwd)" } else { "gemm_sum_nn (dgrad)" };
-        self.timed(name, || ok("gemm_sum", gemm::gemm_sum(&self.gpu, ta, tb, m, n, k, &a.slice(..), &b1.slice(..), &b2.slice(..), &mut c.slice_mut(..))));
-    }
     fn linear_fwd(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, delta: Option<&CudaSlice<f32>>, bias: &CudaSlice<f32>, residual: Option<&CudaSlice<f32>>, rows: usize, n_in: usize, n_out: usize, y: &mut CudaSlice<f32>) {
         self.timed("linear_fwd (+ bias, residual)", || {
             let dv = delta.map(|d| d.slice(..));
