@@ -41,3 +41,386 @@ extern "C" __global__ void __launch_bounds__(256)
   dot = snella_warp_sum(dot);
   for (unsigned j = lane; j < t; j += 32) dr[j] = scale * pr[j] * (dr[j] - dot);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fused (flash-style) attention for the bf16 precision, head dim 64 (FlashAttention-2, Dao 2023,
+// Algorithms 1 and 2): q·kᵀ, the online softmax and P·v run in one kernel per 64-query tile, with the
+// scores kept in registers (mma.sync m16n8k16 bf16 → f32; a score accumulator is re-used as the A
+// operand of P·v without leaving the registers). Only the row log-sum-exp is saved, not P. Operands
+// are rounded to bf16 as they are staged into shared memory (as PyTorch's autocast feeds bf16 to
+// its SDPA); accumulation, the softmax statistics and every output are f32.
+// CPU reference: snella_core::ops::attention (attention_fwd / attention_bwd, and attention_lse for
+// the saved statistics).
+
+#include <cuda_bf16.h>
+
+#define FA_HD 64   // head dim
+#define FA_T 64    // queries per block (16 per warp, 4 warps) and keys per tile
+#define FA_S 72    // shared row stride in bf16 elements: the fragment loads below are conflict-free
+
+__device__ __forceinline__ uint32_t fa_pack(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = the lower column
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t fa_ld32(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// d += a·b for one 16×8×16 tile (PTX ISA "mma.m16n8k16" fragment layouts: g = lane/4, q = lane%4;
+// a: rows g, g+8 × cols 2q.., 2q+8..; b: k rows 2q.., 2q+8.. × col g; d: rows g, g+8 × cols 2q, 2q+1).
+__device__ __forceinline__ void fa_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The A fragment of the 16×16 tile at (row r0, col k0) of a shared [m][k] tile.
+__device__ __forceinline__ void fa_lda(uint32_t (&a)[4], const __nv_bfloat16* s, int r0, int k0, int g, int q) {
+  a[0] = fa_ld32(s + (r0 + g) * FA_S + k0 + 2 * q);
+  a[1] = fa_ld32(s + (r0 + g + 8) * FA_S + k0 + 2 * q);
+  a[2] = fa_ld32(s + (r0 + g) * FA_S + k0 + 8 + 2 * q);
+  a[3] = fa_ld32(s + (r0 + g + 8) * FA_S + k0 + 8 + 2 * q);
+}
+
+// The B fragment (k16 × n8) at (k0, n0) of an operand stored [n][k] in shared memory.
+__device__ __forceinline__ void fa_ldb(uint32_t& b0, uint32_t& b1, const __nv_bfloat16* s, int n0, int k0, int g, int q) {
+  b0 = fa_ld32(s + (n0 + g) * FA_S + k0 + 2 * q);
+  b1 = fa_ld32(s + (n0 + g) * FA_S + k0 + 8 + 2 * q);
+}
+
+// The A fragment at k-chunk j built from score accumulators c[2j], c[2j+1] (the FA-2 register re-use).
+__device__ __forceinline__ void fa_acc_to_a(uint32_t (&a)[4], const float (&c)[8][4], int j) {
+  a[0] = fa_pack(c[2 * j][0], c[2 * j][1]);
+  a[1] = fa_pack(c[2 * j][2], c[2 * j][3]);
+  a[2] = fa_pack(c[2 * j + 1][0], c[2 * j + 1][1]);
+  a[3] = fa_pack(c[2 * j + 1][2], c[2 * j + 1][3]);
+}
+
+// Stages rows [r0, r0+64) (rows ≥ n as zeros) of a head's 64 f32 columns (`src`, row stride `ld`)
+// into sh[r][c] as bf16; 128 threads, float4 loads.
+__device__ __forceinline__ void fa_stage_rows(__nv_bfloat16* sh, const float* __restrict__ src, size_t ld, int r0, int n) {
+  for (int i = threadIdx.x; i < FA_T * 16; i += blockDim.x) {
+    const int r = i >> 4, c = (i & 15) * 4;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r0 + r < n) v = *reinterpret_cast<const float4*>(src + (size_t)(r0 + r) * ld + c);
+    uint2 w;
+    w.x = fa_pack(v.x, v.y);
+    w.y = fa_pack(v.z, v.w);
+    *reinterpret_cast<uint2*>(sh + r * FA_S + c) = w;
+  }
+}
+
+// As fa_stage_rows but transposed: sh[c][r] (consecutive threads take consecutive rows, so the
+// 16-bit shared stores of a warp hit distinct banks).
+__device__ __forceinline__ void fa_stage_cols(__nv_bfloat16* sh, const float* __restrict__ src, size_t ld, int r0, int n) {
+  for (int i = threadIdx.x; i < FA_T * 16; i += blockDim.x) {
+    const int r = i & 63, c = (i >> 6) * 4;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r0 + r < n) v = *reinterpret_cast<const float4*>(src + (size_t)(r0 + r) * ld + c);
+    sh[(c + 0) * FA_S + r] = __float2bfloat16_rn(v.x);
+    sh[(c + 1) * FA_S + r] = __float2bfloat16_rn(v.y);
+    sh[(c + 2) * FA_S + r] = __float2bfloat16_rn(v.z);
+    sh[(c + 3) * FA_S + r] = __float2bfloat16_rn(v.w);
+  }
+}
+
+// Forward. Grid (b·heads, ceil(t/64)), block 128. qkv [b, t, 3d] f32 (d = heads·64; head h's q, k, v
+// at columns h·64, d + h·64, 2d + h·64); writes out [b, t, d] and lse2 [b·heads, t], the row
+// log-sum-exp of the scores in base 2: lse2 = log2 Σ_j 2^(s_j) with s = q·kᵀ·scale·log2(e)
+// (`scale_log2`). Keys ≥ t are masked, query rows ≥ t are not written.
+extern "C" __global__ void __launch_bounds__(128)
+    snella_flash_attn_fwd(const float* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse2, unsigned t,
+                          unsigned heads, float scale_log2) {
+  __shared__ __align__(16) __nv_bfloat16 qs[FA_T * FA_S], ks[FA_T * FA_S], vt[FA_T * FA_S];
+  const int bh = blockIdx.x, bi = bh / heads, h = bh % heads, nt_ = (int)t;
+  const int d = heads * FA_HD;
+  const size_t ld = 3 * (size_t)d;
+  const float* base = qkv + (size_t)bi * t * ld + h * FA_HD;
+  const int q0 = blockIdx.y * FA_T, w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  fa_stage_rows(qs, base, ld, q0, nt_);
+  __syncthreads();
+  uint32_t qa[4][4];
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) fa_lda(qa[kk], qs, w * 16, kk * 16, g, q);
+  float o[8][4];
+#pragma unroll
+  for (int n = 0; n < 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  for (int k0 = 0; k0 < nt_; k0 += FA_T) {
+    __syncthreads();  // the previous tile's readers are done
+    fa_stage_rows(ks, base + d, ld, k0, nt_);
+    fa_stage_cols(vt, base + 2 * d, ld, k0, nt_);
+    __syncthreads();
+    float s[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        uint32_t b0, b1;
+        fa_ldb(b0, b1, ks, n * 8, kk * 16, g, q);
+        fa_mma(s[n], qa[kk], b0, b1);
+      }
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool ok = k0 + n * 8 + 2 * q + e < nt_;
+        s[n][e] = ok ? s[n][e] * scale_log2 : -INFINITY;
+        s[n][2 + e] = ok ? s[n][2 + e] * scale_log2 : -INFINITY;
+        mx0 = fmaxf(mx0, s[n][e]);
+        mx1 = fmaxf(mx1, s[n][2 + e]);
+      }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    // every tile holds at least one valid key, so the new maxima are finite
+    const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+    const float c0 = exp2f(m0 - n0), c1 = exp2f(m1 - n1);
+    m0 = n0;
+    m1 = n1;
+    l0 *= c0;
+    l1 *= c1;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      o[n][0] *= c0;
+      o[n][1] *= c0;
+      o[n][2] *= c1;
+      o[n][3] *= c1;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        s[n][e] = exp2f(s[n][e] - m0);
+        s[n][2 + e] = exp2f(s[n][2 + e] - m1);
+        l0 += s[n][e];
+        l1 += s[n][2 + e];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t pa[4];
+      fa_acc_to_a(pa, s, j);
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        uint32_t b0, b1;
+        fa_ldb(b0, b1, vt, n * 8, j * 16, g, q);
+        fa_mma(o[n], pa, b0, b1);
+      }
+    }
+  }
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const int r0 = q0 + w * 16 + g, r1 = r0 + 8;
+  if (r0 < nt_) {
+    const float inv = 1.f / l0;
+    float* dst = out + ((size_t)bi * t + r0) * d + h * FA_HD + 2 * q;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[n][0] * inv, o[n][1] * inv);
+    if (q == 0) lse2[(size_t)bh * t + r0] = m0 + log2f(l0);
+  }
+  if (r1 < nt_) {
+    const float inv = 1.f / l1;
+    float* dst = out + ((size_t)bi * t + r1) * d + h * FA_HD + 2 * q;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[n][2] * inv, o[n][3] * inv);
+    if (q == 0) lse2[(size_t)bh * t + r1] = m1 + log2f(l1);
+  }
+}
+
+// Backward, step 1: dvec[bh·t + i] = Σ_e dO[b, i, h·64 + e] · O[b, i, h·64 + e] (FA-2's D = rowsum(dO ⊙ O),
+// which equals Σ_j P_ij·dP_ij). One warp per row; grid ceil(b·heads·t / 8), block 256.
+extern "C" __global__ void __launch_bounds__(256)
+    snella_flash_attn_bwd_dot(const float* __restrict__ dout, const float* __restrict__ out, float* __restrict__ dvec,
+                              unsigned rows, unsigned t, unsigned heads) {
+  const unsigned row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const unsigned bh = row / t, i = row % t, bi = bh / heads, h = bh % heads, d = heads * FA_HD;
+  const size_t at = ((size_t)bi * t + i) * d + h * FA_HD + 2 * lane;
+  const float2 a = *reinterpret_cast<const float2*>(dout + at), b = *reinterpret_cast<const float2*>(out + at);
+  const float s = snella_warp_sum(a.x * b.x + a.y * b.y);
+  if (lane == 0) dvec[row] = s;
+}
+
+// Backward, step 2. Grid (b·heads, ceil(t/64) key tiles), block 128, dynamic shared memory
+// FA_BWD_SMEM bytes. Each block owns 64 keys: it walks every 64-query tile, recomputes
+// Pᵀ = 2^(s − lse2) from q, k, and accumulates dv = Pᵀ·dO and dk = scale·dSᵀ·q in registers, with
+// dSᵀ = Pᵀ ⊙ (dPᵀ − D), dPᵀ = v·dOᵀ; its share of dq (scale·dS·k over its 64 keys) goes to
+// dqp[key tile][bh][t][64] (no atomics: summed in a fixed order by step 3, deterministic).
+// Writes the k and v columns of dqkv [b, t, 3d] for its keys.
+#define FA_BWD_SMEM (6 * FA_T * FA_S * 2 + 2 * FA_T * 4)
+extern "C" __global__ void __launch_bounds__(128)
+    snella_flash_attn_bwd(const float* __restrict__ qkv, const float* __restrict__ dout, const float* __restrict__ lse2,
+                          const float* __restrict__ dvec, float* __restrict__ dqkv, float* __restrict__ dqp, unsigned t,
+                          unsigned heads, float scale, float scale_log2) {
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(fa_smem);  // q [query][e]
+  __nv_bfloat16* qt = qs + FA_T * FA_S;                              // q [e][query]
+  __nv_bfloat16* dos = qt + FA_T * FA_S;                             // dO [query][e]
+  __nv_bfloat16* dot = dos + FA_T * FA_S;                            // dO [e][query]
+  __nv_bfloat16* dss = dot + FA_T * FA_S;                            // dS [query][key]
+  __nv_bfloat16* kt = dss + FA_T * FA_S;                             // k [e][key]
+  float* ls = reinterpret_cast<float*>(kt + FA_T * FA_S);            // lse2 of the query tile
+  float* dl = ls + FA_T;                                             // D of the query tile
+  const int bh = blockIdx.x, bi = bh / heads, h = bh % heads, nt_ = (int)t;
+  const int d = heads * FA_HD;
+  const size_t ld = 3 * (size_t)d;
+  const float* base = qkv + (size_t)bi * t * ld + h * FA_HD;
+  const float* dbase = dout + (size_t)bi * t * d + h * FA_HD;
+  const int k0 = blockIdx.y * FA_T, w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  // k and v of this tile as A fragments (rows = this warp's 16 keys), k transposed for dq
+  fa_stage_rows(qs, base + d, ld, k0, nt_);
+  fa_stage_rows(dos, base + 2 * d, ld, k0, nt_);
+  fa_stage_cols(kt, base + d, ld, k0, nt_);
+  __syncthreads();
+  uint32_t ka[4][4], va[4][4];
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    fa_lda(ka[kk], qs, w * 16, kk * 16, g, q);
+    fa_lda(va[kk], dos, w * 16, kk * 16, g, q);
+  }
+  float dk[8][4], dv[8][4];
+#pragma unroll
+  for (int n = 0; n < 8; ++n) dk[n][0] = dk[n][1] = dk[n][2] = dk[n][3] = dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.f;
+  const bool key0 = k0 + w * 16 + g < nt_, key1 = k0 + w * 16 + g + 8 < nt_;
+  for (int i0 = 0; i0 < nt_; i0 += FA_T) {
+    __syncthreads();  // the previous tile's readers (and the fragment loads above) are done
+    fa_stage_rows(qs, base, ld, i0, nt_);
+    fa_stage_cols(qt, base, ld, i0, nt_);
+    fa_stage_rows(dos, dbase, d, i0, nt_);
+    fa_stage_cols(dot, dbase, d, i0, nt_);
+    if (threadIdx.x < FA_T) {
+      const int r = i0 + threadIdx.x;
+      ls[threadIdx.x] = r < nt_ ? lse2[(size_t)bh * t + r] : INFINITY;  // padded queries: P = 0
+      dl[threadIdx.x] = r < nt_ ? dvec[(size_t)bh * t + r] : 0.f;
+    }
+    __syncthreads();
+    // Sᵀ = k·qᵀ (this warp's 16 keys × 64 queries) → Pᵀ
+    float p[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) p[n][0] = p[n][1] = p[n][2] = p[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        uint32_t b0, b1;
+        fa_ldb(b0, b1, qs, n * 8, kk * 16, g, q);
+        fa_mma(p[n], ka[kk], b0, b1);
+      }
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float lq = ls[n * 8 + 2 * q + e];
+        p[n][e] = key0 ? exp2f(p[n][e] * scale_log2 - lq) : 0.f;
+        p[n][2 + e] = key1 ? exp2f(p[n][2 + e] * scale_log2 - lq) : 0.f;
+      }
+    // dv += Pᵀ·dO
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t pa[4];
+      fa_acc_to_a(pa, p, j);
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        uint32_t b0, b1;
+        fa_ldb(b0, b1, dot, n * 8, j * 16, g, q);
+        fa_mma(dv[n], pa, b0, b1);
+      }
+    }
+    // dPᵀ = v·dOᵀ, then dSᵀ = Pᵀ ⊙ (dPᵀ − D) in place of Pᵀ
+    float dp[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        uint32_t b0, b1;
+        fa_ldb(b0, b1, dos, n * 8, kk * 16, g, q);
+        fa_mma(dp[n], va[kk], b0, b1);
+      }
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float dq_ = dl[n * 8 + 2 * q + e];
+        p[n][e] *= dp[n][e] - dq_;
+        p[n][2 + e] *= dp[n][2 + e] - dq_;
+      }
+    // dk += dSᵀ·q (scaled at the end)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t pa[4];
+      fa_acc_to_a(pa, p, j);
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        uint32_t b0, b1;
+        fa_ldb(b0, b1, qt, n * 8, j * 16, g, q);
+        fa_mma(dk[n], pa, b0, b1);
+      }
+    }
+    // dS to shared as [query][key], then this warp's 16 queries of dq over the tile's 64 keys
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        dss[(n * 8 + 2 * q + e) * FA_S + w * 16 + g] = __float2bfloat16_rn(p[n][e]);
+        dss[(n * 8 + 2 * q + e) * FA_S + w * 16 + g + 8] = __float2bfloat16_rn(p[n][2 + e]);
+      }
+    __syncthreads();
+    float dq[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t a[4];
+      fa_lda(a, dss, w * 16, j * 16, g, q);
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        uint32_t b0, b1;
+        fa_ldb(b0, b1, kt, n * 8, j * 16, g, q);
+        fa_mma(dq[n], a, b0, b1);
+      }
+    }
+    const int r0 = i0 + w * 16 + g, r1 = r0 + 8;
+    float* part = dqp + (((size_t)blockIdx.y * gridDim.x + bh) * t) * FA_HD + 2 * q;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      if (r0 < nt_) *reinterpret_cast<float2*>(part + (size_t)r0 * FA_HD + n * 8) = make_float2(dq[n][0] * scale, dq[n][1] * scale);
+      if (r1 < nt_) *reinterpret_cast<float2*>(part + (size_t)r1 * FA_HD + n * 8) = make_float2(dq[n][2] * scale, dq[n][3] * scale);
+    }
+  }
+  // this block's keys: dk (scaled) and dv into dqkv
+  const int r0 = k0 + w * 16 + g, r1 = r0 + 8;
+  float* dst = dqkv + (size_t)bi * t * ld + h * FA_HD + 2 * q;
+#pragma unroll
+  for (int n = 0; n < 8; ++n) {
+    if (r0 < nt_) {
+      *reinterpret_cast<float2*>(dst + (size_t)r0 * ld + d + n * 8) = make_float2(dk[n][0] * scale, dk[n][1] * scale);
+      *reinterpret_cast<float2*>(dst + (size_t)r0 * ld + 2 * d + n * 8) = make_float2(dv[n][0], dv[n][1]);
+    }
+    if (r1 < nt_) {
+      *reinterpret_cast<float2*>(dst + (size_t)r1 * ld + d + n * 8) = make_float2(dk[n][2] * scale, dk[n][3] * scale);
+      *reinterpret_cast<float2*>(dst + (size_t)r1 * ld + 2 * d + n * 8) = make_float2(dv[n][2], dv[n][3]);
+    }
+  }
+}
+
+// Backward, step 3: the q columns of dqkv = Σ over the `tiles` key tiles of dqp, in tile order
+// (deterministic). One thread per element of [b·heads, t, 64] (`total` of them); grid-stride.
+extern "C" __global__ void __launch_bounds__(256)
+    snella_flash_attn_bwd_dq(const float* __restrict__ dqp, float* __restrict__ dqkv, unsigned t, unsigned heads,
+                             unsigned tiles, unsigned long long total) {
+  const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+  for (unsigned long long x = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; x < total; x += stride) {
+    const unsigned long long row = x / FA_HD;  // bh·t + i
+    const unsigned e = (unsigned)(x % FA_HD), i = (unsigned)(row % t), bh = (unsigned)(row / t);
+    const unsigned bi = bh / heads, h = bh % heads, d = heads * FA_HD;
+    float s = 0.f;
+    for (unsigned k = 0; k < tiles; ++k) s += dqp[(unsigned long long)k * total + x];
+    dqkv[((unsigned long long)bi * t + i) * 3ull * d + h * FA_HD + e] = s;
+  }
+}

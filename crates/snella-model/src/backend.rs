@@ -99,10 +99,21 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn gelu_fwd(&self, x: &Self::Buf, y: &mut Self::Buf);
     /// Exact GELU backward from the pre-activation.
     fn gelu_bwd(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
-    /// Attention core forward: `qkv [b,t,3d]` → `out [b,t,d]`, saving `probs [b,h,t,t]`.
-    fn attention_fwd(&self, qkv: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, out: &mut Self::Buf, probs: &mut Self::Buf);
-    /// Attention core backward.
-    fn attention_bwd(&self, dout: &Self::Buf, qkv: &Self::Buf, probs: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, dqkv: &mut Self::Buf);
+    /// Floats [`Backend::attention_fwd`] saves for the backward (`saved`): the probabilities
+    /// `[b, heads, t, t]` (the default, and the CPU reference), or each row's log-sum-exp
+    /// `[b, heads, t]` where the backend fuses the attention and recomputes them (CUDA in bf16).
+    fn attention_saved_len(&self, b: usize, t: usize, heads: usize, hd: usize) -> usize {
+        let _ = hd;
+        b * heads * t * t
+    }
+    /// Attention core forward (`snella_core::ops::attention::attention_fwd`): `qkv [b,t,3d]` →
+    /// `out [b,t,d]`, writing what the backward needs into `saved`
+    /// ([`Backend::attention_saved_len`] floats).
+    fn attention_fwd(&self, qkv: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, out: &mut Self::Buf, saved: &mut Self::Buf);
+    /// Attention core backward from the forward's input `qkv`, output `out` and `saved`; overwrites
+    /// `dqkv [b,t,3d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(&self, dout: &Self::Buf, qkv: &Self::Buf, out: &Self::Buf, saved: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, dqkv: &mut Self::Buf);
     /// Mean softmax cross-entropy; returns `(loss, correct)` and writes `dlogits`.
     fn cross_entropy(&self, logits: &Self::Buf, labels: &[u32], b: usize, c: usize, dlogits: &mut Self::Buf) -> (f32, usize);
     /// Softmax cross-entropy of `b` rows with an explicit normaliser `norm` (the global batch size

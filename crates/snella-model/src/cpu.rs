@@ -62,7 +62,7 @@ impl Backend for CpuBackend {
     fn attention_fwd(&self, qkv: &Vec<f32>, b: usize, t: usize, h: usize, hd: usize, out: &mut Vec<f32>, probs: &mut Vec<f32>) {
         attention::attention_fwd(qkv, b, t, h, hd, out, probs)
     }
-    fn attention_bwd(&self, dout: &Vec<f32>, qkv: &Vec<f32>, probs: &Vec<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: &mut Vec<f32>) {
+    fn attention_bwd(&self, dout: &Vec<f32>, qkv: &Vec<f32>, _out: &Vec<f32>, probs: &Vec<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: &mut Vec<f32>) {
         attention::attention_bwd(dout, qkv, probs, b, t, h, hd, dqkv)
     }
     fn cross_entropy(&self, logits: &Vec<f32>, labels: &[u32], b: usize, c: usize, dl: &mut Vec<f32>) -> (f32, usize) {

@@ -71,6 +71,14 @@ impl CudaBackend {
         Ok(acc)
     }
 
+    /// Whether attention runs fused in bf16 ([`attention::flash_fwd`]: FlashAttention-2, only the
+    /// row log-sum-exp saved): in the bf16 precision with head dim 64. In f32 and TF32 the products
+    /// stay on cuBLAS with the probabilities saved (the exact path the CPU step is checked against).
+    /// The precision is fixed for a training session, so a forward and its backward agree.
+    pub fn flash_attention(&self, hd: usize) -> bool {
+        self.gpu.precision() == snella_cuda::device::Precision::Bf16 && hd == attention::FLASH_HEAD_DIM
+    }
+
     /// Runs `f`, between two recorded events when profiling.
     fn timed<T>(&self, op: &'static str, f: impl FnOnce() -> T) -> T {
         let Some(p) = &self.prof else { return f() };
@@ -189,14 +197,27 @@ impl Backend for CudaBackend {
             ok("gelu_bwd", gelu::gelu_bwd(&self.gpu, &x.slice(..), &dy.slice(..), &mut dx.slice_mut(..)));
         })
     }
-    fn attention_fwd(&self, qkv: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, out: &mut CudaSlice<f32>, probs: &mut CudaSlice<f32>) {
+    fn attention_saved_len(&self, b: usize, t: usize, h: usize, hd: usize) -> usize {
+        if self.flash_attention(hd) { b * h * t } else { b * h * t * t }
+    }
+    fn attention_fwd(&self, qkv: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, out: &mut CudaSlice<f32>, saved: &mut CudaSlice<f32>) {
         self.timed("attention_fwd", || {
-            ok("attention_fwd", attention::attention_fwd(&self.gpu, &qkv.slice(..), b, t, h, hd, &mut out.slice_mut(..), &mut probs.slice_mut(..)));
+            let r = if self.flash_attention(hd) {
+                attention::flash_fwd(&self.gpu, &qkv.slice(..), b, t, h, hd, &mut out.slice_mut(..), &mut saved.slice_mut(..))
+            } else {
+                attention::attention_fwd(&self.gpu, &qkv.slice(..), b, t, h, hd, &mut out.slice_mut(..), &mut saved.slice_mut(..))
+            };
+            ok("attention_fwd", r);
         })
     }
-    fn attention_bwd(&self, dout: &CudaSlice<f32>, qkv: &CudaSlice<f32>, probs: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: &mut CudaSlice<f32>) {
+    fn attention_bwd(&self, dout: &CudaSlice<f32>, qkv: &CudaSlice<f32>, out: &CudaSlice<f32>, saved: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: &mut CudaSlice<f32>) {
         self.timed("attention_bwd", || {
-            ok("attention_bwd", attention::attention_bwd(&self.gpu, &dout.slice(..), &qkv.slice(..), &probs.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..)));
+            let r = if self.flash_attention(hd) {
+                attention::flash_bwd(&self.gpu, &dout.slice(..), &qkv.slice(..), &out.slice(..), &saved.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..))
+            } else {
+                attention::attention_bwd(&self.gpu, &dout.slice(..), &qkv.slice(..), &saved.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..))
+            };
+            ok("attention_bwd", r);
         })
     }
     fn cross_entropy(&self, logits: &CudaSlice<f32>, labels: &[u32], b: usize, c: usize, dl: &mut CudaSlice<f32>) -> (f32, usize) {

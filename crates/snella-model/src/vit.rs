@@ -35,7 +35,8 @@ pub struct BlockCache<B: Backend> {
     m1: B::Buf,
     r1: B::Buf,
     qkv: B::Buf,
-    probs: B::Buf,
+    /// What the attention forward saved ([`Backend::attention_saved_len`]).
+    saved: B::Buf,
     att: B::Buf,
     h: B::Buf,
     ln2: B::Buf,
@@ -238,8 +239,8 @@ impl<B: Backend> Vit<B> {
         let (mut ln1, mut m1, mut r1) = (be.empty(rows * d), be.empty(rows), be.empty(rows));
         be.layernorm_fwd(&x, &blk.norm1.0.value, &blk.norm1.1.value, rows, d, cfg.ln_eps, &mut ln1, &mut m1, &mut r1);
         let (qkv, k_qkv) = blk.qkv.forward_keep(be, &ln1, rows, kq);
-        let (mut att, mut probs) = (be.empty(rows * d), be.empty(b * cfg.num_heads * t * t));
-        be.attention_fwd(&qkv, b, t, cfg.num_heads, cfg.head_dim(), &mut att, &mut probs);
+        let (mut att, mut saved) = (be.empty(rows * d), be.empty(be.attention_saved_len(b, t, cfg.num_heads, cfg.head_dim())));
+        be.attention_fwd(&qkv, b, t, cfg.num_heads, cfg.head_dim(), &mut att, &mut saved);
         let (h, k_proj) = blk.proj.forward_res(be, &att, rows, kp, Some(&x));
         let (mut ln2, mut m2, mut r2) = (be.empty(rows * d), be.empty(rows), be.empty(rows));
         be.layernorm_fwd(&h, &blk.norm2.0.value, &blk.norm2.1.value, rows, d, cfg.ln_eps, &mut ln2, &mut m2, &mut r2);
@@ -250,7 +251,7 @@ impl<B: Backend> Vit<B> {
         if !train {
             return (out, None, [k_qkv, k_proj, k_fc1, k_fc2]);
         }
-        let cache = BlockCache { x, ln1, m1, r1, qkv, probs, att, h, ln2, m2, r2, f1, g, kept: [k_qkv, k_proj, k_fc1, k_fc2] };
+        let cache = BlockCache { x, ln1, m1, r1, qkv, saved, att, h, ln2, m2, r2, f1, g, kept: [k_qkv, k_proj, k_fc1, k_fc2] };
         (out, Some(cache), [Vec::new(), Vec::new(), Vec::new(), Vec::new()])
     }
 
@@ -307,7 +308,7 @@ impl<B: Backend> Vit<B> {
         be.add_assign(&mut dh, &dout);
         let datt = blk.proj.backward_with(be, &c.att, &dh, rows, true, Some(k_proj)).expect("dx");
         let mut dqkv = be.empty(rows * 3 * d);
-        be.attention_bwd(&datt, &c.qkv, &c.probs, b, t, cfg.num_heads, cfg.head_dim(), &mut dqkv);
+        be.attention_bwd(&datt, &c.qkv, &c.att, &c.saved, b, t, cfg.num_heads, cfg.head_dim(), &mut dqkv);
         let dln1 = blk.qkv.backward_with(be, &c.ln1, &dqkv, rows, true, Some(k_qkv)).expect("dx");
         let mut dx = be.empty(rows * d);
         {

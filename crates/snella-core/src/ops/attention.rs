@@ -170,6 +170,32 @@ pub fn attention_bwd<T: Real>(
     });
 }
 
+/// Each attention row's log-sum-exp of its scores in base 2: `lse2[bh·t + i] = log2 Σ_j 2^(s_ij)` with
+/// `s = q·kᵀ·hd^-0.5·log2 e` (so `P_ij = 2^(s_ij − lse2_i)`), for `qkv: [b, t, 3·d]` (layout in the
+/// module doc) into `lse2: [b, heads, t]`, accumulated in f64. What a fused (flash-style) attention
+/// saves instead of the probabilities; the reference for the CUDA kernel `snella_flash_attn_fwd`.
+///
+/// # Panics
+/// If a slice is shorter than its shape needs.
+pub fn attention_lse2<T: Real>(qkv: &[T], b: usize, t: usize, heads: usize, hd: usize, lse2: &mut [T]) {
+    let d = heads * hd;
+    assert!(qkv.len() >= b * t * 3 * d, "attention_lse2: qkv has {} elements, needs {}", qkv.len(), b * t * 3 * d);
+    assert!(lse2.len() >= b * heads * t, "attention_lse2: lse2 has {} elements, needs {}", lse2.len(), b * heads * t);
+    let c = (hd as f64).powf(-0.5) * std::f64::consts::LOG2_E;
+    lse2[..b * heads * t].par_chunks_mut(t.max(1)).enumerate().for_each(|(bh, row)| {
+        let (bi, h) = (bh / heads, bh % heads);
+        let at = |i: usize, s: usize, e: usize| qkv[(bi * t + i) * 3 * d + s * d + h * hd + e].f64();
+        let mut sc = vec![0f64; t];
+        for (i, out) in row.iter_mut().enumerate() {
+            for (j, v) in sc.iter_mut().enumerate() {
+                *v = (0..hd).map(|e| at(i, 0, e) * at(j, 1, e)).sum::<f64>() * c;
+            }
+            let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            *out = T::of(mx + sc.iter().map(|v| (v - mx).exp2()).sum::<f64>().log2());
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +286,28 @@ mod tests {
         let mut dqkv = vec![f64::NAN; b * t * 3 * d];
         attention_bwd(&w, &qkv, &probs, b, t, heads, hd, &mut dqkv);
         assert_close("attention dqkv", &dqkv, &num, 1e-6);
+    }
+
+    #[test]
+    fn attention_lse2_gives_the_probabilities() {
+        let (b, t, heads, hd) = (2, 7, 3, 4);
+        let qkv = rand_vec(b * t * 3 * heads * hd, 61, 2.0);
+        let (_, probs) = naive(&qkv, b, t, heads, hd);
+        let mut lse2 = vec![f64::NAN; b * heads * t];
+        attention_lse2(&qkv, b, t, heads, hd, &mut lse2);
+        let c = 1.0 / (hd as f64).sqrt() * std::f64::consts::LOG2_E;
+        let d = heads * hd;
+        for bh in 0..b * heads {
+            let (bi, h) = (bh / heads, bh % heads);
+            for i in 0..t {
+                for j in 0..t {
+                    let s: f64 = (0..hd).map(|e| qkv[(bi * t + i) * 3 * d + h * hd + e] * qkv[(bi * t + j) * 3 * d + d + h * hd + e]).sum::<f64>() * c;
+                    let p = (s - lse2[bh * t + i]).exp2();
+                    let want = probs[(bh * t + i) * t + j];
+                    assert!((p - want).abs() < 1e-12, "P[{bh},{i},{j}] {p} vs {want}");
+                }
+            }
+        }
     }
 
     /// Timing of the main training shape; run with `--ignored --nocapture`.

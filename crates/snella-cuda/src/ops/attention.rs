@@ -8,11 +8,11 @@
 //! `d = heads·hd`. Each head's q, k, v is a column block of `qkv` (row stride `3·d`), so nothing is
 //! gathered or transposed. Any `t`, any `hd`.
 
-use super::reduce::{check_len, dim_u32, scratch};
+use super::reduce::{check_len, dim_u32, grid_stride, scratch};
 use super::{In, Out};
 use crate::device::{cuda_err, Gpu};
 use crate::gemm::gemm_batched;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use snella_core::SnellaError;
 
 fn rows_cfg(rows: usize) -> LaunchConfig {
@@ -107,5 +107,125 @@ pub fn attention_bwd(
     // SAFETY: as above.
     unsafe { gemm_batched(gpu, false, false, t, hd, t, 1.0, &ds, &p_off, t, qkv, &k_off, r3, 0.0, &mut *dqkv, &q_off, r3)? };
     unsafe { gemm_batched(gpu, true, false, t, hd, t, 1.0, &ds, &p_off, t, qkv, &q_off, r3, 0.0, dqkv, &k_off, r3)? };
+    Ok(())
+}
+
+/// The head dim of the fused bf16 attention ([`flash_fwd`], [`flash_bwd`]).
+pub const FLASH_HEAD_DIM: usize = 64;
+
+/// Bytes of dynamic shared memory of `snella_flash_attn_bwd` (six 64×72 bf16 tiles and two
+/// 64-float rows; `FA_BWD_SMEM` in `kernels/attention.cu`).
+const FLASH_BWD_SMEM: u32 = 6 * 64 * 72 * 2 + 2 * 64 * 4;
+
+fn check_flash(op: &str, hd: usize, ptrs: &[(&str, u64)]) -> Result<(), SnellaError> {
+    if hd != FLASH_HEAD_DIM {
+        return Err(SnellaError::config(&format!("{op}.head_dim"), hd, "64 for the fused bf16 attention"));
+    }
+    for (name, p) in ptrs {
+        if p % 16 != 0 {
+            return Err(SnellaError::config(&format!("{op}.{name}"), *p as usize, "a 16-byte aligned device address"));
+        }
+    }
+    Ok(())
+}
+
+/// Fused attention forward in bf16 (FlashAttention-2, Dao 2023, Algorithm 1), head dim 64: writes
+/// `out: [b, t, d]` (f32) and `lse2: [b, heads, t]`, each row's log-sum-exp of the scores in base 2
+/// (`log2 Σ_j 2^(s_j)`, `s = q·kᵀ·hd^-0.5·log2 e`), from `qkv: [b, t, 3·d]` (f32, layout in the
+/// module docs). The probabilities are never stored: [`flash_bwd`] recomputes them from `lse2`.
+/// `q`, `k`, `v` and `P` are rounded to bf16 for the tensor-core products (f32 accumulation, f32
+/// softmax statistics), as PyTorch's autocast feeds its scaled-dot-product attention.
+/// CPU reference: `snella_core::ops::attention::{attention_fwd, attention_lse2}`.
+///
+/// # Errors
+/// `Tensor` when a buffer is shorter than its shape needs; `Config` when `hd ≠ 64` or a buffer is
+/// not 16-byte aligned; `CUDA_ERROR` on a launch failure.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_fwd(gpu: &Gpu, qkv: &In, b: usize, t: usize, heads: usize, hd: usize, out: &mut Out, lse2: &mut Out) -> Result<(), SnellaError> {
+    let op = "flash_attention_fwd";
+    let d = heads * hd;
+    check_len(op, "qkv", qkv.len(), b * t * 3 * d)?;
+    check_len(op, "out", out.len(), b * t * d)?;
+    check_len(op, "lse2", lse2.len(), b * heads * t)?;
+    if b == 0 || t == 0 || heads == 0 {
+        return Ok(());
+    }
+    let (pq, _g) = qkv.device_ptr(&gpu.stream);
+    check_flash(op, hd, &[("qkv", pq)])?;
+    let bh = dim_u32(op, "b·heads", b * heads)?;
+    let tiles = dim_u32(op, "t/64", t.div_ceil(64))?;
+    let (t32, h32) = (dim_u32(op, "t", t)?, dim_u32(op, "heads", heads)?);
+    let scale_log2 = ((hd as f64).powf(-0.5) * std::f64::consts::LOG2_E) as f32;
+    let f = gpu.func("snella_flash_attn_fwd");
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(qkv).arg(&mut *out).arg(&mut *lse2).arg(&t32).arg(&h32).arg(&scale_log2);
+    let cfg = LaunchConfig { grid_dim: (bh, tiles, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: lengths checked above; each block writes only its own query rows of out and lse2.
+    unsafe { l.launch(cfg) }.map_err(|e| cuda_err("snella_flash_attn_fwd", e))?;
+    Ok(())
+}
+
+/// Backward of [`flash_fwd`] (FlashAttention-2, Algorithm 2): writes (overwrites) `dqkv: [b, t, 3·d]`
+/// from `dout: [b, t, d]`, the forward's `qkv`, its output `out` and its `lse2`. Per head, with `P`
+/// recomputed from `lse2`: `dv = Pᵀ·dO`, `dP = dO·vᵀ`, `dS = P ⊙ (dP − rowsum(dO ⊙ O))`,
+/// `dq = scale·dS·k`, `dk = scale·dSᵀ·q`; operands in bf16, accumulation in f32.
+///
+/// Deterministic: each key tile's share of `dq` goes to its own slab of scratch
+/// (`⌈t/64⌉·b·heads·t·64` floats) and the slabs are summed in a fixed order; `b·heads·t` more floats
+/// hold `rowsum(dO ⊙ O)`.
+///
+/// # Errors
+/// `Tensor` when a buffer is shorter than its shape needs; `Config` when `hd ≠ 64` or a buffer is
+/// not 16-byte aligned; `CUDA_OOM` for the scratch; `CUDA_ERROR` on a launch failure.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_bwd(
+    gpu: &Gpu, dout: &In, qkv: &In, out: &In, lse2: &In, b: usize, t: usize, heads: usize, hd: usize, dqkv: &mut Out,
+) -> Result<(), SnellaError> {
+    let op = "flash_attention_bwd";
+    let d = heads * hd;
+    check_len(op, "qkv", qkv.len(), b * t * 3 * d)?;
+    check_len(op, "dqkv", dqkv.len(), b * t * 3 * d)?;
+    check_len(op, "dout", dout.len(), b * t * d)?;
+    check_len(op, "out", out.len(), b * t * d)?;
+    check_len(op, "lse2", lse2.len(), b * heads * t)?;
+    if b == 0 || t == 0 || heads == 0 {
+        return Ok(());
+    }
+    {
+        let (a, _g1) = qkv.device_ptr(&gpu.stream);
+        let (c, _g2) = dout.device_ptr(&gpu.stream);
+        let (e, _g3) = out.device_ptr(&gpu.stream);
+        let (f, _g4) = dqkv.device_ptr(&gpu.stream);
+        check_flash(op, hd, &[("qkv", a), ("dout", c), ("out", e), ("dqkv", f)])?;
+    }
+    let rows = b * heads * t;
+    let (rows32, t32, h32) = (dim_u32(op, "b·heads·t", rows)?, dim_u32(op, "t", t)?, dim_u32(op, "heads", heads)?);
+    let bh = dim_u32(op, "b·heads", b * heads)?;
+    let tiles = t.div_ceil(64);
+    let tiles32 = dim_u32(op, "t/64", tiles)?;
+    let scale = (hd as f64).powf(-0.5) as f32;
+    let scale_log2 = ((hd as f64).powf(-0.5) * std::f64::consts::LOG2_E) as f32;
+    let mut dvec = scratch(gpu, rows)?;
+    let total = rows * hd;
+    let mut dqp = scratch(gpu, tiles * total)?;
+    let f = gpu.func("snella_flash_attn_bwd_dot");
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(dout).arg(out).arg(&mut dvec).arg(&rows32).arg(&t32).arg(&h32);
+    // SAFETY: dout/out hold b·t·d floats, dvec rows floats (checked/allocated); one warp per row.
+    unsafe { l.launch(rows_cfg(rows)) }.map_err(|e| cuda_err("snella_flash_attn_bwd_dot", e))?;
+    let f = gpu.func("snella_flash_attn_bwd");
+    f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, FLASH_BWD_SMEM as i32)
+        .map_err(|e| cuda_err("snella_flash_attn_bwd shared memory", e))?;
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(qkv).arg(dout).arg(lse2).arg(&dvec).arg(&mut *dqkv).arg(&mut dqp).arg(&t32).arg(&h32).arg(&scale).arg(&scale_log2);
+    let cfg = LaunchConfig { grid_dim: (bh, tiles32, 1), block_dim: (128, 1, 1), shared_mem_bytes: FLASH_BWD_SMEM };
+    // SAFETY: lengths checked; each block writes the k/v columns of its own keys and its own dq slab.
+    unsafe { l.launch(cfg) }.map_err(|e| cuda_err("snella_flash_attn_bwd", e))?;
+    let f = gpu.func("snella_flash_attn_bwd_dq");
+    let mut l = gpu.stream.launch_builder(&f);
+    let total64 = total as u64;
+    l.arg(&dqp).arg(&mut *dqkv).arg(&t32).arg(&h32).arg(&tiles32).arg(&total64);
+    // SAFETY: dqp holds tiles·total floats, all written above; one thread per q element of dqkv.
+    unsafe { l.launch(grid_stride(total)) }.map_err(|e| cuda_err("snella_flash_attn_bwd_dq", e))?;
     Ok(())
 }
