@@ -96,31 +96,35 @@ __device__ __forceinline__ void fa_acc_to_a(uint32_t (&a)[4], const float (&c)[8
   a[3] = fa_pack(c[2 * j + 1][2], c[2 * j + 1][3]);
 }
 
-// Stages rows [r0, r0+64) (rows ≥ n as zeros) of a head's 64 f32 columns (`src`, row stride `ld`)
-// into sh[r][c] as bf16; 128 threads, float4 loads.
-__device__ __forceinline__ void fa_stage_rows(__nv_bfloat16* sh, const float* __restrict__ src, size_t ld, int r0, int n) {
-  for (int i = threadIdx.x; i < FA_T * 16; i += blockDim.x) {
-    const int r = i >> 4, c = (i & 15) * 4;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (r0 + r < n) v = *reinterpret_cast<const float4*>(src + (size_t)(r0 + r) * ld + c);
-    uint2 w;
-    w.x = fa_pack(v.x, v.y);
-    w.y = fa_pack(v.z, v.w);
-    *reinterpret_cast<uint2*>(sh + r * FA_S + c) = w;
+// B fragments of two adjacent n-tiles (n0, n0 + 8) at k0 of an operand stored [k][n] in shared
+// memory, transposed on the fly by ldmatrix .trans: b[0], b[1] for n0; b[2], b[3] for n0 + 8.
+__device__ __forceinline__ void fa_ldb_t(uint32_t (&b)[4], const __nv_bfloat16* s, int k0, int n0, int lane) {
+  const int j = lane >> 3, r = lane & 7;
+  const uint32_t a = (uint32_t)__cvta_generic_to_shared(s + (k0 + (j & 1) * 8 + r) * FA_S + n0 + (j >> 1) * 8);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+               : "r"(a));
+}
+
+// Loads this thread's share of a 64-row tile (rows [r0, r0+64), rows ≥ n as zeros) of a head's 64 f32
+// columns (`src`, row stride `ld`): 8 float4, all issued before any is used (one memory latency).
+__device__ __forceinline__ void fa_load(float4 (&v)[8], const float* __restrict__ src, size_t ld, int r0, int n) {
+#pragma unroll
+  for (int u = 0; u < 8; ++u) {
+    const int i = threadIdx.x + u * 128, r = i >> 4, c = (i & 15) * 4;
+    v[u] = r0 + r < n ? __ldg(reinterpret_cast<const float4*>(src + (size_t)(r0 + r) * ld + c)) : make_float4(0.f, 0.f, 0.f, 0.f);
   }
 }
 
-// As fa_stage_rows but transposed: sh[c][r] (consecutive threads take consecutive rows, so the
-// 16-bit shared stores of a warp hit distinct banks).
-__device__ __forceinline__ void fa_stage_cols(__nv_bfloat16* sh, const float* __restrict__ src, size_t ld, int r0, int n) {
-  for (int i = threadIdx.x; i < FA_T * 16; i += blockDim.x) {
-    const int r = i & 63, c = (i >> 6) * 4;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (r0 + r < n) v = *reinterpret_cast<const float4*>(src + (size_t)(r0 + r) * ld + c);
-    sh[(c + 0) * FA_S + r] = __float2bfloat16_rn(v.x);
-    sh[(c + 1) * FA_S + r] = __float2bfloat16_rn(v.y);
-    sh[(c + 2) * FA_S + r] = __float2bfloat16_rn(v.z);
-    sh[(c + 3) * FA_S + r] = __float2bfloat16_rn(v.w);
+// Stores what fa_load loaded into sh[r][c] as bf16 (block of 128 threads).
+__device__ __forceinline__ void fa_store(__nv_bfloat16* sh, const float4 (&v)[8]) {
+#pragma unroll
+  for (int u = 0; u < 8; ++u) {
+    const int i = threadIdx.x + u * 128, r = i >> 4, c = (i & 15) * 4;
+    uint2 w;
+    w.x = fa_pack(v[u].x, v[u].y);
+    w.y = fa_pack(v[u].z, v[u].w);
+    *reinterpret_cast<uint2*>(sh + r * FA_S + c) = w;
   }
 }
 
@@ -131,13 +135,15 @@ __device__ __forceinline__ void fa_stage_cols(__nv_bfloat16* sh, const float* __
 extern "C" __global__ void __launch_bounds__(128)
     snella_flash_attn_fwd(const float* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse2, unsigned t,
                           unsigned heads, float scale_log2) {
-  __shared__ __align__(16) __nv_bfloat16 qs[FA_T * FA_S], ks[FA_T * FA_S], vt[FA_T * FA_S];
+  __shared__ __align__(16) __nv_bfloat16 qs[FA_T * FA_S], ks[FA_T * FA_S], vs[FA_T * FA_S];
   const int bh = blockIdx.x, bi = bh / heads, h = bh % heads, nt_ = (int)t;
   const int d = heads * FA_HD;
   const size_t ld = 3 * (size_t)d;
   const float* base = qkv + (size_t)bi * t * ld + h * FA_HD;
   const int q0 = blockIdx.y * FA_T, w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-  fa_stage_rows(qs, base, ld, q0, nt_);
+  float4 ra[8], rb[8];
+  fa_load(ra, base, ld, q0, nt_);
+  fa_store(qs, ra);
   __syncthreads();
   uint32_t qa[4][4];
 #pragma unroll
@@ -146,10 +152,14 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
   for (int n = 0; n < 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  // (loading the next tile while this one is multiplied was measured: no faster at t = 197, 224
+  // registers instead of 166)
   for (int k0 = 0; k0 < nt_; k0 += FA_T) {
+    fa_load(ra, base + d, ld, k0, nt_);
+    fa_load(rb, base + 2 * d, ld, k0, nt_);
     __syncthreads();  // the previous tile's readers are done
-    fa_stage_rows(ks, base + d, ld, k0, nt_);
-    fa_stage_cols(vt, base + 2 * d, ld, k0, nt_);
+    fa_store(ks, ra);
+    fa_store(vs, rb);
     __syncthreads();
     float s[8][4];
 #pragma unroll
@@ -203,10 +213,11 @@ extern "C" __global__ void __launch_bounds__(128)
       uint32_t pa[4];
       fa_acc_to_a(pa, s, j);
 #pragma unroll
-      for (int n = 0; n < 8; ++n) {
-        uint32_t b0, b1;
-        fa_ldb(b0, b1, vt, n * 8, j * 16, g, q);
-        fa_mma(o[n], pa, b0, b1);
+      for (int n = 0; n < 8; n += 2) {
+        uint32_t b[4];
+        fa_ldb_t(b, vs, j * 16, n * 8, lane);
+        fa_mma(o[n], pa, b[0], b[1]);
+        fa_mma(o[n + 1], pa, b[2], b[3]);
       }
     }
   }
@@ -245,41 +256,37 @@ extern "C" __global__ void __launch_bounds__(256)
   if (lane == 0) dvec[row] = s;
 }
 
-// Backward, step 2. Grid (b·heads, ceil(t/64) key tiles), block 128, dynamic shared memory
-// FA_BWD_SMEM bytes. Each block owns 64 keys: it walks every 64-query tile, recomputes
-// Pᵀ = 2^(s − lse2) from q, k, and accumulates dv = Pᵀ·dO and dk = scale·dSᵀ·q in registers, with
-// dSᵀ = Pᵀ ⊙ (dPᵀ − D), dPᵀ = v·dOᵀ; its share of dq (scale·dS·k over its 64 keys) goes to
-// dqp[key tile][bh][t][64] (no atomics: summed in a fixed order by step 3, deterministic).
-// Writes the k and v columns of dqkv [b, t, 3d] for its keys.
-#define FA_BWD_SMEM (6 * FA_T * FA_S * 2 + 2 * FA_T * 4)
+// Backward, step 2. Grid (b·heads, ceil(t/64) key tiles), block 128. Each block owns 64 keys: it
+// walks every 64-query tile, recomputes Pᵀ = 2^(s − lse2) from q, k, and accumulates dv = Pᵀ·dO and
+// dk = scale·dSᵀ·q in registers, with dSᵀ = Pᵀ ⊙ (dPᵀ − D), dPᵀ = v·dOᵀ; its share of dq
+// (scale·dS·k over its 64 keys) goes to dqp[key tile][bh][t][64] (no atomics: summed in a fixed order
+// by step 3, deterministic). Writes the k and v columns of dqkv [b, t, 3d] for its keys.
 extern "C" __global__ void __launch_bounds__(128)
     snella_flash_attn_bwd(const float* __restrict__ qkv, const float* __restrict__ dout, const float* __restrict__ lse2,
                           const float* __restrict__ dvec, float* __restrict__ dqkv, float* __restrict__ dqp, unsigned t,
                           unsigned heads, float scale, float scale_log2) {
-  extern __shared__ __align__(16) unsigned char fa_smem[];
-  __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(fa_smem);  // q [query][e]
-  __nv_bfloat16* qt = qs + FA_T * FA_S;                              // q [e][query]
-  __nv_bfloat16* dos = qt + FA_T * FA_S;                             // dO [query][e]
-  __nv_bfloat16* dot = dos + FA_T * FA_S;                            // dO [e][query]
-  __nv_bfloat16* dss = dot + FA_T * FA_S;                            // dS [query][key]
-  __nv_bfloat16* kt = dss + FA_T * FA_S;                             // k [e][key]
-  float* ls = reinterpret_cast<float*>(kt + FA_T * FA_S);            // lse2 of the query tile
-  float* dl = ls + FA_T;                                             // D of the query tile
+  __shared__ __align__(16) __nv_bfloat16 qs[FA_T * FA_S];   // q [query][e]
+  __shared__ __align__(16) __nv_bfloat16 dos[FA_T * FA_S];  // dO [query][e]
+  __shared__ __align__(16) __nv_bfloat16 dss[FA_T * FA_S];  // dS [query][key]
+  __shared__ __align__(16) __nv_bfloat16 ks[FA_T * FA_S];   // k [key][e]
+  __shared__ float ls[FA_T], dl[FA_T];                      // lse2 and D of the query tile
   const int bh = blockIdx.x, bi = bh / heads, h = bh % heads, nt_ = (int)t;
   const int d = heads * FA_HD;
   const size_t ld = 3 * (size_t)d;
   const float* base = qkv + (size_t)bi * t * ld + h * FA_HD;
   const float* dbase = dout + (size_t)bi * t * d + h * FA_HD;
   const int k0 = blockIdx.y * FA_T, w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-  // k and v of this tile as A fragments (rows = this warp's 16 keys), k transposed for dq
-  fa_stage_rows(qs, base + d, ld, k0, nt_);
-  fa_stage_rows(dos, base + 2 * d, ld, k0, nt_);
-  fa_stage_cols(kt, base + d, ld, k0, nt_);
+  // k and v of this tile as A fragments (rows = this warp's 16 keys); k stays in shared for dq
+  float4 ra[8], rb[8];
+  fa_load(ra, base + d, ld, k0, nt_);
+  fa_load(rb, base + 2 * d, ld, k0, nt_);
+  fa_store(ks, ra);
+  fa_store(dos, rb);
   __syncthreads();
   uint32_t ka[4][4], va[4][4];
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
-    fa_lda(ka[kk], qs, w * 16, kk * 16, g, q);
+    fa_lda(ka[kk], ks, w * 16, kk * 16, g, q);
     fa_lda(va[kk], dos, w * 16, kk * 16, g, q);
   }
   float dk[8][4], dv[8][4];
@@ -287,15 +294,19 @@ extern "C" __global__ void __launch_bounds__(128)
   for (int n = 0; n < 8; ++n) dk[n][0] = dk[n][1] = dk[n][2] = dk[n][3] = dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.f;
   const bool key0 = k0 + w * 16 + g < nt_, key1 = k0 + w * 16 + g + 8 < nt_;
   for (int i0 = 0; i0 < nt_; i0 += FA_T) {
+    fa_load(ra, base, ld, i0, nt_);
+    fa_load(rb, dbase, d, i0, nt_);
+    float lq = INFINITY, dq0 = 0.f;  // padded queries: P = 0
+    if (threadIdx.x < FA_T && i0 + (int)threadIdx.x < nt_) {
+      lq = lse2[(size_t)bh * t + i0 + threadIdx.x];
+      dq0 = dvec[(size_t)bh * t + i0 + threadIdx.x];
+    }
     __syncthreads();  // the previous tile's readers (and the fragment loads above) are done
-    fa_stage_rows(qs, base, ld, i0, nt_);
-    fa_stage_cols(qt, base, ld, i0, nt_);
-    fa_stage_rows(dos, dbase, d, i0, nt_);
-    fa_stage_cols(dot, dbase, d, i0, nt_);
+    fa_store(qs, ra);
+    fa_store(dos, rb);
     if (threadIdx.x < FA_T) {
-      const int r = i0 + threadIdx.x;
-      ls[threadIdx.x] = r < nt_ ? lse2[(size_t)bh * t + r] : INFINITY;  // padded queries: P = 0
-      dl[threadIdx.x] = r < nt_ ? dvec[(size_t)bh * t + r] : 0.f;
+      ls[threadIdx.x] = lq;
+      dl[threadIdx.x] = dq0;
     }
     __syncthreads();
     // Sᵀ = k·qᵀ (this warp's 16 keys × 64 queries) → Pᵀ
@@ -314,9 +325,9 @@ extern "C" __global__ void __launch_bounds__(128)
     for (int n = 0; n < 8; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const float lq = ls[n * 8 + 2 * q + e];
-        p[n][e] = key0 ? exp2f(p[n][e] * scale_log2 - lq) : 0.f;
-        p[n][2 + e] = key1 ? exp2f(p[n][2 + e] * scale_log2 - lq) : 0.f;
+        const float l_ = ls[n * 8 + 2 * q + e];
+        p[n][e] = key0 ? exp2f(p[n][e] * scale_log2 - l_) : 0.f;
+        p[n][2 + e] = key1 ? exp2f(p[n][2 + e] * scale_log2 - l_) : 0.f;
       }
     // dv += Pᵀ·dO
 #pragma unroll
@@ -324,10 +335,11 @@ extern "C" __global__ void __launch_bounds__(128)
       uint32_t pa[4];
       fa_acc_to_a(pa, p, j);
 #pragma unroll
-      for (int n = 0; n < 8; ++n) {
-        uint32_t b0, b1;
-        fa_ldb(b0, b1, dot, n * 8, j * 16, g, q);
-        fa_mma(dv[n], pa, b0, b1);
+      for (int n = 0; n < 8; n += 2) {
+        uint32_t b[4];
+        fa_ldb_t(b, dos, j * 16, n * 8, lane);
+        fa_mma(dv[n], pa, b[0], b[1]);
+        fa_mma(dv[n + 1], pa, b[2], b[3]);
       }
     }
     // dPᵀ = v·dOᵀ, then dSᵀ = Pᵀ ⊙ (dPᵀ − D) in place of Pᵀ
@@ -346,9 +358,9 @@ extern "C" __global__ void __launch_bounds__(128)
     for (int n = 0; n < 8; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const float dq_ = dl[n * 8 + 2 * q + e];
-        p[n][e] *= dp[n][e] - dq_;
-        p[n][2 + e] *= dp[n][2 + e] - dq_;
+        const float D = dl[n * 8 + 2 * q + e];
+        p[n][e] *= dp[n][e] - D;
+        p[n][2 + e] *= dp[n][2 + e] - D;
       }
     // dk += dSᵀ·q (scaled at the end)
 #pragma unroll
@@ -356,10 +368,11 @@ extern "C" __global__ void __launch_bounds__(128)
       uint32_t pa[4];
       fa_acc_to_a(pa, p, j);
 #pragma unroll
-      for (int n = 0; n < 8; ++n) {
-        uint32_t b0, b1;
-        fa_ldb(b0, b1, qt, n * 8, j * 16, g, q);
-        fa_mma(dk[n], pa, b0, b1);
+      for (int n = 0; n < 8; n += 2) {
+        uint32_t b[4];
+        fa_ldb_t(b, qs, j * 16, n * 8, lane);
+        fa_mma(dk[n], pa, b[0], b[1]);
+        fa_mma(dk[n + 1], pa, b[2], b[3]);
       }
     }
     // dS to shared as [query][key], then this warp's 16 queries of dq over the tile's 64 keys
@@ -379,10 +392,11 @@ extern "C" __global__ void __launch_bounds__(128)
       uint32_t a[4];
       fa_lda(a, dss, w * 16, j * 16, g, q);
 #pragma unroll
-      for (int n = 0; n < 8; ++n) {
-        uint32_t b0, b1;
-        fa_ldb(b0, b1, kt, n * 8, j * 16, g, q);
-        fa_mma(dq[n], a, b0, b1);
+      for (int n = 0; n < 8; n += 2) {
+        uint32_t b[4];
+        fa_ldb_t(b, ks, j * 16, n * 8, lane);
+        fa_mma(dq[n], a, b[0], b[1]);
+        fa_mma(dq[n + 1], a, b[2], b[3]);
       }
     }
     const int r0 = i0 + w * 16 + g, r1 = r0 + 8;

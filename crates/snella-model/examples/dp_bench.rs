@@ -13,6 +13,7 @@
 use snella_core::st::{self, HostTensor};
 use snella_cuda::device::Precision;
 use snella_model::adapter::uniform;
+use snella_model::random_vit::{random_vit, VitShape};
 use snella_model::cuda::CudaBackend;
 use snella_model::nccl::{cuda_group, nccl_version};
 use snella_model::peft::{MethodConfig, MethodKind};
@@ -23,33 +24,9 @@ use std::time::Instant;
 
 /// Writes a ViT-B/16 with random weights (timm names) to `path`.
 fn write_vit_b16(path: &std::path::Path) {
-    let (d, depth, mlp, p, t, c) = (768usize, 12usize, 3072usize, 16usize, 197usize, 100usize);
-    let mut rng = 1u64;
-    let mut tensors = BTreeMap::new();
-    let mut put = |name: &str, shape: Vec<usize>, scale: f64, rng: &mut u64| {
-        let n: usize = shape.iter().product();
-        let data = if name.contains("norm") && name.ends_with("weight") { vec![1.0; n] } else { uniform(n, scale, rng) };
-        tensors.insert(name.to_string(), HostTensor::new(shape, data));
-    };
-    put("patch_embed.proj.weight", vec![d, 3, p, p], 0.02, &mut rng);
-    put("patch_embed.proj.bias", vec![d], 0.0, &mut rng);
-    put("cls_token", vec![1, 1, d], 0.02, &mut rng);
-    put("pos_embed", vec![1, t, d], 0.02, &mut rng);
-    for i in 0..depth {
-        for n in ["norm1", "norm2"] {
-            put(&format!("blocks.{i}.{n}.weight"), vec![d], 0.0, &mut rng);
-            put(&format!("blocks.{i}.{n}.bias"), vec![d], 0.0, &mut rng);
-        }
-        for (n, o, inn) in [("attn.qkv", 3 * d, d), ("attn.proj", d, d), ("mlp.fc1", mlp, d), ("mlp.fc2", d, mlp)] {
-            put(&format!("blocks.{i}.{n}.weight"), vec![o, inn], 0.02, &mut rng);
-            put(&format!("blocks.{i}.{n}.bias"), vec![o], 0.0, &mut rng);
-        }
-    }
-    put("norm.weight", vec![d], 0.0, &mut rng);
-    put("norm.bias", vec![d], 0.0, &mut rng);
-    put("head.weight", vec![c, d], 0.02, &mut rng);
-    put("head.bias", vec![c], 0.0, &mut rng);
-    let meta = BTreeMap::from([("num_heads".to_string(), "12".to_string())]);
+    let f = random_vit(&VitShape::vit_b16(100), 1);
+    let tensors: BTreeMap<String, HostTensor> = f.tensors.into_iter().collect();
+    let meta: BTreeMap<String, String> = f.metadata.into_iter().collect();
     st::write_atomic(path, &st::serialize(&tensors, &meta), true).expect("write the benchmark model");
 }
 

@@ -13,8 +13,8 @@
 
 use snella_core::snella::sparsify::SparsifyRule;
 use snella_core::snella::topk::kept_count;
-use snella_core::st::{HostTensor, TensorFile};
 use snella_model::adapter::uniform;
+use snella_model::random_vit::{random_vit, VitShape};
 use snella_model::backend::Backend;
 use snella_model::cuda::CudaBackend;
 use snella_cuda::device::Precision;
@@ -22,7 +22,6 @@ use snella_model::peft::{MethodConfig, MethodKind};
 use snella_model::session::Session;
 use snella_model::trainer::TrainConfig;
 use snella_model::vit::Vit;
-use std::collections::HashMap;
 use std::time::Instant;
 
 fn merge_ms(be: &CudaBackend, n_in: usize, n_out: usize, iters: usize) -> f64 {
@@ -62,38 +61,7 @@ fn merge_ms(be: &CudaBackend, n_in: usize, n_out: usize, iters: usize) -> f64 {
 
 /// A ViT-B/16 (224 px, 100 classes) with random weights, timm names.
 fn vit_b16(be: &CudaBackend) -> Vit<CudaBackend> {
-    let (d, depth, mlp, p, t, c) = (768usize, 12usize, 3072usize, 16usize, 197usize, 100usize);
-    let mut rng = 1u64;
-    let mut tensors = HashMap::new();
-    let mut put = |name: &str, shape: Vec<usize>, scale: f64, rng: &mut u64| {
-        let n: usize = shape.iter().product();
-        tensors.insert(name.to_string(), HostTensor::new(shape, uniform(n, scale, rng)));
-    };
-    put("patch_embed.proj.weight", vec![d, 3, p, p], 0.02, &mut rng);
-    put("patch_embed.proj.bias", vec![d], 0.0, &mut rng);
-    put("cls_token", vec![1, 1, d], 0.02, &mut rng);
-    put("pos_embed", vec![1, t, d], 0.02, &mut rng);
-    for i in 0..depth {
-        for (n, s) in [("norm1", d), ("norm2", d)] {
-            put(&format!("blocks.{i}.{n}.weight"), vec![s], 0.0, &mut rng);
-            put(&format!("blocks.{i}.{n}.bias"), vec![s], 0.0, &mut rng);
-        }
-        for (n, o, inn) in [("attn.qkv", 3 * d, d), ("attn.proj", d, d), ("mlp.fc1", mlp, d), ("mlp.fc2", d, mlp)] {
-            put(&format!("blocks.{i}.{n}.weight"), vec![o, inn], 0.02, &mut rng);
-            put(&format!("blocks.{i}.{n}.bias"), vec![o], 0.0, &mut rng);
-        }
-    }
-    put("norm.weight", vec![d], 0.0, &mut rng);
-    put("norm.bias", vec![d], 0.0, &mut rng);
-    put("head.weight", vec![c, d], 0.02, &mut rng);
-    put("head.bias", vec![c], 0.0, &mut rng);
-    for (k, v) in tensors.iter_mut() {
-        if k.contains("norm") && k.ends_with("weight") {
-            v.data.iter_mut().for_each(|x| *x = 1.0);
-        }
-    }
-    let metadata = HashMap::from([("num_heads".to_string(), "12".to_string())]);
-    Vit::from_file(be, TensorFile { path: "<random vit_base_patch16_224>".into(), tensors, metadata }).expect("vit-b/16")
+    Vit::from_file(be, random_vit(&VitShape::vit_b16(100), 1)).expect("vit-b/16")
 }
 
 fn step_bench(be: &CudaBackend, kind: MethodKind, batch: usize, steps: usize) -> String {

@@ -22,6 +22,10 @@ pub struct CudaBackend {
     pub gpu: Arc<Gpu>,
     /// Per-op device timing (benchmarks only, see [`CudaBackend::enable_profile`]).
     prof: Option<Arc<Mutex<Vec<(&'static str, CudaEvent, CudaEvent)>>>>,
+    /// Whether bf16 attention with head dim 64 runs fused ([`CudaBackend::flash_attention`]); true
+    /// by default. Turning it off (before a step, never between a forward and its backward) keeps
+    /// the cuBLAS products with the probabilities saved, for comparisons.
+    pub fused_attention: bool,
 }
 
 /// One row of [`CudaBackend::profile_report`]: an op, its summed device time (ms) and its calls.
@@ -41,7 +45,7 @@ impl CudaBackend {
     /// # Errors
     /// `CUDA_UNAVAILABLE` naming the missing driver/library and the paths tried, or `CUDA_ERROR`.
     pub fn new(ordinal: usize) -> Result<Self, SnellaError> {
-        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None })
+        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention: true })
     }
 
     /// Starts recording a pair of device events around every op (for the benchmark's per-op
@@ -76,7 +80,7 @@ impl CudaBackend {
     /// stay on cuBLAS with the probabilities saved (the exact path the CPU step is checked against).
     /// The precision is fixed for a training session, so a forward and its backward agree.
     pub fn flash_attention(&self, hd: usize) -> bool {
-        self.gpu.precision() == snella_cuda::device::Precision::Bf16 && hd == attention::FLASH_HEAD_DIM
+        self.fused_attention && self.gpu.precision() == snella_cuda::device::Precision::Bf16 && hd == attention::FLASH_HEAD_DIM
     }
 
     /// Runs `f`, between two recorded events when profiling.

@@ -16,6 +16,7 @@ pub mod linear;
 pub mod nccl;
 pub mod param;
 pub mod peft;
+pub mod random_vit;
 pub mod rendezvous;
 pub mod resources;
 pub mod session;

@@ -113,10 +113,6 @@ pub fn attention_bwd(
 /// The head dim of the fused bf16 attention ([`flash_fwd`], [`flash_bwd`]).
 pub const FLASH_HEAD_DIM: usize = 64;
 
-/// Bytes of dynamic shared memory of `snella_flash_attn_bwd` (six 64×72 bf16 tiles and two
-/// 64-float rows; `FA_BWD_SMEM` in `kernels/attention.cu`).
-const FLASH_BWD_SMEM: u32 = 6 * 64 * 72 * 2 + 2 * 64 * 4;
-
 fn check_flash(op: &str, hd: usize, ptrs: &[(&str, u64)]) -> Result<(), SnellaError> {
     if hd != FLASH_HEAD_DIM {
         return Err(SnellaError::config(&format!("{op}.head_dim"), hd, "64 for the fused bf16 attention"));
@@ -214,11 +210,9 @@ pub fn flash_bwd(
     // SAFETY: dout/out hold b·t·d floats, dvec rows floats (checked/allocated); one warp per row.
     unsafe { l.launch(rows_cfg(rows)) }.map_err(|e| cuda_err("snella_flash_attn_bwd_dot", e))?;
     let f = gpu.func("snella_flash_attn_bwd");
-    f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, FLASH_BWD_SMEM as i32)
-        .map_err(|e| cuda_err("snella_flash_attn_bwd shared memory", e))?;
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(qkv).arg(dout).arg(lse2).arg(&dvec).arg(&mut *dqkv).arg(&mut dqp).arg(&t32).arg(&h32).arg(&scale).arg(&scale_log2);
-    let cfg = LaunchConfig { grid_dim: (bh, tiles32, 1), block_dim: (128, 1, 1), shared_mem_bytes: FLASH_BWD_SMEM };
+    let cfg = LaunchConfig { grid_dim: (bh, tiles32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: lengths checked; each block writes the k/v columns of its own keys and its own dq slab.
     unsafe { l.launch(cfg) }.map_err(|e| cuda_err("snella_flash_attn_bwd", e))?;
     let f = gpu.func("snella_flash_attn_bwd_dq");
