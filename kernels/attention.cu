@@ -243,17 +243,36 @@ extern "C" __global__ void __launch_bounds__(128)
 }
 
 // Backward, step 1: dvec[bh·t + i] = Σ_e dO[b, i, h·64 + e] · O[b, i, h·64 + e] (FA-2's D = rowsum(dO ⊙ O),
-// which equals Σ_j P_ij·dP_ij). One warp per row; grid ceil(b·heads·t / 8), block 256.
-extern "C" __global__ void __launch_bounds__(256)
-    snella_flash_attn_bwd_dot(const float* __restrict__ dout, const float* __restrict__ out, float* __restrict__ dvec,
-                              unsigned rows, unsigned t, unsigned heads) {
+// which equals Σ_j P_ij·dP_ij), O in f32 or (the _o16 kernel) in the bf16 a linear layer keeps. One
+// warp per row; grid ceil(b·heads·t / 8), block 256.
+template <typename O>
+__device__ __forceinline__ void flash_bwd_dot(const float* __restrict__ dout, const O* __restrict__ out, float* __restrict__ dvec,
+                                              unsigned rows, unsigned t, unsigned heads) {
   const unsigned row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (row >= rows) return;
   const unsigned bh = row / t, i = row % t, bi = bh / heads, h = bh % heads, d = heads * FA_HD;
   const size_t at = ((size_t)bi * t + i) * d + h * FA_HD + 2 * lane;
-  const float2 a = *reinterpret_cast<const float2*>(dout + at), b = *reinterpret_cast<const float2*>(out + at);
+  // dO rounded to bf16 as the kernel's dP = dO·vᵀ reads it, so that Σ_j P_ij·(dP_ij − D_i) ≈ 0
+  // holds for the products actually formed (an f32 D would bias every dS row by the rounding of dO)
+  const float2 a = __bfloat1622float2(__float22bfloat162_rn(*reinterpret_cast<const float2*>(dout + at)));
+  float2 b;
+  if constexpr (sizeof(O) == 4) {
+    b = *reinterpret_cast<const float2*>(out + at);
+  } else {
+    b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(out + at));
+  }
   const float s = snella_warp_sum(a.x * b.x + a.y * b.y);
   if (lane == 0) dvec[row] = s;
+}
+extern "C" __global__ void __launch_bounds__(256)
+    snella_flash_attn_bwd_dot(const float* __restrict__ dout, const float* __restrict__ out, float* __restrict__ dvec,
+                              unsigned rows, unsigned t, unsigned heads) {
+  flash_bwd_dot(dout, out, dvec, rows, t, heads);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    snella_flash_attn_bwd_dot_o16(const float* __restrict__ dout, const __nv_bfloat16* __restrict__ out, float* __restrict__ dvec,
+                                  unsigned rows, unsigned t, unsigned heads) {
+  flash_bwd_dot(dout, out, dvec, rows, t, heads);
 }
 
 // Backward, step 2. Grid (b·heads, ceil(t/64) key tiles), block 128. Each block owns 64 keys: it

@@ -6,7 +6,7 @@
 use crate::device::{cuda_err, Gpu, Precision};
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{Gemm, GemmConfig};
-use cudarc::driver::{DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use snella_core::SnellaError;
 
 /// `C = alpha·op(A)·op(B) + beta·C`, row-major, as `snella_core::gemm::gemm` (A is `[m,k]`, or
@@ -42,8 +42,12 @@ pub fn gemm<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
     unsafe { gpu.blas.gemm(cfg, b, a, c) }.map_err(|e| cuda_err("cuBLAS sgemm", e))
 }
 
-/// Converts the first `n` values of `src` (f32) to a new bf16 buffer (round to nearest even).
-fn to_bf16<S: DevicePtr<f32>>(gpu: &Gpu, src: &S, n: usize) -> Result<cudarc::driver::CudaSlice<u16>, SnellaError> {
+/// Converts the first `n` values of `src` (f32) to a new bf16 buffer (round to nearest even), as the
+/// bf16 products convert their operands (a linear layer's input is converted once and kept so).
+///
+/// # Errors
+/// `CUDA_OOM` for the copy; `CUDA_ERROR` on a launch failure.
+pub fn to_bf16<S: DevicePtr<f32>>(gpu: &Gpu, src: &S, n: usize) -> Result<cudarc::driver::CudaSlice<u16>, SnellaError> {
     use cudarc::driver::PushKernelArg;
     // SAFETY: the kernel below writes all n elements before any read.
     let mut dst = unsafe { gpu.uninit::<u16>(n) }?;
@@ -88,14 +92,34 @@ pub fn linear_bwd_products<Y: DevicePtr<f32>, W: DevicePtr<f32>, X: DevicePtr<f3
         }
         return Ok(());
     }
+    let x16 = match gt.is_some() {
+        true => Some(to_bf16(gpu, x, rows * n_in)?),
+        false => None,
+    };
+    linear_bwd_products_bf16x(gpu, dy, w, x16.as_ref(), rows, n_in, n_out, dx, gt)
+}
+
+/// [`linear_bwd_products`] in bf16 with the input `x` already in bf16 (`x16: [rows, n_in]`, as a
+/// linear layer keeps it from its forward; needed only for `gt`).
+///
+/// # Errors
+/// `Config` when `gt` is asked for without `x16`; `CUDA_ERROR` when cuBLAS fails; `CUDA_OOM` for the
+/// bf16 copies of `dy` and `W`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd_products_bf16x<Y: DevicePtr<f32>, W: DevicePtr<f32>, D: DevicePtrMut<f32>, G: DevicePtrMut<f32>>(
+    gpu: &Gpu, dy: &Y, w: &W, x16: Option<&CudaSlice<u16>>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut D>, gt: Option<&mut G>,
+) -> Result<(), SnellaError> {
+    if rows == 0 || n_in == 0 || n_out == 0 {
+        return Ok(());
+    }
     let dy16 = to_bf16(gpu, dy, rows * n_out)?;
     if let Some(dx) = dx {
         let w16 = to_bf16(gpu, w, n_out * n_in)?;
         gemm_ex_bf16(gpu, false, false, rows, n_in, n_out, 1.0, &dy16, &w16, 0.0, dx)?;
     }
     if let Some(gt) = gt {
-        let x16 = to_bf16(gpu, x, rows * n_in)?;
-        gemm_ex_bf16(gpu, true, false, n_out, n_in, rows, 1.0, &dy16, &x16, 0.0, gt)?;
+        let x16 = x16.ok_or_else(|| SnellaError::config("linear_bwd_products.x", 0, "the layer input in bf16 for the weight gradient"))?;
+        gemm_ex_bf16(gpu, true, false, n_out, n_in, rows, 1.0, &dy16, x16, 0.0, gt)?;
     }
     Ok(())
 }
@@ -279,13 +303,40 @@ pub fn linear_fwd<X: DevicePtr<f32>, W: DevicePtr<f32>, Bi: DevicePtr<f32>, R: D
         return Ok(());
     }
     let x16 = to_bf16(gpu, x, rows * n_in)?;
+    drop(rp);
+    linear_fwd_bf16x(gpu, &x16, w, delta, bias, residual, rows, n_in, n_out, y)
+}
+
+/// [`linear_fwd`] in bf16 with the input already in bf16 (`x16: [rows, n_in]`, converted once by the
+/// caller and kept for the backward).
+///
+/// # Errors
+/// `CUDA_ERROR` when cuBLASLt fails; `CUDA_OOM` for the bf16 copies of `W` and `Δ`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_fwd_bf16x<W: DevicePtr<f32>, Bi: DevicePtr<f32>, R: DevicePtr<f32>, Y: DevicePtrMut<f32>>(
+    gpu: &Gpu, x16: &CudaSlice<u16>, w: &W, delta: Option<&W>, bias: &Bi, residual: Option<&R>, rows: usize, n_in: usize, n_out: usize, y: &mut Y,
+) -> Result<(), SnellaError> {
+    use crate::gemm_lt::{matmul, OperandType};
+    if rows == 0 || n_out == 0 {
+        return Ok(());
+    }
+    let (bp, _rb) = bias.device_ptr(&gpu.stream);
+    let rp = residual.map(|r| r.device_ptr(&gpu.stream));
+    let res = rp.as_ref().map(|(p, _)| *p);
+    let yp = {
+        let (p, _r) = y.device_ptr_mut(&gpu.stream);
+        p
+    };
+    if n_in == 0 {
+        return Err(SnellaError::config("linear_fwd.n_in", 0, "at least 1 with a bf16 input"));
+    }
     let w16 = to_bf16(gpu, w, n_out * n_in)?;
     // SAFETY: the converted operands hold the extents given; y holds rows·n_out values.
-    unsafe { matmul(gpu, false, true, rows, n_out, n_in, OperandType::Bf16, &x16, &w16, res, if delta.is_none() { Some(bp) } else { None }, y)? };
+    unsafe { matmul(gpu, false, true, rows, n_out, n_in, OperandType::Bf16, x16, &w16, res, if delta.is_none() { Some(bp) } else { None }, y)? };
     if let Some(dl) = delta {
         let d16 = to_bf16(gpu, dl, n_out * n_in)?;
         // SAFETY: as above; C = y (in place).
-        unsafe { matmul(gpu, false, true, rows, n_out, n_in, OperandType::Bf16, &x16, &d16, Some(yp), Some(bp), y)? };
+        unsafe { matmul(gpu, false, true, rows, n_out, n_in, OperandType::Bf16, x16, &d16, Some(yp), Some(bp), y)? };
     }
     Ok(())
 }

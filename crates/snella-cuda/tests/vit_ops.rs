@@ -11,6 +11,7 @@ use cudarc::driver::CudaSlice;
 use snella_core::gradcheck::rand_vec;
 use snella_core::ops;
 use snella_core::ops::adamw::AdamWParams;
+use snella_cuda::ops::attention::FlashOut;
 use snella_cuda::ops::{adamw, attention, cross_entropy, elementwise, gelu, layernorm, patch, reduce};
 
 mod common;
@@ -160,7 +161,8 @@ fn flash_attention_matches_cpu() {
         assert!(worst <= 1e-3, "{tag}: lse2 error {worst}");
 
         let mut gd = up(&gpu, &vec![f32::NAN; b * t * 3 * d]);
-        attention::flash_bwd(&gpu, &gdo.slice(..), &gq.slice(..), &go.slice(..), &gl.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
+        let gov = go.slice(..);
+        attention::flash_bwd(&gpu, &gdo.slice(..), &gq.slice(..), FlashOut::F32(&gov), &gl.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
         let r1 = down(&gpu, &gd);
         let want = f32v(&dqkv);
         // q, k and v parts judged separately (each on its own scale)
@@ -168,8 +170,16 @@ fn flash_attention_matches_cpu() {
             let pick = |v: &[f32]| (0..b * t).flat_map(|r| v[r * 3 * d + s * d..r * 3 * d + (s + 1) * d].to_vec()).collect::<Vec<f32>>();
             check(&format!("{tag} {name}"), &pick(&r1), &pick(&want), 3e-2);
         }
-        attention::flash_bwd(&gpu, &gdo.slice(..), &gq.slice(..), &go.slice(..), &gl.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
+        attention::flash_bwd(&gpu, &gdo.slice(..), &gq.slice(..), FlashOut::F32(&gov), &gl.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
         assert_eq!(down(&gpu, &gd), r1, "{tag}: backward not deterministic");
+        // with O in bf16 (as the proj linear keeps it in the bf16 step): the same tolerance
+        let o16 = snella_cuda::gemm::to_bf16(&gpu, &gov, b * t * d).unwrap();
+        attention::flash_bwd(&gpu, &gdo.slice(..), &gq.slice(..), FlashOut::Bf16(&o16), &gl.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
+        let r2 = down(&gpu, &gd);
+        for (s, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            let pick = |v: &[f32]| (0..b * t).flat_map(|r| v[r * 3 * d + s * d..r * 3 * d + (s + 1) * d].to_vec()).collect::<Vec<f32>>();
+            check(&format!("{tag} {name} (bf16 O)"), &pick(&r2), &pick(&want), 3e-2);
+        }
     }
     // head dims other than 64 are refused with a clear error (the backend then keeps cuBLAS)
     let (gq, mut go, mut gl) = (gpu.zeros(3 * 32).unwrap(), gpu.zeros(32).unwrap(), gpu.zeros(1).unwrap());
@@ -336,7 +346,7 @@ fn timing_attention_vit_shapes() {
             let f = s.elapsed().as_secs_f64() / n as f64;
             let s = std::time::Instant::now();
             for _ in 0..n {
-                attention::flash_bwd(&gpu, &dout.slice(..), &qkv.slice(..), &o.slice(..), &lse.slice(..), b, t, heads, hd, &mut dq.slice_mut(..)).unwrap();
+                attention::flash_bwd(&gpu, &dout.slice(..), &qkv.slice(..), FlashOut::F32(&o.slice(..)), &lse.slice(..), b, t, heads, hd, &mut dq.slice_mut(..)).unwrap();
             }
             gpu.sync().unwrap();
             (f, s.elapsed().as_secs_f64() / n as f64)

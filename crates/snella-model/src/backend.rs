@@ -20,11 +20,18 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// What a backward-time merge keeps for [`Backend::merge_bwd_saved`] (CUDA: `K` and the
     /// distances `D`, transient; the CPU keeps nothing and recomputes).
     type MergeSaved: Send + Sync;
+    /// A layer input as the linear products read it and as the forward keeps it for the backward
+    /// ([`Backend::act`]): the f32 buffer itself on the CPU and in CUDA's f32/TF32; in CUDA's bf16
+    /// the bf16 copy that every product of that input reads (converted once, half the memory of the
+    /// f32 activation, which is dropped).
+    type Act: Send + Sync;
 
     /// A short name: `"cpu"` or `"cuda"`.
     fn name(&self) -> &'static str;
     /// A buffer of `n` zeros.
     fn zeros(&self, n: usize) -> Self::Buf;
+    /// `x` (`[rows, n_in]`, f32) as a linear layer's input ([`Backend::Act`]), consuming it.
+    fn act(&self, x: Self::Buf) -> Self::Act;
     /// A buffer holding a copy of `data`.
     fn upload(&self, data: &[f32]) -> Self::Buf;
     /// A host copy of the whole buffer.
@@ -57,32 +64,17 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// The forward of a linear layer: `y = x·Wᵀ (+ x·Δ) + bias (+ residual)` (`x: [rows, n_in]`,
     /// `W`, `Δ: [n_out, n_in]`, `y`, `residual: [rows, n_out]`); `Δ` is the adapters' `ΔWᵀ` where
     /// the backend multiplies it apart from `W = W0` ([`Backend::separate_delta_products`]). The
-    /// default composes [`Backend::gemm`] (a second, accumulating one for `Δ`), [`Backend::add_bias`]
-    /// and [`Backend::add_assign`] in that order (the CPU reference); CUDA fuses the bias and the
+    /// CPU composes [`Backend::gemm`] (a second, accumulating one for `Δ`), [`Backend::add_bias`]
+    /// and [`Backend::add_assign`] in that order (the reference); CUDA fuses the bias and the
     /// residual into the GEMM (cuBLASLt epilogues).
     #[allow(clippy::too_many_arguments)]
-    fn linear_fwd(&self, x: &Self::Buf, w: &Self::Buf, delta: Option<&Self::Buf>, bias: &Self::Buf, residual: Option<&Self::Buf>, rows: usize, n_in: usize, n_out: usize, y: &mut Self::Buf) {
-        self.gemm(false, true, rows, n_out, n_in, 1.0, x, 0, w, 0, 0.0, y, 0);
-        if let Some(d) = delta {
-            self.gemm(false, true, rows, n_out, n_in, 1.0, x, 0, d, 0, 1.0, y, 0);
-        }
-        self.add_bias(y, bias, rows, n_out);
-        if let Some(r) = residual {
-            self.add_assign(y, r);
-        }
-    }
+    fn linear_fwd(&self, x: &Self::Act, w: &Self::Buf, delta: Option<&Self::Buf>, bias: &Self::Buf, residual: Option<&Self::Buf>, rows: usize, n_in: usize, n_out: usize, y: &mut Self::Buf);
     /// The two products of a linear layer's backward (`y = x·Wᵀ`, `W: [n_out, n_in]`):
     /// `dx = dy·W` (`[rows, n_in]`, when given) and `gt = dyᵀ·x` (`[n_out, n_in]`, when given).
-    /// The default is two [`Backend::gemm`] calls; the CUDA backend in bf16 converts `dy` once.
+    /// The CPU makes two [`Backend::gemm`] calls; the CUDA backend in bf16 converts `dy` once and
+    /// reads `x` in the bf16 its forward kept.
     #[allow(clippy::too_many_arguments)]
-    fn linear_bwd_products(&self, dy: &Self::Buf, w: &Self::Buf, x: &Self::Buf, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Self::Buf>, gt: Option<&mut Self::Buf>) {
-        if let Some(dx) = dx {
-            self.gemm(false, false, rows, n_in, n_out, 1.0, dy, 0, w, 0, 0.0, dx, 0);
-        }
-        if let Some(gt) = gt {
-            self.gemm(true, false, n_out, n_in, rows, 1.0, dy, 0, x, 0, 0.0, gt, 0);
-        }
-    }
+    fn linear_bwd_products(&self, dy: &Self::Buf, w: &Self::Buf, x: &Self::Act, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Self::Buf>, gt: Option<&mut Self::Buf>);
     /// `y += x`, element-wise (residual connections).
     fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf);
     /// `y[r,:] += bias` for `y: [rows, cols]`.
@@ -110,10 +102,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// `out [b,t,d]`, writing what the backward needs into `saved`
     /// ([`Backend::attention_saved_len`] floats).
     fn attention_fwd(&self, qkv: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, out: &mut Self::Buf, saved: &mut Self::Buf);
-    /// Attention core backward from the forward's input `qkv`, output `out` and `saved`; overwrites
-    /// `dqkv [b,t,3d]`.
+    /// Attention core backward from the forward's input `qkv`, output `out` (as the `proj` linear
+    /// keeps it) and `saved`; overwrites `dqkv [b,t,3d]`.
     #[allow(clippy::too_many_arguments)]
-    fn attention_bwd(&self, dout: &Self::Buf, qkv: &Self::Buf, out: &Self::Buf, saved: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, dqkv: &mut Self::Buf);
+    fn attention_bwd(&self, dout: &Self::Buf, qkv: &Self::Buf, out: &Self::Act, saved: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, dqkv: &mut Self::Buf);
     /// Mean softmax cross-entropy; returns `(loss, correct)` and writes `dlogits`.
     fn cross_entropy(&self, logits: &Self::Buf, labels: &[u32], b: usize, c: usize, dlogits: &mut Self::Buf) -> (f32, usize);
     /// Softmax cross-entropy of `b` rows with an explicit normaliser `norm` (the global batch size

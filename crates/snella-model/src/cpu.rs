@@ -22,9 +22,11 @@ impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Kept = KeptSet;
     type MergeSaved = ();
+    type Act = Vec<f32>;
 
     fn name(&self) -> &'static str { "cpu" }
     fn zeros(&self, n: usize) -> Vec<f32> { vec![0.0; n] }
+    fn act(&self, x: Vec<f32>) -> Vec<f32> { x }
     fn upload(&self, data: &[f32]) -> Vec<f32> { data.to_vec() }
     fn download(&self, buf: &Vec<f32>) -> Vec<f32> { buf.clone() }
     fn len(&self, buf: &Vec<f32>) -> usize { buf.len() }
@@ -34,6 +36,24 @@ impl Backend for CpuBackend {
     fn fill_zero(&self, buf: &mut Vec<f32>) { buf.fill(0.0) }
     fn gemm(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32, a: &Vec<f32>, ao: usize, b: &Vec<f32>, bo: usize, beta: f32, c: &mut Vec<f32>, co: usize) {
         gemm(ta, tb, m, n, k, alpha, &a[ao..], &b[bo..], beta, &mut c[co..]);
+    }
+    fn linear_fwd(&self, x: &Vec<f32>, w: &Vec<f32>, delta: Option<&Vec<f32>>, bias: &Vec<f32>, residual: Option<&Vec<f32>>, rows: usize, n_in: usize, n_out: usize, y: &mut Vec<f32>) {
+        self.gemm(false, true, rows, n_out, n_in, 1.0, x, 0, w, 0, 0.0, y, 0);
+        if let Some(d) = delta {
+            self.gemm(false, true, rows, n_out, n_in, 1.0, x, 0, d, 0, 1.0, y, 0);
+        }
+        self.add_bias(y, bias, rows, n_out);
+        if let Some(r) = residual {
+            self.add_assign(y, r);
+        }
+    }
+    fn linear_bwd_products(&self, dy: &Vec<f32>, w: &Vec<f32>, x: &Vec<f32>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Vec<f32>>, gt: Option<&mut Vec<f32>>) {
+        if let Some(dx) = dx {
+            self.gemm(false, false, rows, n_in, n_out, 1.0, dy, 0, w, 0, 0.0, dx, 0);
+        }
+        if let Some(gt) = gt {
+            self.gemm(true, false, n_out, n_in, rows, 1.0, dy, 0, x, 0, 0.0, gt, 0);
+        }
     }
     fn add_assign(&self, y: &mut Vec<f32>, x: &Vec<f32>) {
         y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(y, x)| {

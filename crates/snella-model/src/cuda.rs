@@ -15,6 +15,15 @@ use snella_cuda::ops::{adamw, attention, cross_entropy, elementwise, gelu, impor
 use snella_cuda::{gemm, Gpu};
 use std::sync::{Arc, Mutex};
 
+/// A layer input as the CUDA backend keeps it ([`Backend::Act`]): f32 in the f32 and TF32
+/// precisions, bf16 (round to nearest even, converted once) in bf16, where every product reads it so.
+pub enum CudaAct {
+    /// The f32 activation.
+    F32(CudaSlice<f32>),
+    /// Its bf16 copy (the f32 one is dropped).
+    Bf16(CudaSlice<u16>),
+}
+
 /// The CUDA backend on one device.
 #[derive(Clone)]
 pub struct CudaBackend {
@@ -105,9 +114,16 @@ impl Backend for CudaBackend {
     type Buf = CudaSlice<f32>;
     type Kept = topk::CudaKept;
     type MergeSaved = merge::MergeSaved;
+    type Act = CudaAct;
 
     fn name(&self) -> &'static str { "cuda" }
     fn zeros(&self, n: usize) -> CudaSlice<f32> { self.timed("alloc_zeros", || { ok("alloc", self.gpu.zeros(n)) }) }
+    fn act(&self, x: CudaSlice<f32>) -> CudaAct {
+        if self.gpu.precision() != snella_cuda::device::Precision::Bf16 || x.len() == 0 {
+            return CudaAct::F32(x);
+        }
+        self.timed("act (to bf16)", || CudaAct::Bf16(ok("act", gemm::to_bf16(&self.gpu, &x, x.len()))))
+    }
     fn upload(&self, data: &[f32]) -> CudaSlice<f32> {
         self.timed("upload", || {
             if data.is_empty() { return self.zeros(0); }
@@ -142,18 +158,26 @@ impl Backend for CudaBackend {
         let name = match (ta, tb) { (false, true) => "gemm_nt (fwd)", (false, false) => "gemm_nn (dgrad)", (true, false) => "gemm_tn (wgrad)", _ => "gemm_tt" };
         self.timed(name, || ok("gemm", gemm::gemm(&self.gpu, ta, tb, m, n, k, alpha, &av, &bv, beta, &mut cv)));
     }
-    fn linear_fwd(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, delta: Option<&CudaSlice<f32>>, bias: &CudaSlice<f32>, residual: Option<&CudaSlice<f32>>, rows: usize, n_in: usize, n_out: usize, y: &mut CudaSlice<f32>) {
+    fn linear_fwd(&self, x: &CudaAct, w: &CudaSlice<f32>, delta: Option<&CudaSlice<f32>>, bias: &CudaSlice<f32>, residual: Option<&CudaSlice<f32>>, rows: usize, n_in: usize, n_out: usize, y: &mut CudaSlice<f32>) {
         self.timed("linear_fwd (+ bias, residual)", || {
             let dv = delta.map(|d| d.slice(..));
             let rv = residual.map(|r| r.slice(..));
-            ok("linear_fwd", gemm::linear_fwd(&self.gpu, &x.slice(..), &w.slice(..), dv.as_ref(), &bias.slice(..), rv.as_ref(), rows, n_in, n_out, &mut y.slice_mut(..)));
+            let r = match x {
+                CudaAct::F32(x) => gemm::linear_fwd(&self.gpu, &x.slice(..), &w.slice(..), dv.as_ref(), &bias.slice(..), rv.as_ref(), rows, n_in, n_out, &mut y.slice_mut(..)),
+                CudaAct::Bf16(x16) => gemm::linear_fwd_bf16x(&self.gpu, x16, &w.slice(..), dv.as_ref(), &bias.slice(..), rv.as_ref(), rows, n_in, n_out, &mut y.slice_mut(..)),
+            };
+            ok("linear_fwd", r);
         })
     }
-    fn linear_bwd_products(&self, dy: &CudaSlice<f32>, w: &CudaSlice<f32>, x: &CudaSlice<f32>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut CudaSlice<f32>>, gt: Option<&mut CudaSlice<f32>>) {
+    fn linear_bwd_products(&self, dy: &CudaSlice<f32>, w: &CudaSlice<f32>, x: &CudaAct, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut CudaSlice<f32>>, gt: Option<&mut CudaSlice<f32>>) {
         self.timed("linear_bwd_products (dgrad + wgrad)", || {
             let mut dxv = dx.map(|v| v.slice_mut(..));
             let mut gtv = gt.map(|v| v.slice_mut(..));
-            ok("linear_bwd_products", gemm::linear_bwd_products(&self.gpu, &dy.slice(..), &w.slice(..), &x.slice(..), rows, n_in, n_out, dxv.as_mut(), gtv.as_mut()));
+            let r = match x {
+                CudaAct::F32(x) => gemm::linear_bwd_products(&self.gpu, &dy.slice(..), &w.slice(..), &x.slice(..), rows, n_in, n_out, dxv.as_mut(), gtv.as_mut()),
+                CudaAct::Bf16(x16) => gemm::linear_bwd_products_bf16x(&self.gpu, &dy.slice(..), &w.slice(..), Some(x16), rows, n_in, n_out, dxv.as_mut(), gtv.as_mut()),
+            };
+            ok("linear_bwd_products", r);
         })
     }
     fn add_assign(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) {
@@ -214,10 +238,16 @@ impl Backend for CudaBackend {
             ok("attention_fwd", r);
         })
     }
-    fn attention_bwd(&self, dout: &CudaSlice<f32>, qkv: &CudaSlice<f32>, out: &CudaSlice<f32>, saved: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: &mut CudaSlice<f32>) {
+    fn attention_bwd(&self, dout: &CudaSlice<f32>, qkv: &CudaSlice<f32>, out: &CudaAct, saved: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: &mut CudaSlice<f32>) {
         self.timed("attention_bwd", || {
             let r = if self.flash_attention(hd) {
-                attention::flash_bwd(&self.gpu, &dout.slice(..), &qkv.slice(..), &out.slice(..), &saved.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..))
+                let ov = match out { CudaAct::F32(o) => Some(o.slice(..)), CudaAct::Bf16(_) => None };
+                let o = match (out, ov.as_ref()) {
+                    (CudaAct::Bf16(o16), _) => attention::FlashOut::Bf16(o16),
+                    (_, Some(v)) => attention::FlashOut::F32(v),
+                    _ => unreachable!("an f32 act has a view"),
+                };
+                attention::flash_bwd(&self.gpu, &dout.slice(..), &qkv.slice(..), o, &saved.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..))
             } else {
                 attention::attention_bwd(&self.gpu, &dout.slice(..), &qkv.slice(..), &saved.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..))
             };

@@ -110,20 +110,21 @@ impl<B: Backend> Linear<B> {
         Some((w, mats))
     }
 
-    /// Forward for `rows` rows of `x: [rows, in]`, returning `y: [rows, out]`.
-    pub fn forward(&self, be: &B, x: &B::Buf, rows: usize) -> B::Buf {
+    /// Forward for `rows` rows of `x: [rows, in]` (as [`Backend::act`] made it), returning
+    /// `y: [rows, out]`.
+    pub fn forward(&self, be: &B, x: &B::Act, rows: usize) -> B::Buf {
         self.forward_keep(be, x, rows, None).0
     }
 
     /// [`Linear::forward`], reusing `kept` (sets selected earlier in this step from the same `A`, `B`
     /// and sparsity) when given, and returning the adapters' kept sets for [`Linear::backward_with`].
-    pub fn forward_keep(&self, be: &B, x: &B::Buf, rows: usize, kept: Option<KeptSets<B>>) -> (B::Buf, KeptSets<B>) {
+    pub fn forward_keep(&self, be: &B, x: &B::Act, rows: usize, kept: Option<KeptSets<B>>) -> (B::Buf, KeptSets<B>) {
         self.forward_res(be, x, rows, kept, None)
     }
 
     /// [`Linear::forward_keep`] adding `residual: [rows, out]` to the output (a ViT block's
     /// `x + proj(·)` and `h + fc2(·)`), in the same backend call as the product and the bias.
-    pub fn forward_res(&self, be: &B, x: &B::Buf, rows: usize, kept: Option<KeptSets<B>>, residual: Option<&B::Buf>) -> (B::Buf, KeptSets<B>) {
+    pub fn forward_res(&self, be: &B, x: &B::Act, rows: usize, kept: Option<KeptSets<B>>, residual: Option<&B::Buf>) -> (B::Buf, KeptSets<B>) {
         let mut y = be.empty(rows * self.n_out);
         let separate = be.separate_delta_products();
         let eff = self.effective(be, separate, kept, false);
@@ -137,16 +138,16 @@ impl<B: Backend> Linear<B> {
         (y, kept)
     }
 
-    /// Backward: writes the gradients of trainable weights, bias and adapters, and returns
-    /// `∂L/∂x: [rows, in]` when `need_dx`.
-    pub fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, need_dx: bool) -> Option<B::Buf> {
+    /// Backward from the forward's input `x` (the same [`Backend::Act`]): writes the gradients of
+    /// trainable weights, bias and adapters, and returns `∂L/∂x: [rows, in]` when `need_dx`.
+    pub fn backward(&mut self, be: &B, x: &B::Act, dy: &B::Buf, rows: usize, need_dx: bool) -> Option<B::Buf> {
         self.backward_with(be, x, dy, rows, need_dx, None)
     }
 
     /// [`Linear::backward`] reusing the kept sets of this step's forward pass ([`Linear::forward_keep`]):
     /// the adapters' `M` is recomputed from `A`, `B` (spec §2), the top-k is not re-selected (same
     /// `A`, `B` and sparsity, deterministic selection: the same set).
-    pub fn backward_with(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, need_dx: bool, kept: Option<KeptSets<B>>) -> Option<B::Buf> {
+    pub fn backward_with(&mut self, be: &B, x: &B::Act, dy: &B::Buf, rows: usize, need_dx: bool, kept: Option<KeptSets<B>>) -> Option<B::Buf> {
         // one effective weight for ∂L/∂x in every precision (see the module docs)
         let eff = self.effective(be, false, kept, true);
         let (n_in, n_out) = (self.n_in, self.n_out);

@@ -31,19 +31,19 @@ pub struct Block<B: Backend> {
 /// Saved activations of one block for the backward pass.
 pub struct BlockCache<B: Backend> {
     x: B::Buf,
-    ln1: B::Buf,
+    ln1: B::Act,
     m1: B::Buf,
     r1: B::Buf,
     qkv: B::Buf,
     /// What the attention forward saved ([`Backend::attention_saved_len`]).
     saved: B::Buf,
-    att: B::Buf,
+    att: B::Act,
     h: B::Buf,
-    ln2: B::Buf,
+    ln2: B::Act,
     m2: B::Buf,
     r2: B::Buf,
     f1: B::Buf,
-    g: B::Buf,
+    g: B::Act,
     /// The kept sets of qkv, proj, fc1 and fc2 from this forward pass.
     kept: [KeptSets<B>; 4],
 }
@@ -61,12 +61,12 @@ pub enum Saved<B: Backend> {
 /// Saved activations of a whole forward pass.
 pub struct Cache<B: Backend> {
     batch: usize,
-    cols: B::Buf,
+    cols: B::Act,
     blocks: Vec<Saved<B>>,
     cls_in: B::Buf,
     cls_mean: B::Buf,
     cls_rstd: B::Buf,
-    cls_norm: B::Buf,
+    cls_norm: B::Act,
 }
 
 /// A ViT on backend `B`.
@@ -200,6 +200,7 @@ impl<B: Backend> Vit<B> {
         let np = t - 1;
         let mut cols = be.empty(b * np * cfg.in_chans * p * p);
         be.im2col(images, b, cfg.in_chans, cfg.img_size, cfg.img_size, p, &mut cols);
+        let cols = be.act(cols);
         let pe = self.patch.forward(be, &cols, b * np);
         let mut x = be.empty(b * t * d);
         be.copy_rows(&self.cls_token.value, 0, 0, &mut x, 0, t * d, d, b);
@@ -225,6 +226,7 @@ impl<B: Backend> Vit<B> {
         be.copy_rows(&x, 0, t * d, &mut cls_in, 0, d, d, b);
         let (mut cls_norm, mut mean, mut rstd) = (be.empty(b * d), be.empty(b), be.empty(b));
         be.layernorm_fwd(&cls_in, &self.norm.0.value, &self.norm.1.value, b, d, cfg.ln_eps, &mut cls_norm, &mut mean, &mut rstd);
+        let cls_norm = be.act(cls_norm);
         let logits = self.head.forward(be, &cls_norm, b);
         let cache = train.then_some(Cache { batch: b, cols, blocks: caches, cls_in, cls_mean: mean, cls_rstd: rstd, cls_norm });
         (logits, cache)
@@ -238,15 +240,19 @@ impl<B: Backend> Vit<B> {
         let (d, t, rows) = (cfg.embed_dim, cfg.tokens(), b * cfg.tokens());
         let (mut ln1, mut m1, mut r1) = (be.empty(rows * d), be.empty(rows), be.empty(rows));
         be.layernorm_fwd(&x, &blk.norm1.0.value, &blk.norm1.1.value, rows, d, cfg.ln_eps, &mut ln1, &mut m1, &mut r1);
+        let ln1 = be.act(ln1);
         let (qkv, k_qkv) = blk.qkv.forward_keep(be, &ln1, rows, kq);
         let (mut att, mut saved) = (be.empty(rows * d), be.empty(be.attention_saved_len(b, t, cfg.num_heads, cfg.head_dim())));
         be.attention_fwd(&qkv, b, t, cfg.num_heads, cfg.head_dim(), &mut att, &mut saved);
+        let att = be.act(att);
         let (h, k_proj) = blk.proj.forward_res(be, &att, rows, kp, Some(&x));
         let (mut ln2, mut m2, mut r2) = (be.empty(rows * d), be.empty(rows), be.empty(rows));
         be.layernorm_fwd(&h, &blk.norm2.0.value, &blk.norm2.1.value, rows, d, cfg.ln_eps, &mut ln2, &mut m2, &mut r2);
+        let ln2 = be.act(ln2);
         let (f1, k_fc1) = blk.fc1.forward_keep(be, &ln2, rows, k1);
         let mut g = be.empty(rows * cfg.mlp_hidden);
         be.gelu_fwd(&f1, &mut g);
+        let g = be.act(g);
         let (out, k_fc2) = blk.fc2.forward_res(be, &g, rows, k2, Some(&h));
         if !train {
             return (out, None, [k_qkv, k_proj, k_fc1, k_fc2]);

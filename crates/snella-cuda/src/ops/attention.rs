@@ -12,7 +12,7 @@ use super::reduce::{check_len, dim_u32, grid_stride, scratch};
 use super::{In, Out};
 use crate::device::{cuda_err, Gpu};
 use crate::gemm::gemm_batched;
-use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use snella_core::SnellaError;
 
 fn rows_cfg(rows: usize) -> LaunchConfig {
@@ -110,6 +110,31 @@ pub fn attention_bwd(
     Ok(())
 }
 
+/// The forward output `O: [b, t, d]` as [`flash_bwd`] reads it (for `rowsum(dO ⊙ O)`): f32, or the
+/// bf16 copy that the `proj` linear keeps of it.
+#[derive(Clone, Copy)]
+pub enum FlashOut<'a, 'b> {
+    /// f32 values.
+    F32(&'a In<'b>),
+    /// bf16 values (round to nearest even of the f32 output).
+    Bf16(&'a CudaSlice<u16>),
+}
+
+impl FlashOut<'_, '_> {
+    fn len(&self) -> usize {
+        match self {
+            FlashOut::F32(o) => o.len(),
+            FlashOut::Bf16(o) => o.len(),
+        }
+    }
+    fn ptr(&self, gpu: &Gpu) -> u64 {
+        match self {
+            FlashOut::F32(o) => o.device_ptr(&gpu.stream).0,
+            FlashOut::Bf16(o) => o.device_ptr(&gpu.stream).0,
+        }
+    }
+}
+
 /// The head dim of the fused bf16 attention ([`flash_fwd`], [`flash_bwd`]).
 pub const FLASH_HEAD_DIM: usize = 64;
 
@@ -162,7 +187,7 @@ pub fn flash_fwd(gpu: &Gpu, qkv: &In, b: usize, t: usize, heads: usize, hd: usiz
 }
 
 /// Backward of [`flash_fwd`] (FlashAttention-2, Algorithm 2): writes (overwrites) `dqkv: [b, t, 3·d]`
-/// from `dout: [b, t, d]`, the forward's `qkv`, its output `out` and its `lse2`. Per head, with `P`
+/// from `dout: [b, t, d]`, the forward's `qkv`, its output `out` (f32 or bf16) and its `lse2`. Per head, with `P`
 /// recomputed from `lse2`: `dv = Pᵀ·dO`, `dP = dO·vᵀ`, `dS = P ⊙ (dP − rowsum(dO ⊙ O))`,
 /// `dq = scale·dS·k`, `dk = scale·dSᵀ·q`; operands in bf16, accumulation in f32.
 ///
@@ -175,7 +200,7 @@ pub fn flash_fwd(gpu: &Gpu, qkv: &In, b: usize, t: usize, heads: usize, hd: usiz
 /// not 16-byte aligned; `CUDA_OOM` for the scratch; `CUDA_ERROR` on a launch failure.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_bwd(
-    gpu: &Gpu, dout: &In, qkv: &In, out: &In, lse2: &In, b: usize, t: usize, heads: usize, hd: usize, dqkv: &mut Out,
+    gpu: &Gpu, dout: &In, qkv: &In, out: FlashOut, lse2: &In, b: usize, t: usize, heads: usize, hd: usize, dqkv: &mut Out,
 ) -> Result<(), SnellaError> {
     let op = "flash_attention_bwd";
     let d = heads * hd;
@@ -188,9 +213,9 @@ pub fn flash_bwd(
         return Ok(());
     }
     {
+        let e = out.ptr(gpu);
         let (a, _g1) = qkv.device_ptr(&gpu.stream);
         let (c, _g2) = dout.device_ptr(&gpu.stream);
-        let (e, _g3) = out.device_ptr(&gpu.stream);
         let (f, _g4) = dqkv.device_ptr(&gpu.stream);
         check_flash(op, hd, &[("qkv", a), ("dout", c), ("out", e), ("dqkv", f)])?;
     }
@@ -204,9 +229,17 @@ pub fn flash_bwd(
     let mut dvec = scratch(gpu, rows)?;
     let total = rows * hd;
     let mut dqp = scratch(gpu, tiles * total)?;
-    let f = gpu.func("snella_flash_attn_bwd_dot");
+    let f = gpu.func(match out {
+        FlashOut::F32(_) => "snella_flash_attn_bwd_dot",
+        FlashOut::Bf16(_) => "snella_flash_attn_bwd_dot_o16",
+    });
     let mut l = gpu.stream.launch_builder(&f);
-    l.arg(dout).arg(out).arg(&mut dvec).arg(&rows32).arg(&t32).arg(&h32);
+    l.arg(dout);
+    match out {
+        FlashOut::F32(o) => l.arg(o),
+        FlashOut::Bf16(o) => l.arg(o),
+    };
+    l.arg(&mut dvec).arg(&rows32).arg(&t32).arg(&h32);
     // SAFETY: dout/out hold b·t·d floats, dvec rows floats (checked/allocated); one warp per row.
     unsafe { l.launch(rows_cfg(rows)) }.map_err(|e| cuda_err("snella_flash_attn_bwd_dot", e))?;
     let f = gpu.func("snella_flash_attn_bwd");
