@@ -5,13 +5,19 @@
 // memory (L1/L2) once per pass. dgamma/dbeta: deterministic two-kernel column reduction
 // (fixed-shape partial sums per chunk of SNELLA_LN_CHUNK rows, then the chunks in order).
 #include "common.cuh"
+#include <cuda_bf16.h>
 
 #define SNELLA_LN_CHUNK 64
 
-// y = (x - mean)·rstd·gamma + beta per row of x [rows, d]; mean, rstd [rows].
-extern "C" __global__ void snella_layernorm_fwd(const float* __restrict__ x, const float* __restrict__ gamma,
-                                                const float* __restrict__ beta, unsigned rows, unsigned d, float eps,
-                                                float* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd) {
+__device__ __forceinline__ void snella_ln_store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void snella_ln_store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// y = (x - mean)·rstd·gamma + beta per row of x [rows, d]; mean, rstd [rows]. Y = float, or
+// __nv_bfloat16 (the same f32 value rounded to nearest even: a linear layer's input in bf16).
+template <typename Y>
+__device__ __forceinline__ void snella_layernorm_fwd_body(const float* __restrict__ x, const float* __restrict__ gamma,
+                                                          const float* __restrict__ beta, unsigned rows, unsigned d, float eps,
+                                                          Y* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd) {
   unsigned warps = blockDim.x >> 5;
   unsigned row = blockIdx.x * warps + (threadIdx.x >> 5);
   unsigned lane = threadIdx.x & 31;
@@ -29,12 +35,25 @@ extern "C" __global__ void snella_layernorm_fwd(const float* __restrict__ x, con
   }
   ss = snella_warp_sum(ss);
   float rs = 1.0f / sqrtf(ss * inv_d + eps);
-  float* yr = y + (size_t)row * d;
-  for (unsigned j = lane; j < d; j += 32) yr[j] = (xr[j] - mu) * rs * gamma[j] + beta[j];
+  Y* yr = y + (size_t)row * d;
+  for (unsigned j = lane; j < d; j += 32) snella_ln_store(yr + j, (xr[j] - mu) * rs * gamma[j] + beta[j]);
   if (lane == 0) {
     mean[row] = mu;
     rstd[row] = rs;
   }
+}
+
+extern "C" __global__ void snella_layernorm_fwd(const float* __restrict__ x, const float* __restrict__ gamma,
+                                                const float* __restrict__ beta, unsigned rows, unsigned d, float eps,
+                                                float* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd) {
+  snella_layernorm_fwd_body(x, gamma, beta, rows, d, eps, y, mean, rstd);
+}
+
+extern "C" __global__ void snella_layernorm_fwd_bf16(const float* __restrict__ x, const float* __restrict__ gamma,
+                                                     const float* __restrict__ beta, unsigned rows, unsigned d, float eps,
+                                                     __nv_bfloat16* __restrict__ y, float* __restrict__ mean,
+                                                     float* __restrict__ rstd) {
+  snella_layernorm_fwd_body(x, gamma, beta, rows, d, eps, y, mean, rstd);
 }
 
 // dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) with g = dy·gamma, x̂ = (x − mean)·rstd; one warp per row.

@@ -187,6 +187,43 @@ fn flash_attention_matches_cpu() {
     assert!(e.to_string().contains("head_dim"), "{e}");
 }
 
+/// The bf16-output forms of LayerNorm and GELU (a linear layer's input in the bf16 step) are the f32
+/// kernels' values rounded to nearest even: bit-identical to the f32 kernel followed by the bf16
+/// conversion, on sizes that are and are not multiples of the 4-wide vector path (and a misaligned
+/// view for the scalar tail path of GELU).
+#[test]
+fn bf16_outputs_equal_the_rounded_f32_outputs() {
+    let Some(gpu) = setup() else { return };
+    let bits = |gpu: &snella_cuda::Gpu, v: &cudarc::driver::CudaSlice<u16>| gpu.stream.clone_dtoh(v).unwrap();
+    for &(rows, d) in &[(7usize, 37usize), (130, 768), (1, 5)] {
+        let x: Vec<f32> = rand32(rows * d, 11 + rows as u64, 2.0).iter().map(|v| v + 0.25).collect();
+        let (gamma, beta) = (rand32(d, 12, 1.5), rand32(d, 13, 1.0));
+        let (gx, gg, gb) = (up(&gpu, &x), up(&gpu, &gamma), up(&gpu, &beta));
+        let (mut y, mut m, mut r) = (gpu.zeros(rows * d).unwrap(), gpu.zeros(rows).unwrap(), gpu.zeros(rows).unwrap());
+        layernorm::layernorm_fwd(&gpu, &gx.slice(..), &gg.slice(..), &gb.slice(..), rows, d, 1e-6, &mut y.slice_mut(..), &mut m.slice_mut(..), &mut r.slice_mut(..)).unwrap();
+        let want = snella_cuda::gemm::to_bf16(&gpu, &y, rows * d).unwrap();
+        let mut y16 = unsafe { gpu.uninit::<u16>(rows * d) }.unwrap();
+        let (mut m2, mut r2) = (gpu.zeros(rows).unwrap(), gpu.zeros(rows).unwrap());
+        layernorm::layernorm_fwd_bf16(&gpu, &gx.slice(..), &gg.slice(..), &gb.slice(..), rows, d, 1e-6, &mut y16, &mut m2.slice_mut(..), &mut r2.slice_mut(..)).unwrap();
+        assert_eq!(bits(&gpu, &y16), bits(&gpu, &want), "layernorm bf16 rows={rows} d={d}");
+        assert_eq!((down(&gpu, &m2), down(&gpu, &r2)), (down(&gpu, &m), down(&gpu, &r)), "layernorm stats rows={rows} d={d}");
+    }
+    for &n in &[1usize, 7, 4096, 100_003] {
+        let x = rand32(n + 1, 21 + n as u64, 4.0);
+        let gx = up(&gpu, &x);
+        for off in [0usize, 1] {
+            let xv = gx.slice(off..off + n);
+            let mut y = gpu.zeros(n).unwrap();
+            gelu::gelu_fwd(&gpu, &xv, &mut y.slice_mut(..)).unwrap();
+            let want = snella_cuda::gemm::to_bf16(&gpu, &y, n).unwrap();
+            let mut y16 = unsafe { gpu.uninit::<u16>(n) }.unwrap();
+            gelu::gelu_fwd_bf16(&gpu, &xv, &mut y16).unwrap();
+            assert_eq!(bits(&gpu, &y16), bits(&gpu, &want), "gelu bf16 n={n} offset={off}");
+        }
+    }
+    println!("layernorm and gelu bf16 outputs: bit-identical to the rounded f32 outputs");
+}
+
 #[test]
 fn cross_entropy_matches_cpu() {
     let Some(gpu) = setup() else { return };

@@ -87,8 +87,25 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn layernorm_fwd(&self, x: &Self::Buf, g: &Self::Buf, b: &Self::Buf, rows: usize, d: usize, eps: f32, y: &mut Self::Buf, mean: &mut Self::Buf, rstd: &mut Self::Buf);
     /// LayerNorm backward; `dg`/`db` accumulate when given.
     fn layernorm_bwd(&self, dy: &Self::Buf, x: &Self::Buf, g: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf, rows: usize, d: usize, dx: &mut Self::Buf, dg: Option<&mut Self::Buf>, db: Option<&mut Self::Buf>);
+    /// [`Backend::layernorm_fwd`] whose output is a linear layer's input: returns it as a
+    /// [`Backend::Act`] (the default: `layernorm_fwd` then [`Backend::act`]; CUDA in bf16 writes the
+    /// bf16 output directly, bit-identically).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_fwd_act(&self, x: &Self::Buf, g: &Self::Buf, b: &Self::Buf, rows: usize, d: usize, eps: f32, mean: &mut Self::Buf, rstd: &mut Self::Buf) -> Self::Act {
+        let mut y = self.empty(rows * d);
+        self.layernorm_fwd(x, g, b, rows, d, eps, &mut y, mean, rstd);
+        self.act(y)
+    }
     /// Exact GELU forward.
     fn gelu_fwd(&self, x: &Self::Buf, y: &mut Self::Buf);
+    /// [`Backend::gelu_fwd`] of `n` values whose output is a linear layer's input, as a
+    /// [`Backend::Act`] (the default: `gelu_fwd` then [`Backend::act`]; CUDA in bf16 writes the bf16
+    /// output directly, bit-identically).
+    fn gelu_fwd_act(&self, x: &Self::Buf, n: usize) -> Self::Act {
+        let mut y = self.empty(n);
+        self.gelu_fwd(x, &mut y);
+        self.act(y)
+    }
     /// Exact GELU backward from the pre-activation.
     fn gelu_bwd(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
     /// Floats [`Backend::attention_fwd`] saves for the backward (`saved`): the probabilities

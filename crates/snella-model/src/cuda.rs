@@ -32,8 +32,9 @@ pub struct CudaBackend {
     /// Per-op device timing (benchmarks only, see [`CudaBackend::enable_profile`]).
     prof: Option<Arc<Mutex<Vec<(&'static str, CudaEvent, CudaEvent)>>>>,
     /// Whether bf16 attention with head dim 64 runs fused ([`CudaBackend::flash_attention`]); true
-    /// by default. Turning it off (before a step, never between a forward and its backward) keeps
-    /// the cuBLAS products with the probabilities saved, for comparisons.
+    /// by default, false when the environment variable `SNELLA_ATTENTION=unfused` is set when the
+    /// backend is made. Turning it off (before a step, never between a forward and its backward)
+    /// keeps the cuBLAS products with the probabilities saved, for comparisons.
     pub fused_attention: bool,
 }
 
@@ -54,7 +55,8 @@ impl CudaBackend {
     /// # Errors
     /// `CUDA_UNAVAILABLE` naming the missing driver/library and the paths tried, or `CUDA_ERROR`.
     pub fn new(ordinal: usize) -> Result<Self, SnellaError> {
-        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention: true })
+        let fused_attention = std::env::var("SNELLA_ATTENTION").map(|v| v != "unfused").unwrap_or(true);
+        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention })
     }
 
     /// Starts recording a pair of device events around every op (for the benchmark's per-op
@@ -213,6 +215,32 @@ impl Backend for CudaBackend {
             let mut dgv = dg.map(|v| v.slice_mut(..));
             let mut dbv = db.map(|v| v.slice_mut(..));
             ok("layernorm_bwd", layernorm::layernorm_bwd(&self.gpu, &dy.slice(..), &x.slice(..), &g.slice(..), &mean.slice(..), &rstd.slice(..), rows, d, &mut dx.slice_mut(..), dgv.as_mut(), dbv.as_mut()));
+        })
+    }
+    fn layernorm_fwd_act(&self, x: &CudaSlice<f32>, g: &CudaSlice<f32>, b: &CudaSlice<f32>, rows: usize, d: usize, eps: f32, mean: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>) -> CudaAct {
+        if self.gpu.precision() != snella_cuda::device::Precision::Bf16 || rows * d == 0 {
+            let mut y = self.empty(rows * d);
+            self.layernorm_fwd(x, g, b, rows, d, eps, &mut y, mean, rstd);
+            return self.act(y);
+        }
+        self.timed("layernorm_fwd (bf16 out)", || {
+            // SAFETY: the kernel writes all rows·d values.
+            let mut y16 = ok("alloc", unsafe { self.gpu.uninit::<u16>(rows * d) });
+            ok("layernorm_fwd_bf16", layernorm::layernorm_fwd_bf16(&self.gpu, &x.slice(..), &g.slice(..), &b.slice(..), rows, d, eps, &mut y16, &mut mean.slice_mut(..), &mut rstd.slice_mut(..)));
+            CudaAct::Bf16(y16)
+        })
+    }
+    fn gelu_fwd_act(&self, x: &CudaSlice<f32>, n: usize) -> CudaAct {
+        if self.gpu.precision() != snella_cuda::device::Precision::Bf16 || n == 0 {
+            let mut y = self.empty(n);
+            self.gelu_fwd(x, &mut y);
+            return self.act(y);
+        }
+        self.timed("gelu_fwd (bf16 out)", || {
+            // SAFETY: the kernel writes all n values.
+            let mut y16 = ok("alloc", unsafe { self.gpu.uninit::<u16>(n) });
+            ok("gelu_fwd_bf16", gelu::gelu_fwd_bf16(&self.gpu, &x.slice(..n), &mut y16));
+            CudaAct::Bf16(y16)
         })
     }
     fn gelu_fwd(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {

@@ -224,9 +224,8 @@ impl<B: Backend> Vit<B> {
         }
         let mut cls_in = be.empty(b * d);
         be.copy_rows(&x, 0, t * d, &mut cls_in, 0, d, d, b);
-        let (mut cls_norm, mut mean, mut rstd) = (be.empty(b * d), be.empty(b), be.empty(b));
-        be.layernorm_fwd(&cls_in, &self.norm.0.value, &self.norm.1.value, b, d, cfg.ln_eps, &mut cls_norm, &mut mean, &mut rstd);
-        let cls_norm = be.act(cls_norm);
+        let (mut mean, mut rstd) = (be.empty(b), be.empty(b));
+        let cls_norm = be.layernorm_fwd_act(&cls_in, &self.norm.0.value, &self.norm.1.value, b, d, cfg.ln_eps, &mut mean, &mut rstd);
         let logits = self.head.forward(be, &cls_norm, b);
         let cache = train.then_some(Cache { batch: b, cols, blocks: caches, cls_in, cls_mean: mean, cls_rstd: rstd, cls_norm });
         (logits, cache)
@@ -238,21 +237,17 @@ impl<B: Backend> Vit<B> {
     fn block_fwd(be: &B, cfg: &VitConfig, blk: &Block<B>, x: B::Buf, b: usize, train: bool, kept: Option<[KeptSets<B>; 4]>) -> (B::Buf, Option<BlockCache<B>>, [KeptSets<B>; 4]) {
         let [kq, kp, k1, k2] = kept.map(|k| k.map(Some)).unwrap_or([None, None, None, None]);
         let (d, t, rows) = (cfg.embed_dim, cfg.tokens(), b * cfg.tokens());
-        let (mut ln1, mut m1, mut r1) = (be.empty(rows * d), be.empty(rows), be.empty(rows));
-        be.layernorm_fwd(&x, &blk.norm1.0.value, &blk.norm1.1.value, rows, d, cfg.ln_eps, &mut ln1, &mut m1, &mut r1);
-        let ln1 = be.act(ln1);
+        let (mut m1, mut r1) = (be.empty(rows), be.empty(rows));
+        let ln1 = be.layernorm_fwd_act(&x, &blk.norm1.0.value, &blk.norm1.1.value, rows, d, cfg.ln_eps, &mut m1, &mut r1);
         let (qkv, k_qkv) = blk.qkv.forward_keep(be, &ln1, rows, kq);
         let (mut att, mut saved) = (be.empty(rows * d), be.empty(be.attention_saved_len(b, t, cfg.num_heads, cfg.head_dim())));
         be.attention_fwd(&qkv, b, t, cfg.num_heads, cfg.head_dim(), &mut att, &mut saved);
         let att = be.act(att);
         let (h, k_proj) = blk.proj.forward_res(be, &att, rows, kp, Some(&x));
-        let (mut ln2, mut m2, mut r2) = (be.empty(rows * d), be.empty(rows), be.empty(rows));
-        be.layernorm_fwd(&h, &blk.norm2.0.value, &blk.norm2.1.value, rows, d, cfg.ln_eps, &mut ln2, &mut m2, &mut r2);
-        let ln2 = be.act(ln2);
+        let (mut m2, mut r2) = (be.empty(rows), be.empty(rows));
+        let ln2 = be.layernorm_fwd_act(&h, &blk.norm2.0.value, &blk.norm2.1.value, rows, d, cfg.ln_eps, &mut m2, &mut r2);
         let (f1, k_fc1) = blk.fc1.forward_keep(be, &ln2, rows, k1);
-        let mut g = be.empty(rows * cfg.mlp_hidden);
-        be.gelu_fwd(&f1, &mut g);
-        let g = be.act(g);
+        let g = be.gelu_fwd_act(&f1, rows * cfg.mlp_hidden);
         let (out, k_fc2) = blk.fc2.forward_res(be, &g, rows, k2, Some(&h));
         if !train {
             return (out, None, [k_qkv, k_proj, k_fc1, k_fc2]);

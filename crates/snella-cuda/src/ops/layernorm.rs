@@ -3,7 +3,7 @@
 use super::reduce::{check_len, dim_u32, scratch, ROW_CHUNK};
 use super::{In, Out};
 use crate::device::{cuda_err, Gpu};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use snella_core::SnellaError;
 
 /// Rows per 256-thread block of the row kernels (one warp per row).
@@ -41,6 +41,35 @@ pub fn layernorm_fwd(
     b.arg(x).arg(gamma).arg(beta).arg(&r32).arg(&d32).arg(&eps).arg(y).arg(mean).arg(rstd);
     // SAFETY: every buffer holds what its shape needs (checked); the kernel bounds-checks rows.
     unsafe { b.launch(row_cfg(rows)) }.map(|_| ()).map_err(|e| cuda_err("snella_layernorm_fwd", e))
+}
+
+/// [`layernorm_fwd`] with `y` rounded to bf16 (nearest even) into `y16` (`u16` bit patterns): a
+/// linear layer's input in the bf16 precision, written once instead of f32 then converted.
+/// Bit-identical to [`layernorm_fwd`] followed by `crate::gemm::to_bf16`; `mean`, `rstd` as there.
+///
+/// # Errors
+/// `Tensor` when a buffer is shorter than its shape needs; `CUDA_ERROR` on a launch failure.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_fwd_bf16(
+    gpu: &Gpu, x: &In, gamma: &In, beta: &In, rows: usize, d: usize, eps: f32,
+    y16: &mut CudaSlice<u16>, mean: &mut Out, rstd: &mut Out,
+) -> Result<(), SnellaError> {
+    let op = "layernorm_fwd_bf16";
+    check_len(op, "x", x.len(), rows * d)?;
+    check_len(op, "y", y16.len(), rows * d)?;
+    check_len(op, "gamma", gamma.len(), d)?;
+    check_len(op, "beta", beta.len(), d)?;
+    check_len(op, "mean", mean.len(), rows)?;
+    check_len(op, "rstd", rstd.len(), rows)?;
+    if rows == 0 || d == 0 {
+        return Ok(());
+    }
+    let (r32, d32) = (dim_u32(op, "rows", rows)?, dim_u32(op, "d", d)?);
+    let f = gpu.func("snella_layernorm_fwd_bf16");
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(x).arg(gamma).arg(beta).arg(&r32).arg(&d32).arg(&eps).arg(y16).arg(mean).arg(rstd);
+    // SAFETY: every buffer holds what its shape needs (checked); the kernel bounds-checks rows.
+    unsafe { b.launch(row_cfg(rows)) }.map(|_| ()).map_err(|e| cuda_err("snella_layernorm_fwd_bf16", e))
 }
 
 /// Backward of [`layernorm_fwd`], as `snella_core::ops::layernorm::layernorm_bwd` (f32): writes
