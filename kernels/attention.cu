@@ -106,13 +106,22 @@ __device__ __forceinline__ void fa_ldb_t(uint32_t (&b)[4], const __nv_bfloat16* 
                : "r"(a));
 }
 
-// Loads this thread's share of a 64-row tile (rows [r0, r0+64), rows ≥ n as zeros) of a head's 64 f32
-// columns (`src`, row stride `ld`): 8 float4, all issued before any is used (one memory latency).
-__device__ __forceinline__ void fa_load(float4 (&v)[8], const float* __restrict__ src, size_t ld, int r0, int n) {
+// Loads this thread's share of a 64-row tile (rows [r0, r0+64), rows ≥ n as zeros) of a head's 64
+// columns (`src`, row stride `ld`, f32 or bf16): 8 groups of 4 values, all issued before any is used
+// (one memory latency). bf16 values widen to f32 exactly (fa_store rounds them back unchanged).
+__device__ __forceinline__ float4 fa_ld4(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
+__device__ __forceinline__ float4 fa_ld4(const __nv_bfloat16* p) {
+  const uint2 w = __ldg(reinterpret_cast<const uint2*>(p));
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+template <typename T>
+__device__ __forceinline__ void fa_load(float4 (&v)[8], const T* __restrict__ src, size_t ld, int r0, int n) {
 #pragma unroll
   for (int u = 0; u < 8; ++u) {
     const int i = threadIdx.x + u * 128, r = i >> 4, c = (i & 15) * 4;
-    v[u] = r0 + r < n ? __ldg(reinterpret_cast<const float4*>(src + (size_t)(r0 + r) * ld + c)) : make_float4(0.f, 0.f, 0.f, 0.f);
+    v[u] = r0 + r < n ? fa_ld4(src + (size_t)(r0 + r) * ld + c) : make_float4(0.f, 0.f, 0.f, 0.f);
   }
 }
 
@@ -132,14 +141,14 @@ __device__ __forceinline__ void fa_store(__nv_bfloat16* sh, const float4 (&v)[8]
 // at columns h·64, d + h·64, 2d + h·64); writes out [b, t, d] and lse2 [b·heads, t], the row
 // log-sum-exp of the scores in base 2: lse2 = log2 Σ_j 2^(s_j) with s = q·kᵀ·scale·log2(e)
 // (`scale_log2`). Keys ≥ t are masked, query rows ≥ t are not written.
-extern "C" __global__ void __launch_bounds__(128)
-    snella_flash_attn_fwd(const float* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse2, unsigned t,
-                          unsigned heads, float scale_log2) {
+template <typename T>
+__device__ __forceinline__ void flash_fwd(const T* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse2, unsigned t,
+                                          unsigned heads, float scale_log2) {
   __shared__ __align__(16) __nv_bfloat16 qs[FA_T * FA_S], ks[FA_T * FA_S], vs[FA_T * FA_S];
   const int bh = blockIdx.x, bi = bh / heads, h = bh % heads, nt_ = (int)t;
   const int d = heads * FA_HD;
   const size_t ld = 3 * (size_t)d;
-  const float* base = qkv + (size_t)bi * t * ld + h * FA_HD;
+  const T* base = qkv + (size_t)bi * t * ld + h * FA_HD;
   const int q0 = blockIdx.y * FA_T, w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   float4 ra[8], rb[8];
   fa_load(ra, base, ld, q0, nt_);
@@ -242,6 +251,18 @@ extern "C" __global__ void __launch_bounds__(128)
   }
 }
 
+extern "C" __global__ void __launch_bounds__(128)
+    snella_flash_attn_fwd(const float* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse2, unsigned t,
+                          unsigned heads, float scale_log2) {
+  flash_fwd(qkv, out, lse2, t, heads, scale_log2);
+}
+// The same with qkv already in bf16 (the attention input a bf16 step keeps): identical results.
+extern "C" __global__ void __launch_bounds__(128)
+    snella_flash_attn_fwd_q16(const __nv_bfloat16* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse2,
+                              unsigned t, unsigned heads, float scale_log2) {
+  flash_fwd(qkv, out, lse2, t, heads, scale_log2);
+}
+
 // Backward, step 1: dvec[bh·t + i] = Σ_e dO[b, i, h·64 + e] · O[b, i, h·64 + e] (FA-2's D = rowsum(dO ⊙ O),
 // which equals Σ_j P_ij·dP_ij), O in f32 or (the _o16 kernel) in the bf16 a linear layer keeps. One
 // warp per row; grid ceil(b·heads·t / 8), block 256.
@@ -280,10 +301,10 @@ extern "C" __global__ void __launch_bounds__(256)
 // dk = scale·dSᵀ·q in registers, with dSᵀ = Pᵀ ⊙ (dPᵀ − D), dPᵀ = v·dOᵀ; its share of dq
 // (scale·dS·k over its 64 keys) goes to dqp[key tile][bh][t][64] (no atomics: summed in a fixed order
 // by step 3, deterministic). Writes the k and v columns of dqkv [b, t, 3d] for its keys.
-extern "C" __global__ void __launch_bounds__(128)
-    snella_flash_attn_bwd(const float* __restrict__ qkv, const float* __restrict__ dout, const float* __restrict__ lse2,
-                          const float* __restrict__ dvec, float* __restrict__ dqkv, float* __restrict__ dqp, unsigned t,
-                          unsigned heads, float scale, float scale_log2) {
+template <typename T>
+__device__ __forceinline__ void flash_bwd(const T* __restrict__ qkv, const float* __restrict__ dout, const float* __restrict__ lse2,
+                                          const float* __restrict__ dvec, float* __restrict__ dqkv, float* __restrict__ dqp, unsigned t,
+                                          unsigned heads, float scale, float scale_log2) {
   __shared__ __align__(16) __nv_bfloat16 qs[FA_T * FA_S];   // q [query][e]
   __shared__ __align__(16) __nv_bfloat16 dos[FA_T * FA_S];  // dO [query][e]
   __shared__ __align__(16) __nv_bfloat16 dss[FA_T * FA_S];  // dS [query][key]
@@ -292,7 +313,7 @@ extern "C" __global__ void __launch_bounds__(128)
   const int bh = blockIdx.x, bi = bh / heads, h = bh % heads, nt_ = (int)t;
   const int d = heads * FA_HD;
   const size_t ld = 3 * (size_t)d;
-  const float* base = qkv + (size_t)bi * t * ld + h * FA_HD;
+  const T* base = qkv + (size_t)bi * t * ld + h * FA_HD;
   const float* dbase = dout + (size_t)bi * t * d + h * FA_HD;
   const int k0 = blockIdx.y * FA_T, w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   // k and v of this tile as A fragments (rows = this warp's 16 keys); k stays in shared for dq
@@ -440,6 +461,20 @@ extern "C" __global__ void __launch_bounds__(128)
       *reinterpret_cast<float2*>(dst + (size_t)r1 * ld + 2 * d + n * 8) = make_float2(dv[n][2], dv[n][3]);
     }
   }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    snella_flash_attn_bwd(const float* __restrict__ qkv, const float* __restrict__ dout, const float* __restrict__ lse2,
+                          const float* __restrict__ dvec, float* __restrict__ dqkv, float* __restrict__ dqp, unsigned t,
+                          unsigned heads, float scale, float scale_log2) {
+  flash_bwd(qkv, dout, lse2, dvec, dqkv, dqp, t, heads, scale, scale_log2);
+}
+// The same with qkv in bf16: identical results.
+extern "C" __global__ void __launch_bounds__(128)
+    snella_flash_attn_bwd_q16(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ dout, const float* __restrict__ lse2,
+                              const float* __restrict__ dvec, float* __restrict__ dqkv, float* __restrict__ dqp, unsigned t,
+                              unsigned heads, float scale, float scale_log2) {
+  flash_bwd(qkv, dout, lse2, dvec, dqkv, dqp, t, heads, scale, scale_log2);
 }
 
 // Backward, step 3: the q columns of dqkv = Σ over the `tiles` key tiles of dqp, in tile order

@@ -11,7 +11,7 @@ use cudarc::driver::CudaSlice;
 use snella_core::gradcheck::rand_vec;
 use snella_core::ops;
 use snella_core::ops::adamw::AdamWParams;
-use snella_cuda::ops::attention::FlashOut;
+use snella_cuda::ops::attention::ActRef;
 use snella_cuda::ops::{adamw, attention, cross_entropy, elementwise, gelu, layernorm, patch, reduce};
 
 mod common;
@@ -151,7 +151,7 @@ fn flash_attention_matches_cpu() {
 
         let (gq, gdo) = (up(&gpu, &qkv), up(&gpu, &dout));
         let (mut go, mut gl) = (up(&gpu, &vec![f32::NAN; b * t * d]), up(&gpu, &vec![f32::NAN; b * heads * t]));
-        attention::flash_fwd(&gpu, &gq.slice(..), b, t, heads, hd, &mut go.slice_mut(..), &mut gl.slice_mut(..)).unwrap();
+        attention::flash_fwd(&gpu, ActRef::F32(&gq.slice(..)), b, t, heads, hd, &mut go.slice_mut(..), &mut gl.slice_mut(..)).unwrap();
         let tag = format!("flash attention b={b} t={t} h={heads}");
         let o = down(&gpu, &go);
         check(&format!("{tag} out"), &o, &f32v(&out), 1e-2);
@@ -162,7 +162,7 @@ fn flash_attention_matches_cpu() {
 
         let mut gd = up(&gpu, &vec![f32::NAN; b * t * 3 * d]);
         let gov = go.slice(..);
-        attention::flash_bwd(&gpu, &gdo.slice(..), &gq.slice(..), FlashOut::F32(&gov), &gl.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
+        attention::flash_bwd(&gpu, &gdo.slice(..), ActRef::F32(&gq.slice(..)), ActRef::F32(&gov), &gl.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
         let r1 = down(&gpu, &gd);
         let want = f32v(&dqkv);
         // q, k and v parts judged separately (each on its own scale)
@@ -170,20 +170,27 @@ fn flash_attention_matches_cpu() {
             let pick = |v: &[f32]| (0..b * t).flat_map(|r| v[r * 3 * d + s * d..r * 3 * d + (s + 1) * d].to_vec()).collect::<Vec<f32>>();
             check(&format!("{tag} {name}"), &pick(&r1), &pick(&want), 3e-2);
         }
-        attention::flash_bwd(&gpu, &gdo.slice(..), &gq.slice(..), FlashOut::F32(&gov), &gl.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
+        attention::flash_bwd(&gpu, &gdo.slice(..), ActRef::F32(&gq.slice(..)), ActRef::F32(&gov), &gl.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
         assert_eq!(down(&gpu, &gd), r1, "{tag}: backward not deterministic");
         // with O in bf16 (as the proj linear keeps it in the bf16 step): the same tolerance
         let o16 = snella_cuda::gemm::to_bf16(&gpu, &gov, b * t * d).unwrap();
-        attention::flash_bwd(&gpu, &gdo.slice(..), &gq.slice(..), FlashOut::Bf16(&o16), &gl.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
+        attention::flash_bwd(&gpu, &gdo.slice(..), ActRef::F32(&gq.slice(..)), ActRef::Bf16(&o16), &gl.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
         let r2 = down(&gpu, &gd);
         for (s, name) in ["dq", "dk", "dv"].iter().enumerate() {
             let pick = |v: &[f32]| (0..b * t).flat_map(|r| v[r * 3 * d + s * d..r * 3 * d + (s + 1) * d].to_vec()).collect::<Vec<f32>>();
             check(&format!("{tag} {name} (bf16 O)"), &pick(&r2), &pick(&want), 3e-2);
         }
+        // qkv given in bf16 (as a bf16 step keeps it): the same bits as rounding while staging
+        let q16 = snella_cuda::gemm::to_bf16(&gpu, &gq, b * t * 3 * d).unwrap();
+        let (mut go2, mut gl2) = (up(&gpu, &vec![f32::NAN; b * t * d]), up(&gpu, &vec![f32::NAN; b * heads * t]));
+        attention::flash_fwd(&gpu, ActRef::Bf16(&q16), b, t, heads, hd, &mut go2.slice_mut(..), &mut gl2.slice_mut(..)).unwrap();
+        assert_eq!((down(&gpu, &go2), down(&gpu, &gl2)), (o.clone(), l.clone()), "{tag}: bf16 qkv forward differs");
+        attention::flash_bwd(&gpu, &gdo.slice(..), ActRef::Bf16(&q16), ActRef::Bf16(&o16), &gl.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
+        assert_eq!(down(&gpu, &gd), r2, "{tag}: bf16 qkv backward differs");
     }
     // head dims other than 64 are refused with a clear error (the backend then keeps cuBLAS)
     let (gq, mut go, mut gl) = (gpu.zeros(3 * 32).unwrap(), gpu.zeros(32).unwrap(), gpu.zeros(1).unwrap());
-    let e = attention::flash_fwd(&gpu, &gq.slice(..), 1, 1, 1, 32, &mut go.slice_mut(..), &mut gl.slice_mut(..)).unwrap_err();
+    let e = attention::flash_fwd(&gpu, ActRef::F32(&gq.slice(..)), 1, 1, 1, 32, &mut go.slice_mut(..), &mut gl.slice_mut(..)).unwrap_err();
     assert!(e.to_string().contains("head_dim"), "{e}");
 }
 
@@ -377,13 +384,13 @@ fn timing_attention_vit_shapes() {
         let flash = |n: usize, o: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>, dq: &mut CudaSlice<f32>| {
             let s = std::time::Instant::now();
             for _ in 0..n {
-                attention::flash_fwd(&gpu, &qkv.slice(..), b, t, heads, hd, &mut o.slice_mut(..), &mut lse.slice_mut(..)).unwrap();
+                attention::flash_fwd(&gpu, ActRef::F32(&qkv.slice(..)), b, t, heads, hd, &mut o.slice_mut(..), &mut lse.slice_mut(..)).unwrap();
             }
             gpu.sync().unwrap();
             let f = s.elapsed().as_secs_f64() / n as f64;
             let s = std::time::Instant::now();
             for _ in 0..n {
-                attention::flash_bwd(&gpu, &dout.slice(..), &qkv.slice(..), FlashOut::F32(&o.slice(..)), &lse.slice(..), b, t, heads, hd, &mut dq.slice_mut(..)).unwrap();
+                attention::flash_bwd(&gpu, &dout.slice(..), ActRef::F32(&qkv.slice(..)), ActRef::F32(&o.slice(..)), &lse.slice(..), b, t, heads, hd, &mut dq.slice_mut(..)).unwrap();
             }
             gpu.sync().unwrap();
             (f, s.elapsed().as_secs_f64() / n as f64)

@@ -115,14 +115,21 @@ pub trait Backend: Clone + Send + Sync + 'static {
         let _ = hd;
         b * heads * t * t
     }
-    /// Attention core forward (`snella_core::ops::attention::attention_fwd`): `qkv [b,t,3d]` →
-    /// `out [b,t,d]`, writing what the backward needs into `saved`
+    /// `qkv: [b, t, 3·d]` (f32) as the attention keeps it between forward and backward (the
+    /// default: [`Backend::act`]; CUDA: bf16 where the attention is fused, which rounds it to bf16
+    /// anyway, else f32).
+    fn attention_input(&self, qkv: Self::Buf, hd: usize) -> Self::Act {
+        let _ = hd;
+        self.act(qkv)
+    }
+    /// Attention core forward (`snella_core::ops::attention::attention_fwd`): `qkv [b,t,3d]` (from
+    /// [`Backend::attention_input`]) → `out [b,t,d]`, writing what the backward needs into `saved`
     /// ([`Backend::attention_saved_len`] floats).
-    fn attention_fwd(&self, qkv: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, out: &mut Self::Buf, saved: &mut Self::Buf);
+    fn attention_fwd(&self, qkv: &Self::Act, b: usize, t: usize, heads: usize, hd: usize, out: &mut Self::Buf, saved: &mut Self::Buf);
     /// Attention core backward from the forward's input `qkv`, output `out` (as the `proj` linear
     /// keeps it) and `saved`; overwrites `dqkv [b,t,3d]`.
     #[allow(clippy::too_many_arguments)]
-    fn attention_bwd(&self, dout: &Self::Buf, qkv: &Self::Buf, out: &Self::Act, saved: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, dqkv: &mut Self::Buf);
+    fn attention_bwd(&self, dout: &Self::Buf, qkv: &Self::Act, out: &Self::Act, saved: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, dqkv: &mut Self::Buf);
     /// Mean softmax cross-entropy; returns `(loss, correct)` and writes `dlogits`.
     fn cross_entropy(&self, logits: &Self::Buf, labels: &[u32], b: usize, c: usize, dlogits: &mut Self::Buf) -> (f32, usize);
     /// Softmax cross-entropy of `b` rows with an explicit normaliser `norm` (the global batch size

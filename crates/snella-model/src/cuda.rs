@@ -24,6 +24,24 @@ pub enum CudaAct {
     Bf16(CudaSlice<u16>),
 }
 
+impl CudaAct {
+    /// An f32 view (for [`CudaAct::as_ref`]), `None` for bf16.
+    fn view(&self) -> Option<cudarc::driver::CudaView<'_, f32>> {
+        match self {
+            CudaAct::F32(x) => Some(x.slice(..)),
+            CudaAct::Bf16(_) => None,
+        }
+    }
+    /// The kernels' reference to it, from [`CudaAct::view`]'s view for f32.
+    fn as_ref<'a, 'b>(&'a self, view: Option<&'a cudarc::driver::CudaView<'b, f32>>) -> attention::ActRef<'a, 'b> {
+        match (self, view) {
+            (CudaAct::Bf16(x16), _) => attention::ActRef::Bf16(x16),
+            (CudaAct::F32(_), Some(v)) => attention::ActRef::F32(v),
+            (CudaAct::F32(_), None) => panic!("CudaAct::as_ref: an f32 act needs its view"),
+        }
+    }
+}
+
 /// The CUDA backend on one device.
 #[derive(Clone)]
 pub struct CudaBackend {
@@ -256,28 +274,30 @@ impl Backend for CudaBackend {
     fn attention_saved_len(&self, b: usize, t: usize, h: usize, hd: usize) -> usize {
         if self.flash_attention(hd) { b * h * t } else { b * h * t * t }
     }
-    fn attention_fwd(&self, qkv: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, out: &mut CudaSlice<f32>, saved: &mut CudaSlice<f32>) {
+    fn attention_input(&self, qkv: CudaSlice<f32>, hd: usize) -> CudaAct {
+        if !self.flash_attention(hd) || qkv.len() == 0 {
+            return CudaAct::F32(qkv);
+        }
+        self.timed("act (to bf16)", || CudaAct::Bf16(ok("attention_input", gemm::to_bf16(&self.gpu, &qkv, qkv.len()))))
+    }
+    fn attention_fwd(&self, qkv: &CudaAct, b: usize, t: usize, h: usize, hd: usize, out: &mut CudaSlice<f32>, saved: &mut CudaSlice<f32>) {
         self.timed("attention_fwd", || {
-            let r = if self.flash_attention(hd) {
-                attention::flash_fwd(&self.gpu, &qkv.slice(..), b, t, h, hd, &mut out.slice_mut(..), &mut saved.slice_mut(..))
-            } else {
-                attention::attention_fwd(&self.gpu, &qkv.slice(..), b, t, h, hd, &mut out.slice_mut(..), &mut saved.slice_mut(..))
+            let r = match (qkv, self.flash_attention(hd)) {
+                (CudaAct::Bf16(q16), _) => attention::flash_fwd(&self.gpu, attention::ActRef::Bf16(q16), b, t, h, hd, &mut out.slice_mut(..), &mut saved.slice_mut(..)),
+                (CudaAct::F32(q), true) => attention::flash_fwd(&self.gpu, attention::ActRef::F32(&q.slice(..)), b, t, h, hd, &mut out.slice_mut(..), &mut saved.slice_mut(..)),
+                (CudaAct::F32(q), false) => attention::attention_fwd(&self.gpu, &q.slice(..), b, t, h, hd, &mut out.slice_mut(..), &mut saved.slice_mut(..)),
             };
             ok("attention_fwd", r);
         })
     }
-    fn attention_bwd(&self, dout: &CudaSlice<f32>, qkv: &CudaSlice<f32>, out: &CudaAct, saved: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: &mut CudaSlice<f32>) {
+    fn attention_bwd(&self, dout: &CudaSlice<f32>, qkv: &CudaAct, out: &CudaAct, saved: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: &mut CudaSlice<f32>) {
         self.timed("attention_bwd", || {
+            let (qv, ov) = (qkv.view(), out.view());
             let r = if self.flash_attention(hd) {
-                let ov = match out { CudaAct::F32(o) => Some(o.slice(..)), CudaAct::Bf16(_) => None };
-                let o = match (out, ov.as_ref()) {
-                    (CudaAct::Bf16(o16), _) => attention::FlashOut::Bf16(o16),
-                    (_, Some(v)) => attention::FlashOut::F32(v),
-                    _ => unreachable!("an f32 act has a view"),
-                };
-                attention::flash_bwd(&self.gpu, &dout.slice(..), &qkv.slice(..), o, &saved.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..))
+                attention::flash_bwd(&self.gpu, &dout.slice(..), qkv.as_ref(qv.as_ref()), out.as_ref(ov.as_ref()), &saved.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..))
             } else {
-                attention::attention_bwd(&self.gpu, &dout.slice(..), &qkv.slice(..), &saved.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..))
+                let CudaAct::F32(q) = qkv else { panic!("CUDA backend, attention_bwd: a bf16 qkv on the unfused path") };
+                attention::attention_bwd(&self.gpu, &dout.slice(..), &q.slice(..), &saved.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..))
             };
             ok("attention_bwd", r);
         })

@@ -123,6 +123,9 @@ fn gpu_bf16_step_matches_cpu_step_within_bf16_tolerance() {
     be.gpu.set_precision(snella_cuda::device::Precision::Bf16).unwrap();
     let x: Vec<f32> = snella_core::gradcheck::rand_vec(6 * 3 * 16 * 16, 5, 1.5).iter().map(|&v| v as f32).collect();
     let errs = bf16_step_check("tiny ViT (head dim 16: cuBLAS attention)", session(CpuBackend), session(be), &x);
+    for (name, ge) in &errs {
+        println!("  tiny: {name:40} gradient rel err {ge:.3e}");
+    }
     for (name, ge) in errs {
         assert!(ge <= 1e-1, "{name} bf16 gradient rel err {ge}");
     }

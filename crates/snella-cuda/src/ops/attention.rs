@@ -110,27 +110,28 @@ pub fn attention_bwd(
     Ok(())
 }
 
-/// The forward output `O: [b, t, d]` as [`flash_bwd`] reads it (for `rowsum(dO ⊙ O)`): f32, or the
-/// bf16 copy that the `proj` linear keeps of it.
+/// A tensor the fused attention reads (`qkv`, or the forward output `O` for `rowsum(dO ⊙ O)`): f32,
+/// or the bf16 copy a bf16 step keeps of it (the kernels round f32 inputs to bf16 as they stage
+/// them, so both give the same products).
 #[derive(Clone, Copy)]
-pub enum FlashOut<'a, 'b> {
+pub enum ActRef<'a, 'b> {
     /// f32 values.
     F32(&'a In<'b>),
-    /// bf16 values (round to nearest even of the f32 output).
+    /// bf16 values (round to nearest even of the f32 ones).
     Bf16(&'a CudaSlice<u16>),
 }
 
-impl FlashOut<'_, '_> {
+impl ActRef<'_, '_> {
     fn len(&self) -> usize {
         match self {
-            FlashOut::F32(o) => o.len(),
-            FlashOut::Bf16(o) => o.len(),
+            ActRef::F32(o) => o.len(),
+            ActRef::Bf16(o) => o.len(),
         }
     }
     fn ptr(&self, gpu: &Gpu) -> u64 {
         match self {
-            FlashOut::F32(o) => o.device_ptr(&gpu.stream).0,
-            FlashOut::Bf16(o) => o.device_ptr(&gpu.stream).0,
+            ActRef::F32(o) => o.device_ptr(&gpu.stream).0,
+            ActRef::Bf16(o) => o.device_ptr(&gpu.stream).0,
         }
     }
 }
@@ -153,7 +154,7 @@ fn check_flash(op: &str, hd: usize, ptrs: &[(&str, u64)]) -> Result<(), SnellaEr
 /// Fused attention forward in bf16 (FlashAttention-2, Dao 2023, Algorithm 1), head dim 64: writes
 /// `out: [b, t, d]` (f32) and `lse2: [b, heads, t]`, each row's log-sum-exp of the scores in base 2
 /// (`log2 Σ_j 2^(s_j)`, `s = q·kᵀ·hd^-0.5·log2 e`), from `qkv: [b, t, 3·d]` (f32, layout in the
-/// module docs). The probabilities are never stored: [`flash_bwd`] recomputes them from `lse2`.
+/// module docs; f32 or bf16, see [`ActRef`]). The probabilities are never stored: [`flash_bwd`] recomputes them from `lse2`.
 /// `q`, `k`, `v` and `P` are rounded to bf16 for the tensor-core products (f32 accumulation, f32
 /// softmax statistics), as PyTorch's autocast feeds its scaled-dot-product attention.
 /// CPU reference: `snella_core::ops::attention::{attention_fwd, attention_lse2}`.
@@ -162,7 +163,7 @@ fn check_flash(op: &str, hd: usize, ptrs: &[(&str, u64)]) -> Result<(), SnellaEr
 /// `Tensor` when a buffer is shorter than its shape needs; `Config` when `hd ≠ 64` or a buffer is
 /// not 16-byte aligned; `CUDA_ERROR` on a launch failure.
 #[allow(clippy::too_many_arguments)]
-pub fn flash_fwd(gpu: &Gpu, qkv: &In, b: usize, t: usize, heads: usize, hd: usize, out: &mut Out, lse2: &mut Out) -> Result<(), SnellaError> {
+pub fn flash_fwd(gpu: &Gpu, qkv: ActRef, b: usize, t: usize, heads: usize, hd: usize, out: &mut Out, lse2: &mut Out) -> Result<(), SnellaError> {
     let op = "flash_attention_fwd";
     let d = heads * hd;
     check_len(op, "qkv", qkv.len(), b * t * 3 * d)?;
@@ -171,15 +172,21 @@ pub fn flash_fwd(gpu: &Gpu, qkv: &In, b: usize, t: usize, heads: usize, hd: usiz
     if b == 0 || t == 0 || heads == 0 {
         return Ok(());
     }
-    let (pq, _g) = qkv.device_ptr(&gpu.stream);
-    check_flash(op, hd, &[("qkv", pq)])?;
+    check_flash(op, hd, &[("qkv", qkv.ptr(gpu))])?;
     let bh = dim_u32(op, "b·heads", b * heads)?;
     let tiles = dim_u32(op, "t/64", t.div_ceil(64))?;
     let (t32, h32) = (dim_u32(op, "t", t)?, dim_u32(op, "heads", heads)?);
     let scale_log2 = ((hd as f64).powf(-0.5) * std::f64::consts::LOG2_E) as f32;
-    let f = gpu.func("snella_flash_attn_fwd");
+    let f = gpu.func(match qkv {
+        ActRef::F32(_) => "snella_flash_attn_fwd",
+        ActRef::Bf16(_) => "snella_flash_attn_fwd_q16",
+    });
     let mut l = gpu.stream.launch_builder(&f);
-    l.arg(qkv).arg(&mut *out).arg(&mut *lse2).arg(&t32).arg(&h32).arg(&scale_log2);
+    match qkv {
+        ActRef::F32(q) => l.arg(q),
+        ActRef::Bf16(q) => l.arg(q),
+    };
+    l.arg(&mut *out).arg(&mut *lse2).arg(&t32).arg(&h32).arg(&scale_log2);
     let cfg = LaunchConfig { grid_dim: (bh, tiles, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: lengths checked above; each block writes only its own query rows of out and lse2.
     unsafe { l.launch(cfg) }.map_err(|e| cuda_err("snella_flash_attn_fwd", e))?;
@@ -200,7 +207,7 @@ pub fn flash_fwd(gpu: &Gpu, qkv: &In, b: usize, t: usize, heads: usize, hd: usiz
 /// not 16-byte aligned; `CUDA_OOM` for the scratch; `CUDA_ERROR` on a launch failure.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_bwd(
-    gpu: &Gpu, dout: &In, qkv: &In, out: FlashOut, lse2: &In, b: usize, t: usize, heads: usize, hd: usize, dqkv: &mut Out,
+    gpu: &Gpu, dout: &In, qkv: ActRef, out: ActRef, lse2: &In, b: usize, t: usize, heads: usize, hd: usize, dqkv: &mut Out,
 ) -> Result<(), SnellaError> {
     let op = "flash_attention_bwd";
     let d = heads * hd;
@@ -214,7 +221,7 @@ pub fn flash_bwd(
     }
     {
         let e = out.ptr(gpu);
-        let (a, _g1) = qkv.device_ptr(&gpu.stream);
+        let a = qkv.ptr(gpu);
         let (c, _g2) = dout.device_ptr(&gpu.stream);
         let (f, _g4) = dqkv.device_ptr(&gpu.stream);
         check_flash(op, hd, &[("qkv", a), ("dout", c), ("out", e), ("dqkv", f)])?;
@@ -230,21 +237,28 @@ pub fn flash_bwd(
     let total = rows * hd;
     let mut dqp = scratch(gpu, tiles * total)?;
     let f = gpu.func(match out {
-        FlashOut::F32(_) => "snella_flash_attn_bwd_dot",
-        FlashOut::Bf16(_) => "snella_flash_attn_bwd_dot_o16",
+        ActRef::F32(_) => "snella_flash_attn_bwd_dot",
+        ActRef::Bf16(_) => "snella_flash_attn_bwd_dot_o16",
     });
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(dout);
     match out {
-        FlashOut::F32(o) => l.arg(o),
-        FlashOut::Bf16(o) => l.arg(o),
+        ActRef::F32(o) => l.arg(o),
+        ActRef::Bf16(o) => l.arg(o),
     };
     l.arg(&mut dvec).arg(&rows32).arg(&t32).arg(&h32);
     // SAFETY: dout/out hold b·t·d floats, dvec rows floats (checked/allocated); one warp per row.
     unsafe { l.launch(rows_cfg(rows)) }.map_err(|e| cuda_err("snella_flash_attn_bwd_dot", e))?;
-    let f = gpu.func("snella_flash_attn_bwd");
+    let f = gpu.func(match qkv {
+        ActRef::F32(_) => "snella_flash_attn_bwd",
+        ActRef::Bf16(_) => "snella_flash_attn_bwd_q16",
+    });
     let mut l = gpu.stream.launch_builder(&f);
-    l.arg(qkv).arg(dout).arg(lse2).arg(&dvec).arg(&mut *dqkv).arg(&mut dqp).arg(&t32).arg(&h32).arg(&scale).arg(&scale_log2);
+    match qkv {
+        ActRef::F32(q) => l.arg(q),
+        ActRef::Bf16(q) => l.arg(q),
+    };
+    l.arg(dout).arg(lse2).arg(&dvec).arg(&mut *dqkv).arg(&mut dqp).arg(&t32).arg(&h32).arg(&scale).arg(&scale_log2);
     let cfg = LaunchConfig { grid_dim: (bh, tiles32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: lengths checked; each block writes the k/v columns of its own keys and its own dq slab.
     unsafe { l.launch(cfg) }.map_err(|e| cuda_err("snella_flash_attn_bwd", e))?;
