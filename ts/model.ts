@@ -16,10 +16,12 @@ import { loadCheckpoint, saveCheckpoint, type CheckpointInfo } from './checkpoin
 export type Device = 'auto' | 'cpu' | 'cuda';
 
 /**
- * How the GEMMs multiply on CUDA (accumulation is f32 and tensors are f32 in memory in every mode):
- * `f32` strict (the CPU-parity reference), `tf32` (TF32 tensor cores, 10-bit mantissa inputs) or
- * `bf16` (bf16 operands converted per product, as PyTorch's autocast; the fastest). The CPU always
- * computes in f32.
+ * How the GEMMs multiply on CUDA (accumulation is f32 in every mode): `f32` strict (the CPU-parity
+ * reference), `tf32` (TF32 tensor cores, 10-bit mantissa inputs) or `bf16` (bf16 operands, as
+ * PyTorch's autocast; the fastest and smallest). In `bf16` a linear layer's input is kept in bf16
+ * between forward and backward, and attention with head dim 64 is fused (FlashAttention-2: the
+ * probabilities are recomputed, not stored; `P` and `dS` rounded to bf16; the environment variable
+ * `SNELLA_ATTENTION=unfused` turns this off); other tensors stay f32. The CPU always computes in f32.
  */
 export type Precision = 'f32' | 'tf32' | 'bf16';
 
@@ -185,7 +187,8 @@ export class VitModel {
    * @param opts - `device`: see {@link Device} (default `auto`). `precision` of the GEMMs on CUDA
    *   ({@link Precision}): `f32` (default, strict; what the CPU-parity tests use), `tf32` (TF32 tensor
    *   cores: 10-bit mantissa inputs, f32 accumulation) or `bf16` (bf16 operands, f32 accumulation, as
-   *   PyTorch's autocast; fastest). Tensors stay f32 in memory either way. Ignored on the CPU.
+   *   PyTorch's autocast; fastest, and the layer inputs and fused attention's q/k/v are kept in bf16).
+   *   Ignored on the CPU.
    * @returns the model, with no method attached (it predicts with the checkpoint's own head).
    * @throws {@link SnellaError} `FILE`/`TENSOR` naming the file and tensor for a bad checkpoint;
    *   `CUDA_UNAVAILABLE` when `cuda` was asked for and cannot be used; `NATIVE_LOAD` when the native

@@ -286,6 +286,10 @@ pub fn linear_fwd<X: DevicePtr<f32>, W: DevicePtr<f32>, Bi: DevicePtr<f32>, R: D
     if rows == 0 || n_out == 0 {
         return Ok(());
     }
+    if gpu.precision() == Precision::Bf16 && n_in > 0 {
+        let x16 = to_bf16(gpu, x, rows * n_in)?;
+        return linear_fwd_bf16x(gpu, &x16, w, delta, bias, residual, rows, n_in, n_out, y);
+    }
     let (bp, _rb) = bias.device_ptr(&gpu.stream);
     let rp = residual.map(|r| r.device_ptr(&gpu.stream));
     let res = rp.as_ref().map(|(p, _)| *p);
@@ -293,18 +297,13 @@ pub fn linear_fwd<X: DevicePtr<f32>, W: DevicePtr<f32>, Bi: DevicePtr<f32>, R: D
         let (p, _r) = y.device_ptr_mut(&gpu.stream);
         p
     };
-    if gpu.precision() != Precision::Bf16 || n_in == 0 {
-        // SAFETY: the caller's buffers hold the row-major extents given.
-        unsafe { matmul(gpu, false, true, rows, n_out, n_in, OperandType::F32, x, w, res, if delta.is_none() { Some(bp) } else { None }, y)? };
-        if let Some(dl) = delta {
-            // SAFETY: as above; C = y (in place).
-            unsafe { matmul(gpu, false, true, rows, n_out, n_in, OperandType::F32, x, dl, Some(yp), Some(bp), y)? };
-        }
-        return Ok(());
+    // SAFETY: the caller's buffers hold the row-major extents given.
+    unsafe { matmul(gpu, false, true, rows, n_out, n_in, OperandType::F32, x, w, res, if delta.is_none() { Some(bp) } else { None }, y)? };
+    if let Some(dl) = delta {
+        // SAFETY: as above; C = y (in place).
+        unsafe { matmul(gpu, false, true, rows, n_out, n_in, OperandType::F32, x, dl, Some(yp), Some(bp), y)? };
     }
-    let x16 = to_bf16(gpu, x, rows * n_in)?;
-    drop(rp);
-    linear_fwd_bf16x(gpu, &x16, w, delta, bias, residual, rows, n_in, n_out, y)
+    Ok(())
 }
 
 /// [`linear_fwd`] in bf16 with the input already in bf16 (`x16: [rows, n_in]`, converted once by the

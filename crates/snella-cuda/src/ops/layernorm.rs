@@ -25,22 +25,28 @@ pub fn layernorm_fwd(
     gpu: &Gpu, x: &In, gamma: &In, beta: &In, rows: usize, d: usize, eps: f32,
     y: &mut Out, mean: &mut Out, rstd: &mut Out,
 ) -> Result<(), SnellaError> {
-    let op = "layernorm_fwd";
-    check_len(op, "x", x.len(), rows * d)?;
-    check_len(op, "y", y.len(), rows * d)?;
-    check_len(op, "gamma", gamma.len(), d)?;
-    check_len(op, "beta", beta.len(), d)?;
-    check_len(op, "mean", mean.len(), rows)?;
-    check_len(op, "rstd", rstd.len(), rows)?;
-    if rows == 0 || d == 0 {
-        return Ok(());
-    }
-    let (r32, d32) = (dim_u32(op, "rows", rows)?, dim_u32(op, "d", d)?);
+    let Some((r32, d32)) = fwd_dims("layernorm_fwd", x, y.len(), gamma, beta, mean, rstd, rows, d)? else { return Ok(()) };
     let f = gpu.func("snella_layernorm_fwd");
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(x).arg(gamma).arg(beta).arg(&r32).arg(&d32).arg(&eps).arg(y).arg(mean).arg(rstd);
     // SAFETY: every buffer holds what its shape needs (checked); the kernel bounds-checks rows.
     unsafe { b.launch(row_cfg(rows)) }.map(|_| ()).map_err(|e| cuda_err("snella_layernorm_fwd", e))
+}
+
+/// The forward's buffer checks (`y_len`: the output's length); the kernel's `rows`, `d`, or `None`
+/// when there is nothing to do.
+#[allow(clippy::too_many_arguments)]
+fn fwd_dims(op: &str, x: &In, y_len: usize, gamma: &In, beta: &In, mean: &Out, rstd: &Out, rows: usize, d: usize) -> Result<Option<(u32, u32)>, SnellaError> {
+    check_len(op, "x", x.len(), rows * d)?;
+    check_len(op, "y", y_len, rows * d)?;
+    check_len(op, "gamma", gamma.len(), d)?;
+    check_len(op, "beta", beta.len(), d)?;
+    check_len(op, "mean", mean.len(), rows)?;
+    check_len(op, "rstd", rstd.len(), rows)?;
+    if rows == 0 || d == 0 {
+        return Ok(None);
+    }
+    Ok(Some((dim_u32(op, "rows", rows)?, dim_u32(op, "d", d)?)))
 }
 
 /// [`layernorm_fwd`] with `y` rounded to bf16 (nearest even) into `y16` (`u16` bit patterns): a
@@ -54,17 +60,7 @@ pub fn layernorm_fwd_bf16(
     gpu: &Gpu, x: &In, gamma: &In, beta: &In, rows: usize, d: usize, eps: f32,
     y16: &mut CudaSlice<u16>, mean: &mut Out, rstd: &mut Out,
 ) -> Result<(), SnellaError> {
-    let op = "layernorm_fwd_bf16";
-    check_len(op, "x", x.len(), rows * d)?;
-    check_len(op, "y", y16.len(), rows * d)?;
-    check_len(op, "gamma", gamma.len(), d)?;
-    check_len(op, "beta", beta.len(), d)?;
-    check_len(op, "mean", mean.len(), rows)?;
-    check_len(op, "rstd", rstd.len(), rows)?;
-    if rows == 0 || d == 0 {
-        return Ok(());
-    }
-    let (r32, d32) = (dim_u32(op, "rows", rows)?, dim_u32(op, "d", d)?);
+    let Some((r32, d32)) = fwd_dims("layernorm_fwd_bf16", x, y16.len(), gamma, beta, mean, rstd, rows, d)? else { return Ok(()) };
     let f = gpu.func("snella_layernorm_fwd_bf16");
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(x).arg(gamma).arg(beta).arg(&r32).arg(&d32).arg(&eps).arg(y16).arg(mean).arg(rstd);
