@@ -109,8 +109,18 @@ pub fn linear_bwd_products<Y: DevicePtr<f32>, W: DevicePtr<f32>, X: DevicePtr<f3
 pub fn linear_bwd_products_bf16x<Y: DevicePtr<f32>, W: DevicePtr<f32>, D: DevicePtrMut<f32>, G: DevicePtrMut<f32>>(
     gpu: &Gpu, dy: &Y, w: &W, x16: Option<&CudaSlice<u16>>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut D>, gt: Option<&mut G>,
 ) -> Result<(), SnellaError> {
-    if rows == 0 || n_in == 0 || n_out == 0 {
+    if rows == 0 || n_in == 0 {
         return Ok(());
+    }
+    if n_out == 0 {
+        // dx = dy·W over an empty sum: zeros (gt is empty)
+        if let Some(dx) = dx {
+            gpu.stream.memset_zeros(dx).map_err(|e| cuda_err("linear_bwd_products (zero dx)", e))?;
+        }
+        return Ok(());
+    }
+    if let Some(x16) = x16 {
+        crate::ops::reduce::check_len("linear_bwd_products", "x", x16.len(), rows * n_in)?;
     }
     let dy16 = to_bf16(gpu, dy, rows * n_out)?;
     if let Some(dx) = dx {
@@ -329,6 +339,7 @@ pub fn linear_fwd_bf16x<W: DevicePtr<f32>, Bi: DevicePtr<f32>, R: DevicePtr<f32>
     if n_in == 0 {
         return Err(SnellaError::config("linear_fwd.n_in", 0, "at least 1 with a bf16 input"));
     }
+    crate::ops::reduce::check_len("linear_fwd", "x", x16.len(), rows * n_in)?;
     let w16 = to_bf16(gpu, w, n_out * n_in)?;
     // SAFETY: the converted operands hold the extents given; y holds rows·n_out values.
     unsafe { matmul(gpu, false, true, rows, n_out, n_in, OperandType::Bf16, x16, &w16, res, if delta.is_none() { Some(bp) } else { None }, y)? };

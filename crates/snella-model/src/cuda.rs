@@ -272,7 +272,8 @@ impl Backend for CudaBackend {
         })
     }
     fn attention_saved_len(&self, b: usize, t: usize, h: usize, hd: usize) -> usize {
-        if self.flash_attention(hd) { b * h * t } else { b * h * t * t }
+        // as attention_input decides (bf16 qkv, fused, only for a non-empty qkv)
+        if self.flash_attention(hd) && b * t * h > 0 { b * h * t } else { b * h * t * t }
     }
     fn attention_input(&self, qkv: CudaSlice<f32>, hd: usize) -> CudaAct {
         if !self.flash_attention(hd) || qkv.len() == 0 {
@@ -280,24 +281,27 @@ impl Backend for CudaBackend {
         }
         self.timed("act (to bf16)", || CudaAct::Bf16(ok("attention_input", gemm::to_bf16(&self.gpu, &qkv, qkv.len()))))
     }
+    // The path is fixed by what `attention_input` made of qkv: bf16 (fused attention, `saved` =
+    // lse2 [b·h·t]) or f32 (cuBLAS products, `saved` = P [b·h·t·t]), so a forward and its backward
+    // cannot disagree even if `fused_attention` or the precision changed in between.
     fn attention_fwd(&self, qkv: &CudaAct, b: usize, t: usize, h: usize, hd: usize, out: &mut CudaSlice<f32>, saved: &mut CudaSlice<f32>) {
         self.timed("attention_fwd", || {
-            let r = match (qkv, self.flash_attention(hd)) {
-                (CudaAct::Bf16(q16), _) => attention::flash_fwd(&self.gpu, attention::ActRef::Bf16(q16), b, t, h, hd, &mut out.slice_mut(..), &mut saved.slice_mut(..)),
-                (CudaAct::F32(q), true) => attention::flash_fwd(&self.gpu, attention::ActRef::F32(&q.slice(..)), b, t, h, hd, &mut out.slice_mut(..), &mut saved.slice_mut(..)),
-                (CudaAct::F32(q), false) => attention::attention_fwd(&self.gpu, &q.slice(..), b, t, h, hd, &mut out.slice_mut(..), &mut saved.slice_mut(..)),
+            let r = match qkv {
+                CudaAct::Bf16(q16) => attention::flash_fwd(&self.gpu, attention::ActRef::Bf16(q16), b, t, h, hd, &mut out.slice_mut(..), &mut saved.slice_mut(..)),
+                CudaAct::F32(q) => attention::attention_fwd(&self.gpu, &q.slice(..), b, t, h, hd, &mut out.slice_mut(..), &mut saved.slice_mut(..)),
             };
             ok("attention_fwd", r);
         })
     }
     fn attention_bwd(&self, dout: &CudaSlice<f32>, qkv: &CudaAct, out: &CudaAct, saved: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: &mut CudaSlice<f32>) {
         self.timed("attention_bwd", || {
-            let (qv, ov) = (qkv.view(), out.view());
-            let r = if self.flash_attention(hd) {
-                attention::flash_bwd(&self.gpu, &dout.slice(..), qkv.as_ref(qv.as_ref()), out.as_ref(ov.as_ref()), &saved.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..))
-            } else {
-                let CudaAct::F32(q) = qkv else { panic!("CUDA backend, attention_bwd: a bf16 qkv on the unfused path") };
-                attention::attention_bwd(&self.gpu, &dout.slice(..), &q.slice(..), &saved.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..))
+            let r = match qkv {
+                CudaAct::Bf16(q16) => {
+                    assert_eq!(saved.len(), (b * h * t).max(1), "CUDA backend, attention_bwd: the fused forward saves the log-sum-exp [b·heads·t]");
+                    let ov = out.view();
+                    attention::flash_bwd(&self.gpu, &dout.slice(..), attention::ActRef::Bf16(q16), out.as_ref(ov.as_ref()), &saved.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..))
+                }
+                CudaAct::F32(q) => attention::attention_bwd(&self.gpu, &dout.slice(..), &q.slice(..), &saved.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..)),
             };
             ok("attention_bwd", r);
         })

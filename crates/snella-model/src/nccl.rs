@@ -387,8 +387,9 @@ pub fn cuda_group(sess: &crate::session::Session<CudaBackend>, devices: &[usize]
     }
     let mut bes = vec![sess.be.clone()];
     for &d in &devices[1..] {
-        let be = CudaBackend::new(d)?;
+        let mut be = CudaBackend::new(d)?;
         be.gpu.set_precision(sess.be.gpu.precision())?;
+        be.fused_attention = sess.be.fused_attention; // every rank takes the same attention path
         bes.push(be);
     }
     let mut comms = NcclComm::init_all(&bes)?.into_iter();

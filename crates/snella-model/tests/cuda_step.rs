@@ -165,6 +165,36 @@ fn gpu_bf16_step_with_fused_attention_matches_cpu_step() {
     }
 }
 
+/// The backward takes the attention path its forward took, whatever `fused_attention` says by
+/// then: a fused forward followed by a backward on a backend with the fused attention switched off
+/// gives bit-identical gradients to an all-fused pass (the path follows the kept `qkv`).
+#[test]
+fn attention_backward_follows_its_forward_path() {
+    if let Err(e) = snella_cuda::probe::probe() {
+        println!("skipped: no CUDA ({e})");
+        return;
+    }
+    let be = CudaBackend::new(0).unwrap();
+    be.gpu.set_precision(snella_cuda::device::Precision::Bf16).unwrap();
+    let mut off = be.clone();
+    off.fused_attention = false;
+    let x: Vec<f32> = snella_core::gradcheck::rand_vec(6 * 3 * 32 * 32, 7, 1.5).iter().map(|&v| v as f32).collect();
+    let y = [0u32, 1, 2, 3, 4, 1];
+    let grads = |bwd: &CudaBackend| {
+        let mut s = session_hd64(be.clone());
+        let xb = be.upload(&x);
+        let (logits, cache) = s.vit.forward(&be, &xb, 6, true);
+        let mut dl = be.zeros(6 * 5);
+        be.cross_entropy(&logits, &y, 6, 5, &mut dl);
+        s.vit.backward(bwd, cache.expect("train cache"), &dl);
+        s.vit.params_mut().into_iter().filter_map(|p| p.train.as_ref().map(|t| be.download(&t.grad))).collect::<Vec<_>>()
+    };
+    let (a, b) = (grads(&be), grads(&off));
+    assert!(!a.is_empty());
+    assert_eq!(a, b, "a fused forward's backward changed with the fused_attention flag");
+    println!("fused forward, backward with the flag off: gradients bit-identical ({} tensors)", a.len());
+}
+
 /// One bf16 training step on both sessions: asserts the logits and loss (3e-2), the updated values
 /// where the gradient signs agree (1e-5) and the share of flipped gradient signs (≤ 5%); returns
 /// each trainable tensor's gradient error (relative to its largest magnitude) for the caller's bound,

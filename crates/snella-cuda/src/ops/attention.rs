@@ -172,7 +172,8 @@ pub fn flash_fwd(gpu: &Gpu, qkv: ActRef, b: usize, t: usize, heads: usize, hd: u
     if b == 0 || t == 0 || heads == 0 {
         return Ok(());
     }
-    check_flash(op, hd, &[("qkv", qkv.ptr(gpu))])?;
+    let po = out.device_ptr(&gpu.stream).0;
+    check_flash(op, hd, &[("qkv", qkv.ptr(gpu)), ("out", po)])?;
     let bh = dim_u32(op, "b·heads", b * heads)?;
     let tiles = dim_u32(op, "t/64", t.div_ceil(64))?;
     let (t32, h32) = (dim_u32(op, "t", t)?, dim_u32(op, "heads", heads)?);
