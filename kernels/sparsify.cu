@@ -43,8 +43,8 @@ extern "C" __global__ void __launch_bounds__(256)
 // i.e. sparsify, transpose and add in one pass (ΔW is never written). Grid (ceil(c/32),
 // ceil(n_in/32)), block (32, 8), a 32×33 shared tile. Same f32 operations as sparsify_apply
 // followed by the accumulating transpose, so bit-identical to that composition.
-extern "C" __global__ void __launch_bounds__(256)
-    snella_sparsify_into_weight(const float* __restrict__ m, const float* __restrict__ w0, float* __restrict__ w,
+template <bool W0>
+__device__ __forceinline__ void sparsify_into_weight(const float* __restrict__ m, const float* __restrict__ w0, float* __restrict__ w,
                                 unsigned n_in, unsigned c, const unsigned* __restrict__ kept, unsigned rule) {
   __shared__ float tile[32][33];
   const unsigned thr = kept[0], cut = kept[1];
@@ -63,9 +63,22 @@ extern "C" __global__ void __launch_bounds__(256)
     const unsigned o = o0 + dy, i = i0 + threadIdx.x;
     if (i < n_in && o < c) {
       const size_t at = (size_t)o * n_in + i;
-      w[at] = __fadd_rn(w0[at], tile[threadIdx.x][dy]);
+      w[at] = __fadd_rn(W0 ? w0[at] : 0.f, tile[threadIdx.x][dy]);
     }
   }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    snella_sparsify_into_weight(const float* __restrict__ m, const float* __restrict__ w0, float* __restrict__ w,
+                                unsigned n_in, unsigned c, const unsigned* __restrict__ kept, unsigned rule) {
+  sparsify_into_weight<true>(m, w0, w, n_in, c, kept, rule);
+}
+// The same without W0 (w0 unused): the chunk's ΔWᵀ alone, as 0 + ΔWᵀ (a −0 entry becomes +0, as
+// the composition onto zeros gives): what a bf16 step multiplies next to W0.
+extern "C" __global__ void __launch_bounds__(256)
+    snella_sparsify_into_weight_nw0(const float* __restrict__ m, const float* __restrict__ w0, float* __restrict__ w,
+                                    unsigned n_in, unsigned c, const unsigned* __restrict__ kept, unsigned rule) {
+  sparsify_into_weight<false>(m, w0, w, n_in, c, kept, rule);
 }
 
 // Fused backward from the weight gradient (spec §3): for Gᵀ = ∂L/∂W of the chunk [c, n_in]

@@ -531,8 +531,17 @@ fn sparsify_fused_with_weight_transpose_is_bit_exact() {
                     }
                 }
                 let mut gw = up(&gpu, &vec![f32::NAN; n]);
-                sparsify_into_weight(&gpu, &dm.slice(..), &kept, rule, &dw0.slice(..), n_in, c, &mut gw.slice_mut(..)).unwrap();
+                sparsify_into_weight(&gpu, &dm.slice(..), &kept, rule, Some(&dw0.slice(..)), n_in, c, &mut gw.slice_mut(..)).unwrap();
                 same_bits(&format!("{label} w"), &down(&gpu, &gw), &want_w);
+                // without W0: ΔWᵀ alone, as the composition onto zeros (0 + x: a −0 becomes +0)
+                let mut want_d = vec![0f32; n];
+                for i in 0..n_in {
+                    for o in 0..c {
+                        want_d[o * n_in + i] += dw[i * c + o];
+                    }
+                }
+                sparsify_into_weight(&gpu, &dm.slice(..), &kept, rule, None, n_in, c, &mut gw.slice_mut(..)).unwrap();
+                same_bits(&format!("{label} ΔWᵀ"), &down(&gpu, &gw), &want_d);
                 // CPU: g = gtᵀ (g[i, o] = gt[o, i]); gh = sparsify_bwd(m, g)
                 let mut g = vec![0f32; n];
                 for i in 0..n_in {

@@ -187,13 +187,18 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn sparsify_bwd(&self, m: &Self::Buf, set: &Self::Kept, rule: SparsifyRule, g: &Self::Buf, dm: &mut Self::Buf);
     /// Sparsify forward fused into a linear's effective weight (spec §2): for one adapter's
     /// `m: [n_in, c]` and kept set, `w[w_off + o·n_in + i] = w0[w0_off + o·n_in + i] + rule(m)[i·c + o]`
-    /// over the chunk's `c` rows. The default is the composition [`Backend::sparsify_fwd`] into a
-    /// temporary, a copy of the `w0` rows and an accumulating [`Backend::transpose`]; the CUDA backend
-    /// fuses the three (bit-identical).
-    fn sparsify_into_weight(&self, m: &Self::Buf, set: &Self::Kept, rule: SparsifyRule, w0: &Self::Buf, w0_off: usize, n_in: usize, c: usize, w: &mut Self::Buf, w_off: usize) {
+    /// over the chunk's `c` rows, with `w0 = Some((buffer, w0_off))`; with `None`, the chunk's
+    /// `ΔWᵀ` alone (`0 + rule(m)ᵀ`). The default is the composition [`Backend::sparsify_fwd`] into a
+    /// temporary, a copy of the `w0` rows (or zeros) and an accumulating [`Backend::transpose`]; the
+    /// CUDA backend fuses the three (bit-identical).
+    #[allow(clippy::too_many_arguments)]
+    fn sparsify_into_weight(&self, m: &Self::Buf, set: &Self::Kept, rule: SparsifyRule, w0: Option<(&Self::Buf, usize)>, n_in: usize, c: usize, w: &mut Self::Buf, w_off: usize) {
         let mut dw = self.zeros(n_in * c);
         self.sparsify_fwd(m, set, rule, &mut dw);
-        self.copy(w0, w0_off, w, w_off, n_in * c);
+        match w0 {
+            Some((w0, w0_off)) => self.copy(w0, w0_off, w, w_off, n_in * c),
+            None => self.copy(&self.zeros(n_in * c), 0, w, w_off, n_in * c),
+        }
         self.transpose(&dw, 0, n_in, c, w, w_off, true);
     }
     /// Sparsify backward fused with the transpose out of a weight gradient (spec §3): for the

@@ -381,10 +381,11 @@ impl Backend for CudaBackend {
             ok("sparsify_bwd", sparsify::sparsify_bwd(&self.gpu, &m.slice(..), set, rule, &g.slice(..), &mut dm.slice_mut(..)));
         })
     }
-    fn sparsify_into_weight(&self, m: &CudaSlice<f32>, set: &topk::CudaKept, rule: SparsifyRule, w0: &CudaSlice<f32>, w0_off: usize, n_in: usize, c: usize, w: &mut CudaSlice<f32>, w_off: usize) {
+    fn sparsify_into_weight(&self, m: &CudaSlice<f32>, set: &topk::CudaKept, rule: SparsifyRule, w0: Option<(&CudaSlice<f32>, usize)>, n_in: usize, c: usize, w: &mut CudaSlice<f32>, w_off: usize) {
         self.timed("sparsify_into_weight", || {
             let n = n_in * c;
-            ok("sparsify_into_weight", sparsify::sparsify_into_weight(&self.gpu, &m.slice(..), set, rule, &w0.slice(w0_off..w0_off + n), n_in, c, &mut w.slice_mut(w_off..w_off + n)));
+            let w0v = w0.map(|(b, off)| b.slice(off..off + n));
+            ok("sparsify_into_weight", sparsify::sparsify_into_weight(&self.gpu, &m.slice(..), set, rule, w0v.as_ref(), n_in, c, &mut w.slice_mut(w_off..w_off + n)));
         })
     }
     fn sparsify_bwd_from_weight(&self, gt: &CudaSlice<f32>, gt_off: usize, m: &CudaSlice<f32>, set: &topk::CudaKept, rule: SparsifyRule, n_in: usize, c: usize, gh: &mut CudaSlice<f32>) {

@@ -82,8 +82,10 @@ impl<B: Backend> Linear<B> {
         }
         let c = self.chunk();
         let n = c * self.n_in;
-        let mut w = if separate { be.zeros(self.n_out * self.n_in) } else { be.empty(self.n_out * self.n_in) };
-        let zero = separate.then(|| be.zeros(n));
+        // separate: chunks without a kernel adapter must read as zero (LoRA accumulates onto them);
+        // a kernel adapter's chunk is written whole
+        let all_kernel = self.deltas.iter().all(|d| matches!(d, Some(Delta::Kernel(_))));
+        let mut w = if separate && !all_kernel { be.zeros(self.n_out * self.n_in) } else { be.empty(self.n_out * self.n_in) };
         let mut kept = kept.unwrap_or_default().into_iter();
         let mats: Vec<Option<Materialized<B>>> =
             self.deltas.iter().map(|d| { let set = kept.next().flatten(); d.as_ref().map(|d| d.materialize_with(be, set, for_backward)) }).collect();
@@ -92,10 +94,8 @@ impl<B: Backend> Linear<B> {
             match (d, m) {
                 (Some(Delta::Kernel(k)), Some(m)) => {
                     let (mm, set) = (m.m.as_ref().expect("M"), m.set.as_ref().expect("kept set"));
-                    match &zero {
-                        Some(z) => be.sparsify_into_weight(mm, set, k.rule, z, 0, self.n_in, c, &mut w, off),
-                        None => be.sparsify_into_weight(mm, set, k.rule, &self.weight.value, off, self.n_in, c, &mut w, off),
-                    }
+                    let w0 = (!separate).then_some((&self.weight.value, off));
+                    be.sparsify_into_weight(mm, set, k.rule, w0, self.n_in, c, &mut w, off);
                 }
                 (_, Some(m)) => {
                     if !separate {

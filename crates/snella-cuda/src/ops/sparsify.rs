@@ -73,25 +73,33 @@ fn check_t(op: &str, n_in: usize, c: usize, kept: &CudaKept, lens: &[(&str, usiz
 
 /// Forward fused into a linear's effective weight (spec §2): for one adapter's `m: [n_in, c]`, its
 /// kept set and the chunk's frozen rows `w0: [c, n_in]`, writes `w[o, i] = w0[o, i] + rule(m)[i, o]`
-/// (`w: [c, n_in]`, f32). One pass: `ΔW` is never stored. Bit-identical to [`sparsify_fwd`] then an
-/// accumulating transpose onto a copy of `w0` (the CPU backend's composition).
+/// (`w: [c, n_in]`, f32); without `w0`, `w[o, i] = 0 + rule(m)[i, o]` (the chunk's `ΔWᵀ` alone, as
+/// the bf16 step multiplies it next to `W0`). One pass: `ΔW` is never stored. Bit-identical to
+/// [`sparsify_fwd`] then an accumulating transpose onto a copy of `w0` (or onto zeros).
 ///
 /// # Errors
 /// `Tensor` when a buffer is shorter than `n_in·c` or the kept set has another size;
 /// `CUDA_ERROR` on a launch failure.
 #[allow(clippy::too_many_arguments)]
-pub fn sparsify_into_weight(gpu: &Gpu, m: &In, kept: &CudaKept, rule: SparsifyRule, w0: &In, n_in: usize, c: usize, w: &mut Out) -> Result<(), SnellaError> {
+pub fn sparsify_into_weight(gpu: &Gpu, m: &In, kept: &CudaKept, rule: SparsifyRule, w0: Option<&In>, n_in: usize, c: usize, w: &mut Out) -> Result<(), SnellaError> {
     let op = "sparsify_into_weight";
-    let (ni, cc) = check_t(op, n_in, c, kept, &[("m", m.len()), ("w0", w0.len()), ("w", w.len())])?;
+    let w0_len = w0.map_or(n_in * c, |v| v.len());
+    let (ni, cc) = check_t(op, n_in, c, kept, &[("m", m.len()), ("w0", w0_len), ("w", w.len())])?;
     if n_in * c == 0 {
         return Ok(());
     }
-    let f = gpu.func("snella_sparsify_into_weight");
+    let f = gpu.func(if w0.is_some() { "snella_sparsify_into_weight" } else { "snella_sparsify_into_weight_nw0" });
     let rule32 = code(rule);
     let cfg = LaunchConfig { grid_dim: (c.div_ceil(32) as u32, n_in.div_ceil(32) as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
     let mut lb = gpu.stream.launch_builder(&f);
-    lb.arg(m).arg(w0).arg(w).arg(&ni).arg(&cc).arg(&kept.dev).arg(&rule32);
-    // SAFETY: m, w0 and w hold ≥ n_in·c floats (checked); the kernel bounds every index by n_in, c.
+    lb.arg(m);
+    match w0 {
+        Some(v) => lb.arg(v),
+        None => lb.arg(m), // not read by the _nw0 kernel
+    };
+    lb.arg(w).arg(&ni).arg(&cc).arg(&kept.dev).arg(&rule32);
+    // SAFETY: m, w0 (when given) and w hold ≥ n_in·c floats (checked); the kernel bounds every index
+    // by n_in, c.
     unsafe { lb.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err(op, e))
 }
 
