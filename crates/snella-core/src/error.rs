@@ -19,7 +19,7 @@ pub enum SnellaError {
     /// A tensor has the wrong shape or dtype.
     #[error("tensor '{tensor}' in {file}: {message}")]
     Tensor {
-        /// The file (or "<memory>") holding the tensor.
+        /// The file (or `"<memory>"`) holding the tensor.
         file: String,
         /// The tensor name.
         tensor: String,
