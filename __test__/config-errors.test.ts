@@ -84,3 +84,21 @@ test('train: an empty training set and a model without a method', async (t) => {
   t.regex(e2.message, /^invalid config: train\.length = 0: at least one training image/);
   m.dispose();
 });
+
+// The CLI's exit codes for bad usage: commander's own errors (a bad option value, an unknown
+// option, a missing required option) end with 2 like the configuration errors; --help with 0.
+test('cli: option errors exit with the usage code 2, --help with 0', async (t) => {
+  const { cli } = await import('./helpers/cli');
+  const bad = await cli(['--model', 'm.safetensors', '--data', 'd', '--lr', 'abc']);
+  t.is(bad.code, 2);
+  t.regex(bad.err, /--lr must be a number/);
+  const unknown = await cli(['--model', 'm.safetensors', '--data', 'd', '--no-such-option']);
+  t.is(unknown.code, 2);
+  t.regex(unknown.err, /unknown option '--no-such-option'/);
+  const missing = await cli(['--data', 'd']);
+  t.is(missing.code, 2);
+  t.regex(missing.err, /required option '--model <file>' not specified/);
+  const help = await cli(['--help']);
+  t.is(help.code, 0);
+  t.regex(help.out, /--model <file>/);
+});

@@ -5,7 +5,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { SnellaError } from '../errors';
 import { runJob, type JobOptions } from './job';
 
@@ -102,7 +102,9 @@ async function run(o: JobOptions): Promise<number> {
 
 /** Builds the command tree (exported for tests). */
 export function program(): Command {
-  const p = new Command('snella').description('SNELLA sparse fine-tuning of Vision Transformers').showHelpAfterError('(add --help for the options)');
+  // exitOverride: commander throws instead of exiting, so that its usage errors (unknown or missing
+  // option, a bad value) end with EXIT.usage like the configuration errors (subcommands inherit it)
+  const p = new Command('snella').description('SNELLA sparse fine-tuning of Vision Transformers').showHelpAfterError('(add --help for the options)').exitOverride();
   withRecipe(
     p.command('train').description('fine-tune a ViT checkpoint on an image dataset (defaults: the reference recipe, spec §8)'),
     {},
@@ -138,6 +140,11 @@ if (require.main === module) {
   program()
     .parseAsync(process.argv)
     .catch((e) => {
+      if (e instanceof CommanderError) {
+        // commander has printed the message (or the help/version: exit code 0)
+        process.exitCode = e.exitCode === 0 ? EXIT.ok : EXIT.usage;
+        return;
+      }
       process.stderr.write(`error: ${(e as Error).message}\n`);
       process.exitCode = EXIT.usage;
     });
