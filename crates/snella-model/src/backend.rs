@@ -108,13 +108,6 @@ pub trait Backend: Clone + Send + Sync + 'static {
     }
     /// Exact GELU backward from the pre-activation.
     fn gelu_bwd(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
-    /// Floats [`Backend::attention_fwd`] saves for the backward (`saved`): the probabilities
-    /// `[b, heads, t, t]` (the default, and the CPU reference), or each row's log-sum-exp
-    /// `[b, heads, t]` where the backend fuses the attention and recomputes them (CUDA in bf16).
-    fn attention_saved_len(&self, b: usize, t: usize, heads: usize, hd: usize) -> usize {
-        let _ = hd;
-        b * heads * t * t
-    }
     /// `qkv: [b, t, 3·d]` (f32) as the attention keeps it between forward and backward (the
     /// default: [`Backend::act`]; CUDA: bf16 where the attention is fused, which rounds it to bf16
     /// anyway, else f32).
@@ -123,9 +116,11 @@ pub trait Backend: Clone + Send + Sync + 'static {
         self.act(qkv)
     }
     /// Attention core forward (`snella_core::ops::attention::attention_fwd`): `qkv [b,t,3d]` (from
-    /// [`Backend::attention_input`]) → `out [b,t,d]`, writing what the backward needs into `saved`
-    /// ([`Backend::attention_saved_len`] floats).
-    fn attention_fwd(&self, qkv: &Self::Act, b: usize, t: usize, heads: usize, hd: usize, out: &mut Self::Buf, saved: &mut Self::Buf);
+    /// [`Backend::attention_input`]) → `out [b,t,d]`; returns what the backward needs: the
+    /// probabilities `[b, heads, t, t]` (the CPU reference, and CUDA's cuBLAS path), or each row's
+    /// log-sum-exp `[b, heads, t]` where the backend fuses the attention and recomputes them
+    /// (CUDA, for a bf16 `qkv`).
+    fn attention_fwd(&self, qkv: &Self::Act, b: usize, t: usize, heads: usize, hd: usize, out: &mut Self::Buf) -> Self::Buf;
     /// Attention core backward from the forward's input `qkv`, output `out` (as the `proj` linear
     /// keeps it) and `saved`; overwrites `dqkv [b,t,3d]`.
     #[allow(clippy::too_many_arguments)]

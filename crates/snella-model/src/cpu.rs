@@ -79,8 +79,10 @@ impl Backend for CpuBackend {
     }
     fn gelu_fwd(&self, x: &Vec<f32>, y: &mut Vec<f32>) { gelu::gelu_fwd(x, y) }
     fn gelu_bwd(&self, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) { gelu::gelu_bwd(x, dy, dx) }
-    fn attention_fwd(&self, qkv: &Vec<f32>, b: usize, t: usize, h: usize, hd: usize, out: &mut Vec<f32>, probs: &mut Vec<f32>) {
-        attention::attention_fwd(qkv, b, t, h, hd, out, probs)
+    fn attention_fwd(&self, qkv: &Vec<f32>, b: usize, t: usize, h: usize, hd: usize, out: &mut Vec<f32>) -> Vec<f32> {
+        let mut probs = vec![0f32; b * h * t * t];
+        attention::attention_fwd(qkv, b, t, h, hd, out, &mut probs);
+        probs
     }
     fn attention_bwd(&self, dout: &Vec<f32>, qkv: &Vec<f32>, _out: &Vec<f32>, probs: &Vec<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: &mut Vec<f32>) {
         attention::attention_bwd(dout, qkv, probs, b, t, h, hd, dqkv)

@@ -25,19 +25,11 @@ pub enum CudaAct {
 }
 
 impl CudaAct {
-    /// An f32 view (for [`CudaAct::as_ref`]), `None` for bf16.
-    fn view(&self) -> Option<cudarc::driver::CudaView<'_, f32>> {
+    /// Runs `f` with the kernels' reference to this tensor ([`attention::ActRef`]).
+    fn with_ref<R>(&self, f: impl FnOnce(attention::ActRef<'_, '_>) -> R) -> R {
         match self {
-            CudaAct::F32(x) => Some(x.slice(..)),
-            CudaAct::Bf16(_) => None,
-        }
-    }
-    /// The kernels' reference to it, from [`CudaAct::view`]'s view for f32.
-    fn as_ref<'a, 'b>(&'a self, view: Option<&'a cudarc::driver::CudaView<'b, f32>>) -> attention::ActRef<'a, 'b> {
-        match (self, view) {
-            (CudaAct::Bf16(x16), _) => attention::ActRef::Bf16(x16),
-            (CudaAct::F32(_), Some(v)) => attention::ActRef::F32(v),
-            (CudaAct::F32(_), None) => panic!("CudaAct::as_ref: an f32 act needs its view"),
+            CudaAct::F32(x) => f(attention::ActRef::F32(&x.slice(..))),
+            CudaAct::Bf16(x16) => f(attention::ActRef::Bf16(x16)),
         }
     }
 }
@@ -271,10 +263,6 @@ impl Backend for CudaBackend {
             ok("gelu_bwd", gelu::gelu_bwd(&self.gpu, &x.slice(..), &dy.slice(..), &mut dx.slice_mut(..)));
         })
     }
-    fn attention_saved_len(&self, b: usize, t: usize, h: usize, hd: usize) -> usize {
-        // as attention_input decides (bf16 qkv, fused, only for a non-empty qkv)
-        if self.flash_attention(hd) && b * t * h > 0 { b * h * t } else { b * h * t * t }
-    }
     fn attention_input(&self, qkv: CudaSlice<f32>, hd: usize) -> CudaAct {
         if !self.flash_attention(hd) || qkv.len() == 0 {
             return CudaAct::F32(qkv);
@@ -284,22 +272,23 @@ impl Backend for CudaBackend {
     // The path is fixed by what `attention_input` made of qkv: bf16 (fused attention, `saved` =
     // lse2 [b·h·t]) or f32 (cuBLAS products, `saved` = P [b·h·t·t]), so a forward and its backward
     // cannot disagree even if `fused_attention` or the precision changed in between.
-    fn attention_fwd(&self, qkv: &CudaAct, b: usize, t: usize, h: usize, hd: usize, out: &mut CudaSlice<f32>, saved: &mut CudaSlice<f32>) {
+    fn attention_fwd(&self, qkv: &CudaAct, b: usize, t: usize, h: usize, hd: usize, out: &mut CudaSlice<f32>) -> CudaSlice<f32> {
+        let mut saved = self.empty(match qkv { CudaAct::Bf16(_) => b * h * t, CudaAct::F32(_) => b * h * t * t });
         self.timed("attention_fwd", || {
             let r = match qkv {
                 CudaAct::Bf16(q16) => attention::flash_fwd(&self.gpu, attention::ActRef::Bf16(q16), b, t, h, hd, &mut out.slice_mut(..), &mut saved.slice_mut(..)),
                 CudaAct::F32(q) => attention::attention_fwd(&self.gpu, &q.slice(..), b, t, h, hd, &mut out.slice_mut(..), &mut saved.slice_mut(..)),
             };
             ok("attention_fwd", r);
-        })
+        });
+        saved
     }
     fn attention_bwd(&self, dout: &CudaSlice<f32>, qkv: &CudaAct, out: &CudaAct, saved: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: &mut CudaSlice<f32>) {
         self.timed("attention_bwd", || {
             let r = match qkv {
                 CudaAct::Bf16(q16) => {
                     assert_eq!(saved.len(), (b * h * t).max(1), "CUDA backend, attention_bwd: the fused forward saves the log-sum-exp [b·heads·t]");
-                    let ov = out.view();
-                    attention::flash_bwd(&self.gpu, &dout.slice(..), attention::ActRef::Bf16(q16), out.as_ref(ov.as_ref()), &saved.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..))
+                    out.with_ref(|o| attention::flash_bwd(&self.gpu, &dout.slice(..), attention::ActRef::Bf16(q16), o, &saved.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..)))
                 }
                 CudaAct::F32(q) => attention::attention_bwd(&self.gpu, &dout.slice(..), &q.slice(..), &saved.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..)),
             };

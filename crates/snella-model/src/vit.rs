@@ -35,7 +35,7 @@ pub struct BlockCache<B: Backend> {
     m1: B::Buf,
     r1: B::Buf,
     qkv: B::Act,
-    /// What the attention forward saved ([`Backend::attention_saved_len`]).
+    /// What the attention forward saved for its backward ([`Backend::attention_fwd`]).
     saved: B::Buf,
     att: B::Act,
     h: B::Buf,
@@ -241,8 +241,8 @@ impl<B: Backend> Vit<B> {
         let ln1 = be.layernorm_fwd_act(&x, &blk.norm1.0.value, &blk.norm1.1.value, rows, d, cfg.ln_eps, &mut m1, &mut r1);
         let (qkv, k_qkv) = blk.qkv.forward_keep(be, &ln1, rows, kq);
         let qkv = be.attention_input(qkv, cfg.head_dim());
-        let (mut att, mut saved) = (be.empty(rows * d), be.empty(be.attention_saved_len(b, t, cfg.num_heads, cfg.head_dim())));
-        be.attention_fwd(&qkv, b, t, cfg.num_heads, cfg.head_dim(), &mut att, &mut saved);
+        let mut att = be.empty(rows * d);
+        let saved = be.attention_fwd(&qkv, b, t, cfg.num_heads, cfg.head_dim(), &mut att);
         let att = be.act(att);
         let (h, k_proj) = blk.proj.forward_res(be, &att, rows, kp, Some(&x));
         let (mut m2, mut r2) = (be.empty(rows), be.empty(rows));

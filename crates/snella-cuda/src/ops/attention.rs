@@ -153,8 +153,9 @@ fn check_flash(op: &str, hd: usize, ptrs: &[(&str, u64)]) -> Result<(), SnellaEr
 
 /// Fused attention forward in bf16 (FlashAttention-2, Dao 2023, Algorithm 1), head dim 64: writes
 /// `out: [b, t, d]` (f32) and `lse2: [b, heads, t]`, each row's log-sum-exp of the scores in base 2
-/// (`log2 Σ_j 2^(s_j)`, `s = q·kᵀ·hd^-0.5·log2 e`), from `qkv: [b, t, 3·d]` (f32, layout in the
-/// module docs; f32 or bf16, see [`ActRef`]). The probabilities are never stored: [`flash_bwd`] recomputes them from `lse2`.
+/// (`log2 Σ_j 2^(s_j)`, `s = q·kᵀ·hd^-0.5·log2 e`), from `qkv: [b, t, 3·d]` (f32 or bf16, see
+/// [`ActRef`]; layout in the module docs). The probabilities are never stored: [`flash_bwd`]
+/// recomputes them from `lse2`.
 /// `q`, `k`, `v` and `P` are rounded to bf16 for the tensor-core products (f32 accumulation, f32
 /// softmax statistics), as PyTorch's autocast feeds its scaled-dot-product attention.
 /// CPU reference: `snella_core::ops::attention::{attention_fwd, attention_lse2}`.
