@@ -1,5 +1,6 @@
-// Multi-head self-attention core (timm Attention between qkv and proj): the row-softmax kernels
-// around cuBLAS's strided-batched products. CPU reference: snella_core::ops::attention.
+// Multi-head self-attention core (timm Attention between qkv and proj), in two forms: the row-softmax
+// kernels around cuBLAS's batched products (f32/TF32; this first part), and the fused bf16
+// FlashAttention-2 kernels (the second part, below). CPU reference: snella_core::ops::attention.
 //
 // The products (S = scale·q·kᵀ, O = P·v; backward dP = dO·vᵀ, dv = Pᵀ·dO, dq = dS·k, dk = dSᵀ·q)
 // run on cuBLAS, one batched call per product over every (image, head) (crates/snella-cuda/src/ops/

@@ -1,12 +1,15 @@
-//! The multi-head self-attention core, forward and backward, f32: cuBLAS batched products (one call
-//! per product over every (image, head), through pointer tables) around the row-softmax kernels of
-//! `kernels/attention.cu`. The products use the handle's math mode (strict f32, or TF32 after
-//! [`Gpu::set_tf32`]).
+//! The multi-head self-attention core, forward and backward, in two forms:
+//! - [`attention_fwd`]/[`attention_bwd`], f32: cuBLAS batched products (one call per product over
+//!   every (image, head), through pointer tables) around the row-softmax kernels of
+//!   `kernels/attention.cu`, the probabilities saved; the products use the handle's math mode
+//!   (strict f32, or TF32 after [`Gpu::set_tf32`]). Any `t`, any `hd`.
+//! - [`flash_fwd`]/[`flash_bwd`], fused in bf16 (FlashAttention-2), head dim 64: only each row's
+//!   log-sum-exp saved.
 //!
 //! Layout (timm): `qkv: [b, t, 3·d]` with column `s·d + h·hd + e` for q/k/v (`s` = 0/1/2) of head
 //! `h`, element `e`; `out: [b, t, d]` with column `h·hd + e`; `probs: [b, heads, t, t]`;
 //! `d = heads·hd`. Each head's q, k, v is a column block of `qkv` (row stride `3·d`), so nothing is
-//! gathered or transposed. Any `t`, any `hd`.
+//! gathered or transposed.
 
 use super::reduce::{check_len, dim_u32, grid_stride, scratch};
 use super::{In, Out};
