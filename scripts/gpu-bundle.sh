@@ -46,6 +46,8 @@ for t in bin/*; do
   echo "== $t"; "$t" --test-threads=1 --nocapture "$@" 2>&1 | tee "$out/$(basename "$t").log" | grep -E "test result|FAILED|panicked|worst|rel err|skipped|NCCL" | tail -25
   [ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
 done
+# the timing reports (ignored tests: they assert nothing) into their own log
+for t in bin/snella-cuda-snella_ops bin/snella-cuda-vit_ops; do "$t" --ignored --nocapture timing; done > "$out/timing-reports.log" 2>&1
 exit $fail
 RUN
 chmod +x .gpu/run.sh .gpu/run-bench.sh; du -sh .gpu; ls -la .gpu/bin
