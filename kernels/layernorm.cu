@@ -1,5 +1,7 @@
-// LayerNorm over the last dimension (timm nn.LayerNorm, eps passed in), forward and backward, f32.
-// CPU reference: snella_core::ops::layernorm::{layernorm_fwd, layernorm_bwd}.
+// LayerNorm over the last dimension (timm nn.LayerNorm, eps passed in), forward and backward, f32,
+// and the forms that keep the normalised input x̂ for the backward (f32 or bf16) instead of x.
+// CPU reference: snella_core::ops::layernorm::{layernorm_fwd, layernorm_bwd, layernorm_fwd_xhat,
+// layernorm_affine, layernorm_bwd_xhat}.
 //
 // Forward and dx: one warp per row (8 rows per 256-thread block); the row is read from global
 // memory (L1/L2) once per pass. dgamma/dbeta: deterministic two-kernel column reduction
@@ -11,6 +13,24 @@
 
 __device__ __forceinline__ void snella_ln_store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void snella_ln_store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ float snella_ln_load(const float* p) { return *p; }
+__device__ __forceinline__ float snella_ln_load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+// v as a T would hold it (rounded to nearest even for bf16), back in f32.
+__device__ __forceinline__ float snella_ln_as(float v, const float*) { return v; }
+__device__ __forceinline__ float snella_ln_as(float v, const __nv_bfloat16*) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+// Where the backward reads x̂ of element o (row r) from: recomputed from x, mean, rstd, or saved.
+struct SnellaXhatFromX {
+  const float* __restrict__ x;
+  const float* __restrict__ mean;
+  const float* __restrict__ rstd;
+  __device__ __forceinline__ float at(size_t o, unsigned r) const { return (x[o] - mean[r]) * rstd[r]; }
+};
+template <typename T>
+struct SnellaXhatSaved {
+  const T* __restrict__ xh;
+  __device__ __forceinline__ float at(size_t o, unsigned) const { return snella_ln_load(xh + o); }
+};
 
 // y = (x - mean)·rstd·gamma + beta per row of x [rows, d]; mean, rstd [rows]. Y = float, or
 // __nv_bfloat16 (the same f32 value rounded to nearest even: a linear layer's input in bf16).
@@ -49,50 +69,136 @@ extern "C" __global__ void snella_layernorm_fwd(const float* __restrict__ x, con
   snella_layernorm_fwd_body(x, gamma, beta, rows, d, eps, y, mean, rstd);
 }
 
-extern "C" __global__ void snella_layernorm_fwd_bf16(const float* __restrict__ x, const float* __restrict__ gamma,
-                                                     const float* __restrict__ beta, unsigned rows, unsigned d, float eps,
-                                                     __nv_bfloat16* __restrict__ y, float* __restrict__ mean,
-                                                     float* __restrict__ rstd) {
-  snella_layernorm_fwd_body(x, gamma, beta, rows, d, eps, y, mean, rstd);
+// Forward keeping x̂ = (x − mean)·rstd (as T: f32, or bf16 rounded to nearest even) for the backward
+// instead of x and mean (selective recomputation: the output is not kept, snella_layernorm_affine
+// rebuilds it). y = fma(x̂, gamma, beta) from the x̂ as stored, so the rebuilt y is bit-identical.
+template <typename T>
+__device__ __forceinline__ void snella_layernorm_fwd_xhat_body(const float* __restrict__ x, const float* __restrict__ gamma,
+                                                               const float* __restrict__ beta, unsigned rows, unsigned d,
+                                                               float eps, T* __restrict__ y, T* __restrict__ xhat,
+                                                               float* __restrict__ rstd) {
+  unsigned warps = blockDim.x >> 5;
+  unsigned row = blockIdx.x * warps + (threadIdx.x >> 5);
+  unsigned lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const float* xr = x + (size_t)row * d;
+  float inv_d = 1.0f / (float)d;
+  float s = 0.f;
+  for (unsigned j = lane; j < d; j += 32) s += xr[j];
+  s = snella_warp_sum(s);
+  float mu = s * inv_d;
+  float ss = 0.f;
+  for (unsigned j = lane; j < d; j += 32) {
+    float c = xr[j] - mu;
+    ss += c * c;
+  }
+  ss = snella_warp_sum(ss);
+  float rs = 1.0f / sqrtf(ss * inv_d + eps);
+  T* yr = y + (size_t)row * d;
+  T* hr = xhat + (size_t)row * d;
+  for (unsigned j = lane; j < d; j += 32) {
+    float xh = snella_ln_as((xr[j] - mu) * rs, hr);
+    snella_ln_store(hr + j, xh);
+    snella_ln_store(yr + j, fmaf(xh, gamma[j], beta[j]));
+  }
+  if (lane == 0) rstd[row] = rs;
 }
 
-// dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) with g = dy·gamma, x̂ = (x − mean)·rstd; one warp per row.
-extern "C" __global__ void snella_layernorm_bwd_dx(const float* __restrict__ dy, const float* __restrict__ x,
-                                                   const float* __restrict__ gamma, const float* __restrict__ mean,
-                                                   const float* __restrict__ rstd, unsigned rows, unsigned d,
-                                                   float* __restrict__ dx) {
+extern "C" __global__ void snella_layernorm_fwd_xhat(const float* __restrict__ x, const float* __restrict__ gamma,
+                                                     const float* __restrict__ beta, unsigned rows, unsigned d, float eps,
+                                                     float* __restrict__ y, float* __restrict__ xhat, float* __restrict__ rstd) {
+  snella_layernorm_fwd_xhat_body(x, gamma, beta, rows, d, eps, y, xhat, rstd);
+}
+
+extern "C" __global__ void snella_layernorm_fwd_xhat_bf16(const float* __restrict__ x, const float* __restrict__ gamma,
+                                                          const float* __restrict__ beta, unsigned rows, unsigned d, float eps,
+                                                          __nv_bfloat16* __restrict__ y, __nv_bfloat16* __restrict__ xhat,
+                                                          float* __restrict__ rstd) {
+  snella_layernorm_fwd_xhat_body(x, gamma, beta, rows, d, eps, y, xhat, rstd);
+}
+
+// y = fma(x̂, gamma, beta) from a saved x̂ [rows, d] (the forward's output rebuilt in backward); one
+// warp per row.
+template <typename T>
+__device__ __forceinline__ void snella_layernorm_affine_body(const T* __restrict__ xhat, const float* __restrict__ gamma,
+                                                             const float* __restrict__ beta, unsigned rows, unsigned d,
+                                                             T* __restrict__ y) {
+  unsigned warps = blockDim.x >> 5;
+  unsigned row = blockIdx.x * warps + (threadIdx.x >> 5);
+  unsigned lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const T* hr = xhat + (size_t)row * d;
+  T* yr = y + (size_t)row * d;
+  for (unsigned j = lane; j < d; j += 32) snella_ln_store(yr + j, fmaf(snella_ln_load(hr + j), gamma[j], beta[j]));
+}
+
+extern "C" __global__ void snella_layernorm_affine(const float* __restrict__ xhat, const float* __restrict__ gamma,
+                                                   const float* __restrict__ beta, unsigned rows, unsigned d,
+                                                   float* __restrict__ y) {
+  snella_layernorm_affine_body(xhat, gamma, beta, rows, d, y);
+}
+
+extern "C" __global__ void snella_layernorm_affine_bf16(const __nv_bfloat16* __restrict__ xhat, const float* __restrict__ gamma,
+                                                        const float* __restrict__ beta, unsigned rows, unsigned d,
+                                                        __nv_bfloat16* __restrict__ y) {
+  snella_layernorm_affine_body(xhat, gamma, beta, rows, d, y);
+}
+
+// dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) with g = dy·gamma, x̂ from XH; one warp per row.
+template <typename XH>
+__device__ __forceinline__ void snella_layernorm_bwd_dx_body(const float* __restrict__ dy, XH xh_of,
+                                                             const float* __restrict__ gamma, const float* __restrict__ rstd,
+                                                             unsigned rows, unsigned d, float* __restrict__ dx) {
   unsigned warps = blockDim.x >> 5;
   unsigned row = blockIdx.x * warps + (threadIdx.x >> 5);
   unsigned lane = threadIdx.x & 31;
   if (row >= rows) return;
   const float* dyr = dy + (size_t)row * d;
-  const float* xr = x + (size_t)row * d;
-  float mu = mean[row], rs = rstd[row];
+  size_t base = (size_t)row * d;
+  float rs = rstd[row];
   float sg = 0.f, sgx = 0.f;
   for (unsigned j = lane; j < d; j += 32) {
     float gg = dyr[j] * gamma[j];
     sg += gg;
-    sgx += gg * ((xr[j] - mu) * rs);
+    sgx += gg * xh_of.at(base + j, row);
   }
   sg = snella_warp_sum(sg);
   sgx = snella_warp_sum(sgx);
   float inv_d = 1.0f / (float)d;
   float mg = sg * inv_d, mgx = sgx * inv_d;
-  float* dxr = dx + (size_t)row * d;
-  for (unsigned j = lane; j < d; j += 32) {
-    float xh = (xr[j] - mu) * rs;
-    dxr[j] = rs * (dyr[j] * gamma[j] - mg - xh * mgx);
-  }
+  float* dxr = dx + base;
+  for (unsigned j = lane; j < d; j += 32) dxr[j] = rs * (dyr[j] * gamma[j] - mg - xh_of.at(base + j, row) * mgx);
+}
+
+// x̂ = (x − mean)·rstd recomputed from the forward input.
+extern "C" __global__ void snella_layernorm_bwd_dx(const float* __restrict__ dy, const float* __restrict__ x,
+                                                   const float* __restrict__ gamma, const float* __restrict__ mean,
+                                                   const float* __restrict__ rstd, unsigned rows, unsigned d,
+                                                   float* __restrict__ dx) {
+  snella_layernorm_bwd_dx_body(dy, SnellaXhatFromX{x, mean, rstd}, gamma, rstd, rows, d, dx);
+}
+
+// x̂ saved by snella_layernorm_fwd_xhat(_bf16).
+extern "C" __global__ void snella_layernorm_bwd_dx_xhat(const float* __restrict__ dy, const float* __restrict__ xhat,
+                                                        const float* __restrict__ gamma, const float* __restrict__ rstd,
+                                                        unsigned rows, unsigned d, float* __restrict__ dx) {
+  snella_layernorm_bwd_dx_body(dy, SnellaXhatSaved<float>{xhat}, gamma, rstd, rows, d, dx);
+}
+
+extern "C" __global__ void snella_layernorm_bwd_dx_xhat_bf16(const float* __restrict__ dy, const __nv_bfloat16* __restrict__ xhat,
+                                                             const float* __restrict__ gamma, const float* __restrict__ rstd,
+                                                             unsigned rows, unsigned d, float* __restrict__ dx) {
+  snella_layernorm_bwd_dx_body(dy, SnellaXhatSaved<__nv_bfloat16>{xhat}, gamma, rstd, rows, d, dx);
 }
 
 // Partial sums of dy·x̂ and dy over each chunk of SNELLA_LN_CHUNK rows (chunks blockIdx.y,
 // blockIdx.y + gridDim.y, ...), for 32 columns from blockIdx.x·32. Block (32, 8): thread (tx, ty)
 // sums rows ty, ty+8, ... of the chunk, then the 8 partials are added in a fixed tree.
 // part_g, part_b: [nchunks, d], nchunks = ceil(rows / SNELLA_LN_CHUNK).
-extern "C" __global__ void snella_layernorm_bwd_param_partial(const float* __restrict__ dy, const float* __restrict__ x,
-                                                              const float* __restrict__ mean,
-                                                              const float* __restrict__ rstd, unsigned rows, unsigned d,
-                                                              float* __restrict__ part_g, float* __restrict__ part_b) {
+template <typename XH>
+__device__ __forceinline__ void snella_layernorm_bwd_param_partial_body(const float* __restrict__ dy, XH xh_of, unsigned rows,
+                                                                        unsigned d, float* __restrict__ part_g,
+                                                                        float* __restrict__ part_b) {
   __shared__ float sg[8][33], sb[8][33];
   unsigned tx = threadIdx.x, ty = threadIdx.y;
   unsigned col = blockIdx.x * 32 + tx;
@@ -105,7 +211,7 @@ extern "C" __global__ void snella_layernorm_bwd_param_partial(const float* __res
       for (unsigned r = r0 + ty; r < r1; r += 8) {
         size_t o = (size_t)r * d + col;
         float g = dy[o];
-        ag += g * ((x[o] - mean[r]) * rstd[r]);
+        ag += g * xh_of.at(o, r);
         ab += g;
       }
     }
@@ -125,6 +231,26 @@ extern "C" __global__ void snella_layernorm_bwd_param_partial(const float* __res
       part_b[(size_t)chunk * d + col] = sb[0][tx];
     }
   }
+}
+
+extern "C" __global__ void snella_layernorm_bwd_param_partial(const float* __restrict__ dy, const float* __restrict__ x,
+                                                              const float* __restrict__ mean,
+                                                              const float* __restrict__ rstd, unsigned rows, unsigned d,
+                                                              float* __restrict__ part_g, float* __restrict__ part_b) {
+  snella_layernorm_bwd_param_partial_body(dy, SnellaXhatFromX{x, mean, rstd}, rows, d, part_g, part_b);
+}
+
+extern "C" __global__ void snella_layernorm_bwd_param_partial_xhat(const float* __restrict__ dy, const float* __restrict__ xhat,
+                                                                   unsigned rows, unsigned d, float* __restrict__ part_g,
+                                                                   float* __restrict__ part_b) {
+  snella_layernorm_bwd_param_partial_body(dy, SnellaXhatSaved<float>{xhat}, rows, d, part_g, part_b);
+}
+
+extern "C" __global__ void snella_layernorm_bwd_param_partial_xhat_bf16(const float* __restrict__ dy,
+                                                                        const __nv_bfloat16* __restrict__ xhat, unsigned rows,
+                                                                        unsigned d, float* __restrict__ part_g,
+                                                                        float* __restrict__ part_b) {
+  snella_layernorm_bwd_param_partial_body(dy, SnellaXhatSaved<__nv_bfloat16>{xhat}, rows, d, part_g, part_b);
 }
 
 // out[c] += Σ_k part[k, c] over k = 0..nchunks in order; part [nchunks, d].

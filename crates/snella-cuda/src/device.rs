@@ -126,6 +126,14 @@ impl Gpu {
         }
     }
 
+    /// Peak bytes of live tensors since [`Gpu::reset_peak`]: the memory pool's high-water mark of
+    /// bytes handed out, without what lives outside the pool (CUDA context, kernel images, cuBLAS's
+    /// own workspace) — the measure PyTorch's `torch.cuda.max_memory_allocated()` gives, for
+    /// like-for-like comparisons with the reference. `None` without a memory pool.
+    pub fn peak_tensor_bytes(&self) -> Option<usize> {
+        self.pool.as_ref().map(|p| (p.get(PoolAttr::CU_MEMPOOL_ATTR_USED_MEM_HIGH) as usize).max(self.used_at_reset.load(Ordering::Relaxed)))
+    }
+
     /// Restarts the peak from the memory in use now.
     pub fn reset_peak(&self) {
         self.peak.store(0, Ordering::Relaxed);

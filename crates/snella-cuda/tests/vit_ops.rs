@@ -194,41 +194,109 @@ fn flash_attention_matches_cpu() {
     assert!(e.to_string().contains("head_dim"), "{e}");
 }
 
-/// The bf16-output forms of LayerNorm and GELU (a linear layer's input in the bf16 step) are the f32
-/// kernels' values rounded to nearest even: bit-identical to the f32 kernel followed by the bf16
-/// conversion, on sizes that are and are not multiples of the 4-wide vector path (and a misaligned
-/// view for the scalar tail path of GELU).
+/// bf16 bit patterns as f32 values.
+fn widen(bits: &[u16]) -> Vec<f32> {
+    bits.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect()
+}
+
+/// The LayerNorm forms that keep `x̂` for the backward (selective recomputation), against the CPU
+/// reference (`snella_core::ops::layernorm::{layernorm_fwd_xhat, layernorm_bwd_xhat}`): f32 within
+/// 1e-5 (forward) and 1e-4 (backward, same tolerance rule as above); the bf16 `x̂` is the f32
+/// kernel's `x̂` rounded to nearest even (bit-identical), the bf16 `y` is `fma(x̂₁₆, γ, β)` rounded
+/// (bit-identical to that expression evaluated on the host with a fused multiply-add and rounded on
+/// the device), and [`layernorm::layernorm_affine`] rebuilds `y` bit-identically in both forms; the
+/// backward from the bf16 `x̂` matches the CPU backward fed the same rounded `x̂` (1e-4).
 #[test]
-fn bf16_outputs_equal_the_rounded_f32_outputs() {
+fn layernorm_xhat_forms_match_cpu_and_rebuild_exactly() {
+    use snella_cuda::ops::{ActMut, ActRef};
     let Some(gpu) = setup() else { return };
-    let bits = |gpu: &snella_cuda::Gpu, v: &cudarc::driver::CudaSlice<u16>| gpu.stream.clone_dtoh(v).unwrap();
-    for &(rows, d) in &[(7usize, 37usize), (130, 768), (1, 5)] {
+    let bits = |v: &CudaSlice<u16>| gpu.stream.clone_dtoh(v).unwrap();
+    for &(rows, d) in &[(7usize, 37usize), (130, 768), (1, 5), (4160, 192)] {
+        let tag = format!("layernorm x̂ rows={rows} d={d}");
         let x: Vec<f32> = rand32(rows * d, 11 + rows as u64, 2.0).iter().map(|v| v + 0.25).collect();
-        let (gamma, beta) = (rand32(d, 12, 1.5), rand32(d, 13, 1.0));
-        let (gx, gg, gb) = (up(&gpu, &x), up(&gpu, &gamma), up(&gpu, &beta));
-        let (mut y, mut m, mut r) = (gpu.zeros(rows * d).unwrap(), gpu.zeros(rows).unwrap(), gpu.zeros(rows).unwrap());
-        layernorm::layernorm_fwd(&gpu, &gx.slice(..), &gg.slice(..), &gb.slice(..), rows, d, 1e-6, &mut y.slice_mut(..), &mut m.slice_mut(..), &mut r.slice_mut(..)).unwrap();
-        let want = snella_cuda::gemm::to_bf16(&gpu, &y, rows * d).unwrap();
+        let (gamma, beta, dy) = (rand32(d, 12, 1.5), rand32(d, 13, 1.0), rand32(rows * d, 14, 1.0));
+        let (mut y, mut h, mut r) = (vec![0f32; rows * d], vec![0f32; rows * d], vec![0f32; rows]);
+        ops::layernorm::layernorm_fwd_xhat(&x, &gamma, &beta, rows, d, 1e-6, &mut y, &mut h, &mut r);
+        let (gx, gg, gb, gdy) = (up(&gpu, &x), up(&gpu, &gamma), up(&gpu, &beta), up(&gpu, &dy));
+        // f32
+        let (mut gy, mut gh, mut gr) = (gpu.zeros(rows * d).unwrap(), gpu.zeros(rows * d).unwrap(), gpu.zeros(rows).unwrap());
+        layernorm::layernorm_fwd_xhat(&gpu, &gx.slice(..), &gg.slice(..), &gb.slice(..), rows, d, 1e-6, ActMut::F32(&mut gy.slice_mut(..)), ActMut::F32(&mut gh.slice_mut(..)), &mut gr.slice_mut(..)).unwrap();
+        check(&format!("{tag} y"), &down(&gpu, &gy), &y, 1e-5);
+        check(&format!("{tag} xhat"), &down(&gpu, &gh), &h, 1e-5);
+        check(&format!("{tag} rstd"), &down(&gpu, &gr), &r, 1e-5);
+        let mut gy2 = gpu.zeros(rows * d).unwrap();
+        layernorm::layernorm_affine(&gpu, ActRef::F32(&gh.slice(..)), &gg.slice(..), &gb.slice(..), rows, d, ActMut::F32(&mut gy2.slice_mut(..))).unwrap();
+        assert_eq!(down(&gpu, &gy2), down(&gpu, &gy), "{tag}: f32 rebuild differs");
+        let (mut dx, mut dg, mut db) = (vec![0f32; rows * d], rand32(d, 15, 1.0), rand32(d, 16, 1.0));
+        let (dg0, db0) = (dg.clone(), db.clone());
+        ops::layernorm::layernorm_bwd_xhat(&dy, &h, &gamma, &r, rows, d, &mut dx, Some(&mut dg), Some(&mut db));
+        let (ch, cr) = (up(&gpu, &h), up(&gpu, &r));
+        let (mut gdx, mut gdg, mut gdb) = (gpu.zeros(rows * d).unwrap(), up(&gpu, &dg0), up(&gpu, &db0));
+        layernorm::layernorm_bwd_xhat(&gpu, &gdy.slice(..), ActRef::F32(&ch.slice(..)), &gg.slice(..), &cr.slice(..), rows, d, &mut gdx.slice_mut(..), Some(&mut gdg.slice_mut(..)), Some(&mut gdb.slice_mut(..))).unwrap();
+        check(&format!("{tag} dx"), &down(&gpu, &gdx), &dx, 1e-4);
+        check(&format!("{tag} dgamma (accumulated)"), &down(&gpu, &gdg), &dg, 1e-4);
+        check(&format!("{tag} dbeta (accumulated)"), &down(&gpu, &gdb), &db, 1e-4);
+        // bf16
         let mut y16 = unsafe { gpu.uninit::<u16>(rows * d) }.unwrap();
-        let (mut m2, mut r2) = (gpu.zeros(rows).unwrap(), gpu.zeros(rows).unwrap());
-        layernorm::layernorm_fwd_bf16(&gpu, &gx.slice(..), &gg.slice(..), &gb.slice(..), rows, d, 1e-6, &mut y16, &mut m2.slice_mut(..), &mut r2.slice_mut(..)).unwrap();
-        assert_eq!(bits(&gpu, &y16), bits(&gpu, &want), "layernorm bf16 rows={rows} d={d}");
-        assert_eq!((down(&gpu, &m2), down(&gpu, &r2)), (down(&gpu, &m), down(&gpu, &r)), "layernorm stats rows={rows} d={d}");
+        let mut h16 = unsafe { gpu.uninit::<u16>(rows * d) }.unwrap();
+        let mut gr16 = gpu.zeros(rows).unwrap();
+        layernorm::layernorm_fwd_xhat(&gpu, &gx.slice(..), &gg.slice(..), &gb.slice(..), rows, d, 1e-6, ActMut::Bf16(&mut y16), ActMut::Bf16(&mut h16), &mut gr16.slice_mut(..)).unwrap();
+        assert_eq!(bits(&h16), bits(&snella_cuda::gemm::to_bf16(&gpu, &gh, rows * d).unwrap()), "{tag}: bf16 x̂ is not the rounded f32 x̂");
+        assert_eq!(down(&gpu, &gr16), down(&gpu, &gr), "{tag}: bf16 rstd");
+        let h16f = widen(&bits(&h16));
+        let y_fma: Vec<f32> = (0..rows * d).map(|i| h16f[i].mul_add(gamma[i % d], beta[i % d])).collect();
+        let want_y16 = snella_cuda::gemm::to_bf16(&gpu, &up(&gpu, &y_fma), rows * d).unwrap();
+        assert_eq!(bits(&y16), bits(&want_y16), "{tag}: bf16 y is not bf16(fma(x̂16, γ, β))");
+        let mut y16b = unsafe { gpu.uninit::<u16>(rows * d) }.unwrap();
+        layernorm::layernorm_affine(&gpu, ActRef::Bf16(&h16), &gg.slice(..), &gb.slice(..), rows, d, ActMut::Bf16(&mut y16b)).unwrap();
+        assert_eq!(bits(&y16b), bits(&y16), "{tag}: bf16 rebuild differs");
+        let (mut dx16, mut dg16, mut db16) = (vec![0f32; rows * d], dg0.clone(), db0.clone());
+        ops::layernorm::layernorm_bwd_xhat(&dy, &h16f, &gamma, &down(&gpu, &gr16), rows, d, &mut dx16, Some(&mut dg16), Some(&mut db16));
+        let (mut gdx, mut gdg, mut gdb) = (gpu.zeros(rows * d).unwrap(), up(&gpu, &dg0), up(&gpu, &db0));
+        layernorm::layernorm_bwd_xhat(&gpu, &gdy.slice(..), ActRef::Bf16(&h16), &gg.slice(..), &gr16.slice(..), rows, d, &mut gdx.slice_mut(..), Some(&mut gdg.slice_mut(..)), Some(&mut gdb.slice_mut(..))).unwrap();
+        check(&format!("{tag} bf16 dx"), &down(&gpu, &gdx), &dx16, 1e-4);
+        check(&format!("{tag} bf16 dgamma"), &down(&gpu, &gdg), &dg16, 1e-4);
+        check(&format!("{tag} bf16 dbeta"), &down(&gpu, &gdb), &db16, 1e-4);
+        // a form mismatch is an error, not a wrong answer
+        assert!(layernorm::layernorm_affine(&gpu, ActRef::Bf16(&h16), &gg.slice(..), &gb.slice(..), rows, d, ActMut::F32(&mut gy2.slice_mut(..))).is_err());
     }
+    println!("layernorm x̂ forms: f32 and bf16 match the CPU; the rebuilt outputs are bit-identical");
+}
+
+/// The GELU forms that keep the bf16 pre-activation (selective recomputation of the MLP): `xk` is
+/// the rounded input, the output is the f32 kernel's GELU of `xk` rounded, the rebuild
+/// ([`gelu::gelu_fwd_from_bf16`]) equals it, and the backward from `xk` equals the f32 backward on
+/// `xk`'s values — all bit-identical, on sizes on and off the vector paths and a misaligned input.
+#[test]
+fn gelu_kept_bf16_forms_are_the_f32_kernels_on_rounded_inputs() {
+    let Some(gpu) = setup() else { return };
+    let bits = |v: &CudaSlice<u16>| gpu.stream.clone_dtoh(v).unwrap();
     for &n in &[1usize, 7, 4096, 100_003] {
         let x = rand32(n + 1, 21 + n as u64, 4.0);
-        let gx = up(&gpu, &x);
+        let dy = rand32(n, 22, 1.0);
+        let (gx, gdy) = (up(&gpu, &x), up(&gpu, &dy));
         for off in [0usize, 1] {
+            let tag = format!("gelu kept bf16 n={n} offset={off}");
             let xv = gx.slice(off..off + n);
-            let mut y = gpu.zeros(n).unwrap();
-            gelu::gelu_fwd(&gpu, &xv, &mut y.slice_mut(..)).unwrap();
-            let want = snella_cuda::gemm::to_bf16(&gpu, &y, n).unwrap();
+            let mut xk = unsafe { gpu.uninit::<u16>(n) }.unwrap();
             let mut y16 = unsafe { gpu.uninit::<u16>(n) }.unwrap();
-            gelu::gelu_fwd_bf16(&gpu, &xv, &mut y16).unwrap();
-            assert_eq!(bits(&gpu, &y16), bits(&gpu, &want), "gelu bf16 n={n} offset={off}");
+            gelu::gelu_fwd_keep_bf16(&gpu, &xv, &mut xk, &mut y16).unwrap();
+            let want_xk = snella_cuda::gemm::to_bf16(&gpu, &up(&gpu, &x[off..off + n]), n).unwrap();
+            assert_eq!(bits(&xk), bits(&want_xk), "{tag}: xk");
+            let xr = up(&gpu, &widen(&bits(&xk)));
+            let mut y = gpu.zeros(n).unwrap();
+            gelu::gelu_fwd(&gpu, &xr.slice(..), &mut y.slice_mut(..)).unwrap();
+            assert_eq!(bits(&y16), bits(&snella_cuda::gemm::to_bf16(&gpu, &y, n).unwrap()), "{tag}: y");
+            let mut y16b = unsafe { gpu.uninit::<u16>(n) }.unwrap();
+            gelu::gelu_fwd_from_bf16(&gpu, &xk, n, &mut y16b).unwrap();
+            assert_eq!(bits(&y16b), bits(&y16), "{tag}: rebuild");
+            let (mut dx, mut dx16) = (gpu.zeros(n).unwrap(), gpu.zeros(n).unwrap());
+            gelu::gelu_bwd(&gpu, &xr.slice(..), &gdy.slice(..), &mut dx.slice_mut(..)).unwrap();
+            gelu::gelu_bwd_bf16x(&gpu, &xk, &gdy.slice(..), &mut dx16.slice_mut(..)).unwrap();
+            assert_eq!(down(&gpu, &dx16), down(&gpu, &dx), "{tag}: backward");
         }
     }
-    println!("layernorm and gelu bf16 outputs: bit-identical to the rounded f32 outputs");
+    println!("gelu kept-bf16 forms: bit-identical to the f32 kernels on the rounded inputs");
 }
 
 #[test]

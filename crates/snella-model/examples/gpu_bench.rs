@@ -6,8 +6,12 @@
 //!   SNELLA r=32 on q/k/v/proj/fc1/fc2 at s=0.7, at the given batch;
 //! - `methods_b8`: LoRA r=32, SNELLA and full fine-tuning at batch 8.
 //!
-//! `cargo run --release --features cuda -p snella-model --example gpu_bench -- [batch] [steps] [profile]`
-//! (`profile`: only the per-op device-time breakdown of one SNELLA and one full step, bf16).
+//! `cargo run --release --features cuda -p snella-model --example gpu_bench -- [batch] [steps] [profile|merge|quick]`
+//! (`profile`: only the per-op device-time breakdown of one SNELLA and one full step, bf16;
+//! `merge`: only the merge timings; `quick`: only the bf16 SNELLA, recompute and full steps).
+//! Each step reports `peak_mib` (all device memory the run holds: context, kernels, cuBLAS and the
+//! tensors) and `peak_tensor_mib` (the tensors alone, the memory pool's high-water mark: what
+//! PyTorch's `max_memory_allocated`, the reference's figure, measures).
 //! The headline `vit_b16_step.ours` is bf16 (bf16 GEMM operands, f32 accumulation, f32 tensors);
 //! TF32 and strict f32 follow, then recompute, full fine-tuning and LoRA in bf16.
 
@@ -88,10 +92,11 @@ fn step_bench_with(be: &CudaBackend, kind: MethodKind, batch: usize, steps: usiz
     be.gpu.sync().unwrap();
     let dt = t.elapsed().as_secs_f64() / steps as f64;
     format!(
-        "{{\"method\":\"{kind:?}\",\"batch\":{batch},\"dtype\":\"f32\",\"step_ms\":{:.2},\"img_per_s\":{:.1},\"peak_mib\":{:.1},\"trainable\":{}}}",
+        "{{\"method\":\"{kind:?}\",\"batch\":{batch},\"dtype\":\"f32\",\"step_ms\":{:.2},\"img_per_s\":{:.1},\"peak_mib\":{:.1},\"peak_tensor_mib\":{:.1},\"trainable\":{}}}",
         dt * 1e3,
         batch as f64 / dt,
         be.gpu.peak_bytes() as f64 / 1048576.0,
+        be.gpu.peak_tensor_bytes().unwrap_or(0) as f64 / 1048576.0,
         s.trainable_count()
     )
 }
@@ -137,6 +142,16 @@ fn main() {
         for &(i, o) in &[(768, 768), (768, 3072), (3072, 768), (1024, 4096)] {
             println!("{{\"shape\":[{i},{o}],\"ours_ms\":{:.4}}}", merge_ms(&be, i, o, 100));
         }
+        return;
+    }
+    if a.get(3).map(|s| s == "quick").unwrap_or(false) {
+        // the bf16 whole-step figures only (SNELLA, SNELLA with recompute, full fine-tuning)
+        be.gpu.set_precision(Precision::Bf16).expect("bf16");
+        let tag = |j: String| j.replace("\"dtype\":\"f32\"", "\"dtype\":\"bf16\"");
+        let main = tag(step_bench(&be, MethodKind::Snella, batch, steps));
+        let recompute = tag(step_bench_with(&be, MethodKind::Snella, batch, steps, true)).replace("\"batch\"", "\"recompute\":true,\"batch\"");
+        let full = tag(step_bench(&be, MethodKind::Full, batch, steps));
+        println!("{{\"device\":\"{}\",\"vit_b16_step\":{{\"ours\":{main},\"ours_recompute\":{recompute},\"ours_full\":{full}}}}}", be.gpu.description);
         return;
     }
     let merges: Vec<String> = [(768, 768), (768, 3072), (3072, 768), (1024, 4096)]

@@ -87,25 +87,33 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn layernorm_fwd(&self, x: &Self::Buf, g: &Self::Buf, b: &Self::Buf, rows: usize, d: usize, eps: f32, y: &mut Self::Buf, mean: &mut Self::Buf, rstd: &mut Self::Buf);
     /// LayerNorm backward; `dg`/`db` accumulate when given.
     fn layernorm_bwd(&self, dy: &Self::Buf, x: &Self::Buf, g: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf, rows: usize, d: usize, dx: &mut Self::Buf, dg: Option<&mut Self::Buf>, db: Option<&mut Self::Buf>);
-    /// [`Backend::layernorm_fwd`] whose output is a linear layer's input: returns it as a
-    /// [`Backend::Act`] (the default: `layernorm_fwd` then [`Backend::act`]; CUDA in bf16 writes the
-    /// bf16 output directly, bit-identically).
+    /// LayerNorm forward for training with selective recomputation (as
+    /// `snella_core::ops::layernorm::layernorm_fwd_xhat`): returns the output `y` (a linear layer's
+    /// input) and the normalised input `x̂` (what the backward keeps instead of `x`, `mean` and `y`),
+    /// both `[rows, d]` as [`Backend::Act`]s, and writes `rstd: [rows]`. CUDA in bf16 rounds `x̂` to
+    /// bf16 and computes `y` from the rounded `x̂`, so that [`Backend::layernorm_affine_act`]
+    /// rebuilds it bit-identically.
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_fwd_act(&self, x: &Self::Buf, g: &Self::Buf, b: &Self::Buf, rows: usize, d: usize, eps: f32, mean: &mut Self::Buf, rstd: &mut Self::Buf) -> Self::Act {
-        let mut y = self.empty(rows * d);
-        self.layernorm_fwd(x, g, b, rows, d, eps, &mut y, mean, rstd);
-        self.act(y)
-    }
+    fn layernorm_fwd_xhat(&self, x: &Self::Buf, g: &Self::Buf, b: &Self::Buf, rows: usize, d: usize, eps: f32, rstd: &mut Self::Buf) -> (Self::Act, Self::Act);
+    /// The LayerNorm output `y = x̂·gamma + beta` rebuilt from [`Backend::layernorm_fwd_xhat`]'s
+    /// `x̂` (the same values as the forward's `y`).
+    fn layernorm_affine_act(&self, xhat: &Self::Act, g: &Self::Buf, b: &Self::Buf, rows: usize, d: usize) -> Self::Act;
+    /// LayerNorm backward from the kept `x̂` and `rstd` (`snella_core::ops::layernorm::layernorm_bwd_xhat`);
+    /// `dg`/`db` accumulate when given.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_bwd_xhat(&self, dy: &Self::Buf, xhat: &Self::Act, g: &Self::Buf, rstd: &Self::Buf, rows: usize, d: usize, dx: &mut Self::Buf, dg: Option<&mut Self::Buf>, db: Option<&mut Self::Buf>);
+    /// Exact GELU forward of the `n` values of the MLP pre-activation `x` for training with selective
+    /// recomputation, consuming `x`: returns the pre-activation as the backward keeps it and the
+    /// output as the next linear layer's input (both [`Backend::Act`]; the output is not kept but
+    /// rebuilt by [`Backend::gelu_fwd_from`]). CUDA in bf16 keeps `bf16(x)` (as autocast keeps a
+    /// bf16 linear's output) and computes the output from it; elsewhere `x` itself.
+    fn gelu_fwd_keep(&self, x: Self::Buf, n: usize) -> (Self::Act, Self::Act);
+    /// The GELU output rebuilt from [`Backend::gelu_fwd_keep`]'s kept pre-activation (bit-identical).
+    fn gelu_fwd_from(&self, x: &Self::Act, n: usize) -> Self::Act;
+    /// Exact GELU backward from the kept pre-activation: `dx = dy·gelu'(x)` (`dy`, `dx` f32).
+    fn gelu_bwd_act(&self, x: &Self::Act, dy: &Self::Buf, dx: &mut Self::Buf);
     /// Exact GELU forward.
     fn gelu_fwd(&self, x: &Self::Buf, y: &mut Self::Buf);
-    /// [`Backend::gelu_fwd`] of `n` values whose output is a linear layer's input, as a
-    /// [`Backend::Act`] (the default: `gelu_fwd` then [`Backend::act`]; CUDA in bf16 writes the bf16
-    /// output directly, bit-identically).
-    fn gelu_fwd_act(&self, x: &Self::Buf, n: usize) -> Self::Act {
-        let mut y = self.empty(n);
-        self.gelu_fwd(x, &mut y);
-        self.act(y)
-    }
     /// Exact GELU backward from the pre-activation.
     fn gelu_bwd(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
     /// `qkv: [b, t, 3·d]` (f32) as the attention keeps it between forward and backward (the

@@ -77,6 +77,30 @@ impl Backend for CpuBackend {
     fn layernorm_bwd(&self, dy: &Vec<f32>, x: &Vec<f32>, g: &Vec<f32>, mean: &Vec<f32>, rstd: &Vec<f32>, rows: usize, d: usize, dx: &mut Vec<f32>, dg: Option<&mut Vec<f32>>, db: Option<&mut Vec<f32>>) {
         layernorm::layernorm_bwd(dy, x, g, mean, rstd, rows, d, dx, dg.map(|v| v.as_mut_slice()), db.map(|v| v.as_mut_slice()))
     }
+    fn layernorm_fwd_xhat(&self, x: &Vec<f32>, g: &Vec<f32>, b: &Vec<f32>, rows: usize, d: usize, eps: f32, rstd: &mut Vec<f32>) -> (Vec<f32>, Vec<f32>) {
+        let (mut y, mut xhat) = (vec![0.0; rows * d], vec![0.0; rows * d]);
+        layernorm::layernorm_fwd_xhat(x, g, b, rows, d, eps, &mut y, &mut xhat, rstd);
+        (y, xhat)
+    }
+    fn layernorm_affine_act(&self, xhat: &Vec<f32>, g: &Vec<f32>, b: &Vec<f32>, rows: usize, d: usize) -> Vec<f32> {
+        let mut y = vec![0.0; rows * d];
+        layernorm::layernorm_affine(xhat, g, b, rows, d, &mut y);
+        y
+    }
+    fn layernorm_bwd_xhat(&self, dy: &Vec<f32>, xhat: &Vec<f32>, g: &Vec<f32>, rstd: &Vec<f32>, rows: usize, d: usize, dx: &mut Vec<f32>, dg: Option<&mut Vec<f32>>, db: Option<&mut Vec<f32>>) {
+        layernorm::layernorm_bwd_xhat(dy, xhat, g, rstd, rows, d, dx, dg.map(|v| v.as_mut_slice()), db.map(|v| v.as_mut_slice()))
+    }
+    fn gelu_fwd_keep(&self, x: Vec<f32>, n: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut y = vec![0.0; n];
+        gelu::gelu_fwd(&x[..n], &mut y);
+        (x, y)
+    }
+    fn gelu_fwd_from(&self, x: &Vec<f32>, n: usize) -> Vec<f32> {
+        let mut y = vec![0.0; n];
+        gelu::gelu_fwd(&x[..n], &mut y);
+        y
+    }
+    fn gelu_bwd_act(&self, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) { gelu::gelu_bwd(x, dy, dx) }
     fn gelu_fwd(&self, x: &Vec<f32>, y: &mut Vec<f32>) { gelu::gelu_fwd(x, y) }
     fn gelu_bwd(&self, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) { gelu::gelu_bwd(x, dy, dx) }
     fn attention_fwd(&self, qkv: &Vec<f32>, b: usize, t: usize, h: usize, hd: usize, out: &mut Vec<f32>) -> Vec<f32> {

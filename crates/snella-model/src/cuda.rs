@@ -25,6 +25,13 @@ pub enum CudaAct {
 }
 
 impl CudaAct {
+    /// Runs `f` with the kernels' output reference to this tensor ([`snella_cuda::ops::ActMut`]).
+    fn with_mut<R>(&mut self, f: impl FnOnce(snella_cuda::ops::ActMut<'_, '_>) -> R) -> R {
+        match self {
+            CudaAct::F32(x) => f(snella_cuda::ops::ActMut::F32(&mut x.slice_mut(..))),
+            CudaAct::Bf16(x16) => f(snella_cuda::ops::ActMut::Bf16(x16)),
+        }
+    }
     /// Runs `f` with the kernels' reference to this tensor ([`attention::ActRef`]).
     fn with_ref<R>(&self, f: impl FnOnce(attention::ActRef<'_, '_>) -> R) -> R {
         match self {
@@ -60,6 +67,16 @@ pub struct OpTime {
 }
 
 impl CudaBackend {
+    /// An uninitialised activation of `n` values, bf16 or f32, for an op that writes all of it.
+    fn act_uninit(&self, n: usize, bf16: bool) -> CudaAct {
+        if bf16 {
+            // SAFETY: the caller's op writes every value before anything reads it.
+            CudaAct::Bf16(ok("alloc", unsafe { self.gpu.uninit::<u16>(n) }))
+        } else {
+            CudaAct::F32(self.empty(n))
+        }
+    }
+
     /// Opens CUDA device `ordinal`.
     ///
     /// # Errors
@@ -227,31 +244,67 @@ impl Backend for CudaBackend {
             ok("layernorm_bwd", layernorm::layernorm_bwd(&self.gpu, &dy.slice(..), &x.slice(..), &g.slice(..), &mean.slice(..), &rstd.slice(..), rows, d, &mut dx.slice_mut(..), dgv.as_mut(), dbv.as_mut()));
         })
     }
-    fn layernorm_fwd_act(&self, x: &CudaSlice<f32>, g: &CudaSlice<f32>, b: &CudaSlice<f32>, rows: usize, d: usize, eps: f32, mean: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>) -> CudaAct {
-        if self.gpu.precision() != snella_cuda::device::Precision::Bf16 || rows * d == 0 {
-            let mut y = self.empty(rows * d);
-            self.layernorm_fwd(x, g, b, rows, d, eps, &mut y, mean, rstd);
-            return self.act(y);
-        }
-        self.timed("layernorm_fwd (bf16 out)", || {
-            // SAFETY: the kernel writes all rows·d values.
-            let mut y16 = ok("alloc", unsafe { self.gpu.uninit::<u16>(rows * d) });
-            ok("layernorm_fwd_bf16", layernorm::layernorm_fwd_bf16(&self.gpu, &x.slice(..), &g.slice(..), &b.slice(..), rows, d, eps, &mut y16, &mut mean.slice_mut(..), &mut rstd.slice_mut(..)));
-            CudaAct::Bf16(y16)
+    fn layernorm_fwd_xhat(&self, x: &CudaSlice<f32>, g: &CudaSlice<f32>, b: &CudaSlice<f32>, rows: usize, d: usize, eps: f32, rstd: &mut CudaSlice<f32>) -> (CudaAct, CudaAct) {
+        let bf16 = self.gpu.precision() == snella_cuda::device::Precision::Bf16;
+        self.timed(if bf16 { "layernorm_fwd (bf16 out, x̂ kept)" } else { "layernorm_fwd (x̂ kept)" }, || {
+            let (mut y, mut xhat) = (self.act_uninit(rows * d, bf16), self.act_uninit(rows * d, bf16));
+            let r = y.with_mut(|yv| xhat.with_mut(|hv| layernorm::layernorm_fwd_xhat(&self.gpu, &x.slice(..), &g.slice(..), &b.slice(..), rows, d, eps, yv, hv, &mut rstd.slice_mut(..))));
+            ok("layernorm_fwd_xhat", r);
+            (y, xhat)
         })
     }
-    fn gelu_fwd_act(&self, x: &CudaSlice<f32>, n: usize) -> CudaAct {
+    fn layernorm_affine_act(&self, xhat: &CudaAct, g: &CudaSlice<f32>, b: &CudaSlice<f32>, rows: usize, d: usize) -> CudaAct {
+        self.timed("layernorm_affine (rebuild)", || {
+            let mut y = self.act_uninit(rows * d, matches!(xhat, CudaAct::Bf16(_)));
+            let r = xhat.with_ref(|h| y.with_mut(|yv| layernorm::layernorm_affine(&self.gpu, h, &g.slice(..), &b.slice(..), rows, d, yv)));
+            ok("layernorm_affine", r);
+            y
+        })
+    }
+    fn layernorm_bwd_xhat(&self, dy: &CudaSlice<f32>, xhat: &CudaAct, g: &CudaSlice<f32>, rstd: &CudaSlice<f32>, rows: usize, d: usize, dx: &mut CudaSlice<f32>, dg: Option<&mut CudaSlice<f32>>, db: Option<&mut CudaSlice<f32>>) {
+        self.timed("layernorm_bwd", || {
+            let mut dgv = dg.map(|v| v.slice_mut(..));
+            let mut dbv = db.map(|v| v.slice_mut(..));
+            let r = xhat.with_ref(|h| layernorm::layernorm_bwd_xhat(&self.gpu, &dy.slice(..), h, &g.slice(..), &rstd.slice(..), rows, d, &mut dx.slice_mut(..), dgv.as_mut(), dbv.as_mut()));
+            ok("layernorm_bwd_xhat", r);
+        })
+    }
+    fn gelu_fwd_keep(&self, x: CudaSlice<f32>, n: usize) -> (CudaAct, CudaAct) {
         if self.gpu.precision() != snella_cuda::device::Precision::Bf16 || n == 0 {
             let mut y = self.empty(n);
-            self.gelu_fwd(x, &mut y);
-            return self.act(y);
+            self.gelu_fwd(&x, &mut y);
+            return (CudaAct::F32(x), self.act(y));
         }
-        self.timed("gelu_fwd (bf16 out)", || {
-            // SAFETY: the kernel writes all n values.
+        self.timed("gelu_fwd (bf16 out, bf16 input kept)", || {
+            // SAFETY: the kernel writes all n values of both.
+            let mut xk = ok("alloc", unsafe { self.gpu.uninit::<u16>(n) });
             let mut y16 = ok("alloc", unsafe { self.gpu.uninit::<u16>(n) });
-            ok("gelu_fwd_bf16", gelu::gelu_fwd_bf16(&self.gpu, &x.slice(..n), &mut y16));
-            CudaAct::Bf16(y16)
+            ok("gelu_fwd_keep_bf16", gelu::gelu_fwd_keep_bf16(&self.gpu, &x.slice(..n), &mut xk, &mut y16));
+            (CudaAct::Bf16(xk), CudaAct::Bf16(y16))
         })
+    }
+    fn gelu_fwd_from(&self, x: &CudaAct, n: usize) -> CudaAct {
+        match x {
+            CudaAct::F32(x) => {
+                let mut y = self.empty(n);
+                self.gelu_fwd(x, &mut y);
+                CudaAct::F32(y)
+            }
+            CudaAct::Bf16(xk) => self.timed("gelu_fwd (rebuild, bf16)", || {
+                // SAFETY: the kernel writes all n values.
+                let mut y16 = ok("alloc", unsafe { self.gpu.uninit::<u16>(n) });
+                ok("gelu_fwd_from_bf16", gelu::gelu_fwd_from_bf16(&self.gpu, xk, n, &mut y16));
+                CudaAct::Bf16(y16)
+            }),
+        }
+    }
+    fn gelu_bwd_act(&self, x: &CudaAct, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) {
+        match x {
+            CudaAct::F32(x) => self.gelu_bwd(x, dy, dx),
+            CudaAct::Bf16(xk) => self.timed("gelu_bwd (bf16 input)", || {
+                ok("gelu_bwd_bf16x", gelu::gelu_bwd_bf16x(&self.gpu, xk, &dy.slice(..), &mut dx.slice_mut(..)));
+            }),
+        }
     }
     fn gelu_fwd(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
         self.timed("gelu_fwd", || {

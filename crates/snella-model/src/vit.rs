@@ -28,22 +28,26 @@ pub struct Block<B: Backend> {
     pub fc2: Linear<B>,
 }
 
-/// Saved activations of one block for the backward pass.
+/// Saved activations of one block for the backward pass (selective recomputation: the two
+/// LayerNorm outputs and the GELU output are not kept but rebuilt in backward from the kept
+/// normalised inputs `x̂` and the MLP pre-activation, one cheap element-wise pass each; the block
+/// input `x` and the residual `h` are not kept either, as only the LayerNorm backwards read them,
+/// through `x̂`).
 pub struct BlockCache<B: Backend> {
-    x: B::Buf,
-    ln1: B::Act,
-    m1: B::Buf,
+    /// `x̂` of `norm1` (`[b·t, d]`).
+    xh1: B::Act,
+    /// `rstd` of `norm1` (`[b·t]`).
     r1: B::Buf,
     qkv: B::Act,
     /// What the attention forward saved for its backward ([`Backend::attention_fwd`]).
     saved: B::Buf,
     att: B::Act,
-    h: B::Buf,
-    ln2: B::Act,
-    m2: B::Buf,
+    /// `x̂` of `norm2`.
+    xh2: B::Act,
+    /// `rstd` of `norm2`.
     r2: B::Buf,
-    f1: B::Buf,
-    g: B::Act,
+    /// The MLP pre-activation `fc1(ln2)` as [`Backend::gelu_fwd_keep`] keeps it.
+    f1: B::Act,
     /// The kept sets of qkv, proj, fc1 and fc2 from this forward pass.
     kept: [KeptSets<B>; 4],
 }
@@ -63,8 +67,8 @@ pub struct Cache<B: Backend> {
     batch: usize,
     cols: B::Act,
     blocks: Vec<Saved<B>>,
-    cls_in: B::Buf,
-    cls_mean: B::Buf,
+    /// `x̂` of the final norm on the class tokens (`[b, d]`).
+    cls_xhat: B::Act,
     cls_rstd: B::Buf,
     cls_norm: B::Act,
 }
@@ -224,10 +228,10 @@ impl<B: Backend> Vit<B> {
         }
         let mut cls_in = be.empty(b * d);
         be.copy_rows(&x, 0, t * d, &mut cls_in, 0, d, d, b);
-        let (mut mean, mut rstd) = (be.empty(b), be.empty(b));
-        let cls_norm = be.layernorm_fwd_act(&cls_in, &self.norm.0.value, &self.norm.1.value, b, d, cfg.ln_eps, &mut mean, &mut rstd);
+        let mut rstd = be.empty(b);
+        let (cls_norm, cls_xhat) = be.layernorm_fwd_xhat(&cls_in, &self.norm.0.value, &self.norm.1.value, b, d, cfg.ln_eps, &mut rstd);
         let logits = self.head.forward(be, &cls_norm, b);
-        let cache = train.then_some(Cache { batch: b, cols, blocks: caches, cls_in, cls_mean: mean, cls_rstd: rstd, cls_norm });
+        let cache = train.then_some(Cache { batch: b, cols, blocks: caches, cls_xhat, cls_rstd: rstd, cls_norm });
         (logits, cache)
     }
 
@@ -237,25 +241,28 @@ impl<B: Backend> Vit<B> {
     fn block_fwd(be: &B, cfg: &VitConfig, blk: &Block<B>, x: B::Buf, b: usize, train: bool, kept: Option<[KeptSets<B>; 4]>) -> (B::Buf, Option<BlockCache<B>>, [KeptSets<B>; 4]) {
         let [kq, kp, k1, k2] = kept.map(|k| k.map(Some)).unwrap_or([None, None, None, None]);
         let (d, t, rows) = (cfg.embed_dim, cfg.tokens(), b * cfg.tokens());
-        let (mut m1, mut r1) = (be.empty(rows), be.empty(rows));
-        let ln1 = be.layernorm_fwd_act(&x, &blk.norm1.0.value, &blk.norm1.1.value, rows, d, cfg.ln_eps, &mut m1, &mut r1);
+        let mut r1 = be.empty(rows);
+        let (ln1, xh1) = be.layernorm_fwd_xhat(&x, &blk.norm1.0.value, &blk.norm1.1.value, rows, d, cfg.ln_eps, &mut r1);
         let (qkv, k_qkv) = blk.qkv.forward_keep(be, &ln1, rows, kq);
+        drop(ln1);
         let qkv = be.attention_input(qkv, cfg.head_dim());
         let mut att = be.empty(rows * d);
         let saved = be.attention_fwd(&qkv, b, t, cfg.num_heads, cfg.head_dim(), &mut att);
         let att = be.act(att);
         let (h, k_proj) = blk.proj.forward_res(be, &att, rows, kp, Some(&x));
-        let (mut m2, mut r2) = (be.empty(rows), be.empty(rows));
-        let ln2 = be.layernorm_fwd_act(&h, &blk.norm2.0.value, &blk.norm2.1.value, rows, d, cfg.ln_eps, &mut m2, &mut r2);
+        drop(x);
+        let mut r2 = be.empty(rows);
+        let (ln2, xh2) = be.layernorm_fwd_xhat(&h, &blk.norm2.0.value, &blk.norm2.1.value, rows, d, cfg.ln_eps, &mut r2);
         let (f1, k_fc1) = blk.fc1.forward_keep(be, &ln2, rows, k1);
-        // (keeping the pre-activation in bf16 too was measured: the tiny-ViT bf16 step test's worst
-        // gradient error went from 7.5e-2 to 1.4e-1, so it stays f32)
-        let g = be.gelu_fwd_act(&f1, rows * cfg.mlp_hidden);
+        drop(ln2);
+        // the pre-activation is kept as a bf16 linear's output is under autocast (CUDA bf16) and the
+        // GELU output is rebuilt from it in backward
+        let (f1, g) = be.gelu_fwd_keep(f1, rows * cfg.mlp_hidden);
         let (out, k_fc2) = blk.fc2.forward_res(be, &g, rows, k2, Some(&h));
         if !train {
             return (out, None, [k_qkv, k_proj, k_fc1, k_fc2]);
         }
-        let cache = BlockCache { x, ln1, m1, r1, qkv, saved, att, h, ln2, m2, r2, f1, g, kept: [k_qkv, k_proj, k_fc1, k_fc2] };
+        let cache = BlockCache { xh1, r1, qkv, saved, att, xh2, r2, f1, kept: [k_qkv, k_proj, k_fc1, k_fc2] };
         (out, Some(cache), [Vec::new(), Vec::new(), Vec::new(), Vec::new()])
     }
 
@@ -269,7 +276,7 @@ impl<B: Backend> Vit<B> {
         let (ng, nb) = (&mut self.norm.0, &mut self.norm.1);
         let dg = ng.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
         let db = nb.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
-        be.layernorm_bwd(&dcls_norm, &cache.cls_in, &ng.value, &cache.cls_mean, &cache.cls_rstd, b, d, &mut dcls, dg, db);
+        be.layernorm_bwd_xhat(&dcls_norm, &cache.cls_xhat, &ng.value, &cache.cls_rstd, b, d, &mut dcls, dg, db);
         let mut dx = be.zeros(rows * d);
         be.copy_rows(&dcls, 0, d, &mut dx, 0, t * d, d, b);
         for (blk, saved) in self.blocks.iter_mut().zip(cache.blocks).rev() {
@@ -298,28 +305,36 @@ impl<B: Backend> Vit<B> {
     fn block_bwd(be: &B, cfg: &VitConfig, blk: &mut Block<B>, c: BlockCache<B>, dout: B::Buf, b: usize) -> B::Buf {
         let (d, t, rows) = (cfg.embed_dim, cfg.tokens(), b * cfg.tokens());
         let [k_qkv, k_proj, k_fc1, k_fc2] = c.kept;
-        let dg = blk.fc2.backward_with(be, &c.g, &dout, rows, true, Some(k_fc2)).expect("dx");
+        let g = be.gelu_fwd_from(&c.f1, rows * cfg.mlp_hidden);
+        let dg = blk.fc2.backward_with(be, &g, &dout, rows, true, Some(k_fc2)).expect("dx");
+        drop(g);
         let mut df1 = be.empty(rows * cfg.mlp_hidden);
-        be.gelu_bwd(&c.f1, &dg, &mut df1);
-        let dln2 = blk.fc1.backward_with(be, &c.ln2, &df1, rows, true, Some(k_fc1)).expect("dx");
+        be.gelu_bwd_act(&c.f1, &dg, &mut df1);
+        drop(dg);
+        let ln2 = be.layernorm_affine_act(&c.xh2, &blk.norm2.0.value, &blk.norm2.1.value, rows, d);
+        let dln2 = blk.fc1.backward_with(be, &ln2, &df1, rows, true, Some(k_fc1)).expect("dx");
+        drop((ln2, df1));
         let mut dh = be.empty(rows * d);
         {
             let (w, bb) = (&mut blk.norm2.0, &mut blk.norm2.1);
             let gw = w.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
             let gb = bb.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
-            be.layernorm_bwd(&dln2, &c.h, &w.value, &c.m2, &c.r2, rows, d, &mut dh, gw, gb);
+            be.layernorm_bwd_xhat(&dln2, &c.xh2, &w.value, &c.r2, rows, d, &mut dh, gw, gb);
         }
         be.add_assign(&mut dh, &dout);
         let datt = blk.proj.backward_with(be, &c.att, &dh, rows, true, Some(k_proj)).expect("dx");
         let mut dqkv = be.empty(rows * 3 * d);
         be.attention_bwd(&datt, &c.qkv, &c.att, &c.saved, b, t, cfg.num_heads, cfg.head_dim(), &mut dqkv);
-        let dln1 = blk.qkv.backward_with(be, &c.ln1, &dqkv, rows, true, Some(k_qkv)).expect("dx");
+        drop(datt);
+        let ln1 = be.layernorm_affine_act(&c.xh1, &blk.norm1.0.value, &blk.norm1.1.value, rows, d);
+        let dln1 = blk.qkv.backward_with(be, &ln1, &dqkv, rows, true, Some(k_qkv)).expect("dx");
+        drop((ln1, dqkv));
         let mut dx = be.empty(rows * d);
         {
             let (w, bb) = (&mut blk.norm1.0, &mut blk.norm1.1);
             let gw = w.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
             let gb = bb.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
-            be.layernorm_bwd(&dln1, &c.x, &w.value, &c.m1, &c.r1, rows, d, &mut dx, gw, gb);
+            be.layernorm_bwd_xhat(&dln1, &c.xh1, &w.value, &c.r1, rows, d, &mut dx, gw, gb);
         }
         be.add_assign(&mut dx, &dh);
         dx

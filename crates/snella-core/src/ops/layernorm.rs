@@ -20,21 +20,65 @@ pub fn layernorm_fwd<T: Real>(
     x: &[T], gamma: &[T], beta: &[T], rows: usize, d: usize, eps: T,
     y: &mut [T], mean: &mut [T], rstd: &mut [T],
 ) {
+    assert!(mean.len() >= rows, "layernorm_fwd: mean shorter than rows = {rows}");
+    fwd_impl("layernorm_fwd", x, gamma, beta, rows, d, eps, y, None, Some(mean), rstd);
+}
+
+/// [`layernorm_fwd`] keeping the normalised input `xhat = x̂ = (x − mean)·rstd: [rows, d]` for the
+/// backward ([`layernorm_bwd_xhat`]) instead of `x` and `mean`: selective recomputation keeps
+/// `x̂` and `rstd` and rebuilds `y = x̂·gamma + beta` with [`layernorm_affine`] when the backward
+/// needs it. Writes `y`, `xhat` and `rstd: [rows]`; `y` as in [`layernorm_fwd`].
+///
+/// # Panics
+/// If a slice is shorter than its shape needs.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_fwd_xhat<T: Real>(
+    x: &[T], gamma: &[T], beta: &[T], rows: usize, d: usize, eps: T,
+    y: &mut [T], xhat: &mut [T], rstd: &mut [T],
+) {
+    assert!(xhat.len() >= rows * d, "layernorm_fwd_xhat: xhat shorter than rows·d = {}", rows * d);
+    fwd_impl("layernorm_fwd_xhat", x, gamma, beta, rows, d, eps, y, Some(xhat), None, rstd);
+}
+
+/// The forward of [`layernorm_fwd`] and [`layernorm_fwd_xhat`]: `y = x̂·gamma + beta` with x̂ per
+/// row (two-pass mean and variance in `T`), parallel over rows.
+#[allow(clippy::too_many_arguments)]
+fn fwd_impl<T: Real>(
+    op: &str, x: &[T], gamma: &[T], beta: &[T], rows: usize, d: usize, eps: T,
+    y: &mut [T], xhat: Option<&mut [T]>, mean: Option<&mut [T]>, rstd: &mut [T],
+) {
     let n = rows * d;
-    assert!(x.len() >= n && y.len() >= n, "layernorm_fwd: x/y shorter than rows·d = {n}");
-    assert!(gamma.len() >= d && beta.len() >= d, "layernorm_fwd: gamma/beta shorter than d = {d}");
-    assert!(mean.len() >= rows && rstd.len() >= rows, "layernorm_fwd: mean/rstd shorter than rows = {rows}");
+    assert!(x.len() >= n && y.len() >= n, "{op}: x/y shorter than rows·d = {n}");
+    assert!(gamma.len() >= d && beta.len() >= d, "{op}: gamma/beta shorter than d = {d}");
+    assert!(rstd.len() >= rows, "{op}: rstd shorter than rows = {rows}");
     if rows == 0 || d == 0 {
         return;
     }
     let (gamma, beta) = (&gamma[..d], &beta[..d]);
     let inv_d = T::one() / T::of(d as f64);
+    let mut scratch = Vec::new();
+    let xhat: &mut [T] = match xhat {
+        Some(h) => &mut h[..n],
+        None => {
+            scratch.resize(n, T::zero());
+            &mut scratch
+        }
+    };
+    let mut no_mean = Vec::new();
+    let mean: &mut [T] = match mean {
+        Some(m) => &mut m[..rows],
+        None => {
+            no_mean.resize(rows, T::zero());
+            &mut no_mean
+        }
+    };
     y[..n]
         .par_chunks_mut(d)
+        .zip(xhat.par_chunks_mut(d))
         .zip(x[..n].par_chunks(d))
-        .zip(mean[..rows].par_iter_mut().zip(rstd[..rows].par_iter_mut()))
+        .zip(mean.par_iter_mut().zip(rstd[..rows].par_iter_mut()))
         .with_min_len(8)
-        .for_each(|((yr, xr), (mu_out, rs_out))| {
+        .for_each(|(((yr, hr), xr), (mu_out, rs_out))| {
             let mut s = T::zero();
             for &v in xr {
                 s += v;
@@ -46,12 +90,33 @@ pub fn layernorm_fwd<T: Real>(
                 ss += c * c;
             }
             let rs = T::one() / (ss * inv_d + eps).sqrt();
-            for (((o, &v), &g), &bt) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
-                *o = (v - mu) * rs * g + bt;
+            for ((((o, h), &v), &g), &bt) in yr.iter_mut().zip(hr.iter_mut()).zip(xr).zip(gamma).zip(beta) {
+                *h = (v - mu) * rs;
+                *o = *h * g + bt;
             }
             *mu_out = mu;
             *rs_out = rs;
         });
+}
+
+/// `y = x̂·gamma + beta` per row of a saved `xhat: [rows, d]` (from [`layernorm_fwd_xhat`]): the
+/// LayerNorm output rebuilt where the backward needs it (the same values as the forward's `y`).
+///
+/// # Panics
+/// If a slice is shorter than its shape needs.
+pub fn layernorm_affine<T: Real>(xhat: &[T], gamma: &[T], beta: &[T], rows: usize, d: usize, y: &mut [T]) {
+    let n = rows * d;
+    assert!(xhat.len() >= n && y.len() >= n, "layernorm_affine: xhat/y shorter than rows·d = {n}");
+    assert!(gamma.len() >= d && beta.len() >= d, "layernorm_affine: gamma/beta shorter than d = {d}");
+    if rows == 0 || d == 0 {
+        return;
+    }
+    let (gamma, beta) = (&gamma[..d], &beta[..d]);
+    y[..n].par_chunks_mut(d).zip(xhat[..n].par_chunks(d)).with_min_len(8).for_each(|(yr, hr)| {
+        for (((o, &h), &g), &bt) in yr.iter_mut().zip(hr).zip(gamma).zip(beta) {
+            *o = h * g + bt;
+        }
+    });
 }
 
 /// Backward of [`layernorm_fwd`]: writes `dx: [rows, d]`; when given, accumulates (`+=`)
@@ -70,9 +135,34 @@ pub fn layernorm_bwd<T: Real>(
     dx: &mut [T], dgamma: Option<&mut [T]>, dbeta: Option<&mut [T]>,
 ) {
     let n = rows * d;
-    assert!(dy.len() >= n && x.len() >= n && dx.len() >= n, "layernorm_bwd: dy/x/dx shorter than rows·d = {n}");
-    assert!(gamma.len() >= d, "layernorm_bwd: gamma shorter than d = {d}");
+    assert!(x.len() >= n, "layernorm_bwd: x shorter than rows·d = {n}");
     assert!(mean.len() >= rows && rstd.len() >= rows, "layernorm_bwd: mean/rstd shorter than rows = {rows}");
+    if rows == 0 || d == 0 {
+        return;
+    }
+    let mut xhat = vec![T::zero(); n];
+    xhat.par_chunks_mut(d).zip(x[..n].par_chunks(d)).zip(mean[..rows].par_iter().zip(rstd[..rows].par_iter())).with_min_len(8).for_each(|((hr, xr), (&mu, &rs))| {
+        for (h, &v) in hr.iter_mut().zip(xr) {
+            *h = (v - mu) * rs;
+        }
+    });
+    layernorm_bwd_xhat(dy, &xhat, gamma, rstd, rows, d, dx, dgamma, dbeta);
+}
+
+/// Backward of [`layernorm_fwd_xhat`] from the saved `xhat: [rows, d]` and `rstd: [rows]`: as
+/// [`layernorm_bwd`] (same formulas) without recomputing `x̂` from `x`.
+///
+/// # Panics
+/// If a slice is shorter than its shape needs.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_bwd_xhat<T: Real>(
+    dy: &[T], xhat: &[T], gamma: &[T], rstd: &[T], rows: usize, d: usize,
+    dx: &mut [T], dgamma: Option<&mut [T]>, dbeta: Option<&mut [T]>,
+) {
+    let n = rows * d;
+    assert!(dy.len() >= n && xhat.len() >= n && dx.len() >= n, "layernorm_bwd: dy/xhat/dx shorter than rows·d = {n}");
+    assert!(gamma.len() >= d, "layernorm_bwd: gamma shorter than d = {d}");
+    assert!(rstd.len() >= rows, "layernorm_bwd: rstd shorter than rows = {rows}");
     if rows == 0 || d == 0 {
         return;
     }
@@ -80,22 +170,21 @@ pub fn layernorm_bwd<T: Real>(
     let inv_d = T::one() / T::of(d as f64);
     dx[..n]
         .par_chunks_mut(d)
-        .zip(dy[..n].par_chunks(d).zip(x[..n].par_chunks(d)))
-        .zip(mean[..rows].par_iter().zip(rstd[..rows].par_iter()))
+        .zip(dy[..n].par_chunks(d).zip(xhat[..n].par_chunks(d)))
+        .zip(rstd[..rows].par_iter())
         .with_min_len(8)
-        .for_each(|((dxr, (dyr, xr)), (&mu, &rs))| {
+        .for_each(|((dxr, (dyr, hr)), &rs)| {
             let mut sg = T::zero();
             let mut sgx = T::zero();
-            for ((&gy, &v), &g) in dyr.iter().zip(xr).zip(gamma) {
+            for ((&gy, &h), &g) in dyr.iter().zip(hr).zip(gamma) {
                 let gg = gy * g;
                 sg += gg;
-                sgx += gg * (v - mu) * rs;
+                sgx += gg * h;
             }
             let mg = sg * inv_d;
             let mgx = sgx * inv_d;
-            for (((o, &gy), &v), &g) in dxr.iter_mut().zip(dyr).zip(xr).zip(gamma) {
-                let xh = (v - mu) * rs;
-                *o = rs * (gy * g - mg - xh * mgx);
+            for (((o, &gy), &h), &g) in dxr.iter_mut().zip(dyr).zip(hr).zip(gamma) {
+                *o = rs * (gy * g - mg - h * mgx);
             }
         });
 
@@ -111,11 +200,10 @@ pub fn layernorm_bwd<T: Real>(
             let mut pg = vec![T::zero(); d];
             let mut pb = vec![T::zero(); d];
             for r in ci * chunk_rows..((ci + 1) * chunk_rows).min(rows) {
-                let (mu, rs) = (mean[r], rstd[r]);
                 let dyr = &dy[r * d..(r + 1) * d];
-                let xr = &x[r * d..(r + 1) * d];
-                for (((a, b), &gy), &v) in pg.iter_mut().zip(pb.iter_mut()).zip(dyr).zip(xr) {
-                    *a += gy * ((v - mu) * rs);
+                let hr = &xhat[r * d..(r + 1) * d];
+                for (((a, b), &gy), &h) in pg.iter_mut().zip(pb.iter_mut()).zip(dyr).zip(hr) {
+                    *a += gy * h;
                     *b += gy;
                 }
             }
@@ -229,5 +317,32 @@ mod tests {
             let sb: f64 = (0..rows).map(|i| dy[i * d + c]).sum();
             assert!((dg[c] - sg).abs() < 1e-12 && (db[c] - sb).abs() < 1e-12);
         }
+    }
+
+    #[test]
+    fn xhat_forms_match_the_x_forms() {
+        // The selective-recompute forms: same y, the affine rebuild equals y exactly, and the
+        // backward from x̂ equals the backward from x (f64; rows not a multiple of the chunk).
+        let (rows, d) = (70, 9);
+        let x = rand_vec(rows * d, 31, 3.0);
+        let gamma = rand_vec(d, 32, 1.5);
+        let beta = rand_vec(d, 33, 1.0);
+        let dy = rand_vec(rows * d, 34, 1.0);
+        let (mut y, mut m, mut r) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
+        layernorm_fwd(&x, &gamma, &beta, rows, d, 1e-6, &mut y, &mut m, &mut r);
+        let (mut y2, mut h, mut r2) = (vec![0.0; rows * d], vec![0.0; rows * d], vec![0.0; rows]);
+        layernorm_fwd_xhat(&x, &gamma, &beta, rows, d, 1e-6, &mut y2, &mut h, &mut r2);
+        assert_eq!(y, y2);
+        assert_eq!(r, r2);
+        let mut y3 = vec![0.0; rows * d];
+        layernorm_affine(&h, &gamma, &beta, rows, d, &mut y3);
+        assert_eq!(y2, y3);
+        let (mut dx, mut dg, mut db) = (vec![0.0; rows * d], vec![0.5; d], vec![0.0; d]);
+        layernorm_bwd(&dy, &x, &gamma, &m, &r, rows, d, &mut dx, Some(&mut dg), Some(&mut db));
+        let (mut dx2, mut dg2, mut db2) = (vec![0.0; rows * d], vec![0.5; d], vec![0.0; d]);
+        layernorm_bwd_xhat(&dy, &h, &gamma, &r2, rows, d, &mut dx2, Some(&mut dg2), Some(&mut db2));
+        assert_eq!(dx, dx2);
+        assert_eq!(dg, dg2);
+        assert_eq!(db, db2);
     }
 }

@@ -12,10 +12,11 @@
 //! gathered or transposed.
 
 use super::reduce::{check_len, dim_u32, grid_stride, scratch};
+pub use super::ActRef;
 use super::{In, Out};
 use crate::device::{cuda_err, Gpu};
 use crate::gemm::gemm_batched;
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use snella_core::SnellaError;
 
 fn rows_cfg(rows: usize) -> LaunchConfig {
@@ -111,32 +112,6 @@ pub fn attention_bwd(
     unsafe { gemm_batched(gpu, false, false, t, hd, t, 1.0, &ds, &p_off, t, qkv, &k_off, r3, 0.0, &mut *dqkv, &q_off, r3)? };
     unsafe { gemm_batched(gpu, true, false, t, hd, t, 1.0, &ds, &p_off, t, qkv, &q_off, r3, 0.0, dqkv, &k_off, r3)? };
     Ok(())
-}
-
-/// A tensor the fused attention reads (`qkv`, or the forward output `O` for `rowsum(dO ⊙ O)`): f32,
-/// or the bf16 copy a bf16 step keeps of it (the kernels round f32 inputs to bf16 as they stage
-/// them, so both give the same products).
-#[derive(Clone, Copy)]
-pub enum ActRef<'a, 'b> {
-    /// f32 values.
-    F32(&'a In<'b>),
-    /// bf16 values (round to nearest even of the f32 ones).
-    Bf16(&'a CudaSlice<u16>),
-}
-
-impl ActRef<'_, '_> {
-    fn len(&self) -> usize {
-        match self {
-            ActRef::F32(o) => o.len(),
-            ActRef::Bf16(o) => o.len(),
-        }
-    }
-    fn ptr(&self, gpu: &Gpu) -> u64 {
-        match self {
-            ActRef::F32(o) => o.device_ptr(&gpu.stream).0,
-            ActRef::Bf16(o) => o.device_ptr(&gpu.stream).0,
-        }
-    }
 }
 
 /// The head dim of the fused bf16 attention ([`flash_fwd`], [`flash_bwd`]).

@@ -1,4 +1,4 @@
-//! Launchers of `kernels/gelu.cu`: exact (erf) GELU forward (f32 or bf16 output) and backward, f32.
+//! Launchers of `kernels/gelu.cu`: exact (erf) GELU forward and backward (f32), and the bf16 forms that keep the pre-activation in bf16.
 
 use super::reduce::{check_len, grid_stride};
 use super::{In, Out};
@@ -25,26 +25,6 @@ pub fn gelu_fwd(gpu: &Gpu, x: &In, y: &mut Out) -> Result<(), SnellaError> {
     unsafe { b.launch(grid_stride(n)) }.map(|_| ()).map_err(|e| cuda_err("snella_gelu_fwd", e))
 }
 
-/// [`gelu_fwd`] with the output rounded to bf16 (nearest even) into `y16` (`u16` bit patterns): the
-/// next linear layer's input in the bf16 precision, written once instead of f32 then converted.
-/// Bit-identical to [`gelu_fwd`] followed by `crate::gemm::to_bf16`.
-///
-/// # Errors
-/// `Tensor` when `y16` is shorter than `x`; `CUDA_ERROR` on a launch failure.
-pub fn gelu_fwd_bf16(gpu: &Gpu, x: &In, y16: &mut CudaSlice<u16>) -> Result<(), SnellaError> {
-    let n = x.len();
-    check_len("gelu_fwd_bf16", "y", y16.len(), n)?;
-    if n == 0 {
-        return Ok(());
-    }
-    let f = gpu.func("snella_gelu_fwd_bf16");
-    let n64 = n as u64;
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(x).arg(y16).arg(&n64);
-    // SAFETY: x holds n floats and y16 n bf16 values; grid-stride over i < n.
-    unsafe { b.launch(grid_stride(n.div_ceil(4))) }.map(|_| ()).map_err(|e| cuda_err("snella_gelu_fwd_bf16", e))
-}
-
 /// `dx[i] = dy[i]·(Φ(x[i]) + x[i]·φ(x[i]))` over the `n = x.len()` elements of the saved
 /// pre-activation `x` (f32), as `snella_core::ops::gelu::gelu_bwd`. `dx` is overwritten.
 ///
@@ -63,4 +43,65 @@ pub fn gelu_bwd(gpu: &Gpu, x: &In, dy: &In, dx: &mut Out) -> Result<(), SnellaEr
     b.arg(x).arg(dy).arg(dx).arg(&n64);
     // SAFETY: x, dy and dx hold at least n floats; grid-stride over i < n.
     unsafe { b.launch(grid_stride(n)) }.map(|_| ()).map_err(|e| cuda_err("snella_gelu_bwd", e))
+}
+
+/// The bf16 pre-activation kept for the backward (selective recomputation of the MLP): from
+/// `x: [n]` (f32) writes `xk = bf16(x)` and `y = bf16(gelu(xk))` (`u16` bit patterns), the output
+/// computed from the rounded pre-activation so that [`gelu_fwd_from_bf16`] rebuilds it
+/// bit-identically. Reference: [`gelu_fwd`] on the rounded values, then rounded.
+///
+/// # Errors
+/// `Tensor` when `xk` or `y` is shorter than `x`; `CUDA_ERROR` on a launch failure.
+pub fn gelu_fwd_keep_bf16(gpu: &Gpu, x: &In, xk: &mut CudaSlice<u16>, y: &mut CudaSlice<u16>) -> Result<(), SnellaError> {
+    let n = x.len();
+    check_len("gelu_fwd_keep_bf16", "xk", xk.len(), n)?;
+    check_len("gelu_fwd_keep_bf16", "y", y.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = gpu.func("snella_gelu_fwd_keep_bf16");
+    let n64 = n as u64;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(x).arg(xk).arg(y).arg(&n64);
+    // SAFETY: x holds n floats, xk and y n bf16 values; grid-stride over i < n.
+    unsafe { b.launch(grid_stride(n.div_ceil(4))) }.map(|_| ()).map_err(|e| cuda_err("snella_gelu_fwd_keep_bf16", e))
+}
+
+/// `y = bf16(gelu(xk))` over the `n` values of a kept bf16 pre-activation `xk` (`u16` bit
+/// patterns): the output of [`gelu_fwd_keep_bf16`] rebuilt in backward, bit-identically.
+///
+/// # Errors
+/// `Tensor` when a buffer is shorter than `n`; `CUDA_ERROR` on a launch failure.
+pub fn gelu_fwd_from_bf16(gpu: &Gpu, xk: &CudaSlice<u16>, n: usize, y: &mut CudaSlice<u16>) -> Result<(), SnellaError> {
+    check_len("gelu_fwd_from_bf16", "xk", xk.len(), n)?;
+    check_len("gelu_fwd_from_bf16", "y", y.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = gpu.func("snella_gelu_fwd_from_bf16");
+    let n64 = n as u64;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(xk).arg(y).arg(&n64);
+    // SAFETY: xk and y hold at least n bf16 values; grid-stride over i < n.
+    unsafe { b.launch(grid_stride(n.div_ceil(2))) }.map(|_| ()).map_err(|e| cuda_err("snella_gelu_fwd_from_bf16", e))
+}
+
+/// [`gelu_bwd`] from a kept bf16 pre-activation `xk` (`u16` bit patterns): `dx = dy·gelu'(xk)` over
+/// `n = dy.len()` values (f32 `dy`, `dx`). Reference: [`gelu_bwd`] on the rounded values.
+///
+/// # Errors
+/// `Tensor` when `xk` or `dx` is shorter than `dy`; `CUDA_ERROR` on a launch failure.
+pub fn gelu_bwd_bf16x(gpu: &Gpu, xk: &CudaSlice<u16>, dy: &In, dx: &mut Out) -> Result<(), SnellaError> {
+    let n = dy.len();
+    check_len("gelu_bwd_bf16x", "xk", xk.len(), n)?;
+    check_len("gelu_bwd_bf16x", "dx", dx.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = gpu.func("snella_gelu_bwd_bf16x");
+    let n64 = n as u64;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(xk).arg(dy).arg(dx).arg(&n64);
+    // SAFETY: xk, dy and dx hold at least n values; grid-stride over i < n.
+    unsafe { b.launch(grid_stride(n.div_ceil(2))) }.map(|_| ()).map_err(|e| cuda_err("snella_gelu_bwd_bf16x", e))
 }

@@ -1,9 +1,9 @@
-//! Launchers of `kernels/layernorm.cu`: LayerNorm over the last dimension, forward and backward, f32.
+//! Launchers of `kernels/layernorm.cu`: LayerNorm over the last dimension, forward and backward (f32), and the forms that keep the normalised input x̂ (f32 or bf16) for the backward.
 
 use super::reduce::{check_len, dim_u32, scratch, ROW_CHUNK};
-use super::{In, Out};
+use super::{ActMut, ActRef, In, Out};
 use crate::device::{cuda_err, Gpu};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use snella_core::SnellaError;
 
 /// Rows per 256-thread block of the row kernels (one warp per row).
@@ -47,25 +47,6 @@ fn fwd_dims(op: &str, x: &In, y_len: usize, gamma: &In, beta: &In, mean: &Out, r
         return Ok(None);
     }
     Ok(Some((dim_u32(op, "rows", rows)?, dim_u32(op, "d", d)?)))
-}
-
-/// [`layernorm_fwd`] with `y` rounded to bf16 (nearest even) into `y16` (`u16` bit patterns): a
-/// linear layer's input in the bf16 precision, written once instead of f32 then converted.
-/// Bit-identical to [`layernorm_fwd`] followed by `crate::gemm::to_bf16`; `mean`, `rstd` as there.
-///
-/// # Errors
-/// `Tensor` when a buffer is shorter than its shape needs; `CUDA_ERROR` on a launch failure.
-#[allow(clippy::too_many_arguments)]
-pub fn layernorm_fwd_bf16(
-    gpu: &Gpu, x: &In, gamma: &In, beta: &In, rows: usize, d: usize, eps: f32,
-    y16: &mut CudaSlice<u16>, mean: &mut Out, rstd: &mut Out,
-) -> Result<(), SnellaError> {
-    let Some((r32, d32)) = fwd_dims("layernorm_fwd_bf16", x, y16.len(), gamma, beta, mean, rstd, rows, d)? else { return Ok(()) };
-    let f = gpu.func("snella_layernorm_fwd_bf16");
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(x).arg(gamma).arg(beta).arg(&r32).arg(&d32).arg(&eps).arg(y16).arg(mean).arg(rstd);
-    // SAFETY: every buffer holds what its shape needs (checked); the kernel bounds-checks rows.
-    unsafe { b.launch(row_cfg(rows)) }.map(|_| ()).map_err(|e| cuda_err("snella_layernorm_fwd_bf16", e))
 }
 
 /// Backward of [`layernorm_fwd`], as `snella_core::ops::layernorm::layernorm_bwd` (f32): writes
@@ -138,4 +119,131 @@ fn param_final(gpu: &Gpu, part: &In, nchunks: u32, d: u32, out: &mut Out) -> Res
     b.arg(part).arg(&nchunks).arg(&d).arg(out);
     // SAFETY: part holds nchunks·d floats and out d (checked by the caller); c < d is checked.
     unsafe { b.launch(super::grid(d as usize)) }.map(|_| ()).map_err(|e| cuda_err("snella_layernorm_bwd_param_final", e))
+}
+
+/// The kernel of a form: `f32` or `bf16`.
+fn form(f32: &'static str, bf16: &'static str, is_bf16: bool) -> &'static str {
+    if is_bf16 { bf16 } else { f32 }
+}
+
+/// LayerNorm forward keeping the normalised input `x̂ = (x − mean)·rstd` for the backward instead of
+/// `x` and `mean` (selective recomputation: the output is rebuilt by [`layernorm_affine`] in
+/// backward rather than kept). From `x: [rows, d]` (f32) writes `xhat` and `y = fma(x̂, gamma, beta)`
+/// (`[rows, d]`, both f32 or both bf16: `x̂` rounded to nearest even first and `y` computed from the
+/// rounded `x̂`, so the rebuilt `y` is bit-identical) and `rstd: [rows]`. CPU reference:
+/// `snella_core::ops::layernorm::layernorm_fwd_xhat`.
+///
+/// # Errors
+/// `Tensor` when a buffer is shorter than its shape needs; `Config` when `y` and `xhat` differ in
+/// form; `CUDA_ERROR` on a launch failure.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_fwd_xhat(
+    gpu: &Gpu, x: &In, gamma: &In, beta: &In, rows: usize, d: usize, eps: f32,
+    mut y: ActMut, mut xhat: ActMut, rstd: &mut Out,
+) -> Result<(), SnellaError> {
+    let op = "layernorm_fwd_xhat";
+    check_len(op, "xhat", xhat.len(), rows * d)?;
+    if y.is_bf16() != xhat.is_bf16() {
+        return Err(SnellaError::config(&format!("{op}.xhat"), "a different form than y", "y and xhat both f32 or both bf16"));
+    }
+    // mean is not written by this kernel; fwd_dims checks it against rows, so pass rstd twice
+    let Some((r32, d32)) = fwd_dims(op, x, y.len(), gamma, beta, rstd, rstd, rows, d)? else { return Ok(()) };
+    let name = form("snella_layernorm_fwd_xhat", "snella_layernorm_fwd_xhat_bf16", y.is_bf16());
+    let f = gpu.func(name);
+    let (py, ph) = (y.ptr(gpu), xhat.ptr(gpu));
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(x).arg(gamma).arg(beta).arg(&r32).arg(&d32).arg(&eps).arg(&py).arg(&ph).arg(rstd);
+    // SAFETY: every buffer holds what its shape needs (checked; y and xhat in the kernel's form);
+    // the kernel bounds-checks rows.
+    unsafe { b.launch(row_cfg(rows)) }.map(|_| ()).map_err(|e| cuda_err(op, e))
+}
+
+/// `y = fma(x̂, gamma, beta)` per row of a saved `x̂: [rows, d]` (f32 or bf16; `y` in the same
+/// form): the output of [`layernorm_fwd_xhat`] rebuilt in backward, bit-identically. CPU reference:
+/// `snella_core::ops::layernorm::layernorm_affine`.
+///
+/// # Errors
+/// `Tensor` when a buffer is shorter than its shape needs; `Config` when `y` and `xhat` differ in
+/// form; `CUDA_ERROR` on a launch failure.
+pub fn layernorm_affine(gpu: &Gpu, xhat: ActRef, gamma: &In, beta: &In, rows: usize, d: usize, mut y: ActMut) -> Result<(), SnellaError> {
+    let op = "layernorm_affine";
+    check_len(op, "xhat", xhat.len(), rows * d)?;
+    check_len(op, "y", y.len(), rows * d)?;
+    check_len(op, "gamma", gamma.len(), d)?;
+    check_len(op, "beta", beta.len(), d)?;
+    if y.is_bf16() != xhat.is_bf16() {
+        return Err(SnellaError::config(&format!("{op}.y"), "a different form than xhat", "y and xhat both f32 or both bf16"));
+    }
+    if rows == 0 || d == 0 {
+        return Ok(());
+    }
+    let (r32, d32) = (dim_u32(op, "rows", rows)?, dim_u32(op, "d", d)?);
+    let name = form("snella_layernorm_affine", "snella_layernorm_affine_bf16", y.is_bf16());
+    let f = gpu.func(name);
+    let (ph, py) = (xhat.ptr(gpu), y.ptr(gpu));
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&ph).arg(gamma).arg(beta).arg(&r32).arg(&d32).arg(&py);
+    // SAFETY: xhat and y hold rows·d values of the kernel's form, gamma/beta d (checked).
+    unsafe { b.launch(row_cfg(rows)) }.map(|_| ()).map_err(|e| cuda_err(op, e))
+}
+
+/// Backward of [`layernorm_fwd_xhat`] from the saved `x̂: [rows, d]` (f32 or bf16) and
+/// `rstd: [rows]`, as `snella_core::ops::layernorm::layernorm_bwd_xhat`: writes
+/// `dx = rstd·(g − mean(g) − x̂·mean(g·x̂))` (`g = dy·gamma`, f32) and, when given, ACCUMULATES
+/// `dgamma += Σ_rows dy·x̂`, `dbeta += Σ_rows dy` (deterministic chunked sums as [`layernorm_bwd`]).
+///
+/// # Errors
+/// `Tensor` when a buffer is shorter than its shape needs; `CUDA_OOM` for the scratch;
+/// `CUDA_ERROR` on a launch failure.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_bwd_xhat(
+    gpu: &Gpu, dy: &In, xhat: ActRef, gamma: &In, rstd: &In, rows: usize, d: usize,
+    dx: &mut Out, dgamma: Option<&mut Out>, dbeta: Option<&mut Out>,
+) -> Result<(), SnellaError> {
+    let op = "layernorm_bwd_xhat";
+    check_len(op, "dy", dy.len(), rows * d)?;
+    check_len(op, "xhat", xhat.len(), rows * d)?;
+    check_len(op, "dx", dx.len(), rows * d)?;
+    check_len(op, "gamma", gamma.len(), d)?;
+    check_len(op, "rstd", rstd.len(), rows)?;
+    if let Some(g) = &dgamma {
+        check_len(op, "dgamma", g.len(), d)?;
+    }
+    if let Some(g) = &dbeta {
+        check_len(op, "dbeta", g.len(), d)?;
+    }
+    if rows == 0 || d == 0 {
+        return Ok(());
+    }
+    let (r32, d32) = (dim_u32(op, "rows", rows)?, dim_u32(op, "d", d)?);
+    let ph = xhat.ptr(gpu);
+    let name = form("snella_layernorm_bwd_dx_xhat", "snella_layernorm_bwd_dx_xhat_bf16", xhat.is_bf16());
+    let f = gpu.func(name);
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(dy).arg(&ph).arg(gamma).arg(rstd).arg(&r32).arg(&d32).arg(dx);
+    // SAFETY: every buffer holds what its shape needs (checked); the kernel bounds-checks rows.
+    unsafe { b.launch(row_cfg(rows)) }.map_err(|e| cuda_err(op, e))?;
+    if dgamma.is_none() && dbeta.is_none() {
+        return Ok(());
+    }
+    let nchunks = rows.div_ceil(ROW_CHUNK);
+    let mut part = scratch(gpu, 2 * nchunks * d)?;
+    {
+        let (mut pg, mut pb) = part.split_at_mut(nchunks * d);
+        let name = form("snella_layernorm_bwd_param_partial_xhat", "snella_layernorm_bwd_param_partial_xhat_bf16", xhat.is_bf16());
+        let f = gpu.func(name);
+        let cfg = LaunchConfig { grid_dim: (d.div_ceil(32) as u32, nchunks.min(65535) as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(dy).arg(&ph).arg(&r32).arg(&d32).arg(&mut pg).arg(&mut pb);
+        // SAFETY: dy, xhat hold rows·d values, pg/pb nchunks·d; every part element is written.
+        unsafe { b.launch(cfg) }.map_err(|e| cuda_err(op, e))?;
+    }
+    let n32 = nchunks as u32;
+    if let Some(out) = dgamma {
+        param_final(gpu, &part.slice(..nchunks * d), n32, d32, out)?;
+    }
+    if let Some(out) = dbeta {
+        param_final(gpu, &part.slice(nchunks * d..2 * nchunks * d), n32, d32, out)?;
+    }
+    Ok(())
 }
