@@ -47,9 +47,10 @@ extern "C" __global__ void __launch_bounds__(256)
 // Fused (flash-style) attention for the bf16 precision, head dim 64 (FlashAttention-2, Dao 2023,
 // Algorithms 1 and 2): q·kᵀ, the online softmax and P·v run in one kernel per 64-query tile, with the
 // scores kept in registers (mma.sync m16n8k16 bf16 → f32; a score accumulator is re-used as the A
-// operand of P·v without leaving the registers). Only the row log-sum-exp is saved, not P. Operands
-// are rounded to bf16 as they are staged into shared memory (as PyTorch's autocast feeds bf16 to
-// its SDPA); accumulation, the softmax statistics and every output are f32.
+// operand of P·v without leaving the registers). Only the row log-sum-exp is saved, not P. q, k, v
+// and dO are rounded to bf16 as they are staged into shared memory (as PyTorch's autocast feeds bf16
+// to its SDPA); P and dS enter their products as bf16 hi + lo pairs (fa_mma_pk); accumulation, the
+// softmax statistics and every output are f32.
 // CPU reference: snella_core::ops::attention (attention_fwd / attention_bwd, and attention_lse for
 // the saved statistics).
 
@@ -89,14 +90,6 @@ __device__ __forceinline__ void fa_ldb(uint32_t& b0, uint32_t& b1, const __nv_bf
   b1 = fa_ld32(s + (n0 + g) * FA_S + k0 + 8 + 2 * q);
 }
 
-// The A fragment at k-chunk j built from score accumulators c[2j], c[2j+1] (the FA-2 register re-use).
-__device__ __forceinline__ void fa_acc_to_a(uint32_t (&a)[4], const float (&c)[8][4], int j) {
-  a[0] = fa_pack(c[2 * j][0], c[2 * j][1]);
-  a[1] = fa_pack(c[2 * j][2], c[2 * j][3]);
-  a[2] = fa_pack(c[2 * j + 1][0], c[2 * j + 1][1]);
-  a[3] = fa_pack(c[2 * j + 1][2], c[2 * j + 1][3]);
-}
-
 // A 16×64 tile of f32 accumulators (8 n-tiles of 16×8), one per warp.
 typedef float fa_acc[8][4];
 
@@ -128,19 +121,37 @@ __device__ __forceinline__ void fa_mma_nk(fa_acc& c, const uint32_t (&a)[4][4], 
     }
 }
 
-// c += P·B over k = 64 for the warp's 16 rows: P = the 16×64 accumulator tile `p` (rounded to bf16
-// as the A operand, FA-2's register re-use), B = a shared 64×64 tile stored [k][n].
+// Splits two f32 values into bf16 hi + lo pairs: hi = bf16(v), lo = bf16(v − hi), so hi + lo keeps
+// about 16 bits of v's mantissa (two bf16 products then cost twice the mma work of one).
+__device__ __forceinline__ void fa_split(uint32_t& hi, uint32_t& lo, float a, float b) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  const float2 hf = __bfloat1622float2(h);
+  const __nv_bfloat162 l = __floats2bfloat162_rn(a - hf.x, b - hf.y);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = *reinterpret_cast<const uint32_t*>(&l);
+}
+
+// c += P·B over k = 64 for the warp's 16 rows: P = the 16×64 accumulator tile `p` (FA-2's register
+// re-use as the A operand), B = a shared 64×64 tile stored [k][n]. P (probabilities, or dS in the
+// backward) enters as bf16 hi + lo terms, two products per fragment: a single bf16 rounding of P
+// (8 bits; what FlashAttention and PyTorch's autocast SDPA do) cost ≈ 0.4 pt of the spec §8 recipe's
+// test top-1 against the unfused path's f32 P (bench/PERF.md), the split keeps P to ≈ 16 bits.
 __device__ __forceinline__ void fa_mma_pk(fa_acc& c, const fa_acc& p, const __nv_bfloat16* sh, int lane) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    uint32_t pa[4];
-    fa_acc_to_a(pa, p, j);
+    uint32_t ph[4], pl[4];
+    fa_split(ph[0], pl[0], p[2 * j][0], p[2 * j][1]);
+    fa_split(ph[1], pl[1], p[2 * j][2], p[2 * j][3]);
+    fa_split(ph[2], pl[2], p[2 * j + 1][0], p[2 * j + 1][1]);
+    fa_split(ph[3], pl[3], p[2 * j + 1][2], p[2 * j + 1][3]);
 #pragma unroll
     for (int n = 0; n < 8; n += 2) {
       uint32_t b[4];
       fa_ldb_t(b, sh, j * 16, n * 8, lane);
-      fa_mma(c[n], pa, b[0], b[1]);
-      fa_mma(c[n + 1], pa, b[2], b[3]);
+      fa_mma(c[n], ph, b[0], b[1]);
+      fa_mma(c[n], pl, b[0], b[1]);
+      fa_mma(c[n + 1], ph, b[2], b[3]);
+      fa_mma(c[n + 1], pl, b[2], b[3]);
     }
   }
 }
@@ -326,7 +337,8 @@ __device__ __forceinline__ void flash_bwd(const T* __restrict__ qkv, const float
                                           unsigned heads, float scale, float scale_log2) {
   __shared__ __align__(16) __nv_bfloat16 qs[FA_T * FA_S];   // q [query][e]
   __shared__ __align__(16) __nv_bfloat16 dos[FA_T * FA_S];  // dO [query][e]
-  __shared__ __align__(16) __nv_bfloat16 dss[FA_T * FA_S];  // dS [query][key]
+  __shared__ __align__(16) __nv_bfloat16 dss[FA_T * FA_S];  // dS [query][key], bf16 hi term
+  __shared__ __align__(16) __nv_bfloat16 dsl[FA_T * FA_S];  // dS − hi, bf16 lo term (see fa_mma_pk)
   __shared__ __align__(16) __nv_bfloat16 ks[FA_T * FA_S];   // k [key][e]
   __shared__ float ls[FA_T], dl[FA_T];                      // lse2 and D of the query tile
   const int bh = blockIdx.x, bi = bh / heads, h = bh % heads, nt_ = (int)t;
@@ -401,22 +413,29 @@ __device__ __forceinline__ void flash_bwd(const T* __restrict__ qkv, const float
     for (int n = 0; n < 8; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        dss[(n * 8 + 2 * q + e) * FA_S + w * 16 + g] = __float2bfloat16_rn(p[n][e]);
-        dss[(n * 8 + 2 * q + e) * FA_S + w * 16 + g + 8] = __float2bfloat16_rn(p[n][2 + e]);
+        const int at = (n * 8 + 2 * q + e) * FA_S + w * 16 + g;
+        const __nv_bfloat16 h0 = __float2bfloat16_rn(p[n][e]), h1 = __float2bfloat16_rn(p[n][2 + e]);
+        dss[at] = h0;
+        dss[at + 8] = h1;
+        dsl[at] = __float2bfloat16_rn(p[n][e] - __bfloat162float(h0));
+        dsl[at + 8] = __float2bfloat16_rn(p[n][2 + e] - __bfloat162float(h1));
       }
     __syncthreads();
     fa_acc dq;
     fa_zero(dq);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      uint32_t a[4];
+      uint32_t a[4], al[4];
       fa_lda(a, dss, w * 16, j * 16, g, q);
+      fa_lda(al, dsl, w * 16, j * 16, g, q);
 #pragma unroll
       for (int n = 0; n < 8; n += 2) {
         uint32_t b[4];
         fa_ldb_t(b, ks, j * 16, n * 8, lane);
         fa_mma(dq[n], a, b[0], b[1]);
+        fa_mma(dq[n], al, b[0], b[1]);
         fa_mma(dq[n + 1], a, b[2], b[3]);
+        fa_mma(dq[n + 1], al, b[2], b[3]);
       }
     }
     const int r0 = i0 + w * 16 + g, r1 = r0 + 8;
