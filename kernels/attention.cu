@@ -191,8 +191,14 @@ __device__ __forceinline__ void fa_store(__nv_bfloat16* sh, const float4 (&v)[8]
 // at columns h·64, d + h·64, 2d + h·64); writes out [b, t, d] and lse2 [b·heads, t], the row
 // log-sum-exp of the scores in base 2: lse2 = log2 Σ_j 2^(s_j) with s = q·kᵀ·scale·log2(e)
 // (`scale_log2`). Keys ≥ t are masked, query rows ≥ t are not written.
-template <typename T>
-__device__ __forceinline__ void flash_fwd(const T* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse2, unsigned t,
+// Two adjacent outputs of one row, as f32 or (the _o16 kernel) rounded to bf16 for the proj linear.
+__device__ __forceinline__ void fa_out2(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
+__device__ __forceinline__ void fa_out2(__nv_bfloat16* p, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
+
+template <typename T, typename O>
+__device__ __forceinline__ void flash_fwd(const T* __restrict__ qkv, O* __restrict__ out, float* __restrict__ lse2, unsigned t,
                                           unsigned heads, float scale_log2) {
   __shared__ __align__(16) __nv_bfloat16 qs[FA_T * FA_S], ks[FA_T * FA_S], vs[FA_T * FA_S];
   const int bh = blockIdx.x, bi = bh / heads, h = bh % heads, nt_ = (int)t;
@@ -267,16 +273,16 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ qkv, float* __re
   const int r0 = q0 + w * 16 + g, r1 = r0 + 8;
   if (r0 < nt_) {
     const float inv = 1.f / l0;
-    float* dst = out + ((size_t)bi * t + r0) * d + h * FA_HD + 2 * q;
+    O* dst = out + ((size_t)bi * t + r0) * d + h * FA_HD + 2 * q;
 #pragma unroll
-    for (int n = 0; n < 8; ++n) *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[n][0] * inv, o[n][1] * inv);
+    for (int n = 0; n < 8; ++n) fa_out2(dst + n * 8, o[n][0] * inv, o[n][1] * inv);
     if (q == 0) lse2[(size_t)bh * t + r0] = m0 + log2f(l0);
   }
   if (r1 < nt_) {
     const float inv = 1.f / l1;
-    float* dst = out + ((size_t)bi * t + r1) * d + h * FA_HD + 2 * q;
+    O* dst = out + ((size_t)bi * t + r1) * d + h * FA_HD + 2 * q;
 #pragma unroll
-    for (int n = 0; n < 8; ++n) *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[n][2] * inv, o[n][3] * inv);
+    for (int n = 0; n < 8; ++n) fa_out2(dst + n * 8, o[n][2] * inv, o[n][3] * inv);
     if (q == 0) lse2[(size_t)bh * t + r1] = m1 + log2f(l1);
   }
 }
@@ -290,6 +296,13 @@ extern "C" __global__ void __launch_bounds__(128)
 extern "C" __global__ void __launch_bounds__(128)
     snella_flash_attn_fwd_q16(const __nv_bfloat16* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse2,
                               unsigned t, unsigned heads, float scale_log2) {
+  flash_fwd(qkv, out, lse2, t, heads, scale_log2);
+}
+// The same writing the output rounded to bf16 (the proj linear's input in a bf16 step, written once
+// instead of f32 then converted; bit-identical to that).
+extern "C" __global__ void __launch_bounds__(128)
+    snella_flash_attn_fwd_q16_o16(const __nv_bfloat16* __restrict__ qkv, __nv_bfloat16* __restrict__ out,
+                                  float* __restrict__ lse2, unsigned t, unsigned heads, float scale_log2) {
   flash_fwd(qkv, out, lse2, t, heads, scale_log2);
 }
 

@@ -138,17 +138,36 @@ extern "C" __global__ void snella_layernorm_affine(const float* __restrict__ xha
   snella_layernorm_affine_body(xhat, gamma, beta, rows, d, y);
 }
 
+// bf16: two values per lane and step when d is even and gamma, beta are 8-byte aligned (each value
+// computed exactly as by the scalar body).
 extern "C" __global__ void snella_layernorm_affine_bf16(const __nv_bfloat16* __restrict__ xhat, const float* __restrict__ gamma,
                                                         const float* __restrict__ beta, unsigned rows, unsigned d,
                                                         __nv_bfloat16* __restrict__ y) {
-  snella_layernorm_affine_body(xhat, gamma, beta, rows, d, y);
+  if ((d & 1) || ((reinterpret_cast<uintptr_t>(gamma) | reinterpret_cast<uintptr_t>(beta)) & 7)) {
+    snella_layernorm_affine_body(xhat, gamma, beta, rows, d, y);
+    return;
+  }
+  unsigned warps = blockDim.x >> 5;
+  unsigned row = blockIdx.x * warps + (threadIdx.x >> 5);
+  unsigned lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const __nv_bfloat162* hr = reinterpret_cast<const __nv_bfloat162*>(xhat + (size_t)row * d);
+  __nv_bfloat162* yr = reinterpret_cast<__nv_bfloat162*>(y + (size_t)row * d);
+  for (unsigned j = lane; j < d / 2; j += 32) {
+    const float2 h = __bfloat1622float2(hr[j]);
+    const float2 g = reinterpret_cast<const float2*>(gamma)[j], b = reinterpret_cast<const float2*>(beta)[j];
+    yr[j] = __floats2bfloat162_rn(fmaf(h.x, g.x, b.x), fmaf(h.y, g.y, b.y));
+  }
 }
 
 // dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) with g = dy·gamma, x̂ from XH; one warp per row.
+// `res` (may be null): a gradient added to dx in the same pass (the residual branch's, which the
+// block's backward would otherwise add with a separate read-modify-write of dx).
 template <typename XH>
 __device__ __forceinline__ void snella_layernorm_bwd_dx_body(const float* __restrict__ dy, XH xh_of,
                                                              const float* __restrict__ gamma, const float* __restrict__ rstd,
-                                                             unsigned rows, unsigned d, float* __restrict__ dx) {
+                                                             unsigned rows, unsigned d, float* __restrict__ dx,
+                                                             const float* __restrict__ res) {
   unsigned warps = blockDim.x >> 5;
   unsigned row = blockIdx.x * warps + (threadIdx.x >> 5);
   unsigned lane = threadIdx.x & 31;
@@ -167,7 +186,12 @@ __device__ __forceinline__ void snella_layernorm_bwd_dx_body(const float* __rest
   float inv_d = 1.0f / (float)d;
   float mg = sg * inv_d, mgx = sgx * inv_d;
   float* dxr = dx + base;
-  for (unsigned j = lane; j < d; j += 32) dxr[j] = rs * (dyr[j] * gamma[j] - mg - xh_of.at(base + j, row) * mgx);
+  if (res) {
+    const float* rr = res + base;
+    for (unsigned j = lane; j < d; j += 32) dxr[j] = rs * (dyr[j] * gamma[j] - mg - xh_of.at(base + j, row) * mgx) + rr[j];
+  } else {
+    for (unsigned j = lane; j < d; j += 32) dxr[j] = rs * (dyr[j] * gamma[j] - mg - xh_of.at(base + j, row) * mgx);
+  }
 }
 
 // x̂ = (x − mean)·rstd recomputed from the forward input.
@@ -175,20 +199,22 @@ extern "C" __global__ void snella_layernorm_bwd_dx(const float* __restrict__ dy,
                                                    const float* __restrict__ gamma, const float* __restrict__ mean,
                                                    const float* __restrict__ rstd, unsigned rows, unsigned d,
                                                    float* __restrict__ dx) {
-  snella_layernorm_bwd_dx_body(dy, SnellaXhatFromX{x, mean, rstd}, gamma, rstd, rows, d, dx);
+  snella_layernorm_bwd_dx_body(dy, SnellaXhatFromX{x, mean, rstd}, gamma, rstd, rows, d, dx, nullptr);
 }
 
-// x̂ saved by snella_layernorm_fwd_xhat(_bf16).
+// x̂ saved by snella_layernorm_fwd_xhat(_bf16); dx += res when res is not null.
 extern "C" __global__ void snella_layernorm_bwd_dx_xhat(const float* __restrict__ dy, const float* __restrict__ xhat,
                                                         const float* __restrict__ gamma, const float* __restrict__ rstd,
-                                                        unsigned rows, unsigned d, float* __restrict__ dx) {
-  snella_layernorm_bwd_dx_body(dy, SnellaXhatSaved<float>{xhat}, gamma, rstd, rows, d, dx);
+                                                        unsigned rows, unsigned d, float* __restrict__ dx,
+                                                        const float* __restrict__ res) {
+  snella_layernorm_bwd_dx_body(dy, SnellaXhatSaved<float>{xhat}, gamma, rstd, rows, d, dx, res);
 }
 
 extern "C" __global__ void snella_layernorm_bwd_dx_xhat_bf16(const float* __restrict__ dy, const __nv_bfloat16* __restrict__ xhat,
                                                              const float* __restrict__ gamma, const float* __restrict__ rstd,
-                                                             unsigned rows, unsigned d, float* __restrict__ dx) {
-  snella_layernorm_bwd_dx_body(dy, SnellaXhatSaved<__nv_bfloat16>{xhat}, gamma, rstd, rows, d, dx);
+                                                             unsigned rows, unsigned d, float* __restrict__ dx,
+                                                             const float* __restrict__ res) {
+  snella_layernorm_bwd_dx_body(dy, SnellaXhatSaved<__nv_bfloat16>{xhat}, gamma, rstd, rows, d, dx, res);
 }
 
 // Partial sums of dy·x̂ and dy over each chunk of SNELLA_LN_CHUNK rows (chunks blockIdx.y,

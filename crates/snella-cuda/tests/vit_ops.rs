@@ -11,7 +11,7 @@ use cudarc::driver::CudaSlice;
 use snella_core::gradcheck::rand_vec;
 use snella_core::ops;
 use snella_core::ops::adamw::AdamWParams;
-use snella_cuda::ops::attention::ActRef;
+use snella_cuda::ops::{ActMut, ActRef};
 use snella_cuda::ops::{adamw, attention, cross_entropy, elementwise, gelu, layernorm, patch, reduce};
 
 mod common;
@@ -154,7 +154,7 @@ fn flash_attention_matches_cpu() {
 
         let (gq, gdo) = (up(&gpu, &qkv), up(&gpu, &dout));
         let (mut go, mut gl) = (up(&gpu, &vec![f32::NAN; b * t * d]), up(&gpu, &vec![f32::NAN; b * heads * t]));
-        attention::flash_fwd(&gpu, ActRef::F32(&gq.slice(..)), b, t, heads, hd, &mut go.slice_mut(..), &mut gl.slice_mut(..)).unwrap();
+        attention::flash_fwd(&gpu, ActRef::F32(&gq.slice(..)), b, t, heads, hd, ActMut::F32(&mut go.slice_mut(..)), &mut gl.slice_mut(..)).unwrap();
         let tag = format!("flash attention b={b} t={t} h={heads}");
         let o = down(&gpu, &go);
         check(&format!("{tag} out"), &o, &f32v(&out), 1e-4);
@@ -186,15 +186,25 @@ fn flash_attention_matches_cpu() {
         // qkv given in bf16 (as a bf16 step keeps it): the same bits as rounding while staging
         let q16 = snella_cuda::gemm::to_bf16(&gpu, &gq, b * t * 3 * d).unwrap();
         let (mut go2, mut gl2) = (up(&gpu, &vec![f32::NAN; b * t * d]), up(&gpu, &vec![f32::NAN; b * heads * t]));
-        attention::flash_fwd(&gpu, ActRef::Bf16(&q16), b, t, heads, hd, &mut go2.slice_mut(..), &mut gl2.slice_mut(..)).unwrap();
+        attention::flash_fwd(&gpu, ActRef::Bf16(&q16), b, t, heads, hd, ActMut::F32(&mut go2.slice_mut(..)), &mut gl2.slice_mut(..)).unwrap();
         assert_eq!((down(&gpu, &go2), down(&gpu, &gl2)), (o.clone(), l.clone()), "{tag}: bf16 qkv forward differs");
+        // and the output written in bf16 (the proj linear's input): the f32 output rounded, bit for bit
+        let mut go16 = unsafe { gpu.uninit::<u16>(b * t * d) }.unwrap();
+        let mut gl3 = up(&gpu, &vec![f32::NAN; b * heads * t]);
+        attention::flash_fwd(&gpu, ActRef::Bf16(&q16), b, t, heads, hd, ActMut::Bf16(&mut go16), &mut gl3.slice_mut(..)).unwrap();
+        assert_eq!(gpu.stream.clone_dtoh(&go16).unwrap(), gpu.stream.clone_dtoh(&o16).unwrap(), "{tag}: bf16 output is not the rounded f32 output");
+        assert_eq!(down(&gpu, &gl3), l, "{tag}: lse2 with the bf16 output");
         attention::flash_bwd(&gpu, &gdo.slice(..), ActRef::Bf16(&q16), ActRef::Bf16(&o16), &gl.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
         assert_eq!(down(&gpu, &gd), r2, "{tag}: bf16 qkv backward differs");
     }
     // head dims other than 64 are refused with a clear error (the backend then keeps cuBLAS)
     let (gq, mut go, mut gl) = (gpu.zeros(3 * 32).unwrap(), gpu.zeros(32).unwrap(), gpu.zeros(1).unwrap());
-    let e = attention::flash_fwd(&gpu, ActRef::F32(&gq.slice(..)), 1, 1, 1, 32, &mut go.slice_mut(..), &mut gl.slice_mut(..)).unwrap_err();
+    let e = attention::flash_fwd(&gpu, ActRef::F32(&gq.slice(..)), 1, 1, 1, 32, ActMut::F32(&mut go.slice_mut(..)), &mut gl.slice_mut(..)).unwrap_err();
     assert!(e.to_string().contains("head_dim"), "{e}");
+    // a bf16 output needs a bf16 qkv (there is no f32-qkv, bf16-output kernel)
+    let (gq, mut go16, mut gl) = (gpu.zeros(3 * 64).unwrap(), unsafe { gpu.uninit::<u16>(64) }.unwrap(), gpu.zeros(1).unwrap());
+    let e = attention::flash_fwd(&gpu, ActRef::F32(&gq.slice(..)), 1, 1, 1, 64, ActMut::Bf16(&mut go16), &mut gl.slice_mut(..)).unwrap_err();
+    assert!(e.to_string().contains("bf16"), "{e}");
 }
 
 /// bf16 bit patterns as f32 values.
@@ -211,7 +221,6 @@ fn widen(bits: &[u16]) -> Vec<f32> {
 /// backward from the bf16 `x̂` matches the CPU backward fed the same rounded `x̂` (1e-4).
 #[test]
 fn layernorm_xhat_forms_match_cpu_and_rebuild_exactly() {
-    use snella_cuda::ops::{ActMut, ActRef};
     let Some(gpu) = setup() else { return };
     let bits = |v: &CudaSlice<u16>| gpu.stream.clone_dtoh(v).unwrap();
     for &(rows, d) in &[(7usize, 37usize), (130, 768), (1, 5), (4160, 192)] {
@@ -235,8 +244,14 @@ fn layernorm_xhat_forms_match_cpu_and_rebuild_exactly() {
         ops::layernorm::layernorm_bwd_xhat(&dy, &h, &gamma, &r, rows, d, &mut dx, Some(&mut dg), Some(&mut db));
         let (ch, cr) = (up(&gpu, &h), up(&gpu, &r));
         let (mut gdx, mut gdg, mut gdb) = (gpu.zeros(rows * d).unwrap(), up(&gpu, &dg0), up(&gpu, &db0));
-        layernorm::layernorm_bwd_xhat(&gpu, &gdy.slice(..), ActRef::F32(&ch.slice(..)), &gg.slice(..), &cr.slice(..), rows, d, &mut gdx.slice_mut(..), Some(&mut gdg.slice_mut(..)), Some(&mut gdb.slice_mut(..))).unwrap();
+        layernorm::layernorm_bwd_xhat(&gpu, &gdy.slice(..), ActRef::F32(&ch.slice(..)), &gg.slice(..), &cr.slice(..), rows, d, &mut gdx.slice_mut(..), None, Some(&mut gdg.slice_mut(..)), Some(&mut gdb.slice_mut(..))).unwrap();
         check(&format!("{tag} dx"), &down(&gpu, &gdx), &dx, 1e-4);
+        // with a residual gradient added in the same pass
+        let res = rand32(rows * d, 17, 1.0);
+        let mut gdxr = gpu.zeros(rows * d).unwrap();
+        layernorm::layernorm_bwd_xhat(&gpu, &gdy.slice(..), ActRef::F32(&ch.slice(..)), &gg.slice(..), &cr.slice(..), rows, d, &mut gdxr.slice_mut(..), Some(&up(&gpu, &res).slice(..)), None, None).unwrap();
+        let want_r: Vec<f32> = dx.iter().zip(&res).map(|(a, b)| a + b).collect();
+        check(&format!("{tag} dx + residual"), &down(&gpu, &gdxr), &want_r, 1e-4);
         check(&format!("{tag} dgamma (accumulated)"), &down(&gpu, &gdg), &dg, 1e-4);
         check(&format!("{tag} dbeta (accumulated)"), &down(&gpu, &gdb), &db, 1e-4);
         // bf16
@@ -256,7 +271,7 @@ fn layernorm_xhat_forms_match_cpu_and_rebuild_exactly() {
         let (mut dx16, mut dg16, mut db16) = (vec![0f32; rows * d], dg0.clone(), db0.clone());
         ops::layernorm::layernorm_bwd_xhat(&dy, &h16f, &gamma, &down(&gpu, &gr16), rows, d, &mut dx16, Some(&mut dg16), Some(&mut db16));
         let (mut gdx, mut gdg, mut gdb) = (gpu.zeros(rows * d).unwrap(), up(&gpu, &dg0), up(&gpu, &db0));
-        layernorm::layernorm_bwd_xhat(&gpu, &gdy.slice(..), ActRef::Bf16(&h16), &gg.slice(..), &gr16.slice(..), rows, d, &mut gdx.slice_mut(..), Some(&mut gdg.slice_mut(..)), Some(&mut gdb.slice_mut(..))).unwrap();
+        layernorm::layernorm_bwd_xhat(&gpu, &gdy.slice(..), ActRef::Bf16(&h16), &gg.slice(..), &gr16.slice(..), rows, d, &mut gdx.slice_mut(..), None, Some(&mut gdg.slice_mut(..)), Some(&mut gdb.slice_mut(..))).unwrap();
         check(&format!("{tag} bf16 dx"), &down(&gpu, &gdx), &dx16, 1e-4);
         check(&format!("{tag} bf16 dgamma"), &down(&gpu, &gdg), &dg16, 1e-4);
         check(&format!("{tag} bf16 dbeta"), &down(&gpu, &gdb), &db16, 1e-4);
@@ -457,7 +472,7 @@ fn timing_attention_vit_shapes() {
         let flash = |n: usize, o: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>, dq: &mut CudaSlice<f32>| {
             let s = std::time::Instant::now();
             for _ in 0..n {
-                attention::flash_fwd(&gpu, ActRef::F32(&qkv.slice(..)), b, t, heads, hd, &mut o.slice_mut(..), &mut lse.slice_mut(..)).unwrap();
+                attention::flash_fwd(&gpu, ActRef::F32(&qkv.slice(..)), b, t, heads, hd, ActMut::F32(&mut o.slice_mut(..)), &mut lse.slice_mut(..)).unwrap();
             }
             gpu.sync().unwrap();
             let f = s.elapsed().as_secs_f64() / n as f64;

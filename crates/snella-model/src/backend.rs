@@ -98,10 +98,11 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// The LayerNorm output `y = x̂·gamma + beta` rebuilt from [`Backend::layernorm_fwd_xhat`]'s
     /// `x̂` (the same values as the forward's `y`).
     fn layernorm_affine_act(&self, xhat: &Self::Act, g: &Self::Buf, b: &Self::Buf, rows: usize, d: usize) -> Self::Act;
-    /// LayerNorm backward from the kept `x̂` and `rstd` (`snella_core::ops::layernorm::layernorm_bwd_xhat`);
-    /// `dg`/`db` accumulate when given.
+    /// LayerNorm backward from the kept `x̂` and `rstd` (`snella_core::ops::layernorm::layernorm_bwd_xhat`),
+    /// writing `dx` plus `res: [rows, d]` when given (a pre-norm block's residual gradient, added in
+    /// the same pass on CUDA); `dg`/`db` accumulate when given.
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_bwd_xhat(&self, dy: &Self::Buf, xhat: &Self::Act, g: &Self::Buf, rstd: &Self::Buf, rows: usize, d: usize, dx: &mut Self::Buf, dg: Option<&mut Self::Buf>, db: Option<&mut Self::Buf>);
+    fn layernorm_bwd_xhat(&self, dy: &Self::Buf, xhat: &Self::Act, g: &Self::Buf, rstd: &Self::Buf, rows: usize, d: usize, dx: &mut Self::Buf, res: Option<&Self::Buf>, dg: Option<&mut Self::Buf>, db: Option<&mut Self::Buf>);
     /// Exact GELU forward of the `n` values of the MLP pre-activation `x` for training with selective
     /// recomputation, consuming `x`: returns the pre-activation as the backward keeps it and the
     /// output as the next linear layer's input (both [`Backend::Act`]; the output is not kept but
@@ -124,11 +125,11 @@ pub trait Backend: Clone + Send + Sync + 'static {
         self.act(qkv)
     }
     /// Attention core forward (`snella_core::ops::attention::attention_fwd`): `qkv [b,t,3d]` (from
-    /// [`Backend::attention_input`]) → `out [b,t,d]`; returns what the backward needs: the
-    /// probabilities `[b, heads, t, t]` (the CPU reference, and CUDA's cuBLAS path), or each row's
-    /// log-sum-exp `[b, heads, t]` where the backend fuses the attention and recomputes them
-    /// (CUDA, for a bf16 `qkv`).
-    fn attention_fwd(&self, qkv: &Self::Act, b: usize, t: usize, heads: usize, hd: usize, out: &mut Self::Buf) -> Self::Buf;
+    /// [`Backend::attention_input`]) → `out [b,t,d]` as the `proj` linear's input ([`Backend::Act`]),
+    /// and what the backward needs: the probabilities `[b, heads, t, t]` (the CPU reference, and
+    /// CUDA's cuBLAS path), or each row's log-sum-exp `[b, heads, t]` where the backend fuses the
+    /// attention and recomputes them (CUDA, for a bf16 `qkv`, which writes `out` in bf16 directly).
+    fn attention_fwd(&self, qkv: &Self::Act, b: usize, t: usize, heads: usize, hd: usize) -> (Self::Act, Self::Buf);
     /// Attention core backward from the forward's input `qkv`, output `out` (as the `proj` linear
     /// keeps it) and `saved`; overwrites `dqkv [b,t,3d]`.
     #[allow(clippy::too_many_arguments)]

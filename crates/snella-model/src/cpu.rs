@@ -87,8 +87,11 @@ impl Backend for CpuBackend {
         layernorm::layernorm_affine(xhat, g, b, rows, d, &mut y);
         y
     }
-    fn layernorm_bwd_xhat(&self, dy: &Vec<f32>, xhat: &Vec<f32>, g: &Vec<f32>, rstd: &Vec<f32>, rows: usize, d: usize, dx: &mut Vec<f32>, dg: Option<&mut Vec<f32>>, db: Option<&mut Vec<f32>>) {
-        layernorm::layernorm_bwd_xhat(dy, xhat, g, rstd, rows, d, dx, dg.map(|v| v.as_mut_slice()), db.map(|v| v.as_mut_slice()))
+    fn layernorm_bwd_xhat(&self, dy: &Vec<f32>, xhat: &Vec<f32>, g: &Vec<f32>, rstd: &Vec<f32>, rows: usize, d: usize, dx: &mut Vec<f32>, res: Option<&Vec<f32>>, dg: Option<&mut Vec<f32>>, db: Option<&mut Vec<f32>>) {
+        layernorm::layernorm_bwd_xhat(dy, xhat, g, rstd, rows, d, dx, dg.map(|v| v.as_mut_slice()), db.map(|v| v.as_mut_slice()));
+        if let Some(r) = res {
+            self.add_assign(dx, r);
+        }
     }
     fn gelu_fwd_keep(&self, x: Vec<f32>, n: usize) -> (Vec<f32>, Vec<f32>) {
         let mut y = vec![0.0; n];
@@ -103,10 +106,10 @@ impl Backend for CpuBackend {
     fn gelu_bwd_act(&self, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) { gelu::gelu_bwd(x, dy, dx) }
     fn gelu_fwd(&self, x: &Vec<f32>, y: &mut Vec<f32>) { gelu::gelu_fwd(x, y) }
     fn gelu_bwd(&self, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) { gelu::gelu_bwd(x, dy, dx) }
-    fn attention_fwd(&self, qkv: &Vec<f32>, b: usize, t: usize, h: usize, hd: usize, out: &mut Vec<f32>) -> Vec<f32> {
-        let mut probs = vec![0f32; b * h * t * t];
-        attention::attention_fwd(qkv, b, t, h, hd, out, &mut probs);
-        probs
+    fn attention_fwd(&self, qkv: &Vec<f32>, b: usize, t: usize, h: usize, hd: usize) -> (Vec<f32>, Vec<f32>) {
+        let (mut out, mut probs) = (vec![0f32; b * t * h * hd], vec![0f32; b * h * t * t]);
+        attention::attention_fwd(qkv, b, t, h, hd, &mut out, &mut probs);
+        (out, probs)
     }
     fn attention_bwd(&self, dout: &Vec<f32>, qkv: &Vec<f32>, _out: &Vec<f32>, probs: &Vec<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: &mut Vec<f32>) {
         attention::attention_bwd(dout, qkv, probs, b, t, h, hd, dqkv)

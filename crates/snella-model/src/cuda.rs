@@ -261,11 +261,12 @@ impl Backend for CudaBackend {
             y
         })
     }
-    fn layernorm_bwd_xhat(&self, dy: &CudaSlice<f32>, xhat: &CudaAct, g: &CudaSlice<f32>, rstd: &CudaSlice<f32>, rows: usize, d: usize, dx: &mut CudaSlice<f32>, dg: Option<&mut CudaSlice<f32>>, db: Option<&mut CudaSlice<f32>>) {
+    fn layernorm_bwd_xhat(&self, dy: &CudaSlice<f32>, xhat: &CudaAct, g: &CudaSlice<f32>, rstd: &CudaSlice<f32>, rows: usize, d: usize, dx: &mut CudaSlice<f32>, res: Option<&CudaSlice<f32>>, dg: Option<&mut CudaSlice<f32>>, db: Option<&mut CudaSlice<f32>>) {
         self.timed("layernorm_bwd", || {
             let mut dgv = dg.map(|v| v.slice_mut(..));
             let mut dbv = db.map(|v| v.slice_mut(..));
-            let r = xhat.with_ref(|h| layernorm::layernorm_bwd_xhat(&self.gpu, &dy.slice(..), h, &g.slice(..), &rstd.slice(..), rows, d, &mut dx.slice_mut(..), dgv.as_mut(), dbv.as_mut()));
+            let rv = res.map(|r| r.slice(..));
+            let r = xhat.with_ref(|h| layernorm::layernorm_bwd_xhat(&self.gpu, &dy.slice(..), h, &g.slice(..), &rstd.slice(..), rows, d, &mut dx.slice_mut(..), rv.as_ref(), dgv.as_mut(), dbv.as_mut()));
             ok("layernorm_bwd_xhat", r);
         })
     }
@@ -325,16 +326,27 @@ impl Backend for CudaBackend {
     // The path is fixed by what `attention_input` made of qkv: bf16 (fused attention, `saved` =
     // lse2 [b·h·t]) or f32 (cuBLAS products, `saved` = P [b·h·t·t]), so a forward and its backward
     // cannot disagree even if `fused_attention` or the precision changed in between.
-    fn attention_fwd(&self, qkv: &CudaAct, b: usize, t: usize, h: usize, hd: usize, out: &mut CudaSlice<f32>) -> CudaSlice<f32> {
-        let mut saved = self.empty(match qkv { CudaAct::Bf16(_) => b * h * t, CudaAct::F32(_) => b * h * t * t });
-        self.timed("attention_fwd", || {
-            let r = match qkv {
-                CudaAct::Bf16(q16) => attention::flash_fwd(&self.gpu, attention::ActRef::Bf16(q16), b, t, h, hd, &mut out.slice_mut(..), &mut saved.slice_mut(..)),
-                CudaAct::F32(q) => attention::attention_fwd(&self.gpu, &q.slice(..), b, t, h, hd, &mut out.slice_mut(..), &mut saved.slice_mut(..)),
-            };
-            ok("attention_fwd", r);
-        });
-        saved
+    fn attention_fwd(&self, qkv: &CudaAct, b: usize, t: usize, h: usize, hd: usize) -> (CudaAct, CudaSlice<f32>) {
+        let n = b * t * h * hd;
+        match qkv {
+            // fused: the output is written in bf16 directly (the proj linear's input)
+            CudaAct::Bf16(q16) => {
+                let mut saved = self.empty(b * h * t);
+                let mut out = self.act_uninit(n, true);
+                self.timed("attention_fwd", || {
+                    let r = out.with_mut(|o| attention::flash_fwd(&self.gpu, attention::ActRef::Bf16(q16), b, t, h, hd, o, &mut saved.slice_mut(..)));
+                    ok("attention_fwd", r);
+                });
+                (out, saved)
+            }
+            CudaAct::F32(q) => {
+                let (mut out, mut saved) = (self.empty(n), self.empty(b * h * t * t));
+                self.timed("attention_fwd", || {
+                    ok("attention_fwd", attention::attention_fwd(&self.gpu, &q.slice(..), b, t, h, hd, &mut out.slice_mut(..), &mut saved.slice_mut(..)));
+                });
+                (self.act(out), saved)
+            }
+        }
     }
     fn attention_bwd(&self, dout: &CudaSlice<f32>, qkv: &CudaAct, out: &CudaAct, saved: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: &mut CudaSlice<f32>) {
         self.timed("attention_bwd", || {

@@ -246,9 +246,7 @@ impl<B: Backend> Vit<B> {
         let (qkv, k_qkv) = blk.qkv.forward_keep(be, &ln1, rows, kq);
         drop(ln1);
         let qkv = be.attention_input(qkv, cfg.head_dim());
-        let mut att = be.empty(rows * d);
-        let saved = be.attention_fwd(&qkv, b, t, cfg.num_heads, cfg.head_dim(), &mut att);
-        let att = be.act(att);
+        let (att, saved) = be.attention_fwd(&qkv, b, t, cfg.num_heads, cfg.head_dim());
         let (h, k_proj) = blk.proj.forward_res(be, &att, rows, kp, Some(&x));
         drop(x);
         let mut r2 = be.empty(rows);
@@ -276,7 +274,7 @@ impl<B: Backend> Vit<B> {
         let (ng, nb) = (&mut self.norm.0, &mut self.norm.1);
         let dg = ng.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
         let db = nb.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
-        be.layernorm_bwd_xhat(&dcls_norm, &cache.cls_xhat, &ng.value, &cache.cls_rstd, b, d, &mut dcls, dg, db);
+        be.layernorm_bwd_xhat(&dcls_norm, &cache.cls_xhat, &ng.value, &cache.cls_rstd, b, d, &mut dcls, None, dg, db);
         let mut dx = be.zeros(rows * d);
         be.copy_rows(&dcls, 0, d, &mut dx, 0, t * d, d, b);
         for (blk, saved) in self.blocks.iter_mut().zip(cache.blocks).rev() {
@@ -319,9 +317,8 @@ impl<B: Backend> Vit<B> {
             let (w, bb) = (&mut blk.norm2.0, &mut blk.norm2.1);
             let gw = w.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
             let gb = bb.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
-            be.layernorm_bwd_xhat(&dln2, &c.xh2, &w.value, &c.r2, rows, d, &mut dh, gw, gb);
+            be.layernorm_bwd_xhat(&dln2, &c.xh2, &w.value, &c.r2, rows, d, &mut dh, Some(&dout), gw, gb);
         }
-        be.add_assign(&mut dh, &dout);
         let datt = blk.proj.backward_with(be, &c.att, &dh, rows, true, Some(k_proj)).expect("dx");
         let mut dqkv = be.empty(rows * 3 * d);
         be.attention_bwd(&datt, &c.qkv, &c.att, &c.saved, b, t, cfg.num_heads, cfg.head_dim(), &mut dqkv);
@@ -334,9 +331,8 @@ impl<B: Backend> Vit<B> {
             let (w, bb) = (&mut blk.norm1.0, &mut blk.norm1.1);
             let gw = w.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
             let gb = bb.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
-            be.layernorm_bwd_xhat(&dln1, &c.xh1, &w.value, &c.r1, rows, d, &mut dx, gw, gb);
+            be.layernorm_bwd_xhat(&dln1, &c.xh1, &w.value, &c.r1, rows, d, &mut dx, Some(&dh), gw, gb);
         }
-        be.add_assign(&mut dx, &dh);
         dx
     }
 }

@@ -13,7 +13,7 @@
 
 use super::reduce::{check_len, dim_u32, grid_stride, scratch};
 pub use super::ActRef;
-use super::{In, Out};
+use super::{ActMut, In, Out};
 use crate::device::{cuda_err, Gpu};
 use crate::gemm::gemm_batched;
 use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
@@ -130,43 +130,46 @@ fn check_flash(op: &str, hd: usize, ptrs: &[(&str, u64)]) -> Result<(), SnellaEr
 }
 
 /// Fused attention forward in bf16 (FlashAttention-2, Dao 2023, Algorithm 1), head dim 64: writes
-/// `out: [b, t, d]` (f32) and `lse2: [b, heads, t]`, each row's log-sum-exp of the scores in base 2
-/// (`log2 Σ_j 2^(s_j)`, `s = q·kᵀ·hd^-0.5·log2 e`), from `qkv: [b, t, 3·d]` (f32 or bf16, see
-/// [`ActRef`]; layout in the module docs). The probabilities are never stored: [`flash_bwd`]
-/// recomputes them from `lse2`.
-/// `q`, `k`, `v` and `P` are rounded to bf16 for the tensor-core products (f32 accumulation, f32
-/// softmax statistics), as PyTorch's autocast feeds its scaled-dot-product attention.
+/// `out: [b, t, d]` (f32, or rounded to bf16 from a bf16 `qkv`: the `proj` linear's input in a bf16
+/// step, bit-identical to the f32 output rounded) and `lse2: [b, heads, t]`, each row's log-sum-exp
+/// of the scores in base 2 (`log2 Σ_j 2^(s_j)`, `s = q·kᵀ·hd^-0.5·log2 e`), from
+/// `qkv: [b, t, 3·d]` (f32 or bf16, see [`ActRef`]; layout in the module docs). The probabilities
+/// are never stored: [`flash_bwd`] recomputes them from `lse2`.
+/// `q`, `k`, `v` are rounded to bf16 for the tensor-core products (as PyTorch's autocast feeds its
+/// scaled-dot-product attention) and `P` enters `P·v` as a bf16 hi + lo pair (≈ 16 bits); f32
+/// accumulation and softmax statistics.
 /// CPU reference: `snella_core::ops::attention::{attention_fwd, attention_lse2}`.
 ///
 /// # Errors
 /// `Tensor` when a buffer is shorter than its shape needs; `Config` when `hd ≠ 64` or a buffer is
 /// not 16-byte aligned; `CUDA_ERROR` on a launch failure.
 #[allow(clippy::too_many_arguments)]
-pub fn flash_fwd(gpu: &Gpu, qkv: ActRef, b: usize, t: usize, heads: usize, hd: usize, out: &mut Out, lse2: &mut Out) -> Result<(), SnellaError> {
+pub fn flash_fwd(gpu: &Gpu, qkv: ActRef, b: usize, t: usize, heads: usize, hd: usize, mut out: ActMut, lse2: &mut Out) -> Result<(), SnellaError> {
     let op = "flash_attention_fwd";
     let d = heads * hd;
     check_len(op, "qkv", qkv.len(), b * t * 3 * d)?;
     check_len(op, "out", out.len(), b * t * d)?;
     check_len(op, "lse2", lse2.len(), b * heads * t)?;
+    if out.is_bf16() && !qkv.is_bf16() {
+        return Err(SnellaError::config(&format!("{op}.out"), "bf16 from an f32 qkv", "a bf16 output only from a bf16 qkv"));
+    }
     if b == 0 || t == 0 || heads == 0 {
         return Ok(());
     }
-    let po = out.device_ptr(&gpu.stream).0;
+    let po = out.ptr(gpu);
     check_flash(op, hd, &[("qkv", qkv.ptr(gpu)), ("out", po)])?;
     let bh = dim_u32(op, "b·heads", b * heads)?;
     let tiles = dim_u32(op, "t/64", t.div_ceil(64))?;
     let (t32, h32) = (dim_u32(op, "t", t)?, dim_u32(op, "heads", heads)?);
     let scale_log2 = ((hd as f64).powf(-0.5) * std::f64::consts::LOG2_E) as f32;
-    let f = gpu.func(match qkv {
-        ActRef::F32(_) => "snella_flash_attn_fwd",
-        ActRef::Bf16(_) => "snella_flash_attn_fwd_q16",
+    let f = gpu.func(match (qkv, out.is_bf16()) {
+        (ActRef::F32(_), _) => "snella_flash_attn_fwd",
+        (ActRef::Bf16(_), false) => "snella_flash_attn_fwd_q16",
+        (ActRef::Bf16(_), true) => "snella_flash_attn_fwd_q16_o16",
     });
+    let pq = qkv.ptr(gpu);
     let mut l = gpu.stream.launch_builder(&f);
-    match qkv {
-        ActRef::F32(q) => l.arg(q),
-        ActRef::Bf16(q) => l.arg(q),
-    };
-    l.arg(&mut *out).arg(&mut *lse2).arg(&t32).arg(&h32).arg(&scale_log2);
+    l.arg(&pq).arg(&po).arg(&mut *lse2).arg(&t32).arg(&h32).arg(&scale_log2);
     let cfg = LaunchConfig { grid_dim: (bh, tiles, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: lengths checked above; each block writes only its own query rows of out and lse2.
     unsafe { l.launch(cfg) }.map_err(|e| cuda_err("snella_flash_attn_fwd", e))?;
@@ -176,7 +179,7 @@ pub fn flash_fwd(gpu: &Gpu, qkv: ActRef, b: usize, t: usize, heads: usize, hd: u
 /// Backward of [`flash_fwd`] (FlashAttention-2, Algorithm 2): writes (overwrites) `dqkv: [b, t, 3·d]`
 /// from `dout: [b, t, d]`, the forward's `qkv`, its output `out` (f32 or bf16) and its `lse2`. Per head, with `P`
 /// recomputed from `lse2`: `dv = Pᵀ·dO`, `dP = dO·vᵀ`, `dS = P ⊙ (dP − rowsum(dO ⊙ O))`,
-/// `dq = scale·dS·k`, `dk = scale·dSᵀ·q`; operands in bf16, accumulation in f32.
+/// `dq = scale·dS·k`, `dk = scale·dSᵀ·q`; `q`, `k`, `v`, `dO` in bf16, `P` and `dS` as bf16 hi + lo pairs, accumulation in f32.
 ///
 /// Deterministic: each key tile's share of `dq` goes to its own slab of scratch
 /// (`⌈t/64⌉·b·heads·t·64` floats) and the slabs are summed in a fixed order; `b·heads·t` more floats

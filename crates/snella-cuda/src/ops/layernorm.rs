@@ -3,7 +3,7 @@
 use super::reduce::{check_len, dim_u32, scratch, ROW_CHUNK};
 use super::{ActMut, ActRef, In, Out};
 use crate::device::{cuda_err, Gpu};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use snella_core::SnellaError;
 
 /// Rows per 256-thread block of the row kernels (one warp per row).
@@ -189,7 +189,8 @@ pub fn layernorm_affine(gpu: &Gpu, xhat: ActRef, gamma: &In, beta: &In, rows: us
 
 /// Backward of [`layernorm_fwd_xhat`] from the saved `x̂: [rows, d]` (f32 or bf16) and
 /// `rstd: [rows]`, as `snella_core::ops::layernorm::layernorm_bwd_xhat`: writes
-/// `dx = rstd·(g − mean(g) − x̂·mean(g·x̂))` (`g = dy·gamma`, f32) and, when given, ACCUMULATES
+/// `dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) (+ res)` (`g = dy·gamma`, f32; `res: [rows, d]`, when
+/// given, is added in the same pass: a pre-norm block's residual gradient) and, when given, ACCUMULATES
 /// `dgamma += Σ_rows dy·x̂`, `dbeta += Σ_rows dy` (deterministic chunked sums as [`layernorm_bwd`]).
 ///
 /// # Errors
@@ -198,10 +199,13 @@ pub fn layernorm_affine(gpu: &Gpu, xhat: ActRef, gamma: &In, beta: &In, rows: us
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_bwd_xhat(
     gpu: &Gpu, dy: &In, xhat: ActRef, gamma: &In, rstd: &In, rows: usize, d: usize,
-    dx: &mut Out, dgamma: Option<&mut Out>, dbeta: Option<&mut Out>,
+    dx: &mut Out, res: Option<&In>, dgamma: Option<&mut Out>, dbeta: Option<&mut Out>,
 ) -> Result<(), SnellaError> {
     let op = "layernorm_bwd_xhat";
     check_len(op, "dy", dy.len(), rows * d)?;
+    if let Some(r) = res {
+        check_len(op, "res", r.len(), rows * d)?;
+    }
     check_len(op, "xhat", xhat.len(), rows * d)?;
     check_len(op, "dx", dx.len(), rows * d)?;
     check_len(op, "gamma", gamma.len(), d)?;
@@ -217,10 +221,11 @@ pub fn layernorm_bwd_xhat(
     }
     let (r32, d32) = (dim_u32(op, "rows", rows)?, dim_u32(op, "d", d)?);
     let ph = xhat.ptr(gpu);
+    let pr: u64 = res.map_or(0, |r| r.device_ptr(&gpu.stream).0);
     let name = form("snella_layernorm_bwd_dx_xhat", "snella_layernorm_bwd_dx_xhat_bf16", xhat.is_bf16());
     let f = gpu.func(name);
     let mut b = gpu.stream.launch_builder(&f);
-    b.arg(dy).arg(&ph).arg(gamma).arg(rstd).arg(&r32).arg(&d32).arg(dx);
+    b.arg(dy).arg(&ph).arg(gamma).arg(rstd).arg(&r32).arg(&d32).arg(dx).arg(&pr);
     // SAFETY: every buffer holds what its shape needs (checked); the kernel bounds-checks rows.
     unsafe { b.launch(row_cfg(rows)) }.map_err(|e| cuda_err(op, e))?;
     if dgamma.is_none() && dbeta.is_none() {
