@@ -32,6 +32,24 @@ struct SnellaXhatSaved {
   __device__ __forceinline__ float at(size_t o, unsigned) const { return snella_ln_load(xh + o); }
 };
 
+// Mean and rstd = 1/sqrt(var + eps) (biased variance, two passes) of the row xr [d], summed by one
+// warp in a fixed order; every lane gets both.
+__device__ __forceinline__ void snella_ln_stats(const float* __restrict__ xr, unsigned d, float eps, unsigned lane, float& mu,
+                                                float& rs) {
+  float inv_d = 1.0f / (float)d;
+  float s = 0.f;
+  for (unsigned j = lane; j < d; j += 32) s += xr[j];
+  s = snella_warp_sum(s);
+  mu = s * inv_d;
+  float ss = 0.f;
+  for (unsigned j = lane; j < d; j += 32) {
+    float c = xr[j] - mu;
+    ss += c * c;
+  }
+  ss = snella_warp_sum(ss);
+  rs = 1.0f / sqrtf(ss * inv_d + eps);
+}
+
 // y = (x - mean)·rstd·gamma + beta per row of x [rows, d]; mean, rstd [rows]. Y = float, or
 // __nv_bfloat16 (the same f32 value rounded to nearest even: a linear layer's input in bf16).
 template <typename Y>
@@ -43,18 +61,8 @@ __device__ __forceinline__ void snella_layernorm_fwd_body(const float* __restric
   unsigned lane = threadIdx.x & 31;
   if (row >= rows) return;  // whole warp leaves together
   const float* xr = x + (size_t)row * d;
-  float inv_d = 1.0f / (float)d;
-  float s = 0.f;
-  for (unsigned j = lane; j < d; j += 32) s += xr[j];
-  s = snella_warp_sum(s);
-  float mu = s * inv_d;
-  float ss = 0.f;
-  for (unsigned j = lane; j < d; j += 32) {
-    float c = xr[j] - mu;
-    ss += c * c;
-  }
-  ss = snella_warp_sum(ss);
-  float rs = 1.0f / sqrtf(ss * inv_d + eps);
+  float mu, rs;
+  snella_ln_stats(xr, d, eps, lane, mu, rs);
   Y* yr = y + (size_t)row * d;
   for (unsigned j = lane; j < d; j += 32) snella_ln_store(yr + j, (xr[j] - mu) * rs * gamma[j] + beta[j]);
   if (lane == 0) {
@@ -82,18 +90,8 @@ __device__ __forceinline__ void snella_layernorm_fwd_xhat_body(const float* __re
   unsigned lane = threadIdx.x & 31;
   if (row >= rows) return;
   const float* xr = x + (size_t)row * d;
-  float inv_d = 1.0f / (float)d;
-  float s = 0.f;
-  for (unsigned j = lane; j < d; j += 32) s += xr[j];
-  s = snella_warp_sum(s);
-  float mu = s * inv_d;
-  float ss = 0.f;
-  for (unsigned j = lane; j < d; j += 32) {
-    float c = xr[j] - mu;
-    ss += c * c;
-  }
-  ss = snella_warp_sum(ss);
-  float rs = 1.0f / sqrtf(ss * inv_d + eps);
+  float mu, rs;
+  snella_ln_stats(xr, d, eps, lane, mu, rs);
   T* yr = y + (size_t)row * d;
   T* hr = xhat + (size_t)row * d;
   for (unsigned j = lane; j < d; j += 32) {

@@ -90,19 +90,32 @@ pub fn layernorm_bwd(
     if dgamma.is_none() && dbeta.is_none() {
         return Ok(());
     }
+    param_grads(gpu, rows, d, dgamma, dbeta, |pg, pb, cfg| {
+        let f = gpu.func("snella_layernorm_bwd_param_partial");
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(dy).arg(x).arg(mean).arg(rstd).arg(&r32).arg(&d32).arg(pg).arg(pb);
+        // SAFETY: dy, x hold rows·d floats, mean/rstd rows, pg/pb nchunks·d; every part element
+        // (chunk < nchunks, column < d) is written.
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err("snella_layernorm_bwd_param_partial", e))
+    })
+}
+
+/// The parameter gradients of a LayerNorm backward, deterministically: `partial` launches, with the
+/// given config, the kernel writing each chunk's (`ROW_CHUNK` rows) sums of `dy·x̂` and `dy` into the
+/// two `[nchunks, d]` halves of a scratch buffer; the chunks are then added in order into `dgamma`,
+/// `dbeta` (`+=`, each when given).
+fn param_grads(
+    gpu: &Gpu, rows: usize, d: usize, dgamma: Option<&mut Out>, dbeta: Option<&mut Out>,
+    partial: impl FnOnce(&mut Out, &mut Out, LaunchConfig) -> Result<(), SnellaError>,
+) -> Result<(), SnellaError> {
     let nchunks = rows.div_ceil(ROW_CHUNK);
     let mut part = scratch(gpu, 2 * nchunks * d)?;
     {
         let (mut pg, mut pb) = part.split_at_mut(nchunks * d);
-        let f = gpu.func("snella_layernorm_bwd_param_partial");
         let cfg = LaunchConfig { grid_dim: (d.div_ceil(32) as u32, nchunks.min(65535) as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
-        let mut b = gpu.stream.launch_builder(&f);
-        b.arg(dy).arg(x).arg(mean).arg(rstd).arg(&r32).arg(&d32).arg(&mut pg).arg(&mut pb);
-        // SAFETY: dy, x hold rows·d floats, mean/rstd rows, pg/pb nchunks·d; every part element
-        // (chunk < nchunks, column < d) is written.
-        unsafe { b.launch(cfg) }.map_err(|e| cuda_err("snella_layernorm_bwd_param_partial", e))?;
+        partial(&mut pg, &mut pb, cfg)?;
     }
-    let n32 = nchunks as u32;
+    let (n32, d32) = (nchunks as u32, d as u32);
     if let Some(out) = dgamma {
         param_final(gpu, &part.slice(..nchunks * d), n32, d32, out)?;
     }
@@ -231,24 +244,12 @@ pub fn layernorm_bwd_xhat(
     if dgamma.is_none() && dbeta.is_none() {
         return Ok(());
     }
-    let nchunks = rows.div_ceil(ROW_CHUNK);
-    let mut part = scratch(gpu, 2 * nchunks * d)?;
-    {
-        let (mut pg, mut pb) = part.split_at_mut(nchunks * d);
+    param_grads(gpu, rows, d, dgamma, dbeta, |pg, pb, cfg| {
         let name = form("snella_layernorm_bwd_param_partial_xhat", "snella_layernorm_bwd_param_partial_xhat_bf16", xhat.is_bf16());
         let f = gpu.func(name);
-        let cfg = LaunchConfig { grid_dim: (d.div_ceil(32) as u32, nchunks.min(65535) as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
         let mut b = gpu.stream.launch_builder(&f);
-        b.arg(dy).arg(&ph).arg(&r32).arg(&d32).arg(&mut pg).arg(&mut pb);
+        b.arg(dy).arg(&ph).arg(&r32).arg(&d32).arg(pg).arg(pb);
         // SAFETY: dy, xhat hold rows·d values, pg/pb nchunks·d; every part element is written.
-        unsafe { b.launch(cfg) }.map_err(|e| cuda_err(op, e))?;
-    }
-    let n32 = nchunks as u32;
-    if let Some(out) = dgamma {
-        param_final(gpu, &part.slice(..nchunks * d), n32, d32, out)?;
-    }
-    if let Some(out) = dbeta {
-        param_final(gpu, &part.slice(nchunks * d..2 * nchunks * d), n32, d32, out)?;
-    }
-    Ok(())
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err(op, e))
+    })
 }
