@@ -72,16 +72,7 @@ pub fn layernorm_bwd(
     check_len(op, "gamma", gamma.len(), d)?;
     check_len(op, "mean", mean.len(), rows)?;
     check_len(op, "rstd", rstd.len(), rows)?;
-    if let Some(g) = &dgamma {
-        check_len(op, "dgamma", g.len(), d)?;
-    }
-    if let Some(g) = &dbeta {
-        check_len(op, "dbeta", g.len(), d)?;
-    }
-    if rows == 0 || d == 0 {
-        return Ok(());
-    }
-    let (r32, d32) = (dim_u32(op, "rows", rows)?, dim_u32(op, "d", d)?);
+    let Some((r32, d32)) = bwd_dims(op, dgamma.as_deref(), dbeta.as_deref(), rows, d)? else { return Ok(()) };
     let f = gpu.func("snella_layernorm_bwd_dx");
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(dy).arg(x).arg(gamma).arg(mean).arg(rstd).arg(&r32).arg(&d32).arg(dx);
@@ -98,6 +89,21 @@ pub fn layernorm_bwd(
         // (chunk < nchunks, column < d) is written.
         unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err("snella_layernorm_bwd_param_partial", e))
     })
+}
+
+/// The backward's checks of the parameter-gradient buffers (`[d]` each, when given); the kernel's
+/// `rows`, `d`, or `None` when there is nothing to do.
+fn bwd_dims(op: &str, dgamma: Option<&Out>, dbeta: Option<&Out>, rows: usize, d: usize) -> Result<Option<(u32, u32)>, SnellaError> {
+    if let Some(g) = dgamma {
+        check_len(op, "dgamma", g.len(), d)?;
+    }
+    if let Some(g) = dbeta {
+        check_len(op, "dbeta", g.len(), d)?;
+    }
+    if rows == 0 || d == 0 {
+        return Ok(None);
+    }
+    Ok(Some((dim_u32(op, "rows", rows)?, dim_u32(op, "d", d)?)))
 }
 
 /// The parameter gradients of a LayerNorm backward, deterministically: `partial` launches, with the
@@ -223,16 +229,7 @@ pub fn layernorm_bwd_xhat(
     check_len(op, "dx", dx.len(), rows * d)?;
     check_len(op, "gamma", gamma.len(), d)?;
     check_len(op, "rstd", rstd.len(), rows)?;
-    if let Some(g) = &dgamma {
-        check_len(op, "dgamma", g.len(), d)?;
-    }
-    if let Some(g) = &dbeta {
-        check_len(op, "dbeta", g.len(), d)?;
-    }
-    if rows == 0 || d == 0 {
-        return Ok(());
-    }
-    let (r32, d32) = (dim_u32(op, "rows", rows)?, dim_u32(op, "d", d)?);
+    let Some((r32, d32)) = bwd_dims(op, dgamma.as_deref(), dbeta.as_deref(), rows, d)? else { return Ok(()) };
     let ph = xhat.ptr(gpu);
     let pr: u64 = res.map_or(0, |r| r.device_ptr(&gpu.stream).0);
     let name = form("snella_layernorm_bwd_dx_xhat", "snella_layernorm_bwd_dx_xhat_bf16", xhat.is_bf16());
