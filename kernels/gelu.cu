@@ -1,5 +1,5 @@
-// Exact GELU, x·Φ(x) with erff (PyTorch nn.GELU() default), forward (f32 or bf16 output) and
-// backward, f32; and the bf16 forms that keep the pre-activation in bf16 for the backward (whose
+// Exact GELU, x·Φ(x) with erff (PyTorch nn.GELU() default), forward and backward in f32; and the
+// bf16 forms that keep the pre-activation in bf16 for the backward (whose
 // output is then recomputed from it instead of kept: selective recomputation).
 // CPU reference: snella_core::ops::gelu::{gelu_fwd, gelu_bwd} (whose f32 erf is a polynomial
 // approximation; erff here is accurate to ~2 ulp, so the GPU is the closer of the two to f64).

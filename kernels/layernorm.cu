@@ -50,8 +50,7 @@ __device__ __forceinline__ void snella_ln_stats(const float* __restrict__ xr, un
   rs = 1.0f / sqrtf(ss * inv_d + eps);
 }
 
-// y = (x - mean)·rstd·gamma + beta per row of x [rows, d]; mean, rstd [rows]. Y = float, or
-// __nv_bfloat16 (the same f32 value rounded to nearest even: a linear layer's input in bf16).
+// y = (x - mean)·rstd·gamma + beta per row of x [rows, d]; mean, rstd [rows] (f32).
 template <typename Y>
 __device__ __forceinline__ void snella_layernorm_fwd_body(const float* __restrict__ x, const float* __restrict__ gamma,
                                                           const float* __restrict__ beta, unsigned rows, unsigned d, float eps,
@@ -136,12 +135,13 @@ extern "C" __global__ void snella_layernorm_affine(const float* __restrict__ xha
   snella_layernorm_affine_body(xhat, gamma, beta, rows, d, y);
 }
 
-// bf16: two values per lane and step when d is even and gamma, beta are 8-byte aligned (each value
-// computed exactly as by the scalar body).
+// bf16: two values per lane and step when d is even, xhat and y 4-byte and gamma, beta 8-byte
+// aligned (each value computed exactly as by the scalar body); otherwise the scalar body.
 extern "C" __global__ void snella_layernorm_affine_bf16(const __nv_bfloat16* __restrict__ xhat, const float* __restrict__ gamma,
                                                         const float* __restrict__ beta, unsigned rows, unsigned d,
                                                         __nv_bfloat16* __restrict__ y) {
-  if ((d & 1) || ((reinterpret_cast<uintptr_t>(gamma) | reinterpret_cast<uintptr_t>(beta)) & 7)) {
+  if ((d & 1) || ((reinterpret_cast<uintptr_t>(gamma) | reinterpret_cast<uintptr_t>(beta)) & 7) ||
+      ((reinterpret_cast<uintptr_t>(xhat) | reinterpret_cast<uintptr_t>(y)) & 3)) {
     snella_layernorm_affine_body(xhat, gamma, beta, rows, d, y);
     return;
   }

@@ -20,7 +20,8 @@ export type Device = 'auto' | 'cpu' | 'cuda';
  * reference), `tf32` (TF32 tensor cores, 10-bit mantissa inputs) or `bf16` (bf16 operands, as
  * PyTorch's autocast; the fastest and smallest). In `bf16` a linear layer's input is kept in bf16
  * between forward and backward, the MLP pre-activation and the LayerNorms' normalised inputs are
- * kept in bf16 (their outputs rebuilt in backward), and attention with head dim 64 is fused
+ * kept in bf16 (their outputs rebuilt in backward, computed from the rounded values in forward too),
+ * and attention with head dim 64 is fused
  * (FlashAttention-2: the probabilities are recomputed, not stored; `P` and `dS` enter their products
  * as bf16 hi + lo pairs; the environment variable `SNELLA_ATTENTION=unfused` turns this off); other
  * tensors stay f32. The CPU always computes in f32.

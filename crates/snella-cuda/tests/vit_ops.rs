@@ -175,7 +175,7 @@ fn flash_attention_matches_cpu() {
         }
         attention::flash_bwd(&gpu, &gdo.slice(..), ActRef::F32(&gq.slice(..)), ActRef::F32(&gov), &gl.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
         assert_eq!(down(&gpu, &gd), r1, "{tag}: backward not deterministic");
-        // with O in bf16 (as the proj linear keeps it in the bf16 step): the same tolerance
+        // with O in bf16 (as the proj linear keeps it in the bf16 step): D carries O's rounding, 3e-2
         let o16 = snella_cuda::gemm::to_bf16(&gpu, &gov, b * t * d).unwrap();
         attention::flash_bwd(&gpu, &gdo.slice(..), ActRef::F32(&gq.slice(..)), ActRef::Bf16(&o16), &gl.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
         let r2 = down(&gpu, &gd);
@@ -275,6 +275,16 @@ fn layernorm_xhat_forms_match_cpu_and_rebuild_exactly() {
         check(&format!("{tag} bf16 dx"), &down(&gpu, &gdx), &dx16, 1e-4);
         check(&format!("{tag} bf16 dgamma"), &down(&gpu, &gdg), &dg16, 1e-4);
         check(&format!("{tag} bf16 dbeta"), &down(&gpu, &gdb), &db16, 1e-4);
+        // with a residual gradient added in the same pass, from the bf16 x̂
+        let mut gdxr = gpu.zeros(rows * d).unwrap();
+        layernorm::layernorm_bwd_xhat(&gpu, &gdy.slice(..), ActRef::Bf16(&h16), &gg.slice(..), &gr16.slice(..), rows, d, &mut gdxr.slice_mut(..), Some(&up(&gpu, &res).slice(..)), None, None).unwrap();
+        let want_r16: Vec<f32> = dx16.iter().zip(&res).map(|(a, b)| a + b).collect();
+        check(&format!("{tag} bf16 dx + residual"), &down(&gpu, &gdxr), &want_r16, 1e-4);
+        // gamma, beta at a 4-byte (not 8-byte) offset: the bf16 rebuild's scalar path, same bits
+        let (gg1, gb1) = (up(&gpu, &[&[0f32][..], &gamma].concat()), up(&gpu, &[&[0f32][..], &beta].concat()));
+        let mut y16c = unsafe { gpu.uninit::<u16>(rows * d) }.unwrap();
+        layernorm::layernorm_affine(&gpu, ActRef::Bf16(&h16), &gg1.slice(1..), &gb1.slice(1..), rows, d, ActMut::Bf16(&mut y16c)).unwrap();
+        assert_eq!(bits(&y16c), bits(&y16), "{tag}: bf16 rebuild from unaligned gamma/beta differs");
         // a form mismatch is an error, not a wrong answer
         assert!(layernorm::layernorm_affine(&gpu, ActRef::Bf16(&h16), &gg.slice(..), &gb.slice(..), rows, d, ActMut::F32(&mut gy2.slice_mut(..))).is_err());
     }

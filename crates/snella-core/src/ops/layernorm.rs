@@ -160,9 +160,9 @@ pub fn layernorm_bwd_xhat<T: Real>(
     dx: &mut [T], dgamma: Option<&mut [T]>, dbeta: Option<&mut [T]>,
 ) {
     let n = rows * d;
-    assert!(dy.len() >= n && xhat.len() >= n && dx.len() >= n, "layernorm_bwd: dy/xhat/dx shorter than rows·d = {n}");
-    assert!(gamma.len() >= d, "layernorm_bwd: gamma shorter than d = {d}");
-    assert!(rstd.len() >= rows, "layernorm_bwd: rstd shorter than rows = {rows}");
+    assert!(dy.len() >= n && xhat.len() >= n && dx.len() >= n, "layernorm_bwd_xhat: dy/xhat/dx shorter than rows·d = {n}");
+    assert!(gamma.len() >= d, "layernorm_bwd_xhat: gamma shorter than d = {d}");
+    assert!(rstd.len() >= rows, "layernorm_bwd_xhat: rstd shorter than rows = {rows}");
     if rows == 0 || d == 0 {
         return;
     }
@@ -221,13 +221,13 @@ pub fn layernorm_bwd_xhat<T: Real>(
         }
     }
     if let Some(dg) = dgamma {
-        assert!(dg.len() >= d, "layernorm_bwd: dgamma shorter than d = {d}");
+        assert!(dg.len() >= d, "layernorm_bwd_xhat: dgamma shorter than d = {d}");
         for (o, v) in dg.iter_mut().zip(tg) {
             *o += v;
         }
     }
     if let Some(db) = dbeta {
-        assert!(db.len() >= d, "layernorm_bwd: dbeta shorter than d = {d}");
+        assert!(db.len() >= d, "layernorm_bwd_xhat: dbeta shorter than d = {d}");
         for (o, v) in db.iter_mut().zip(tb) {
             *o += v;
         }
@@ -320,29 +320,27 @@ mod tests {
     }
 
     #[test]
-    fn xhat_forms_match_the_x_forms() {
-        // The selective-recompute forms: same y, the affine rebuild equals y exactly, and the
-        // backward from x̂ equals the backward from x (f64; rows not a multiple of the chunk).
+    fn xhat_forms_keep_the_normalised_input_and_rebuild_y() {
+        // The selective-recompute forms. `layernorm_fwd` and `layernorm_fwd_xhat` share one
+        // implementation (as do the two backwards), so what is checked here is what they add: the
+        // kept x̂ against an independent evaluation of (x − mean)·rstd from the x form's statistics,
+        // rstd unchanged, and the affine rebuild equal to the forward's y. The backward formulas are
+        // checked against finite differences above (`layernorm_bwd` runs `layernorm_bwd_xhat`).
         let (rows, d) = (70, 9);
         let x = rand_vec(rows * d, 31, 3.0);
         let gamma = rand_vec(d, 32, 1.5);
         let beta = rand_vec(d, 33, 1.0);
-        let dy = rand_vec(rows * d, 34, 1.0);
         let (mut y, mut m, mut r) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
         layernorm_fwd(&x, &gamma, &beta, rows, d, 1e-6, &mut y, &mut m, &mut r);
         let (mut y2, mut h, mut r2) = (vec![0.0; rows * d], vec![0.0; rows * d], vec![0.0; rows]);
         layernorm_fwd_xhat(&x, &gamma, &beta, rows, d, 1e-6, &mut y2, &mut h, &mut r2);
-        assert_eq!(y, y2);
         assert_eq!(r, r2);
+        for i in 0..rows * d {
+            let want = (x[i] - m[i / d]) * r[i / d];
+            assert!((h[i] - want).abs() <= 1e-14 * want.abs().max(1.0), "x̂[{i}] = {} vs {want}", h[i]);
+        }
         let mut y3 = vec![0.0; rows * d];
         layernorm_affine(&h, &gamma, &beta, rows, d, &mut y3);
-        assert_eq!(y2, y3);
-        let (mut dx, mut dg, mut db) = (vec![0.0; rows * d], vec![0.5; d], vec![0.0; d]);
-        layernorm_bwd(&dy, &x, &gamma, &m, &r, rows, d, &mut dx, Some(&mut dg), Some(&mut db));
-        let (mut dx2, mut dg2, mut db2) = (vec![0.0; rows * d], vec![0.5; d], vec![0.0; d]);
-        layernorm_bwd_xhat(&dy, &h, &gamma, &r2, rows, d, &mut dx2, Some(&mut dg2), Some(&mut db2));
-        assert_eq!(dx, dx2);
-        assert_eq!(dg, dg2);
-        assert_eq!(db, db2);
+        assert_eq!(y2, y3, "the rebuilt y differs from the forward's");
     }
 }

@@ -141,8 +141,8 @@ fn check_flash(op: &str, hd: usize, ptrs: &[(&str, u64)]) -> Result<(), SnellaEr
 /// CPU reference: `snella_core::ops::attention::{attention_fwd, attention_lse2}`.
 ///
 /// # Errors
-/// `Tensor` when a buffer is shorter than its shape needs; `Config` when `hd ≠ 64` or a buffer is
-/// not 16-byte aligned; `CUDA_ERROR` on a launch failure.
+/// `Tensor` when a buffer is shorter than its shape needs; `Config` when `hd ≠ 64`, a buffer is
+/// not 16-byte aligned, or `out` is bf16 while `qkv` is f32; `CUDA_ERROR` on a launch failure.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_fwd(gpu: &Gpu, qkv: ActRef, b: usize, t: usize, heads: usize, hd: usize, mut out: ActMut, lse2: &mut Out) -> Result<(), SnellaError> {
     let op = "flash_attention_fwd";

@@ -25,7 +25,7 @@ pub fn layernorm_fwd(
     gpu: &Gpu, x: &In, gamma: &In, beta: &In, rows: usize, d: usize, eps: f32,
     y: &mut Out, mean: &mut Out, rstd: &mut Out,
 ) -> Result<(), SnellaError> {
-    let Some((r32, d32)) = fwd_dims("layernorm_fwd", x, y.len(), gamma, beta, mean, rstd, rows, d)? else { return Ok(()) };
+    let Some((r32, d32)) = fwd_dims("layernorm_fwd", x, y.len(), gamma, beta, Some(mean), rstd, rows, d)? else { return Ok(()) };
     let f = gpu.func("snella_layernorm_fwd");
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(x).arg(gamma).arg(beta).arg(&r32).arg(&d32).arg(&eps).arg(y).arg(mean).arg(rstd);
@@ -36,12 +36,14 @@ pub fn layernorm_fwd(
 /// The forward's buffer checks (`y_len`: the output's length); the kernel's `rows`, `d`, or `None`
 /// when there is nothing to do.
 #[allow(clippy::too_many_arguments)]
-fn fwd_dims(op: &str, x: &In, y_len: usize, gamma: &In, beta: &In, mean: &Out, rstd: &Out, rows: usize, d: usize) -> Result<Option<(u32, u32)>, SnellaError> {
+fn fwd_dims(op: &str, x: &In, y_len: usize, gamma: &In, beta: &In, mean: Option<&Out>, rstd: &Out, rows: usize, d: usize) -> Result<Option<(u32, u32)>, SnellaError> {
     check_len(op, "x", x.len(), rows * d)?;
     check_len(op, "y", y_len, rows * d)?;
     check_len(op, "gamma", gamma.len(), d)?;
     check_len(op, "beta", beta.len(), d)?;
-    check_len(op, "mean", mean.len(), rows)?;
+    if let Some(mean) = mean {
+        check_len(op, "mean", mean.len(), rows)?;
+    }
     check_len(op, "rstd", rstd.len(), rows)?;
     if rows == 0 || d == 0 {
         return Ok(None);
@@ -165,8 +167,7 @@ pub fn layernorm_fwd_xhat(
     if y.is_bf16() != xhat.is_bf16() {
         return Err(SnellaError::config(&format!("{op}.xhat"), "a different form than y", "y and xhat both f32 or both bf16"));
     }
-    // mean is not written by this kernel; fwd_dims checks it against rows, so pass rstd twice
-    let Some((r32, d32)) = fwd_dims(op, x, y.len(), gamma, beta, rstd, rstd, rows, d)? else { return Ok(()) };
+    let Some((r32, d32)) = fwd_dims(op, x, y.len(), gamma, beta, None, rstd, rows, d)? else { return Ok(()) };
     let name = form("snella_layernorm_fwd_xhat", "snella_layernorm_fwd_xhat_bf16", y.is_bf16());
     let f = gpu.func(name);
     let (py, ph) = (y.ptr(gpu), xhat.ptr(gpu));
