@@ -10,6 +10,8 @@
 #   .gpu/ref_snella.py       the PyTorch reference, timed side by side by run-bench.sh
 #   .gpu/run.sh              runs the tests; .gpu/run-bench.sh runs tests + benchmarks
 # Usage: scripts/gpu-bundle.sh; then on the device: bash .gpu/run.sh   or   bash .gpu/run-bench.sh
+# SNELLA_BUNDLE_XZ=1 packs bin/ as bin.tar.xz (≈ 3 MB instead of ≈ 25 MB, so that .gpu and
+# .gpu-node fit the device tool's 64 MiB together); run.sh unpacks it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SNELLA_CUDA_ARCHS=${SNELLA_CUDA_ARCHS:-90}
@@ -38,6 +40,7 @@ cat > .gpu/run.sh <<'RUN'
 # Runs every bundled test executable; each one's output goes to $OUT/<name>.log.
 set -uo pipefail
 cd "$(dirname "$0")"
+[ -d bin ] || tar xJf bin.tar.xz   # a bundle made with SNELLA_BUNDLE_XZ=1
 out=${OUT:-/tmp/out}; mkdir -p "$out"; fail=0
 source ./nccl-env.sh   # NCCL_NVLS_ENABLE=0 and libnccl.so.2's folder on LD_LIBRARY_PATH
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
@@ -50,4 +53,7 @@ done
 for t in bin/snella-cuda-snella_ops bin/snella-cuda-vit_ops; do "$t" --ignored --nocapture timing; done > "$out/timing-reports.log" 2>&1
 exit $fail
 RUN
-chmod +x .gpu/run.sh .gpu/run-bench.sh; du -sh .gpu; ls -la .gpu/bin
+chmod +x .gpu/run.sh .gpu/run-bench.sh; ls -la .gpu/bin
+rm -f .gpu/bin.tar.xz
+if [ "${SNELLA_BUNDLE_XZ:-0}" = 1 ]; then (cd .gpu && tar cJf bin.tar.xz bin && rm -rf bin); fi
+du -sh .gpu

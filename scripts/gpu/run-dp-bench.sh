@@ -5,6 +5,7 @@
 # [gpus] [bf16|tf32|f32], e.g. `bash .gpu/run-dp-bench.sh 64 20 1,2`.
 set -uo pipefail
 cd "$(dirname "$0")"
+[ -d bin ] || tar xJf bin.tar.xz   # a bundle made with SNELLA_BUNDLE_XZ=1
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 source ./nccl-env.sh
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$out/gpus.txt"
