@@ -20,8 +20,8 @@ pub fn layernorm_fwd<T: Real>(
     x: &[T], gamma: &[T], beta: &[T], rows: usize, d: usize, eps: T,
     y: &mut [T], mean: &mut [T], rstd: &mut [T],
 ) {
-    assert!(mean.len() >= rows, "layernorm_fwd: mean shorter than rows = {rows}");
-    fwd_impl("layernorm_fwd", x, gamma, beta, rows, d, eps, y, None, Some(mean), rstd);
+    let mut xhat = vec![T::zero(); rows * d];
+    fwd_impl("layernorm_fwd", x, gamma, beta, rows, d, eps, y, &mut xhat, mean, rstd);
 }
 
 /// [`layernorm_fwd`] keeping the normalised input `xhat = x̂ = (x − mean)·rstd: [rows, d]` for the
@@ -36,47 +36,32 @@ pub fn layernorm_fwd_xhat<T: Real>(
     x: &[T], gamma: &[T], beta: &[T], rows: usize, d: usize, eps: T,
     y: &mut [T], xhat: &mut [T], rstd: &mut [T],
 ) {
-    assert!(xhat.len() >= rows * d, "layernorm_fwd_xhat: xhat shorter than rows·d = {}", rows * d);
-    fwd_impl("layernorm_fwd_xhat", x, gamma, beta, rows, d, eps, y, Some(xhat), None, rstd);
+    let mut mean = vec![T::zero(); rows];
+    fwd_impl("layernorm_fwd_xhat", x, gamma, beta, rows, d, eps, y, xhat, &mut mean, rstd);
 }
 
-/// The forward of [`layernorm_fwd`] and [`layernorm_fwd_xhat`]: `y = x̂·gamma + beta` with x̂ per
-/// row (two-pass mean and variance in `T`), parallel over rows.
+/// The forward of [`layernorm_fwd`] and [`layernorm_fwd_xhat`] (each passes a scratch buffer for
+/// what it does not return): `y = x̂·gamma + beta` with x̂ per row (two-pass mean and variance in
+/// `T`), parallel over rows.
 #[allow(clippy::too_many_arguments)]
 fn fwd_impl<T: Real>(
     op: &str, x: &[T], gamma: &[T], beta: &[T], rows: usize, d: usize, eps: T,
-    y: &mut [T], xhat: Option<&mut [T]>, mean: Option<&mut [T]>, rstd: &mut [T],
+    y: &mut [T], xhat: &mut [T], mean: &mut [T], rstd: &mut [T],
 ) {
     let n = rows * d;
-    assert!(x.len() >= n && y.len() >= n, "{op}: x/y shorter than rows·d = {n}");
+    assert!(x.len() >= n && y.len() >= n && xhat.len() >= n, "{op}: x/y/xhat shorter than rows·d = {n}");
     assert!(gamma.len() >= d && beta.len() >= d, "{op}: gamma/beta shorter than d = {d}");
-    assert!(rstd.len() >= rows, "{op}: rstd shorter than rows = {rows}");
+    assert!(mean.len() >= rows && rstd.len() >= rows, "{op}: mean/rstd shorter than rows = {rows}");
     if rows == 0 || d == 0 {
         return;
     }
     let (gamma, beta) = (&gamma[..d], &beta[..d]);
     let inv_d = T::one() / T::of(d as f64);
-    let mut scratch = Vec::new();
-    let xhat: &mut [T] = match xhat {
-        Some(h) => &mut h[..n],
-        None => {
-            scratch.resize(n, T::zero());
-            &mut scratch
-        }
-    };
-    let mut no_mean = Vec::new();
-    let mean: &mut [T] = match mean {
-        Some(m) => &mut m[..rows],
-        None => {
-            no_mean.resize(rows, T::zero());
-            &mut no_mean
-        }
-    };
     y[..n]
         .par_chunks_mut(d)
-        .zip(xhat.par_chunks_mut(d))
+        .zip(xhat[..n].par_chunks_mut(d))
         .zip(x[..n].par_chunks(d))
-        .zip(mean.par_iter_mut().zip(rstd[..rows].par_iter_mut()))
+        .zip(mean[..rows].par_iter_mut().zip(rstd[..rows].par_iter_mut()))
         .with_min_len(8)
         .for_each(|(((yr, hr), xr), (mu_out, rs_out))| {
             let mut s = T::zero();
