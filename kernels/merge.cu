@@ -4,25 +4,31 @@
 // Layouts (row-major f32): A [H, in, rh], B [H, out, rh], M and Ĝ [in, out], mixture [α, γ, β]
 // (a null pointer means SNELL: M = K). c_h = 0.1·(−1)^h, γ clamped to ≥ 1e-4.
 //
-// Forward (snella_merge_fwd_r{1,2,4,8}): one block of 256 threads per R rows (R chosen by the launcher
-// so the grid fills the GPU); the A rows of the block sit in shared memory, each thread walks the
-// columns j = tid, tid + 256, … and forms K for the R rows from one pass over B[h, j, :]. With the
-// mixture, K is written to M (the only [in, out] buffer), the row max of K/γ and then the row sum of
-// exp(K/γ − max) are block-reduced, and a last sweep rewrites M = K + α·P + β. D_h and K are computed
-// with explicitly rounded mul/add (no FMA contraction) in the CPU's order, so they carry the CPU's
-// bits; only expf and the softmax sum order differ.
+// Forward: snella_merge_fwd_tiles forms K for one 32×32 tile per block from the A and B tiles in
+// shared memory and writes it to M (SNELL: M = K); with the mixture, snella_merge_fwd_softmax then
+// rewrites each row in place as M = K + α·P + β (row max of K/γ, row sum of exp(K/γ − max), rewrite).
+// D_h and K are computed with explicitly rounded mul/add (no FMA contraction) in the CPU's order, so
+// they carry the CPU's bits; only expf and the softmax sum order differ (and, in the backward, the fast
+// divisions giving P and E). (Session 6: this replaces a
+// row kernel — R rows of A per block, each thread walking columns — that gave each B row R ≤ 8 uses
+// and 384 blocks at ViT-B sizes: 23 µs per 768×768 merge on the H200.)
 //
 // Backward, recomputing D, K and P (no stored M), launched by crates/snella-cuda/src/ops/merge.rs:
 //   1. snella_merge_bwd_rowstats_r{1,2,4,8} (mixture only): per row i, in one pass over j with an
 //      online (rescaled) softmax: max_j K/γ, S = Σ_j exp(K/γ − max), s_i = Σ_j Ĝ·P, Σ_j Ĝ → rowstat [in, 4].
-//   2. snella_merge_bwd_e: one 32×32 tile per block recomputes D_h, K, P, ∂L/∂K and writes
-//      E_h = c_h·∂L/∂K ⊘ D_h to E [H, in, out] (f32 scratch), with the tile's Σ P⊙(Ĝ − s)⊙K (∂γ).
-//   3. (cuBLAS, strict f32) E_h·[B_h | 1] and E_hᵀ·[A_h | 1] (snella_merge_pad_ones adds the ones
-//      columns, which yield the row and column sums of E_h).
-//   4. snella_merge_bwd_finish: dX = X·Σ part[.., rh] − Σ part[.., r] for dA and dB, and in its last
-//      block (∂α, ∂γ, ∂β) from rowstat and the ∂γ partials in f64.
-// Every reduction has one fixed order (no float atomics; cuBLAS GEMMs are deterministic): results
-// are bit-identical run to run.
+//   2. snella_merge_bwd_tiles_r{8,32}: per block one row tile of 32 and a run of 32-column tiles; each
+//      tile recomputes D_h, K, P, ∂L/∂K into E_h = c_h·∂L/∂K ⊘ D_h in shared memory and sums it at once
+//      against [B_h | 1] and [A_h | 1] (the ones columns give the row and column sums of E_h) into
+//      per-block partials, with the tile's Σ P⊙(Ĝ − s)⊙K (∂γ). E never reaches global memory.
+//   3. snella_merge_bwd_finish: dX = X·Σ part[.., rh, ..] − Σ part[.., r, ..] for dA and dB, and in its
+//      last block (∂α, ∂γ, ∂β) from rowstat and the ∂γ partials in f64.
+// From the saved K and D of the backward-time merge (snella_merge_fwd_tiles with ksave/dsave), step 1 is
+// snella_merge_bwd_rowstats_saved and step 2 reads them instead of recomputing (same arithmetic).
+// Every reduction has one fixed order (no float atomics): results are bit-identical run to run.
+//
+// Session 6: steps 2–3 were a kernel writing E [H, in, out] to global memory, then two strict-f32
+// cuBLAS GEMMs (E_h·[B_h | 1], E_hᵀ·[A_h | 1]); at r/H = 16 those GEMMs got 48 to 192 blocks of
+// 32×32 tiles and took 6.2 of the 48.6 ms ViT-B/16 bf16 step (ncu, H200).
 #include "common.cuh"
 
 namespace snella_merge {
@@ -38,13 +44,11 @@ __device__ __forceinline__ float coeff(unsigned h) { return (h & 1u) ? -0.1f : 0
 __device__ __forceinline__ float clamp_gamma(float g) { return g < 1e-4f ? 1e-4f : g; }
 
 // K[i0 + q, j] for q < R from the A rows in shared memory (sa: [R][H][rh]) and B[h, j, :] in global
-// memory. Same arithmetic and order as the CPU's row_kernel: d = Σ_r (a − b)², D = √d, K = Σ_h c_h·D.
-// With dsave (not null), D_h[i0 + q, j] is also stored to dsave[h, i0 + q, j] ([H, n_in, n_out]) for
-// the rows i0 + q < n_in: the backward's saved distances.
+// memory (the backward's row statistics). Same arithmetic and order as the CPU's row_kernel:
+// d = Σ_r (a − b)², D = √d, K = Σ_h c_h·D.
 template <int R>
 __device__ __forceinline__ void k_col(const float* sa, const float* __restrict__ B, unsigned H, unsigned n_out,
-                                      unsigned rh, unsigned j, float (&k)[R], float* __restrict__ dsave = nullptr,
-                                      unsigned i0 = 0, unsigned n_in = 0) {
+                                      unsigned rh, unsigned j, float (&k)[R]) {
   const unsigned hr = H * rh;
 #pragma unroll
   for (int q = 0; q < R; q++) k[q] = 0.f;
@@ -83,9 +87,7 @@ __device__ __forceinline__ void k_col(const float* sa, const float* __restrict__
     const float c = coeff(h);
 #pragma unroll
     for (int q = 0; q < R; q++) {
-      const float d = __fsqrt_rn(d2[q]);
-      if (dsave != nullptr && i0 + q < n_in) dsave[((size_t)h * n_in + i0 + q) * n_out + j] = d;
-      k[q] = __fadd_rn(k[q], __fmul_rn(c, d));
+      k[q] = __fadd_rn(k[q], __fmul_rn(c, __fsqrt_rn(d2[q])));
     }
   }
 }
@@ -132,7 +134,9 @@ __device__ __forceinline__ void load_rows(float* sa, const float* __restrict__ A
 // as [H][TI][rs] and the B tile bs [H][TJ][rs] in shared memory (rs: odd row stride ≥ rh). Thread
 // (warp w, lane l) handles jj = l and ii = w + 8q, q < 4. Entries outside [n_in, n_out] get E = 0.
 // Returns this thread's share of Σ P⊙(Ĝ − s)⊙K (0 without the mixture). Mirrors the CPU's bwd_chunk:
-// pm = P·(Ĝ − s), ∂L/∂K = Ĝ + (α/γ)·pm, E = (c_h·∂L/∂K)/D (0 where D = 0).
+// pm = P·(Ĝ − s), ∂L/∂K = Ĝ + (α/γ)·pm, E = (c_h·∂L/∂K)/D (0 where D = 0); the divisions giving P
+// and E are the fast ones (__fdividef, ≤ 2 ulp for the divisors here: D > 0 is a distance, S ≥ 1 a
+// softmax sum), each a few instructions instead of an IEEE division's check and slow path.
 __device__ __forceinline__ float e_tile(const float* as, const float* bs, float* es, const float* __restrict__ G,
                                         const float* __restrict__ rowstat, unsigned i0, unsigned j0, unsigned n_in,
                                         unsigned n_out, unsigned H, unsigned rh, unsigned rs, bool mix, float alpha,
@@ -169,7 +173,7 @@ __device__ __forceinline__ float e_tile(const float* as, const float* bs, float*
     float dk = gv;
     if (mix && valid) {
       const float zmax = rowstat[4 * i], s_exp = rowstat[4 * i + 1], s = rowstat[4 * i + 2];
-      const float p = __fdiv_rn(expf(__fsub_rn(__fdiv_rn(kk[q], g), zmax)), s_exp);
+      const float p = __fdividef(expf(__fsub_rn(__fdiv_rn(kk[q], g), zmax)), s_exp);
       const float pm = __fmul_rn(p, __fsub_rn(gv, s));
       dk = __fadd_rn(gv, __fmul_rn(ag, pm));
       gam = fmaf(pm, kk[q], gam);
@@ -177,75 +181,71 @@ __device__ __forceinline__ float e_tile(const float* as, const float* bs, float*
     for (unsigned h = 0; h < H; h++) {
       float* e = es + (h * TI + ii) * ES + jj;
       const float d = *e;
-      *e = (valid && d != 0.f) ? __fdiv_rn(__fmul_rn(coeff(h), dk), d) : 0.f;
+      *e = (valid && d != 0.f) ? __fdividef(__fmul_rn(coeff(h), dk), d) : 0.f;
     }
   }
   return gam;
 }
 
-// Loads tile rows x0 .. x0 + 31 of X [H, rows, rh] into dst [H][32][rs] (zeros past `rows`).
-__device__ __forceinline__ void load_tile(float* dst, const float* __restrict__ X, unsigned H, unsigned rows, unsigned rh,
-                                          unsigned rs, unsigned x0) {
-  const unsigned per = 32 * rh;
-  for (unsigned t = threadIdx.x; t < H * per; t += blockDim.x) {
-    const unsigned h = t / per, rem = t % per, x = rem / rh, r = rem % rh, row = x0 + x;
-    dst[(h * 32 + x) * rs + r] = row < rows ? X[((size_t)h * rows + row) * rh + r] : 0.f;
+// Loads tile rows x0 .. x0 + 31 of X [H, rows, rh] into dst [H][32][rs] as X1 = [X | 1] (rs ≥ rh + 1;
+// zeros past `rows`, the ones column r = rh on every row).
+__device__ __forceinline__ void load_tile1(float* dst, const float* __restrict__ X, unsigned H, unsigned rows, unsigned rh,
+                                           unsigned rs, unsigned x0) {
+  // The tile of head h is one contiguous run of 32·rh floats in X: coalesced loads, consecutive
+  // threads on consecutive floats; (x, r) of element e advance by (⌊nt/rh⌋, nt mod rh) per step
+  // instead of dividing every time.
+  const unsigned nt = blockDim.x, qd = nt / rh, qm = nt % rh, per = 32 * rh;
+  for (unsigned h = 0; h < H; h++) {
+    const float* src = X + ((size_t)h * rows + x0) * rh;
+    float* d = dst + h * 32 * rs;
+    unsigned x = threadIdx.x / rh, r = threadIdx.x % rh;
+    for (unsigned e = threadIdx.x; e < per; e += nt) {
+      d[x * rs + r] = x0 + x < rows ? src[e] : 0.f;
+      x += qd;
+      r += qm;
+      if (r >= rh) {
+        r -= rh;
+        x++;
+      }
+    }
+    if (threadIdx.x < 32) d[threadIdx.x * rs + rh] = 1.f;
   }
 }
 
-
-// Forward body for R rows per block (see snella_merge_fwd_r*). Dynamic shared memory R·H·rh floats.
-template <int R>
-__device__ __forceinline__ void fwd_body(const float* __restrict__ A, const float* __restrict__ B, unsigned H,
-                                         unsigned n_in, unsigned n_out, unsigned rh, const float* __restrict__ mix,
-                                         float* __restrict__ M, float* sa, float* __restrict__ ksave,
-                                         float* __restrict__ dsave) {
-  __shared__ float red[NWARPS][R];
-  __shared__ float zmax[R], ssum[R];
-  const unsigned i0 = blockIdx.x * R;
-  load_rows<R>(sa, A, H, n_in, rh, i0);
-  __syncthreads();
-  float g = 1.f;
-  if (mix) g = clamp_gamma(mix[1]);
-  float v[R];
+// One 32×32 tile of E from the saved K and D (the backward-time merge's): the arithmetic of e_tile,
+// element-wise (thread (warp w, lane l): jj = l, ii = w + 8q), into es [H][TI][ES]; entries outside
+// [n_in, n_out] get E = 0. Returns this thread's share of Σ P⊙(Ĝ − s)⊙K.
+__device__ __forceinline__ float e_tile_saved(float* es, const float* __restrict__ K, const float* __restrict__ D,
+                                              const float* __restrict__ G, const float* __restrict__ rowstat,
+                                              unsigned i0, unsigned j0, unsigned n_in, unsigned n_out, unsigned H,
+                                              bool mix, float alpha, float g) {
+  const unsigned jj = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const float ag = mix ? __fdiv_rn(alpha, g) : 0.f;
+  float gam = 0.f;
 #pragma unroll
-  for (int q = 0; q < R; q++) v[q] = -INFINITY;
-  for (unsigned j = threadIdx.x; j < n_out; j += blockDim.x) {
-    float k[R];
-    k_col<R>(sa, B, H, n_out, rh, j, k, dsave, i0, n_in);
-#pragma unroll
-    for (int q = 0; q < R; q++) {
-      if (i0 + q < n_in) {
-        M[(size_t)(i0 + q) * n_out + j] = k[q];
-        if (ksave != nullptr) ksave[(size_t)(i0 + q) * n_out + j] = k[q];
-        if (mix) v[q] = fmaxf(v[q], __fdiv_rn(k[q], g));
-      }
+  for (int q = 0; q < 4; q++) {
+    const unsigned ii = w + 8 * q, i = i0 + ii, j = j0 + jj;
+    const bool valid = i < n_in && j < n_out;
+    const size_t ij = (size_t)i * n_out + j;
+    const float gv = valid ? G[ij] : 0.f;
+    float dk = gv;
+    if (mix && valid) {
+      const float kv = K[ij];
+      const float zmax = rowstat[4 * i], s_exp = rowstat[4 * i + 1], s = rowstat[4 * i + 2];
+      const float p = __fdividef(expf(__fsub_rn(__fdiv_rn(kv, g), zmax)), s_exp);
+      const float pm = __fmul_rn(p, __fsub_rn(gv, s));
+      dk = __fadd_rn(gv, __fmul_rn(ag, pm));
+      gam = fmaf(pm, kv, gam);
+    }
+    for (unsigned h = 0; h < H; h++) {
+      const float d = valid ? D[(size_t)h * n_in * n_out + ij] : 0.f;
+      es[(h * TI + ii) * ES + jj] = d != 0.f ? __fdividef(__fmul_rn(coeff(h), dk), d) : 0.f;
     }
   }
-  if (!mix) return;
-  const float alpha = mix[0], beta = mix[2];
-  block_reduce<R, true>(v, red, zmax);
-  // Each thread re-reads only the K values it wrote itself (same thread, program order).
-#pragma unroll
-  for (int q = 0; q < R; q++) v[q] = 0.f;
-  for (unsigned j = threadIdx.x; j < n_out; j += blockDim.x) {
-#pragma unroll
-    for (int q = 0; q < R; q++)
-      if (i0 + q < n_in) v[q] += expf(__fsub_rn(__fdiv_rn(M[(size_t)(i0 + q) * n_out + j], g), zmax[q]));
-  }
-  block_reduce<R, false>(v, red, ssum);
-  for (unsigned j = threadIdx.x; j < n_out; j += blockDim.x) {
-#pragma unroll
-    for (int q = 0; q < R; q++) {
-      if (i0 + q < n_in) {
-        float* mp = M + (size_t)(i0 + q) * n_out + j;
-        const float k = *mp;
-        const float p = __fdiv_rn(expf(__fsub_rn(__fdiv_rn(k, g), zmax[q])), ssum[q]);
-        *mp = __fadd_rn(__fadd_rn(k, __fmul_rn(alpha, p)), beta);
-      }
-    }
-  }
+  return gam;
 }
+
+
 
 // Online-softmax state of one row: running max z, Σ exp(z − max), Σ Ĝ·exp(z − max).
 struct Soft {
@@ -331,24 +331,172 @@ __device__ __forceinline__ void rowstats_body(const float* __restrict__ A, const
   }
 }
 
+// Backward step 2, fused: the E tiles are formed in shared memory and summed against the B and A
+// tiles at once, so E [H, in, out] never reaches global memory. Grid (ceil(n_jt / jt), n_it), 256
+// threads: block (x, y) takes row tile y (rows i0 = 32y ..) and the column tiles x·jt .. x·jt + jt − 1.
+// For each column tile it forms E (recomputed from the A, B tiles by e_tile, or element-wise from the
+// saved K and D by e_tile_saved when D is not null), then
+//   partB[y, h, r, j] = Σ_{i in tile} E_h[i, j]·A1[h, i, r]   (written per column tile)
+//   partA[x, h, r, i] += Σ_{j in tile} E_h[i, j]·B1[h, j, r]  (kept in registers over the jt tiles)
+// with X1 = [X | 1] (the ones column, r = rh, gives the row and column sums of E_h). Partials are
+// laid out [split, H, rh + 1, rows] so that both the writes here and the reads of the finish kernel
+// are coalesced along rows. The block's share of Σ P⊙(Ĝ − s)⊙K (∂γ) goes to gpart[y·gridDim.x + x].
+// Thread t owns (h, row) = (t mod H·32) and the r-group g = t div H·32 (G = 256 / (H·32) groups, H ≤ 8):
+// r = g, g + G, …, at most RM of them. Every sum runs in one fixed order: deterministic.
+// Dynamic shared memory: (2·H·32·rs + H·32·33) floats, rs = (rh + 1) | 1.
+template <int RM>
+__device__ __forceinline__ void bwd_tiles_body(const float* __restrict__ A, const float* __restrict__ B, unsigned H,
+                                               unsigned n_in, unsigned n_out, unsigned rh, const float* __restrict__ mix,
+                                               const float* __restrict__ G, const float* __restrict__ rowstat,
+                                               const float* __restrict__ K, const float* __restrict__ D, unsigned jt,
+                                               float* __restrict__ partA, float* __restrict__ partB,
+                                               float* __restrict__ gpart, float* sh) {
+  __shared__ float red[NWARPS][1];
+  __shared__ float gsum[1];
+  const bool has_mix = mix != nullptr;
+  const float alpha = has_mix ? mix[0] : 0.f, g = has_mix ? clamp_gamma(mix[1]) : 1.f;
+  const unsigned r1 = rh + 1, rs = r1 | 1u;
+  float* as = sh;
+  float* bs = as + H * TI * rs;
+  float* es = bs + H * TJ * rs;
+  const unsigned i0 = blockIdx.y * TI;
+  const unsigned n_jt = (n_out + TJ - 1) / TJ, jt0 = blockIdx.x * jt, jt1 = min(jt0 + jt, n_jt);
+  // this thread's (h, row) and r-group
+  const unsigned pairs = H * 32, ng = THREADS / pairs, t = threadIdx.x;
+  const unsigned hh = (t % pairs) / 32, x = t % 32, grp = t / pairs;
+  const unsigned cnt = grp < ng && grp < r1 ? (r1 - grp + ng - 1) / ng : 0;
+  load_tile1(as, A, H, n_in, rh, rs, i0);
+  float acc_a[RM];
+#pragma unroll
+  for (int k = 0; k < RM; k++) acc_a[k] = 0.f;
+  float gam = 0.f;
+  for (unsigned tj = jt0; tj < jt1; tj++) {
+    const unsigned j0 = tj * TJ;
+    load_tile1(bs, B, H, n_out, rh, rs, j0);
+    __syncthreads();
+    gam += D != nullptr ? e_tile_saved(es, K, D, G, rowstat, i0, j0, n_in, n_out, H, has_mix, alpha, g)
+                        : e_tile(as, bs, es, G, rowstat, i0, j0, n_in, n_out, H, rh, rs, has_mix, alpha, g);
+    __syncthreads();
+    if (cnt > 0) {
+      // partB: column x of this tile, summed over the tile's rows
+      float acc_b[RM];
+#pragma unroll
+      for (int k = 0; k < RM; k++) acc_b[k] = 0.f;
+      const float* ec = es + hh * TI * ES + x;
+      const float* ac = as + hh * TI * rs + grp;
+      for (unsigned ii = 0; ii < TI; ii++) {
+        const float e = ec[ii * ES];
+#pragma unroll
+        for (int k = 0; k < RM; k++)
+          if ((unsigned)k < cnt) acc_b[k] = fmaf(e, ac[ii * rs + k * ng], acc_b[k]);
+      }
+      if (j0 + x < n_out) {
+        float* pb = partB + ((size_t)(blockIdx.y * H + hh) * r1 + grp) * n_out + j0 + x;
+#pragma unroll
+        for (int k = 0; k < RM; k++)
+          if ((unsigned)k < cnt) pb[(size_t)k * ng * n_out] = acc_b[k];
+      }
+      // partA: row x of the row tile, summed over this tile's columns
+      const float* er = es + (hh * TI + x) * ES;
+      const float* bc = bs + hh * TJ * rs + grp;
+      for (unsigned jj = 0; jj < TJ; jj++) {
+        const float e = er[jj];
+#pragma unroll
+        for (int k = 0; k < RM; k++)
+          if ((unsigned)k < cnt) acc_a[k] = fmaf(e, bc[jj * rs + k * ng], acc_a[k]);
+      }
+    }
+    __syncthreads();
+  }
+  if (cnt > 0 && i0 + x < n_in) {
+    float* pa = partA + ((size_t)(blockIdx.x * H + hh) * r1 + grp) * n_in + i0 + x;
+#pragma unroll
+    for (int k = 0; k < RM; k++)
+      if ((unsigned)k < cnt) pa[(size_t)k * ng * n_in] = acc_a[k];
+  }
+  if (!has_mix) return;  // uniform across the block
+  float gv[1] = {gam};
+  block_reduce<1, false>(gv, red, gsum);
+  if (threadIdx.x == 0) gpart[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = gsum[0];
+}
+
 }  // namespace snella_merge
 
-// Forward (spec §1): M [n_in, n_out] from A, B and the optional mixture (null: SNELL, M = K), R rows
-// per block; with ksave / dsave (not null; the backward-time merge) K [n_in, n_out] and the distances
-// D [H, n_in, n_out] are saved too, for snella_merge_bwd_rowstats_saved / snella_merge_bwd_e_saved. Grid: ceil(n_in / R) blocks of 256 threads; dynamic shared memory R·H·rh floats.
-#define SNELLA_MERGE_FWD(R)                                                                                        \
-  extern "C" __global__ void __launch_bounds__(256) snella_merge_fwd_r##R(                                          \
-      const float* __restrict__ A, const float* __restrict__ B, unsigned H, unsigned n_in, unsigned n_out,         \
-      unsigned rh, const float* __restrict__ mix, float* __restrict__ M, float* __restrict__ ksave,                 \
-      float* __restrict__ dsave) {                                                                                 \
-    extern __shared__ float snella_merge_fwd_sa_##R[];                                                             \
-    snella_merge::fwd_body<R>(A, B, H, n_in, n_out, rh, mix, M, snella_merge_fwd_sa_##R, ksave, dsave);            \
+// Forward step 1: K for one 32×32 tile per block (grid (n_jt, n_it), 256 threads; thread (warp w,
+// lane l) takes column jj = l and rows ii = w + 8q, q < 4), written to M (= K, the SNELL output) and,
+// when not null, to ksave [n_in, n_out] and the distances to dsave [H, n_in, n_out] (the
+// backward-time merge's saved tensors). D_h and K use the CPU's operation order with explicitly
+// rounded mul/add (no FMA contraction), so they carry its bits. Dynamic shared memory 2·H·32·rs
+// floats, rs = (rh + 1) | 1.
+extern "C" __global__ void __launch_bounds__(256)
+    snella_merge_fwd_tiles(const float* __restrict__ A, const float* __restrict__ B, unsigned H, unsigned n_in,
+                           unsigned n_out, unsigned rh, float* __restrict__ M, float* __restrict__ ksave,
+                           float* __restrict__ dsave) {
+  using namespace snella_merge;
+  extern __shared__ float snella_merge_ft_sh[];
+  const unsigned rs = (rh + 1) | 1u;
+  float* as = snella_merge_ft_sh;
+  float* bs = as + H * TI * rs;
+  const unsigned i0 = blockIdx.y * TI, j0 = blockIdx.x * TJ;
+  load_tile1(as, A, H, n_in, rh, rs, i0);
+  load_tile1(bs, B, H, n_out, rh, rs, j0);
+  __syncthreads();
+  const unsigned jj = threadIdx.x & 31, w = threadIdx.x >> 5, j = j0 + jj;
+  float kk[4] = {0.f, 0.f, 0.f, 0.f};
+  for (unsigned h = 0; h < H; h++) {
+    float d2[4] = {0.f, 0.f, 0.f, 0.f};
+    const float* bp = bs + (h * TJ + jj) * rs;
+    const float* ap = as + (h * TI + w) * rs;
+    for (unsigned r = 0; r < rh; r++) {
+      const float b = bp[r];
+#pragma unroll
+      for (int q = 0; q < 4; q++) {
+        const float t = __fsub_rn(ap[q * 8 * rs + r], b);
+        d2[q] = __fadd_rn(d2[q], __fmul_rn(t, t));
+      }
+    }
+    const float c = coeff(h);
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+      const float d = __fsqrt_rn(d2[q]);
+      const unsigned i = i0 + w + 8 * q;
+      if (dsave != nullptr && i < n_in && j < n_out) dsave[((size_t)h * n_in + i) * n_out + j] = d;
+      kk[q] = __fadd_rn(kk[q], __fmul_rn(c, d));
+    }
   }
-SNELLA_MERGE_FWD(1)
-SNELLA_MERGE_FWD(2)
-SNELLA_MERGE_FWD(4)
-SNELLA_MERGE_FWD(8)
-#undef SNELLA_MERGE_FWD
+#pragma unroll
+  for (int q = 0; q < 4; q++) {
+    const unsigned i = i0 + w + 8 * q;
+    if (i < n_in && j < n_out) {
+      M[(size_t)i * n_out + j] = kk[q];
+      if (ksave != nullptr) ksave[(size_t)i * n_out + j] = kk[q];
+    }
+  }
+}
+
+// Forward step 2 (mixture): row i = blockIdx.x of M, holding K, becomes K + α·softmax_j(K/γ) + β in
+// place (256 threads): the row max of K/γ, the row sum of exp(K/γ − max) (block reductions in a fixed
+// order), then the rewrite; each thread re-reads only the entries it read before, and the row stays
+// in L1/L2 between the passes.
+extern "C" __global__ void __launch_bounds__(256)
+    snella_merge_fwd_softmax(float* __restrict__ M, unsigned n_out, const float* __restrict__ mix) {
+  using namespace snella_merge;
+  __shared__ float red[NWARPS][1];
+  __shared__ float zmax[1], ssum[1];
+  const float alpha = mix[0], g = clamp_gamma(mix[1]), beta = mix[2];
+  float* row = M + (size_t)blockIdx.x * n_out;
+  float v[1] = {-INFINITY};
+  for (unsigned j = threadIdx.x; j < n_out; j += blockDim.x) v[0] = fmaxf(v[0], __fdiv_rn(row[j], g));
+  block_reduce<1, true>(v, red, zmax);
+  v[0] = 0.f;
+  for (unsigned j = threadIdx.x; j < n_out; j += blockDim.x) v[0] += expf(__fsub_rn(__fdiv_rn(row[j], g), zmax[0]));
+  block_reduce<1, false>(v, red, ssum);
+  for (unsigned j = threadIdx.x; j < n_out; j += blockDim.x) {
+    const float k = row[j];
+    const float p = __fdiv_rn(expf(__fsub_rn(__fdiv_rn(k, g), zmax[0])), ssum[0]);
+    row[j] = __fadd_rn(__fadd_rn(k, __fmul_rn(alpha, p)), beta);
+  }
+}
 
 // Backward step 1 (mixture only): rowstat[i] = (max_j K/γ, Σ_j exp(K/γ − max), s_i = Σ_j Ĝ·P, Σ_j Ĝ),
 // R rows per block. Grid: ceil(n_in / R) blocks of 256; dynamic shared memory R·H·rh floats.
@@ -365,40 +513,24 @@ SNELLA_MERGE_ROWSTATS(4)
 SNELLA_MERGE_ROWSTATS(8)
 #undef SNELLA_MERGE_ROWSTATS
 
-// Backward step 2: one 32×32 tile per block (grid (n_jt, n_it)): E_h[i, j] (e_tile) into
-// E [H, n_in, n_out], and the block's share of Σ P⊙(Ĝ − s)⊙K (∂γ) into
-// gpart[blockIdx.y·gridDim.x + blockIdx.x]. The sums over j and over i of E·B and Eᵀ·A are then two
-// f32 GEMMs. Dynamic shared memory: (2·H·32·rs + H·32·33) floats, rs = rh | 1.
-extern "C" __global__ void __launch_bounds__(256)
-    snella_merge_bwd_e(const float* __restrict__ A, const float* __restrict__ B, unsigned H, unsigned n_in,
-                       unsigned n_out, unsigned rh, const float* __restrict__ mix, const float* __restrict__ G,
-                       const float* __restrict__ rowstat, float* __restrict__ E, float* __restrict__ gpart) {
-  using namespace snella_merge;
-  extern __shared__ float snella_merge_e_sh[];
-  __shared__ float red[NWARPS][1];
-  __shared__ float gsum[1];
-  const bool has_mix = mix != nullptr;
-  const float alpha = has_mix ? mix[0] : 0.f, g = has_mix ? clamp_gamma(mix[1]) : 1.f;
-  const unsigned rs = rh | 1u;
-  float* as = snella_merge_e_sh;
-  float* bs = as + H * TI * rs;
-  float* es = bs + H * TJ * rs;
-  const unsigned i0 = blockIdx.y * TI, j0 = blockIdx.x * TJ;
-  load_tile(as, A, H, n_in, rh, rs, i0);
-  load_tile(bs, B, H, n_out, rh, rs, j0);
-  __syncthreads();
-  float gv[1] = {e_tile(as, bs, es, G, rowstat, i0, j0, n_in, n_out, H, rh, rs, has_mix, alpha, g)};
-  // each thread writes the entries it computed (jj = lane, ii = warp + 8q): rows of 32 coalesced
-  const unsigned jj = threadIdx.x & 31, w = threadIdx.x >> 5, j = j0 + jj;
-  for (unsigned h = 0; h < H; h++)
-#pragma unroll
-    for (int q = 0; q < 4; q++) {
-      const unsigned ii = w + 8 * q, i = i0 + ii;
-      if (i < n_in && j < n_out) E[((size_t)h * n_in + i) * n_out + j] = es[(h * TI + ii) * ES + jj];
-    }
-  block_reduce<1, false>(gv, red, gsum);
-  if (threadIdx.x == 0) gpart[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = gsum[0];
-}
+// Backward step 2 (see snella_merge::bwd_tiles_body; RM = 5 is H = 2, r/H = 16, held to 48 registers
+// for five blocks per SM: 60 registers gave four, and ncu showed the kernel latency-bound): partA [ceil(n_jt / jt), H, rh + 1, n_in],
+// partB [n_it, H, rh + 1, n_out] and the ∂γ partials, for RM ≥ ⌈(rh + 1) / (256 / (H·32))⌉ and H ≤ 8.
+// K and D: the saved tensors (both null: recompute D, K and P from A and B).
+#define SNELLA_MERGE_BWD_TILES(RM)                                                                                 \
+  extern "C" __global__ void __launch_bounds__(256, RM == 5 ? 5 : 1) snella_merge_bwd_tiles_r##RM(                                   \
+      const float* __restrict__ A, const float* __restrict__ B, unsigned H, unsigned n_in, unsigned n_out,         \
+      unsigned rh, const float* __restrict__ mix, const float* __restrict__ G, const float* __restrict__ rowstat,   \
+      const float* __restrict__ K, const float* __restrict__ D, unsigned jt, float* __restrict__ partA,             \
+      float* __restrict__ partB, float* __restrict__ gpart) {                                                      \
+    extern __shared__ float snella_merge_bt_sh_##RM[];                                                             \
+    snella_merge::bwd_tiles_body<RM>(A, B, H, n_in, n_out, rh, mix, G, rowstat, K, D, jt, partA, partB, gpart,     \
+                                     snella_merge_bt_sh_##RM);                                                     \
+  }
+SNELLA_MERGE_BWD_TILES(5)
+SNELLA_MERGE_BWD_TILES(8)
+SNELLA_MERGE_BWD_TILES(32)
+#undef SNELLA_MERGE_BWD_TILES
 
 // Backward step 1 from the saved K (mixture only): rowstat[i] as snella_merge_bwd_rowstats_r*, one
 // block of 256 threads per row (the same online-softmax updates and merge tree of the threads'
@@ -453,75 +585,26 @@ extern "C" __global__ void __launch_bounds__(256)
   }
 }
 
-// Backward step 2 from the saved K and D: E_h[i, j] = c_h·∂L/∂K / D_h (0 where D_h = 0) with the
-// arithmetic of e_tile, element-wise. Grid
-// (ceil(n_out / 256), n_in): block (x, i) writes the ∂γ partial Σ P⊙(Ĝ − s)⊙K of its 256 columns to
-// gpart[i·gridDim.x + x].
-extern "C" __global__ void __launch_bounds__(256)
-    snella_merge_bwd_e_saved(const float* __restrict__ K, const float* __restrict__ D, unsigned H, unsigned n_in,
-                             unsigned n_out, const float* __restrict__ mix, const float* __restrict__ G,
-                             const float* __restrict__ rowstat, float* __restrict__ E, float* __restrict__ gpart) {
-  using namespace snella_merge;
-  __shared__ float red[NWARPS][1];
-  __shared__ float gsum[1];
-  const bool has_mix = mix != nullptr;
-  const float alpha = has_mix ? mix[0] : 0.f, g = has_mix ? clamp_gamma(mix[1]) : 1.f;
-  const float ag = has_mix ? __fdiv_rn(alpha, g) : 0.f;
-  const unsigned i = blockIdx.y, j = blockIdx.x * blockDim.x + threadIdx.x;
-  float gam = 0.f;
-  if (j < n_out) {
-    const size_t ij = (size_t)i * n_out + j;
-    const float gv = G[ij];
-    float dk = gv;
-    if (has_mix) {
-      const float kv = K[ij];
-      const float zmax = rowstat[4 * (size_t)i], s_exp = rowstat[4 * (size_t)i + 1], s = rowstat[4 * (size_t)i + 2];
-      const float p = __fdiv_rn(expf(__fsub_rn(__fdiv_rn(kv, g), zmax)), s_exp);
-      const float pm = __fmul_rn(p, __fsub_rn(gv, s));
-      dk = __fadd_rn(gv, __fmul_rn(ag, pm));
-      gam = __fmul_rn(pm, kv);
-    }
-    for (unsigned h = 0; h < H; h++) {
-      const size_t hij = (size_t)h * n_in * n_out + ij;
-      const float d = D[hij];
-      E[hij] = d != 0.f ? __fdiv_rn(__fmul_rn(coeff(h), dk), d) : 0.f;
-    }
-  }
-  if (!has_mix) return;  // uniform across the block
-  float gv1[1] = {gam};
-  block_reduce<1, false>(gv1, red, gsum);
-  if (threadIdx.x == 0) gpart[(size_t)i * gridDim.x + blockIdx.x] = gsum[0];
-}
-
-// Xp [rows, rh + 1] = [X | 1] for X [rows, rh]: the ones column makes the E GEMMs also return the
-// row (column) sums of E. Grid-stride.
-extern "C" __global__ void snella_merge_pad_ones(const float* __restrict__ X, float* __restrict__ Xp,
-                                                 unsigned long long rows, unsigned rh) {
-  const unsigned long long n = rows * (rh + 1);
-  for (unsigned long long idx = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
-       idx += (unsigned long long)gridDim.x * blockDim.x) {
-    const unsigned long long row = idx / (rh + 1), r = idx % (rh + 1);
-    Xp[idx] = r < rh ? X[row * rh + r] : 1.f;
-  }
-}
-
-// dX[h, x, r] = X[h, x, r]·Σ_s part[s, h, x, rh] − Σ_s part[s, h, x, r] (splits in index order).
+// dX[h, x, r] = X[h, x, r]·Σ_s part[s, h, rh, x] − Σ_s part[s, h, r, x] for part [nsplit, H, rh + 1, rows]
+// (splits in index order); idx enumerates (h, r, x), x fastest, so that the partial reads coalesce.
 static __device__ __forceinline__ void snella_merge_reduce_one(const float* __restrict__ part, unsigned nsplit,
                                                                unsigned H, unsigned rows, unsigned rh, size_t idx,
                                                                const float* __restrict__ X, float* __restrict__ dX) {
-  const size_t hx = idx / rh, r = idx % rh;
-  const size_t stride = (size_t)H * rows * (rh + 1);
-  const float* p = part + hx * (rh + 1);
+  const size_t x = idx % rows, hr = idx / rows, h = hr / rh, r = hr % rh;
+  const size_t stride = (size_t)H * (rh + 1) * rows;
+  const float* p = part + h * (rh + 1) * rows + x;
   float colsum = 0.f, s = 0.f;
   for (unsigned k = 0; k < nsplit; k++) {
-    colsum += p[k * stride + rh];
-    s += p[k * stride + r];
+    colsum += p[k * stride + rh * rows];
+    s += p[k * stride + r * rows];
   }
-  dX[idx] = __fsub_rn(__fmul_rn(X[idx], colsum), s);
+  const size_t o = (h * rows + x) * rh + r;
+  dX[o] = __fsub_rn(__fmul_rn(X[o], colsum), s);
 }
 
+
 // Backward step 3, 256 threads per block: blocks [0, nb_a) write dA [H, n_in, rh] from partA
-// [ns_a, H, n_in, rh + 1], blocks [nb_a, nb_a + nb_b) dB from partB; when dmix is not null, the last
+// [ns_a, H, rh + 1, n_in], blocks [nb_a, nb_a + nb_b) dB from partB; when dmix is not null, the last
 // block writes dmix = (Σ_i s_i, −(α/γ²)·Σ gpart, Σ_i Σ_j Ĝ), summed in f64 in a fixed order, with
 // ∂γ = 0 while the clamp γ < 1e-4 is active (as the CPU).
 extern "C" __global__ void __launch_bounds__(256)

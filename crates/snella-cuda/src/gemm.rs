@@ -225,60 +225,6 @@ pub unsafe fn gemm_batched<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut
     if st == cublasStatus_t::CUBLAS_STATUS_SUCCESS { Ok(()) } else { Err(cuda_err("cublasSgemmBatched", st)) }
 }
 
-/// Row-major strided-batched GEMM in strict f32 whatever the device's [`Precision`]
-/// (`CUBLAS_COMPUTE_32F_PEDANTIC`: no TF32, no reduced-precision reductions), for the SNELLA merge
-/// backward, whose results are held to f32 accuracy against the CPU: `C_z = op(A_z)·op(B_z)` for
-/// `z < batch`, `A_z` starting `z·stride_a` elements after `a`'s start (likewise `B_z`, `C_z`);
-/// `lda`, `ldb`, `ldc` are row strides of the stored matrices. Deterministic (cuBLAS GEMMs are, for
-/// one device and configuration).
-///
-/// # Errors
-/// `CUDA_ERROR` when cuBLAS fails.
-///
-/// # Safety
-/// Every `A_z`, `B_z`, `C_z` must lie inside its buffer.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_strided_f32<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
-    gpu: &Gpu, ta: bool, tb: bool, m: usize, n: usize, k: usize, a: &A, lda: usize, stride_a: usize, b: &B, ldb: usize,
-    stride_b: usize, c: &mut C, ldc: usize, stride_c: usize, batch: usize,
-) -> Result<(), SnellaError> {
-    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasGemmStridedBatchedEx, cublasStatus_t, cudaDataType};
-    if m == 0 || n == 0 || batch == 0 {
-        return Ok(());
-    }
-    let (alpha, beta) = (1.0f32, 0.0f32);
-    let (ap, _ra) = a.device_ptr(&gpu.stream);
-    let (bp, _rb) = b.device_ptr(&gpu.stream);
-    let (cp, _rc) = c.device_ptr_mut(&gpu.stream);
-    // column-major view: cuBLAS's A is our B, its B our A (see `gemm`)
-    let st = cublasGemmStridedBatchedEx(
-        *gpu.blas.handle(),
-        if tb { CUBLAS_OP_T } else { CUBLAS_OP_N },
-        if ta { CUBLAS_OP_T } else { CUBLAS_OP_N },
-        n as i32,
-        m as i32,
-        k as i32,
-        &alpha as *const f32 as *const _,
-        bp as *const _,
-        cudaDataType::CUDA_R_32F,
-        ldb as i32,
-        stride_b as i64,
-        ap as *const _,
-        cudaDataType::CUDA_R_32F,
-        lda as i32,
-        stride_a as i64,
-        &beta as *const f32 as *const _,
-        cp as *mut _,
-        cudaDataType::CUDA_R_32F,
-        ldc as i32,
-        stride_c as i64,
-        batch as i32,
-        cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC,
-        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-    );
-    if st == cublasStatus_t::CUBLAS_STATUS_SUCCESS { Ok(()) } else { Err(cuda_err("cublasGemmStridedBatchedEx (f32)", st)) }
-}
-
 /// The forward of a linear layer, row-major f32 in memory: `y = x·Wᵀ (+ x·Δ) + bias (+ residual)`
 /// (`x: [rows, n_in]`, `W`, `Δ: [n_out, n_in]`, `y`, `residual: [rows, n_out]`), the bias and the
 /// residual added by cuBLASLt's epilogues ([`crate::gemm_lt`]) instead of separate passes. In bf16

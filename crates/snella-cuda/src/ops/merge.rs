@@ -5,12 +5,13 @@
 //! `[α, γ, β]` on the device (`None`: SNELL, `M = K`). `c_h = 0.1·(−1)^h`; `γ` is clamped to `≥ 1e-4`.
 //!
 //! The forward forms `K` row by row in registers (the softmax's row max and sum are block
-//! reductions); the backward recomputes `D`, `K` and `P` tile by tile into the transient
-//! `E_h = c_h·∂L/∂K ⊘ D_h` (`[H, in, out]` f32 scratch, freed at return) and sums it against `B` and
-//! `A` with two cuBLAS GEMMs. Every reduction runs in one fixed order (no float atomics), so the
-//! results are bit-identical from run to run. Against the CPU reference they agree to rounding:
-//! `D` and `K` are computed with the CPU's operation order and carry its bits; `expf` and the order
-//! of the softmax and gradient sums differ.
+//! reductions); the backward recomputes `D`, `K` and `P` (or reads the `K` and `D` saved by
+//! [`merge_fwd_saving`]) tile by tile into `E_h = c_h·∂L/∂K ⊘ D_h` in shared memory and sums each
+//! tile against `B` and `A` at once into per-block partials (`E` is never stored). Every reduction
+//! runs in one fixed order (no float atomics), so the results are bit-identical from run to run.
+//! Against the CPU reference they agree to rounding: `D` and `K` are computed with the CPU's
+//! operation order and carry its bits; `expf`, the backward's fast divisions for `P` and `E`
+//! (≤ 2 ulp) and the order of the softmax and gradient sums differ.
 
 use super::{In, Out};
 use crate::device::{cuda_err, Gpu};
@@ -43,13 +44,16 @@ fn check(
     if let Some(x) = mix {
         need("mixture", x.len(), 3, "[α, γ, β]".into())?;
     }
-    let rs = rh | 1;
+    if heads == 0 || heads > 8 {
+        return Err(SnellaError::config("heads", heads, "1 to 8 kernel pieces on the CUDA backend (one backward block covers H·32 rows of a tile)"));
+    }
+    let rs = (rh + 1) | 1;
     let shared = (2 * heads * TILE * rs + heads * TILE * (TILE + 1)) * 4;
-    if shared > MAX_SHARED {
+    if shared > MAX_SHARED || tile_sums_per_thread(heads, rh) > 32 {
         return Err(SnellaError::config(
             "heads/rank",
             format!("H={heads}, r/H={rh}"),
-            "(2·H·32·((r/H) | 1) + H·32·33)·4 bytes ≤ 47 KiB of shared memory on the CUDA backend (e.g. r/H ≤ 77 at H = 2, ≤ 171 at H = 1)",
+            "(2·H·32·((r/H + 1) | 1) + H·32·33)·4 bytes ≤ 47 KiB of shared memory on the CUDA backend (e.g. r/H ≤ 76 at H = 2, ≤ 170 at H = 1)",
         ));
     }
     if n_in > u32::MAX as usize || n_out > u32::MAX as usize {
@@ -66,7 +70,7 @@ fn sm_count(gpu: &Gpu) -> usize {
         .unwrap_or(132)
 }
 
-/// Rows per block of the forward and row-statistics kernels: the largest of 8, 4, 2 that still
+/// Rows per block of the recomputing backward's row-statistics kernels: the largest of 8, 4, 2 that still
 /// gives two blocks per SM, else 1 (small layers need the parallelism more than the reuse of `B`).
 fn rows_per_block(n_in: usize, sms: usize) -> usize {
     [8, 4, 2].into_iter().find(|&r| n_in.div_ceil(r) >= 2 * sms).unwrap_or(1)
@@ -79,8 +83,8 @@ fn rows_per_block(n_in: usize, sms: usize) -> usize {
 /// - `mix`: `[α, γ, β]` on the device (SNELLA), or `None` (SNELL: `M = K`).
 /// - `m`: output `[n_in, n_out]`, overwritten.
 ///
-/// One launch. Matches [`snella_core::snella::merge::merge_fwd`] to f32 rounding (`K`, hence the
-/// whole SNELL output, bit for bit).
+/// One launch (SNELL), two with the mixture. Matches [`snella_core::snella::merge::merge_fwd`] to
+/// f32 rounding (`K`, hence the whole SNELL output, bit for bit).
 ///
 /// # Errors
 /// `Tensor` when a buffer is shorter than its shape; `Config` when `heads > 8`;
@@ -119,7 +123,9 @@ pub fn merge_fwd_saving(
     Ok(saved)
 }
 
-/// The forward launch (shapes checked by the caller).
+/// The forward launches (shapes checked by the caller): `snella_merge_fwd_tiles` over 32×32 tiles
+/// writes `K` (and the saved `K`, `D`), then with the mixture `snella_merge_fwd_softmax` rewrites
+/// each row of `M` in place.
 #[allow(clippy::too_many_arguments)]
 fn fwd_launch(
     gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, m: &mut Out,
@@ -128,35 +134,34 @@ fn fwd_launch(
     if n_in == 0 || n_out == 0 {
         return Ok(());
     }
-    let rows = rows_per_block(n_in, sm_count(gpu));
-    let name = match rows {
-        8 => "snella_merge_fwd_r8",
-        4 => "snella_merge_fwd_r4",
-        2 => "snella_merge_fwd_r2",
-        _ => "snella_merge_fwd_r1",
-    };
-    let f = gpu.func(name);
+    let (n_it, n_jt) = (n_in.div_ceil(TILE), n_out.div_ceil(TILE));
+    if n_it > 65535 {
+        return Err(SnellaError::config("in", n_in, "at most 65535·32 rows on the CUDA backend"));
+    }
     let (h32, i32_, o32, r32) = (heads as u32, n_in as u32, n_out as u32, rh as u32);
     let null = 0u64;
-    let cfg = LaunchConfig {
-        grid_dim: (n_in.div_ceil(rows) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: (rows * heads * rh * 4) as u32,
-    };
+    let shared = 2 * heads * TILE * ((rh + 1) | 1) * 4;
+    let f = gpu.func("snella_merge_fwd_tiles");
+    let cfg = LaunchConfig { grid_dim: (n_jt as u32, n_it as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
     let mut lb = gpu.stream.launch_builder(&f);
-    lb.arg(a).arg(b).arg(&h32).arg(&i32_).arg(&o32).arg(&r32);
-    match mix {
-        Some(x) => lb.arg(x),
-        None => lb.arg(&null),
-    };
-    lb.arg(m);
+    lb.arg(a).arg(b).arg(&h32).arg(&i32_).arg(&o32).arg(&r32).arg(&mut *m);
     match saved {
         Some(sv) => lb.arg(&mut sv.k).arg(&mut sv.d),
         None => lb.arg(&null).arg(&null),
     };
     // SAFETY: the lengths were checked against the shapes (K and D sized by merge_fwd_saving); the
-    // kernel bounds-checks rows and columns, and the dynamic shared memory holds rows·H·rh floats.
-    unsafe { lb.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err(name, e))
+    // kernel bounds-checks rows and columns; the shared memory (2·H·32·rs floats) is within the
+    // limit `check` enforces for the larger backward tiles.
+    unsafe { lb.launch(cfg) }.map_err(|e| cuda_err("snella_merge_fwd_tiles", e))?;
+    if let Some(x) = mix {
+        let f = gpu.func("snella_merge_fwd_softmax");
+        let cfg = LaunchConfig { grid_dim: (n_in as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let mut lb = gpu.stream.launch_builder(&f);
+        lb.arg(m).arg(&o32).arg(x);
+        // SAFETY: M holds n_in·n_out floats (checked), one block per row; the mixture 3 floats.
+        unsafe { lb.launch(cfg) }.map_err(|e| cuda_err("snella_merge_fwd_softmax", e))?;
+    }
+    Ok(())
 }
 
 /// Backward of the kernelized merge (spec §3), recomputing `D`, `K` and `P` (no stored `M`).
@@ -168,8 +173,9 @@ fn fwd_launch(
 /// - `dmix`: `[3]`, overwritten with `(∂α, ∂γ, ∂β)` when `mix` is given (`∂γ = 0` while `γ < 1e-4`);
 ///   zeros when `mix` is `None`.
 ///
-/// Four to five launches and two strict-f32 cuBLAS GEMMs (see `bwd_gemm`), one scratch allocation
-/// of `H·in·out + 2·H·(in + out)·(rh + 1)` floats (+ `4·in` with the mixture). Deterministic.
+/// Two to three launches (see `bwd_tiles`) and one scratch allocation of about
+/// `H·(rh + 1)·(in·⌈out/32⌉/jt + out·⌈in/32⌉)` floats (+ `4·in` with the mixture) for the partial
+/// sums, `jt` ≥ 1 column tiles per block. Deterministic.
 /// Matches [`snella_core::snella::merge::merge_bwd`] to f32 rounding.
 ///
 /// # Errors
@@ -185,9 +191,8 @@ pub fn merge_bwd(
 
 /// [`merge_bwd`] reusing `K` and the distances saved by [`merge_fwd_saving`] from the same `A`,
 /// `B` (and mixture): the row statistics and `E` are then element-wise passes over them instead of
-/// recomputing `D`: the same `dA`, `dB` bits as the recomputing path (measured on the H200), and
-/// `∂γ` to f32 rounding (its partial sums are grouped by row chunk instead of by tile). `None`
-/// recomputes.
+/// recomputing `D`, with the recomputing path's arithmetic and sum order (the saved `K`, `D` carry
+/// the recomputed bits), so the results are the same bits (asserted on the GPU). `None` recomputes.
 ///
 /// # Errors
 /// As [`merge_bwd`]; `Tensor` when `saved` does not hold `in·out` and `H·in·out` values.
@@ -230,22 +235,23 @@ pub fn merge_bwd_saved(
         }
         (_, d) => d,
     };
-    bwd_gemm(gpu, saved, a, b, heads, n_in, n_out, rh, mix, dm, da, db, dmix, shared)
+    bwd_tiles(gpu, saved, a, b, heads, n_in, n_out, rh, mix, dm, da, db, dmix, shared)
 }
 
-/// [`merge_bwd`] for `n_in, n_out ≥ 1` through a materialised `E: [H, in, out]` (f32 scratch):
-/// 1. the row statistics of the softmax (mixture only);
-/// 2. `snella_merge_bwd_e`: `E_h` tile by tile (and the `∂γ` partials);
-/// 3. two strict-f32 strided-batched GEMMs over `h`: `partA_h = E_h·[B_h | 1]` and
-///    `partB_h = E_hᵀ·[A_h | 1]` (the ones columns give the row and column sums of `E_h`);
-/// 4. `snella_merge_bwd_finish`: `dA = A ⊙ rowsum − E·B`, `dB = B ⊙ colsum − Eᵀ·A`, `dmix`.
+/// [`merge_bwd`] for `n_in, n_out ≥ 1`:
+/// 1. the row statistics of the softmax (mixture only; from the saved `K` when given);
+/// 2. `snella_merge_bwd_tiles_r*`: `E_h` tile by tile in shared memory (recomputed, or from the saved
+///    `K` and `D`), summed at once against `[B_h | 1]` and `[A_h | 1]` into per-block partials
+///    (`partA [splits, H, rh + 1, in]`, `partB [row tiles, H, rh + 1, out]`) and the `∂γ` partials;
+/// 3. `snella_merge_bwd_finish`: `dA = A ⊙ rowsum − E·B`, `dB = B ⊙ colsum − Eᵀ·A`, `dmix`.
 ///
-/// The sums over `j` and `i` thus run on cuBLAS instead of shared-memory loops in the tiles kernel
-/// (session 3: the earlier tiles kernel formed each `E` tile twice, once for `∂A`, once for `∂B`,
-/// and summed in shared memory; 768×3072 merge + top-k + sparsify fwd+bwd 0.413 → 0.375 ms on the
-/// H200, and it lifts that kernel's `H·(r/H + 1) ≤ 72` limit).
+/// Session 6 (measured with ncu on the H200, ViT-B/16 bf16 step): step 2 replaces a kernel that wrote
+/// `E [H, in, out]` to global memory and two strict-f32 cuBLAS GEMMs over it, which took 6.2 of the
+/// step's 48.6 ms because cuBLAS gave those skinny products (`N = rh + 1 = 17`) 48 to 192 blocks.
+/// Each block takes one 32-row tile and `jt` column tiles, `jt` the largest of 8, 4, 2 that still
+/// gives four blocks per SM (the partials of `dA` shrink by `jt`).
 #[allow(clippy::too_many_arguments)]
-fn bwd_gemm(
+fn bwd_tiles(
     gpu: &Gpu, saved: Option<&MergeSaved>, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, dm: &In,
     da: &mut Out, db: &mut Out, dmix: Option<&mut Out>, shared: usize,
 ) -> Result<(), SnellaError> {
@@ -256,24 +262,18 @@ fn bwd_gemm(
     if n_it > 65535 {
         return Err(SnellaError::config("in", n_in, "at most 65535·32 rows on the CUDA backend"));
     }
-    // the saved-tensor kernels take one grid row per matrix row
-    let saved = saved.filter(|_| n_in <= 65535);
     let r1 = rh + 1;
-    // One scratch buffer: rowstat [n_in, 4] (mixture only) | E [H, in, out] | A' | B' | partA | partB | gpart.
+    let jt = [8usize, 4, 2].into_iter().find(|&t| n_it * n_jt.div_ceil(t) >= 4 * sms).unwrap_or(1);
+    let n_sa = n_jt.div_ceil(jt);
+    // One scratch buffer: rowstat [n_in, 4] (mixture only) | partA | partB | gpart.
     let len_rs = if mix.is_some() { 4 * n_in } else { 0 };
-    let len_e = heads * n_in * n_out;
-    let (len_ap, len_bp) = (heads * n_in * r1, heads * n_out * r1);
-    // ∂γ partials: one per E tile, or per (row, 256 columns) from the saved tensors
-    let len_gp = if saved.is_some() { n_in * n_out.div_ceil(THREADS as usize) } else { n_it * n_jt };
-    let total = len_rs + len_e + 2 * len_ap + 2 * len_bp + len_gp;
-    // SAFETY: every element read later is written first by the kernels and GEMMs below.
-    let mut scratch = unsafe { gpu.uninit::<f32>(total) }?;
+    let (len_pa, len_pb, len_gp) = (n_sa * heads * r1 * n_in, n_it * heads * r1 * n_out, n_it * n_sa);
+    // SAFETY: every element read later is written first by the kernels below (the tiles kernel
+    // writes every partial of a valid row or column, for every split).
+    let mut scratch = unsafe { gpu.uninit::<f32>(len_rs + len_pa + len_pb + len_gp) }?;
     let (mut rowstat, mut rest) = scratch.split_at_mut(len_rs);
-    let (mut e, mut rest) = rest.split_at_mut(len_e);
-    let (mut a1, mut rest) = rest.split_at_mut(len_ap);
-    let (mut b1, mut rest) = rest.split_at_mut(len_bp);
-    let (mut part_a, mut rest) = rest.split_at_mut(len_ap);
-    let (mut part_b, mut gpart) = rest.split_at_mut(len_bp);
+    let (mut part_a, mut rest) = rest.split_at_mut(len_pa);
+    let (mut part_b, mut gpart) = rest.split_at_mut(len_pb);
 
     if let (Some(x), Some(sv)) = (mix, saved) {
         let f = gpu.func("snella_merge_bwd_rowstats_saved");
@@ -286,49 +286,39 @@ fn bwd_gemm(
         rowstats(gpu, a, b, heads, n_in, n_out, rh, x, dm, &mut rowstat, sms)?;
     }
     let rowstat = rowstat.as_view();
-    if let Some(sv) = saved {
-        let f = gpu.func("snella_merge_bwd_e_saved");
-        let cfg = LaunchConfig { grid_dim: (n_out.div_ceil(THREADS as usize) as u32, n_in as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let mut lb = gpu.stream.launch_builder(&f);
-        lb.arg(&sv.k).arg(&sv.d).arg(&h32).arg(&i32_).arg(&o32);
-        match mix {
-            Some(x) => lb.arg(x).arg(dm).arg(&rowstat),
-            None => lb.arg(&null).arg(dm).arg(&null),
-        };
-        lb.arg(&mut e).arg(&mut gpart);
-        // SAFETY: K, D, dM and E hold (H·)n_in·n_out floats (checked / sized above), gpart one value
-        // per block of the grid; each thread touches only its (i, j).
-        unsafe { lb.launch(cfg) }.map_err(|e| cuda_err("snella_merge_bwd_e_saved", e))?;
-    } else {
-        let f = gpu.func("snella_merge_bwd_e");
-        let cfg = LaunchConfig { grid_dim: (n_jt as u32, n_it as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
-        let mut lb = gpu.stream.launch_builder(&f);
-        lb.arg(a).arg(b).arg(&h32).arg(&i32_).arg(&o32).arg(&r32);
-        match mix {
-            Some(x) => lb.arg(x).arg(dm).arg(&rowstat),
-            None => lb.arg(&null).arg(dm).arg(&null),
-        };
-        lb.arg(&mut e).arg(&mut gpart);
-        // SAFETY: E holds H·n_in·n_out floats, gpart n_it·n_jt; the grid is n_jt × n_it tiles and
-        // the kernel writes only entries inside [n_in, n_out].
-        unsafe { lb.launch(cfg) }.map_err(|e| cuda_err("snella_merge_bwd_e", e))?;
-    }
-    for (src, dst, rows) in [(a, &mut a1, heads * n_in), (b, &mut b1, heads * n_out)] {
-        let f = gpu.func("snella_merge_pad_ones");
-        let (rows64, n) = (rows as u64, rows * r1);
-        let mut lb = gpu.stream.launch_builder(&f);
-        lb.arg(src).arg(dst).arg(&rows64).arg(&r32);
-        // SAFETY: src holds rows·rh floats (checked), dst rows·(rh + 1); grid-stride over the latter.
-        unsafe { lb.launch(super::reduce::grid_stride(n)) }.map_err(|e| cuda_err("snella_merge_pad_ones", e))?;
-    }
-    let e = e.as_view();
-    // SAFETY: per h, E_h [n_in, n_out], A'_h [n_in, rh+1], B'_h [n_out, rh+1] and the partials lie
-    // inside their buffers (sized above).
-    unsafe {
-        crate::gemm::gemm_strided_f32(gpu, false, false, n_in, r1, n_out, &e, n_out, n_in * n_out, &b1, r1, n_out * r1, &mut part_a, r1, n_in * r1, heads)?;
-        crate::gemm::gemm_strided_f32(gpu, true, false, n_out, r1, n_in, &e, n_out, n_in * n_out, &a1, r1, n_in * r1, &mut part_b, r1, n_out * r1, heads)?;
-    }
-    finish(gpu, heads, n_in, n_out, rh, a, b, da, db, mix, dmix, &part_a.as_view(), 1, &part_b.as_view(), 1, &rowstat, &gpart.as_view(), len_gp)
+    // the smallest instantiation that holds this thread count of sums: the unrolled sums of the
+    // kernel issue RM predicated loads and FMAs per step, so RM = 5 at H = 2, r/H = 16 (17 sums over
+    // 4 groups) instead of 8 saves a third of them
+    let name = match tile_sums_per_thread(heads, rh) {
+        0..=5 => "snella_merge_bwd_tiles_r5",
+        6..=8 => "snella_merge_bwd_tiles_r8",
+        _ => "snella_merge_bwd_tiles_r32",
+    };
+    let f = gpu.func(name);
+    let jt32 = jt as u32;
+    let cfg = LaunchConfig { grid_dim: (n_sa as u32, n_it as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
+    let mut lb = gpu.stream.launch_builder(&f);
+    lb.arg(a).arg(b).arg(&h32).arg(&i32_).arg(&o32).arg(&r32);
+    match mix {
+        Some(x) => lb.arg(x).arg(dm).arg(&rowstat),
+        None => lb.arg(&null).arg(dm).arg(&null),
+    };
+    match saved {
+        Some(sv) => lb.arg(&sv.k).arg(&sv.d),
+        None => lb.arg(&null).arg(&null),
+    };
+    lb.arg(&jt32).arg(&mut part_a).arg(&mut part_b).arg(&mut gpart);
+    // SAFETY: shapes checked (A, B, dM, K, D; H ≤ 8 and the per-thread sums ≤ 32 by `check`); the
+    // partials and gpart are sized above for the grid (n_sa × n_it blocks); the kernel bounds-checks
+    // rows and columns.
+    unsafe { lb.launch(cfg) }.map_err(|e| cuda_err(name, e))?;
+    finish(gpu, heads, n_in, n_out, rh, a, b, da, db, mix, dmix, &part_a.as_view(), n_sa, &part_b.as_view(), n_it, &rowstat, &gpart.as_view(), len_gp)
+}
+
+/// Partial sums each thread of the backward's tiles kernel accumulates: `⌈(rh + 1) / ⌊256 / (32·H)⌋⌉`
+/// (`H ≤ 8`).
+fn tile_sums_per_thread(heads: usize, rh: usize) -> usize {
+    (rh + 1).div_ceil(THREADS as usize / (32 * heads.max(1)))
 }
 
 /// Backward step 1 (mixture only): `rowstat [n_in, 4]` = (max_j K/γ, Σ_j exp(K/γ − max),
