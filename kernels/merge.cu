@@ -37,6 +37,7 @@ constexpr int NWARPS = THREADS / 32;
 constexpr int TI = 32;                // backward tile: rows
 constexpr int TJ = 32;                // backward tile: columns (one per lane)
 constexpr int ES = TJ + 1;            // row stride of the E tile in shared memory
+constexpr int TS = 33;                // row stride of the transposed A, B tiles [H][rh + 1][TS]
 
 __device__ __forceinline__ float coeff(unsigned h) { return (h & 1u) ? -0.1f : 0.1f; }
 
@@ -130,28 +131,27 @@ __device__ __forceinline__ void load_rows(float* sa, const float* __restrict__ A
   }
 }
 
-// One 32×32 tile of the backward: E_h[i0 + ii, j0 + jj] into es [H][TI][ES], from the A tile
-// as [H][TI][rs] and the B tile bs [H][TJ][rs] in shared memory (rs: odd row stride ≥ rh). Thread
-// (warp w, lane l) handles jj = l and ii = w + 8q, q < 4. Entries outside [n_in, n_out] get E = 0.
+// One 32×32 tile of the backward: E_h[i0 + ii, j0 + jj] into es [H][TI][ES], from the transposed A
+// tile as [H][rh + 1][TS] and B tile bs (load_tile_t) in shared memory. Thread (warp w, lane l)
+// handles jj = l and ii = w + 8q, q < 4. Entries outside [n_in, n_out] get E = 0.
 // Returns this thread's share of Σ P⊙(Ĝ − s)⊙K (0 without the mixture). Mirrors the CPU's bwd_chunk:
 // pm = P·(Ĝ − s), ∂L/∂K = Ĝ + (α/γ)·pm, E = (c_h·∂L/∂K)/D (0 where D = 0); the divisions giving P
 // and E are the fast ones (__fdividef, ≤ 2 ulp for the divisors here: D > 0 is a distance, S ≥ 1 a
 // softmax sum), each a few instructions instead of an IEEE division's check and slow path.
 __device__ __forceinline__ float e_tile(const float* as, const float* bs, float* es, const float* __restrict__ G,
                                         const float* __restrict__ rowstat, unsigned i0, unsigned j0, unsigned n_in,
-                                        unsigned n_out, unsigned H, unsigned rh, unsigned rs, bool mix, float alpha,
-                                        float g) {
+                                        unsigned n_out, unsigned H, unsigned rh, bool mix, float alpha, float g) {
   const unsigned jj = threadIdx.x & 31, w = threadIdx.x >> 5;
   float kk[4] = {0.f, 0.f, 0.f, 0.f};
   for (unsigned h = 0; h < H; h++) {
     float d2[4] = {0.f, 0.f, 0.f, 0.f};
-    const float* bp = bs + (h * TJ + jj) * rs;
-    const float* ap = as + (h * TI + w) * rs;
+    const float* bp = bs + h * (rh + 1) * TS + jj;
+    const float* ap = as + h * (rh + 1) * TS + w;
     for (unsigned r = 0; r < rh; r++) {
-      const float b = bp[r];
+      const float b = bp[r * TS];
 #pragma unroll
       for (int q = 0; q < 4; q++) {
-        const float t = __fsub_rn(ap[q * 8 * rs + r], b);
+        const float t = __fsub_rn(ap[r * TS + 8 * q], b);
         d2[q] = __fadd_rn(d2[q], __fmul_rn(t, t));
       }
     }
@@ -187,20 +187,21 @@ __device__ __forceinline__ float e_tile(const float* as, const float* bs, float*
   return gam;
 }
 
-// Loads tile rows x0 .. x0 + 31 of X [H, rows, rh] into dst [H][32][rs] as X1 = [X | 1] (rs ≥ rh + 1;
-// zeros past `rows`, the ones column r = rh on every row).
-__device__ __forceinline__ void load_tile1(float* dst, const float* __restrict__ X, unsigned H, unsigned rows, unsigned rh,
-                                           unsigned rs, unsigned x0) {
-  // The tile of head h is one contiguous run of 32·rh floats in X: coalesced loads, consecutive
-  // threads on consecutive floats; (x, r) of element e advance by (⌊nt/rh⌋, nt mod rh) per step
-  // instead of dividing every time.
+// Loads tile rows x0 .. x0 + 31 of X [H, rows, rh] transposed into dst [H][rh + 1][TS]:
+// dst[(h·(rh + 1) + r)·TS + x] = X[h, x0 + x, r] (zeros past `rows`), and the ones row r = rh, so that
+// the tile is X1 = [X | 1] column by column. Consecutive threads load consecutive floats of the
+// tile's contiguous run in X (coalesced); (x, r) advance by (⌊nt/rh⌋, nt mod rh) per step instead
+// of dividing every time.
+__device__ __forceinline__ void load_tile_t(float* dst, const float* __restrict__ X, unsigned H, unsigned rows,
+                                            unsigned rh, unsigned x0) {
   const unsigned nt = blockDim.x, qd = nt / rh, qm = nt % rh, per = 32 * rh;
+  const unsigned xs = threadIdx.x / rh, rst = threadIdx.x % rh;
   for (unsigned h = 0; h < H; h++) {
     const float* src = X + ((size_t)h * rows + x0) * rh;
-    float* d = dst + h * 32 * rs;
-    unsigned x = threadIdx.x / rh, r = threadIdx.x % rh;
+    float* d = dst + h * (rh + 1) * TS;
+    unsigned x = xs, r = rst;
     for (unsigned e = threadIdx.x; e < per; e += nt) {
-      d[x * rs + r] = x0 + x < rows ? src[e] : 0.f;
+      d[r * TS + x] = x0 + x < rows ? src[e] : 0.f;
       x += qd;
       r += qm;
       if (r >= rh) {
@@ -208,7 +209,7 @@ __device__ __forceinline__ void load_tile1(float* dst, const float* __restrict__
         x++;
       }
     }
-    if (threadIdx.x < 32) d[threadIdx.x * rs + rh] = 1.f;
+    if (threadIdx.x < 32) d[rh * TS + threadIdx.x] = 1.f;
   }
 }
 
@@ -343,7 +344,11 @@ __device__ __forceinline__ void rowstats_body(const float* __restrict__ A, const
 // are coalesced along rows. The block's share of Σ P⊙(Ĝ − s)⊙K (∂γ) goes to gpart[y·gridDim.x + x].
 // Thread t owns (h, row) = (t mod H·32) and the r-group g = t div H·32 (G = 256 / (H·32) groups, H ≤ 8):
 // r = g, g + G, …, at most RM of them. Every sum runs in one fixed order: deterministic.
-// Dynamic shared memory: (2·H·32·rs + H·32·33) floats, rs = (rh + 1) | 1.
+// Dynamic shared memory: (2·H·(rh + 1)·TS + H·32·ES) floats. The transposed tiles put the sums'
+// operands at compile-time offsets from a few per-thread row pointers: the unrolled loops are loads
+// and FMAs only (the first version indexed [row][r] tiles with runtime strides: 28% of its
+// instructions were address arithmetic, ncu on the H200). A thread with fewer than RM sums computes
+// the spare ones on a valid row (clamped) and does not store them.
 template <int RM>
 __device__ __forceinline__ void bwd_tiles_body(const float* __restrict__ A, const float* __restrict__ B, unsigned H,
                                                unsigned n_in, unsigned n_out, unsigned rh, const float* __restrict__ mix,
@@ -355,27 +360,31 @@ __device__ __forceinline__ void bwd_tiles_body(const float* __restrict__ A, cons
   __shared__ float gsum[1];
   const bool has_mix = mix != nullptr;
   const float alpha = has_mix ? mix[0] : 0.f, g = has_mix ? clamp_gamma(mix[1]) : 1.f;
-  const unsigned r1 = rh + 1, rs = r1 | 1u;
+  const unsigned r1 = rh + 1;
   float* as = sh;
-  float* bs = as + H * TI * rs;
-  float* es = bs + H * TJ * rs;
+  float* bs = as + H * r1 * TS;
+  float* es = bs + H * r1 * TS;
   const unsigned i0 = blockIdx.y * TI;
   const unsigned n_jt = (n_out + TJ - 1) / TJ, jt0 = blockIdx.x * jt, jt1 = min(jt0 + jt, n_jt);
-  // this thread's (h, row) and r-group
+  // this thread's (h, row) and r-group: r = grp + k·ng, k < cnt
   const unsigned pairs = H * 32, ng = THREADS / pairs, t = threadIdx.x;
   const unsigned hh = (t % pairs) / 32, x = t % 32, grp = t / pairs;
   const unsigned cnt = grp < ng && grp < r1 ? (r1 - grp + ng - 1) / ng : 0;
-  load_tile1(as, A, H, n_in, rh, rs, i0);
+  // rows of the transposed tiles this thread reads (clamped to r ≤ rh for the spare sums)
+  unsigned roff[RM];
+#pragma unroll
+  for (int k = 0; k < RM; k++) roff[k] = (hh * r1 + min(grp + k * ng, rh)) * TS;
+  load_tile_t(as, A, H, n_in, rh, i0);
   float acc_a[RM];
 #pragma unroll
   for (int k = 0; k < RM; k++) acc_a[k] = 0.f;
   float gam = 0.f;
   for (unsigned tj = jt0; tj < jt1; tj++) {
     const unsigned j0 = tj * TJ;
-    load_tile1(bs, B, H, n_out, rh, rs, j0);
+    load_tile_t(bs, B, H, n_out, rh, j0);
     __syncthreads();
     gam += D != nullptr ? e_tile_saved(es, K, D, G, rowstat, i0, j0, n_in, n_out, H, has_mix, alpha, g)
-                        : e_tile(as, bs, es, G, rowstat, i0, j0, n_in, n_out, H, rh, rs, has_mix, alpha, g);
+                        : e_tile(as, bs, es, G, rowstat, i0, j0, n_in, n_out, H, rh, has_mix, alpha, g);
     __syncthreads();
     if (cnt > 0) {
       // partB: column x of this tile, summed over the tile's rows
@@ -383,12 +392,11 @@ __device__ __forceinline__ void bwd_tiles_body(const float* __restrict__ A, cons
 #pragma unroll
       for (int k = 0; k < RM; k++) acc_b[k] = 0.f;
       const float* ec = es + hh * TI * ES + x;
-      const float* ac = as + hh * TI * rs + grp;
-      for (unsigned ii = 0; ii < TI; ii++) {
+#pragma unroll 4
+      for (int ii = 0; ii < TI; ii++) {
         const float e = ec[ii * ES];
 #pragma unroll
-        for (int k = 0; k < RM; k++)
-          if ((unsigned)k < cnt) acc_b[k] = fmaf(e, ac[ii * rs + k * ng], acc_b[k]);
+        for (int k = 0; k < RM; k++) acc_b[k] = fmaf(e, as[roff[k] + ii], acc_b[k]);
       }
       if (j0 + x < n_out) {
         float* pb = partB + ((size_t)(blockIdx.y * H + hh) * r1 + grp) * n_out + j0 + x;
@@ -398,12 +406,11 @@ __device__ __forceinline__ void bwd_tiles_body(const float* __restrict__ A, cons
       }
       // partA: row x of the row tile, summed over this tile's columns
       const float* er = es + (hh * TI + x) * ES;
-      const float* bc = bs + hh * TJ * rs + grp;
-      for (unsigned jj = 0; jj < TJ; jj++) {
+#pragma unroll 4
+      for (int jj = 0; jj < TJ; jj++) {
         const float e = er[jj];
 #pragma unroll
-        for (int k = 0; k < RM; k++)
-          if ((unsigned)k < cnt) acc_a[k] = fmaf(e, bc[jj * rs + k * ng], acc_a[k]);
+        for (int k = 0; k < RM; k++) acc_a[k] = fmaf(e, bs[roff[k] + jj], acc_a[k]);
       }
     }
     __syncthreads();
@@ -419,39 +426,37 @@ __device__ __forceinline__ void bwd_tiles_body(const float* __restrict__ A, cons
   block_reduce<1, false>(gv, red, gsum);
   if (threadIdx.x == 0) gpart[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = gsum[0];
 }
-
 }  // namespace snella_merge
 
 // Forward step 1: K for one 32×32 tile per block (grid (n_jt, n_it), 256 threads; thread (warp w,
 // lane l) takes column jj = l and rows ii = w + 8q, q < 4), written to M (= K, the SNELL output) and,
 // when not null, to ksave [n_in, n_out] and the distances to dsave [H, n_in, n_out] (the
 // backward-time merge's saved tensors). D_h and K use the CPU's operation order with explicitly
-// rounded mul/add (no FMA contraction), so they carry its bits. Dynamic shared memory 2·H·32·rs
-// floats, rs = (rh + 1) | 1.
+// rounded mul/add (no FMA contraction), so they carry its bits. Dynamic shared memory 2·H·(rh + 1)·TS
+// floats (the transposed tiles of load_tile_t).
 extern "C" __global__ void __launch_bounds__(256)
     snella_merge_fwd_tiles(const float* __restrict__ A, const float* __restrict__ B, unsigned H, unsigned n_in,
                            unsigned n_out, unsigned rh, float* __restrict__ M, float* __restrict__ ksave,
                            float* __restrict__ dsave) {
   using namespace snella_merge;
   extern __shared__ float snella_merge_ft_sh[];
-  const unsigned rs = (rh + 1) | 1u;
   float* as = snella_merge_ft_sh;
-  float* bs = as + H * TI * rs;
+  float* bs = as + H * (rh + 1) * TS;
   const unsigned i0 = blockIdx.y * TI, j0 = blockIdx.x * TJ;
-  load_tile1(as, A, H, n_in, rh, rs, i0);
-  load_tile1(bs, B, H, n_out, rh, rs, j0);
+  load_tile_t(as, A, H, n_in, rh, i0);
+  load_tile_t(bs, B, H, n_out, rh, j0);
   __syncthreads();
   const unsigned jj = threadIdx.x & 31, w = threadIdx.x >> 5, j = j0 + jj;
   float kk[4] = {0.f, 0.f, 0.f, 0.f};
   for (unsigned h = 0; h < H; h++) {
     float d2[4] = {0.f, 0.f, 0.f, 0.f};
-    const float* bp = bs + (h * TJ + jj) * rs;
-    const float* ap = as + (h * TI + w) * rs;
+    const float* bp = bs + h * (rh + 1) * TS + jj;
+    const float* ap = as + h * (rh + 1) * TS + w;
     for (unsigned r = 0; r < rh; r++) {
-      const float b = bp[r];
+      const float b = bp[r * TS];
 #pragma unroll
       for (int q = 0; q < 4; q++) {
-        const float t = __fsub_rn(ap[q * 8 * rs + r], b);
+        const float t = __fsub_rn(ap[r * TS + 8 * q], b);
         d2[q] = __fadd_rn(d2[q], __fmul_rn(t, t));
       }
     }
@@ -513,12 +518,12 @@ SNELLA_MERGE_ROWSTATS(4)
 SNELLA_MERGE_ROWSTATS(8)
 #undef SNELLA_MERGE_ROWSTATS
 
-// Backward step 2 (see snella_merge::bwd_tiles_body; RM = 5 is H = 2, r/H = 16, held to 48 registers
-// for five blocks per SM: 60 registers gave four, and ncu showed the kernel latency-bound): partA [ceil(n_jt / jt), H, rh + 1, n_in],
+// Backward step 2 (see snella_merge::bwd_tiles_body; RM = 6 serves H = 2, r/H = 16), held to 48
+// registers for five blocks per SM (H200: 64 registers and four blocks ran 37% slower): partA [ceil(n_jt / jt), H, rh + 1, n_in],
 // partB [n_it, H, rh + 1, n_out] and the ∂γ partials, for RM ≥ ⌈(rh + 1) / (256 / (H·32))⌉ and H ≤ 8.
 // K and D: the saved tensors (both null: recompute D, K and P from A and B).
 #define SNELLA_MERGE_BWD_TILES(RM)                                                                                 \
-  extern "C" __global__ void __launch_bounds__(256, RM == 5 ? 5 : 1) snella_merge_bwd_tiles_r##RM(                                   \
+  extern "C" __global__ void __launch_bounds__(256, RM <= 8 ? 5 : 1) snella_merge_bwd_tiles_r##RM(                                   \
       const float* __restrict__ A, const float* __restrict__ B, unsigned H, unsigned n_in, unsigned n_out,         \
       unsigned rh, const float* __restrict__ mix, const float* __restrict__ G, const float* __restrict__ rowstat,   \
       const float* __restrict__ K, const float* __restrict__ D, unsigned jt, float* __restrict__ partA,             \
@@ -527,7 +532,7 @@ SNELLA_MERGE_ROWSTATS(8)
     snella_merge::bwd_tiles_body<RM>(A, B, H, n_in, n_out, rh, mix, G, rowstat, K, D, jt, partA, partB, gpart,     \
                                      snella_merge_bt_sh_##RM);                                                     \
   }
-SNELLA_MERGE_BWD_TILES(5)
+SNELLA_MERGE_BWD_TILES(6)
 SNELLA_MERGE_BWD_TILES(8)
 SNELLA_MERGE_BWD_TILES(32)
 #undef SNELLA_MERGE_BWD_TILES

@@ -47,13 +47,13 @@ fn check(
     if heads == 0 || heads > 8 {
         return Err(SnellaError::config("heads", heads, "1 to 8 kernel pieces on the CUDA backend (one backward block covers H·32 rows of a tile)"));
     }
-    let rs = (rh + 1) | 1;
-    let shared = (2 * heads * TILE * rs + heads * TILE * (TILE + 1)) * 4;
+    // the transposed A and B tiles [H][rh + 1][33] and the E tile [H][32][33] (merge.cu TS, ES)
+    let shared = (2 * heads * (rh + 1) * (TILE + 1) + heads * TILE * (TILE + 1)) * 4;
     if shared > MAX_SHARED || tile_sums_per_thread(heads, rh) > 32 {
         return Err(SnellaError::config(
             "heads/rank",
             format!("H={heads}, r/H={rh}"),
-            "(2·H·32·((r/H + 1) | 1) + H·32·33)·4 bytes ≤ 47 KiB of shared memory on the CUDA backend (e.g. r/H ≤ 76 at H = 2, ≤ 170 at H = 1)",
+            "(2·H·(r/H + 1)·33 + H·32·33)·4 bytes ≤ 47 KiB of shared memory on the CUDA backend (e.g. r/H ≤ 74 at H = 2, ≤ 165 at H = 1)",
         ));
     }
     if n_in > u32::MAX as usize || n_out > u32::MAX as usize {
@@ -140,7 +140,7 @@ fn fwd_launch(
     }
     let (h32, i32_, o32, r32) = (heads as u32, n_in as u32, n_out as u32, rh as u32);
     let null = 0u64;
-    let shared = 2 * heads * TILE * ((rh + 1) | 1) * 4;
+    let shared = 2 * heads * (rh + 1) * (TILE + 1) * 4;
     let f = gpu.func("snella_merge_fwd_tiles");
     let cfg = LaunchConfig { grid_dim: (n_jt as u32, n_it as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
     let mut lb = gpu.stream.launch_builder(&f);
@@ -150,7 +150,7 @@ fn fwd_launch(
         None => lb.arg(&null).arg(&null),
     };
     // SAFETY: the lengths were checked against the shapes (K and D sized by merge_fwd_saving); the
-    // kernel bounds-checks rows and columns; the shared memory (2·H·32·rs floats) is within the
+    // kernel bounds-checks rows and columns; the shared memory (2·H·(rh + 1)·33 floats) is within the
     // limit `check` enforces for the larger backward tiles.
     unsafe { lb.launch(cfg) }.map_err(|e| cuda_err("snella_merge_fwd_tiles", e))?;
     if let Some(x) = mix {
@@ -286,12 +286,11 @@ fn bwd_tiles(
         rowstats(gpu, a, b, heads, n_in, n_out, rh, x, dm, &mut rowstat, sms)?;
     }
     let rowstat = rowstat.as_view();
-    // the smallest instantiation that holds this thread count of sums: the unrolled sums of the
-    // kernel issue RM predicated loads and FMAs per step, so RM = 5 at H = 2, r/H = 16 (17 sums over
-    // 4 groups) instead of 8 saves a third of them
+    // the smallest instantiation that holds this thread's count of sums (the kernel computes RM of
+    // them, spare ones discarded): RM = 6 at H = 2, r/H = 16 (17 sums over 4 groups)
     let name = match tile_sums_per_thread(heads, rh) {
-        0..=5 => "snella_merge_bwd_tiles_r5",
-        6..=8 => "snella_merge_bwd_tiles_r8",
+        0..=6 => "snella_merge_bwd_tiles_r6",
+        7..=8 => "snella_merge_bwd_tiles_r8",
         _ => "snella_merge_bwd_tiles_r32",
     };
     let f = gpu.func(name);
