@@ -344,9 +344,18 @@ extern "C" __global__ void __launch_bounds__(256)
 // dk = scale·dSᵀ·q in registers, with dSᵀ = Pᵀ ⊙ (dPᵀ − D), dPᵀ = v·dOᵀ; its share of dq
 // (scale·dS·k over its 64 keys) goes to dqp[key tile][bh][t][64] (no atomics: summed in a fixed order
 // by step 3, deterministic). Writes the k and v columns of dqkv [b, t, 3d] for its keys.
-template <typename T>
+// Two adjacent values of dqkv: f32, or rounded to bf16 (the gradient as the qkv linear's backward
+// products consume it: the same bits as the f32 value rounded later).
+__device__ __forceinline__ void fa_store2(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
+__device__ __forceinline__ void fa_store2(__nv_bfloat16* p, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
+__device__ __forceinline__ void fa_store1(float* p, float a) { *p = a; }
+__device__ __forceinline__ void fa_store1(__nv_bfloat16* p, float a) { *p = __float2bfloat16_rn(a); }
+
+template <typename T, typename G>
 __device__ __forceinline__ void flash_bwd(const T* __restrict__ qkv, const float* __restrict__ dout, const float* __restrict__ lse2,
-                                          const float* __restrict__ dvec, float* __restrict__ dqkv, float* __restrict__ dqp, unsigned t,
+                                          const float* __restrict__ dvec, G* __restrict__ dqkv, float* __restrict__ dqp, unsigned t,
                                           unsigned heads, float scale, float scale_log2) {
   __shared__ __align__(16) __nv_bfloat16 qs[FA_T * FA_S];   // q [query][e]
   __shared__ __align__(16) __nv_bfloat16 dos[FA_T * FA_S];  // dO [query][e]
@@ -461,16 +470,16 @@ __device__ __forceinline__ void flash_bwd(const T* __restrict__ qkv, const float
   }
   // this block's keys: dk (scaled) and dv into dqkv
   const int r0 = k0 + w * 16 + g, r1 = r0 + 8;
-  float* dst = dqkv + (size_t)bi * t * ld + h * FA_HD + 2 * q;
+  G* dst = dqkv + (size_t)bi * t * ld + h * FA_HD + 2 * q;
 #pragma unroll
   for (int n = 0; n < 8; ++n) {
     if (r0 < nt_) {
-      *reinterpret_cast<float2*>(dst + (size_t)r0 * ld + d + n * 8) = make_float2(dk[n][0] * scale, dk[n][1] * scale);
-      *reinterpret_cast<float2*>(dst + (size_t)r0 * ld + 2 * d + n * 8) = make_float2(dv[n][0], dv[n][1]);
+      fa_store2(dst + (size_t)r0 * ld + d + n * 8, dk[n][0] * scale, dk[n][1] * scale);
+      fa_store2(dst + (size_t)r0 * ld + 2 * d + n * 8, dv[n][0], dv[n][1]);
     }
     if (r1 < nt_) {
-      *reinterpret_cast<float2*>(dst + (size_t)r1 * ld + d + n * 8) = make_float2(dk[n][2] * scale, dk[n][3] * scale);
-      *reinterpret_cast<float2*>(dst + (size_t)r1 * ld + 2 * d + n * 8) = make_float2(dv[n][2], dv[n][3]);
+      fa_store2(dst + (size_t)r1 * ld + d + n * 8, dk[n][2] * scale, dk[n][3] * scale);
+      fa_store2(dst + (size_t)r1 * ld + 2 * d + n * 8, dv[n][2], dv[n][3]);
     }
   }
 }
@@ -488,12 +497,20 @@ extern "C" __global__ void __launch_bounds__(128)
                               unsigned heads, float scale, float scale_log2) {
   flash_bwd(qkv, dout, lse2, dvec, dqkv, dqp, t, heads, scale, scale_log2);
 }
+// The same writing the k and v columns of dqkv in bf16 (the f32 values rounded: identical bits).
+extern "C" __global__ void __launch_bounds__(128)
+    snella_flash_attn_bwd_q16_g16(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ dout, const float* __restrict__ lse2,
+                                  const float* __restrict__ dvec, __nv_bfloat16* __restrict__ dqkv, float* __restrict__ dqp, unsigned t,
+                                  unsigned heads, float scale, float scale_log2) {
+  flash_bwd(qkv, dout, lse2, dvec, dqkv, dqp, t, heads, scale, scale_log2);
+}
 
 // Backward, step 3: the q columns of dqkv = Σ over the `tiles` key tiles of dqp, in tile order
-// (deterministic). One thread per element of [b·heads, t, 64] (`total` of them); grid-stride.
-extern "C" __global__ void __launch_bounds__(256)
-    snella_flash_attn_bwd_dq(const float* __restrict__ dqp, float* __restrict__ dqkv, unsigned t, unsigned heads,
-                             unsigned tiles, unsigned long long total) {
+// (deterministic), in f32 or rounded to bf16 (G). One thread per element of [b·heads, t, 64] (`total`
+// of them); grid-stride.
+template <typename G>
+__device__ __forceinline__ void flash_bwd_dq(const float* __restrict__ dqp, G* __restrict__ dqkv, unsigned t, unsigned heads,
+                                             unsigned tiles, unsigned long long total) {
   const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
   for (unsigned long long x = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; x < total; x += stride) {
     const unsigned long long row = x / FA_HD;  // bh·t + i
@@ -501,6 +518,16 @@ extern "C" __global__ void __launch_bounds__(256)
     const unsigned bi = bh / heads, h = bh % heads, d = heads * FA_HD;
     float s = 0.f;
     for (unsigned k = 0; k < tiles; ++k) s += dqp[(unsigned long long)k * total + x];
-    dqkv[((unsigned long long)bi * t + i) * 3ull * d + h * FA_HD + e] = s;
+    fa_store1(dqkv + ((unsigned long long)bi * t + i) * 3ull * d + h * FA_HD + e, s);
   }
+}
+extern "C" __global__ void __launch_bounds__(256)
+    snella_flash_attn_bwd_dq(const float* __restrict__ dqp, float* __restrict__ dqkv, unsigned t, unsigned heads,
+                             unsigned tiles, unsigned long long total) {
+  flash_bwd_dq(dqp, dqkv, t, heads, tiles, total);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    snella_flash_attn_bwd_dq_g16(const float* __restrict__ dqp, __nv_bfloat16* __restrict__ dqkv, unsigned t, unsigned heads,
+                                 unsigned tiles, unsigned long long total) {
+  flash_bwd_dq(dqp, dqkv, t, heads, tiles, total);
 }

@@ -118,3 +118,22 @@ extern "C" __global__ void snella_gelu_bwd_bf16x(const __nv_bfloat16* __restrict
   }
   for (unsigned long long i = done + tid; i < n; i += stride) dx[i] = snella_gelu_grad(__bfloat162float(xk[i]), dy[i]);
 }
+
+// The same writing dx in bf16 (each f32 result rounded to nearest even: the bits of the f32 output
+// rounded later, as the fc1 backward's products round its dy).
+extern "C" __global__ void snella_gelu_bwd_bf16x_g16(const __nv_bfloat16* __restrict__ xk, const float* __restrict__ dy,
+                                                     __nv_bfloat16* __restrict__ dx, unsigned long long n) {
+  const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+  const unsigned long long tid = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+  unsigned long long done = 0;
+  if (((reinterpret_cast<uintptr_t>(xk) | reinterpret_cast<uintptr_t>(dx)) & 3) == 0 && (reinterpret_cast<uintptr_t>(dy) & 7) == 0) {
+    const unsigned long long n2 = n / 2;
+    for (unsigned long long i = tid; i < n2; i += stride) {
+      const float2 v = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(xk)[i]);
+      const float2 g = reinterpret_cast<const float2*>(dy)[i];
+      reinterpret_cast<__nv_bfloat162*>(dx)[i] = __floats2bfloat162_rn(snella_gelu_grad(v.x, g.x), snella_gelu_grad(v.y, g.y));
+    }
+    done = n2 * 2;
+  }
+  for (unsigned long long i = done + tid; i < n; i += stride) dx[i] = __float2bfloat16_rn(snella_gelu_grad(__bfloat162float(xk[i]), dy[i]));
+}

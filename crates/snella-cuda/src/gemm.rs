@@ -119,17 +119,40 @@ pub fn linear_bwd_products_bf16x<Y: DevicePtr<f32>, W: DevicePtr<f32>, D: Device
         }
         return Ok(());
     }
+    let dy16 = to_bf16(gpu, dy, rows * n_out)?;
+    linear_bwd_products_bf16(gpu, &dy16, w, x16, rows, n_in, n_out, dx, gt)
+}
+
+/// [`linear_bwd_products_bf16x`] with `dy` already in bf16 (`dy16: [rows, n_out]`, as the GELU and
+/// fused-attention backward kernels can write it): the same products on the same operands, without
+/// the conversion pass.
+///
+/// # Errors
+/// `Tensor` when `dy16` or `x16` is short; otherwise as [`linear_bwd_products_bf16x`].
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd_products_bf16<W: DevicePtr<f32>, D: DevicePtrMut<f32>, G: DevicePtrMut<f32>>(
+    gpu: &Gpu, dy16: &CudaSlice<u16>, w: &W, x16: Option<&CudaSlice<u16>>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut D>, gt: Option<&mut G>,
+) -> Result<(), SnellaError> {
+    if rows == 0 || n_in == 0 {
+        return Ok(());
+    }
+    if n_out == 0 {
+        if let Some(dx) = dx {
+            gpu.stream.memset_zeros(dx).map_err(|e| cuda_err("linear_bwd_products (zero dx)", e))?;
+        }
+        return Ok(());
+    }
+    crate::ops::reduce::check_len("linear_bwd_products", "dy", dy16.len(), rows * n_out)?;
     if let Some(x16) = x16 {
         crate::ops::reduce::check_len("linear_bwd_products", "x", x16.len(), rows * n_in)?;
     }
-    let dy16 = to_bf16(gpu, dy, rows * n_out)?;
     if let Some(dx) = dx {
         let w16 = to_bf16(gpu, w, n_out * n_in)?;
-        gemm_ex_bf16(gpu, false, false, rows, n_in, n_out, 1.0, &dy16, &w16, 0.0, dx)?;
+        gemm_ex_bf16(gpu, false, false, rows, n_in, n_out, 1.0, dy16, &w16, 0.0, dx)?;
     }
     if let Some(gt) = gt {
         let x16 = x16.ok_or_else(|| SnellaError::config("linear_bwd_products.x", 0, "the layer input in bf16 for the weight gradient"))?;
-        gemm_ex_bf16(gpu, true, false, n_out, n_in, rows, 1.0, &dy16, x16, 0.0, gt)?;
+        gemm_ex_bf16(gpu, true, false, n_out, n_in, rows, 1.0, dy16, x16, 0.0, gt)?;
     }
     Ok(())
 }

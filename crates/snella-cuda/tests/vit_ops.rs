@@ -196,6 +196,11 @@ fn flash_attention_matches_cpu() {
         assert_eq!(down(&gpu, &gl3), l, "{tag}: lse2 with the bf16 output");
         attention::flash_bwd(&gpu, &gdo.slice(..), ActRef::Bf16(&q16), ActRef::Bf16(&o16), &gl.slice(..), b, t, heads, hd, &mut gd.slice_mut(..)).unwrap();
         assert_eq!(down(&gpu, &gd), r2, "{tag}: bf16 qkv backward differs");
+        // dqkv written in bf16 (the qkv linear's dy): the f32 dqkv rounded, bit for bit
+        let mut gd16 = unsafe { gpu.uninit::<u16>(b * t * 3 * d) }.unwrap();
+        attention::flash_bwd_to(&gpu, &gdo.slice(..), ActRef::Bf16(&q16), ActRef::Bf16(&o16), &gl.slice(..), b, t, heads, hd, ActMut::Bf16(&mut gd16)).unwrap();
+        let want16 = snella_cuda::gemm::to_bf16(&gpu, &gd, b * t * 3 * d).unwrap();
+        assert_eq!(gpu.stream.clone_dtoh(&gd16).unwrap(), gpu.stream.clone_dtoh(&want16).unwrap(), "{tag}: bf16 dqkv is not the rounded f32 dqkv");
     }
     // head dims other than 64 are refused with a clear error (the backend then keeps cuBLAS)
     let (gq, mut go, mut gl) = (gpu.zeros(3 * 32).unwrap(), gpu.zeros(32).unwrap(), gpu.zeros(1).unwrap());
@@ -205,6 +210,10 @@ fn flash_attention_matches_cpu() {
     let (gq, mut go16, mut gl) = (gpu.zeros(3 * 64).unwrap(), unsafe { gpu.uninit::<u16>(64) }.unwrap(), gpu.zeros(1).unwrap());
     let e = attention::flash_fwd(&gpu, ActRef::F32(&gq.slice(..)), 1, 1, 1, 64, ActMut::Bf16(&mut go16), &mut gl.slice_mut(..)).unwrap_err();
     assert!(e.to_string().contains("bf16"), "{e}");
+    // and a bf16 dqkv too
+    let (go, gdo, mut gd16) = (gpu.zeros(64).unwrap(), gpu.zeros(64).unwrap(), unsafe { gpu.uninit::<u16>(3 * 64) }.unwrap());
+    let e = attention::flash_bwd_to(&gpu, &gdo.slice(..), ActRef::F32(&gq.slice(..)), ActRef::F32(&go.slice(..)), &gl.slice(..), 1, 1, 1, 64, ActMut::Bf16(&mut gd16)).unwrap_err();
+    assert!(e.to_string().contains("dqkv"), "{e}");
 }
 
 /// bf16 bit patterns as f32 values.
@@ -322,6 +331,10 @@ fn gelu_kept_bf16_forms_are_the_f32_kernels_on_rounded_inputs() {
             gelu::gelu_bwd(&gpu, &xr.slice(..), &gdy.slice(..), &mut dx.slice_mut(..)).unwrap();
             gelu::gelu_bwd_bf16x(&gpu, &xk, &gdy.slice(..), &mut dx16.slice_mut(..)).unwrap();
             assert_eq!(down(&gpu, &dx16), down(&gpu, &dx), "{tag}: backward");
+            // and dx written in bf16: the f32 dx rounded, bit for bit
+            let mut dxg = unsafe { gpu.uninit::<u16>(n) }.unwrap();
+            gelu::gelu_bwd_bf16x_g16(&gpu, &xk, &gdy.slice(..), &mut dxg).unwrap();
+            assert_eq!(bits(&dxg), bits(&snella_cuda::gemm::to_bf16(&gpu, &dx, n).unwrap()), "{tag}: backward, bf16 dx");
         }
     }
     println!("gelu kept-bf16 forms: bit-identical to the f32 kernels on the rounded inputs");

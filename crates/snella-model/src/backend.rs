@@ -75,6 +75,11 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// reads `x` in the bf16 its forward kept.
     #[allow(clippy::too_many_arguments)]
     fn linear_bwd_products(&self, dy: &Self::Buf, w: &Self::Buf, x: &Self::Act, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Self::Buf>, gt: Option<&mut Self::Buf>);
+    /// [`Backend::linear_bwd_products`] with `dy` as a [`Backend::Act`] (the output of
+    /// [`Backend::gelu_bwd_to_act`] or [`Backend::attention_bwd_to_act`]): CUDA in bf16 multiplies
+    /// the bf16 `dy` directly; the same products as converting an f32 `dy` first.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd_products_act(&self, dy: &Self::Act, w: &Self::Buf, x: &Self::Act, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Self::Buf>, gt: Option<&mut Self::Buf>);
     /// `y += x`, element-wise (residual connections).
     fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf);
     /// `y[r,:] += bias` for `y: [rows, cols]`.
@@ -113,6 +118,16 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn gelu_fwd_from(&self, x: &Self::Act, n: usize) -> Self::Act;
     /// Exact GELU backward from the kept pre-activation: `dx = dy·gelu'(x)` (`dy`, `dx` f32).
     fn gelu_bwd_act(&self, x: &Self::Act, dy: &Self::Buf, dx: &mut Self::Buf);
+    /// [`Backend::gelu_bwd_act`] returning `dx` in the form the `fc1` backward consumes it (for
+    /// [`Backend::linear_bwd_products_act`]): CUDA with `x` kept in bf16 writes `dx` rounded to bf16
+    /// in the same kernel (bit-identical to converting the f32 result, one pass fewer); elsewhere
+    /// [`Backend::act`] of the f32 result. For a linear whose bias is frozen (its gradient would need
+    /// the f32 `dx`).
+    fn gelu_bwd_to_act(&self, x: &Self::Act, dy: &Self::Buf) -> Self::Act {
+        let mut dx = self.empty(self.len(dy));
+        self.gelu_bwd_act(x, dy, &mut dx);
+        self.act(dx)
+    }
     /// Exact GELU forward.
     fn gelu_fwd(&self, x: &Self::Buf, y: &mut Self::Buf);
     /// Exact GELU backward from the pre-activation.
@@ -134,6 +149,16 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// keeps it) and `saved`; overwrites `dqkv [b,t,3d]`.
     #[allow(clippy::too_many_arguments)]
     fn attention_bwd(&self, dout: &Self::Buf, qkv: &Self::Act, out: &Self::Act, saved: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, dqkv: &mut Self::Buf);
+    /// [`Backend::attention_bwd`] returning `dqkv: [b, t, 3·d]` in the form the `qkv` backward
+    /// consumes it (for [`Backend::linear_bwd_products_act`]): CUDA's fused kernels write it rounded
+    /// to bf16 (bit-identical to converting the f32 result); elsewhere [`Backend::act`] of the f32
+    /// result. For a `qkv` linear whose bias is frozen.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd_to_act(&self, dout: &Self::Buf, qkv: &Self::Act, out: &Self::Act, saved: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize) -> Self::Act {
+        let mut dqkv = self.empty(b * t * 3 * heads * hd);
+        self.attention_bwd(dout, qkv, out, saved, b, t, heads, hd, &mut dqkv);
+        self.act(dqkv)
+    }
     /// Mean softmax cross-entropy; returns `(loss, correct)` and writes `dlogits`.
     fn cross_entropy(&self, logits: &Self::Buf, labels: &[u32], b: usize, c: usize, dlogits: &mut Self::Buf) -> (f32, usize);
     /// Softmax cross-entropy of `b` rows with an explicit normaliser `norm` (the global batch size

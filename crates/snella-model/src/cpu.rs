@@ -47,6 +47,9 @@ impl Backend for CpuBackend {
             self.add_assign(y, r);
         }
     }
+    fn linear_bwd_products_act(&self, dy: &Vec<f32>, w: &Vec<f32>, x: &Vec<f32>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Vec<f32>>, gt: Option<&mut Vec<f32>>) {
+        self.linear_bwd_products(dy, w, x, rows, n_in, n_out, dx, gt)
+    }
     fn linear_bwd_products(&self, dy: &Vec<f32>, w: &Vec<f32>, x: &Vec<f32>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Vec<f32>>, gt: Option<&mut Vec<f32>>) {
         if let Some(dx) = dx {
             self.gemm(false, false, rows, n_in, n_out, 1.0, dy, 0, w, 0, 0.0, dx, 0);

@@ -209,6 +209,26 @@ impl Backend for CudaBackend {
             ok("linear_bwd_products", r);
         })
     }
+    fn linear_bwd_products_act(&self, dy: &CudaAct, w: &CudaSlice<f32>, x: &CudaAct, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut CudaSlice<f32>>, gt: Option<&mut CudaSlice<f32>>) {
+        match (dy, x) {
+            (CudaAct::F32(dy), _) => self.linear_bwd_products(dy, w, x, rows, n_in, n_out, dx, gt),
+            (CudaAct::Bf16(dy16), x) => self.timed("linear_bwd_products (dgrad + wgrad)", || {
+                let mut dxv = dx.map(|v| v.slice_mut(..));
+                let mut gtv = gt.map(|v| v.slice_mut(..));
+                // a bf16 dy comes from a bf16 step, whose linear inputs are bf16 too (an empty one
+                // may stay f32: converted here)
+                let conv;
+                let x16 = match x {
+                    CudaAct::Bf16(x16) => x16,
+                    CudaAct::F32(x) => {
+                        conv = ok("linear_bwd_products x", gemm::to_bf16(&self.gpu, x, x.len()));
+                        &conv
+                    }
+                };
+                ok("linear_bwd_products", gemm::linear_bwd_products_bf16(&self.gpu, dy16, &w.slice(..), Some(x16), rows, n_in, n_out, dxv.as_mut(), gtv.as_mut()));
+            }),
+        }
+    }
     fn add_assign(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) {
         self.timed("add_assign", || {
             let n = y.len();
@@ -307,6 +327,21 @@ impl Backend for CudaBackend {
             }),
         }
     }
+    fn gelu_bwd_to_act(&self, x: &CudaAct, dy: &CudaSlice<f32>) -> CudaAct {
+        match x {
+            CudaAct::Bf16(xk) => self.timed("gelu_bwd (bf16 input, bf16 dx)", || {
+                // SAFETY: the kernel writes every one of the dy.len() values
+                let mut dx = ok("gelu_bwd dx", unsafe { self.gpu.uninit::<u16>(dy.len().max(1)) });
+                ok("gelu_bwd_bf16x_g16", gelu::gelu_bwd_bf16x_g16(&self.gpu, xk, &dy.slice(..), &mut dx));
+                CudaAct::Bf16(dx)
+            }),
+            CudaAct::F32(_) => {
+                let mut dx = self.empty(dy.len());
+                self.gelu_bwd_act(x, dy, &mut dx);
+                self.act(dx)
+            }
+        }
+    }
     fn gelu_fwd(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
         self.timed("gelu_fwd", || {
             ok("gelu_fwd", gelu::gelu_fwd(&self.gpu, &x.slice(..), &mut y.slice_mut(..)));
@@ -359,6 +394,24 @@ impl Backend for CudaBackend {
             };
             ok("attention_bwd", r);
         })
+    }
+    fn attention_bwd_to_act(&self, dout: &CudaSlice<f32>, qkv: &CudaAct, out: &CudaAct, saved: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize) -> CudaAct {
+        match qkv {
+            CudaAct::Bf16(q16) => self.timed("attention_bwd (bf16 dqkv)", || {
+                assert_eq!(saved.len(), (b * h * t).max(1), "CUDA backend, attention_bwd: the fused forward saves the log-sum-exp [b·heads·t]");
+                // SAFETY: the fused backward writes every element of dqkv (k, v by the main kernel,
+                // q by the slab reduction)
+                let mut d16 = ok("attention_bwd dqkv", unsafe { self.gpu.uninit::<u16>((b * t * 3 * h * hd).max(1)) });
+                let r = out.with_ref(|o| attention::flash_bwd_to(&self.gpu, &dout.slice(..), attention::ActRef::Bf16(q16), o, &saved.slice(..), b, t, h, hd, snella_cuda::ops::ActMut::Bf16(&mut d16)));
+                ok("attention_bwd", r);
+                CudaAct::Bf16(d16)
+            }),
+            CudaAct::F32(_) => {
+                let mut dqkv = self.empty(b * t * 3 * h * hd);
+                self.attention_bwd(dout, qkv, out, saved, b, t, h, hd, &mut dqkv);
+                self.act(dqkv)
+            }
+        }
     }
     fn cross_entropy(&self, logits: &CudaSlice<f32>, labels: &[u32], b: usize, c: usize, dl: &mut CudaSlice<f32>) -> (f32, usize) {
         self.timed("cross_entropy", || {

@@ -24,6 +24,12 @@ use crate::adapter::{Delta, Materialized};
 use crate::backend::Backend;
 use crate::param::Param;
 
+/// `∂L/∂y` as a linear layer's backward receives it: f32, or as a [`Backend::Act`].
+enum Dy<'a, B: Backend> {
+    Buf(&'a B::Buf),
+    Act(&'a B::Act),
+}
+
 /// The kept sets of a linear's adapter chunks from one forward pass (`None` for chunks without a
 /// kernel adapter), carried to its backward so that the top-k is not selected twice.
 pub type KeptSets<B> = Vec<Option<<B as Backend>::Kept>>;
@@ -148,6 +154,22 @@ impl<B: Backend> Linear<B> {
     /// the adapters' `M` is recomputed from `A`, `B` (spec §2), the top-k is not re-selected (same
     /// `A`, `B` and sparsity, deterministic selection: the same set).
     pub fn backward_with(&mut self, be: &B, x: &B::Act, dy: &B::Buf, rows: usize, need_dx: bool, kept: Option<KeptSets<B>>) -> Option<B::Buf> {
+        self.backward_dy(be, x, Dy::Buf(dy), rows, need_dx, kept)
+    }
+
+    /// [`Linear::backward_with`] with `∂L/∂y` as a [`Backend::Act`] (from
+    /// [`Backend::gelu_bwd_to_act`] or [`Backend::attention_bwd_to_act`]; in a CUDA bf16 step the
+    /// bf16 gradient the products would have converted it to anyway).
+    ///
+    /// # Panics
+    /// When the bias is trainable (its gradient sums the f32 `∂L/∂y`: the caller passes an
+    /// [`Backend::Act`] only for frozen biases).
+    pub fn backward_act(&mut self, be: &B, x: &B::Act, dy: &B::Act, rows: usize, need_dx: bool, kept: Option<KeptSets<B>>) -> Option<B::Buf> {
+        assert!(self.bias.train.is_none(), "{}: backward_act needs a frozen bias", self.name);
+        self.backward_dy(be, x, Dy::Act(dy), rows, need_dx, kept)
+    }
+
+    fn backward_dy(&mut self, be: &B, x: &B::Act, dy: Dy<'_, B>, rows: usize, need_dx: bool, kept: Option<KeptSets<B>>) -> Option<B::Buf> {
         // one effective weight for ∂L/∂x in every precision (see the module docs)
         let eff = self.effective(be, false, kept, true);
         let (n_in, n_out) = (self.n_in, self.n_out);
@@ -157,9 +179,14 @@ impl<B: Backend> Linear<B> {
         // that a bf16 backend converts dy once for both products
         let mut gt = need_gt.then(|| be.empty(n_out * n_in));
         let w = eff.as_ref().map_or(&self.weight.value, |e| &e.0);
-        be.linear_bwd_products(dy, w, x, rows, n_in, n_out, dx.as_mut(), gt.as_mut());
-        if let Some(t) = self.bias.train.as_mut() {
-            be.bias_grad(dy, rows, n_out, &mut t.grad, false);
+        match dy {
+            Dy::Buf(dy) => {
+                be.linear_bwd_products(dy, w, x, rows, n_in, n_out, dx.as_mut(), gt.as_mut());
+                if let Some(t) = self.bias.train.as_mut() {
+                    be.bias_grad(dy, rows, n_out, &mut t.grad, false);
+                }
+            }
+            Dy::Act(dy) => be.linear_bwd_products_act(dy, w, x, rows, n_in, n_out, dx.as_mut(), gt.as_mut()),
         }
         if let Some(gt) = gt {
             if let Some((_, mats)) = eff.as_ref() {

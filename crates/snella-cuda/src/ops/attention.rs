@@ -192,7 +192,23 @@ pub fn flash_fwd(gpu: &Gpu, qkv: ActRef, b: usize, t: usize, heads: usize, hd: u
 pub fn flash_bwd(
     gpu: &Gpu, dout: &In, qkv: ActRef, out: ActRef, lse2: &In, b: usize, t: usize, heads: usize, hd: usize, dqkv: &mut Out,
 ) -> Result<(), SnellaError> {
+    flash_bwd_to(gpu, dout, qkv, out, lse2, b, t, heads, hd, ActMut::F32(dqkv))
+}
+
+/// [`flash_bwd`] writing `dqkv` in f32 or, from a bf16 `qkv`, in bf16 (`ActMut::Bf16`: every value
+/// the f32 one rounded to nearest even, the form in which the `qkv` linear's backward products
+/// consume it, so the step skips a conversion pass).
+///
+/// # Errors
+/// As [`flash_bwd`]; `Config` for a bf16 `dqkv` with an f32 `qkv`.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_bwd_to(
+    gpu: &Gpu, dout: &In, qkv: ActRef, out: ActRef, lse2: &In, b: usize, t: usize, heads: usize, hd: usize, mut dqkv: ActMut,
+) -> Result<(), SnellaError> {
     let op = "flash_attention_bwd";
+    if dqkv.is_bf16() && !qkv.is_bf16() {
+        return Err(SnellaError::config(&format!("{op}.dqkv"), "bf16", "an f32 dqkv for an f32 qkv (the bf16 form is for the bf16 step)"));
+    }
     let d = heads * hd;
     check_len(op, "qkv", qkv.len(), b * t * 3 * d)?;
     check_len(op, "dqkv", dqkv.len(), b * t * 3 * d)?;
@@ -202,12 +218,12 @@ pub fn flash_bwd(
     if b == 0 || t == 0 || heads == 0 {
         return Ok(());
     }
+    let pd = dqkv.ptr(gpu);
     {
         let e = out.ptr(gpu);
         let a = qkv.ptr(gpu);
         let (c, _g2) = dout.device_ptr(&gpu.stream);
-        let (f, _g4) = dqkv.device_ptr(&gpu.stream);
-        check_flash(op, hd, &[("qkv", a), ("dout", c), ("out", e), ("dqkv", f)])?;
+        check_flash(op, hd, &[("qkv", a), ("dout", c), ("out", e), ("dqkv", pd)])?;
     }
     let rows = b * heads * t;
     let (rows32, t32, h32) = (dim_u32(op, "b·heads·t", rows)?, dim_u32(op, "t", t)?, dim_u32(op, "heads", heads)?);
@@ -232,23 +248,25 @@ pub fn flash_bwd(
     l.arg(&mut dvec).arg(&rows32).arg(&t32).arg(&h32);
     // SAFETY: dout/out hold b·t·d floats, dvec rows floats (checked/allocated); one warp per row.
     unsafe { l.launch(rows_cfg(rows)) }.map_err(|e| cuda_err("snella_flash_attn_bwd_dot", e))?;
-    let f = gpu.func(match qkv {
-        ActRef::F32(_) => "snella_flash_attn_bwd",
-        ActRef::Bf16(_) => "snella_flash_attn_bwd_q16",
+    let g16 = dqkv.is_bf16();
+    let f = gpu.func(match (qkv, g16) {
+        (ActRef::F32(_), _) => "snella_flash_attn_bwd",
+        (ActRef::Bf16(_), false) => "snella_flash_attn_bwd_q16",
+        (ActRef::Bf16(_), true) => "snella_flash_attn_bwd_q16_g16",
     });
     let mut l = gpu.stream.launch_builder(&f);
     match qkv {
         ActRef::F32(q) => l.arg(q),
         ActRef::Bf16(q) => l.arg(q),
     };
-    l.arg(dout).arg(lse2).arg(&dvec).arg(&mut *dqkv).arg(&mut dqp).arg(&t32).arg(&h32).arg(&scale).arg(&scale_log2);
+    l.arg(dout).arg(lse2).arg(&dvec).arg(&pd).arg(&mut dqp).arg(&t32).arg(&h32).arg(&scale).arg(&scale_log2);
     let cfg = LaunchConfig { grid_dim: (bh, tiles32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: lengths checked; each block writes the k/v columns of its own keys and its own dq slab.
     unsafe { l.launch(cfg) }.map_err(|e| cuda_err("snella_flash_attn_bwd", e))?;
-    let f = gpu.func("snella_flash_attn_bwd_dq");
+    let f = gpu.func(if g16 { "snella_flash_attn_bwd_dq_g16" } else { "snella_flash_attn_bwd_dq" });
     let mut l = gpu.stream.launch_builder(&f);
     let total64 = total as u64;
-    l.arg(&dqp).arg(&mut *dqkv).arg(&t32).arg(&h32).arg(&tiles32).arg(&total64);
+    l.arg(&dqp).arg(&pd).arg(&t32).arg(&h32).arg(&tiles32).arg(&total64);
     // SAFETY: dqp holds tiles·total floats, all written above; one thread per q element of dqkv.
     unsafe { l.launch(grid_stride(total)) }.map_err(|e| cuda_err("snella_flash_attn_bwd_dq", e))?;
     Ok(())

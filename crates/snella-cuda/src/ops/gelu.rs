@@ -105,3 +105,24 @@ pub fn gelu_bwd_bf16x(gpu: &Gpu, xk: &CudaSlice<u16>, dy: &In, dx: &mut Out) -> 
     // SAFETY: xk, dy and dx hold at least n values; grid-stride over i < n.
     unsafe { b.launch(grid_stride(n.div_ceil(2))) }.map(|_| ()).map_err(|e| cuda_err("snella_gelu_bwd_bf16x", e))
 }
+
+/// [`gelu_bwd_bf16x`] writing `dx` in bf16 (`[n]` `u16` bit patterns, each the f32 result rounded to
+/// nearest even: the form in which the `fc1` backward's products consume it, bit-identical to
+/// [`gelu_bwd_bf16x`] followed by a conversion).
+///
+/// # Errors
+/// `Tensor` when `xk` or `dx` is shorter than `dy`; `CUDA_ERROR` on a launch failure.
+pub fn gelu_bwd_bf16x_g16(gpu: &Gpu, xk: &CudaSlice<u16>, dy: &In, dx: &mut CudaSlice<u16>) -> Result<(), SnellaError> {
+    let n = dy.len();
+    check_len("gelu_bwd_bf16x_g16", "xk", xk.len(), n)?;
+    check_len("gelu_bwd_bf16x_g16", "dx", dx.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = gpu.func("snella_gelu_bwd_bf16x_g16");
+    let n64 = n as u64;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(xk).arg(dy).arg(dx).arg(&n64);
+    // SAFETY: xk, dy and dx hold at least n values; grid-stride over i < n.
+    unsafe { b.launch(grid_stride(n.div_ceil(2))) }.map(|_| ()).map_err(|e| cuda_err("snella_gelu_bwd_bf16x_g16", e))
+}
