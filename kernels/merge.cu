@@ -131,18 +131,14 @@ __device__ __forceinline__ void load_rows(float* sa, const float* __restrict__ A
   }
 }
 
-// One 32×32 tile of the backward: E_h[i0 + ii, j0 + jj] into es [H][TI][ES], from the transposed A
-// tile as [H][rh + 1][TS] and B tile bs (load_tile_t) in shared memory. Thread (warp w, lane l)
-// handles jj = l and ii = w + 8q, q < 4. Entries outside [n_in, n_out] get E = 0.
-// Returns this thread's share of Σ P⊙(Ĝ − s)⊙K (0 without the mixture). Mirrors the CPU's bwd_chunk:
-// pm = P·(Ĝ − s), ∂L/∂K = Ĝ + (α/γ)·pm, E = (c_h·∂L/∂K)/D (0 where D = 0); the divisions giving P
-// and E are the fast ones (__fdividef, ≤ 2 ulp for the divisors here: D > 0 is a distance, S ≥ 1 a
-// softmax sum), each a few instructions instead of an IEEE division's check and slow path.
-__device__ __forceinline__ float e_tile(const float* as, const float* bs, float* es, const float* __restrict__ G,
-                                        const float* __restrict__ rowstat, unsigned i0, unsigned j0, unsigned n_in,
-                                        unsigned n_out, unsigned H, unsigned rh, bool mix, float alpha, float g) {
-  const unsigned jj = threadIdx.x & 31, w = threadIdx.x >> 5;
-  float kk[4] = {0.f, 0.f, 0.f, 0.f};
+// K of the entries (ii = w + 8q, jj), q < 4, of a 32×32 tile from the transposed A and B tiles
+// (load_tile_t) into kk, handing each distance D_h to sink(h, q, d). The CPU's row_kernel order with
+// explicitly rounded mul/add: d = Σ_r (a − b)², D = √d, K = Σ_h c_h·D.
+template <typename Sink>
+__device__ __forceinline__ void tile_k(const float* as, const float* bs, unsigned H, unsigned rh, unsigned jj, unsigned w,
+                                       float (&kk)[4], Sink sink) {
+#pragma unroll
+  for (int q = 0; q < 4; q++) kk[q] = 0.f;
   for (unsigned h = 0; h < H; h++) {
     float d2[4] = {0.f, 0.f, 0.f, 0.f};
     const float* bp = bs + h * (rh + 1) * TS + jj;
@@ -159,10 +155,25 @@ __device__ __forceinline__ float e_tile(const float* as, const float* bs, float*
 #pragma unroll
     for (int q = 0; q < 4; q++) {
       const float d = __fsqrt_rn(d2[q]);
-      es[(h * TI + w + 8 * q) * ES + jj] = d;
+      sink(h, q, d);
       kk[q] = __fadd_rn(kk[q], __fmul_rn(c, d));
     }
   }
+}
+
+// One 32×32 tile of the backward: E_h[i0 + ii, j0 + jj] into es [H][TI][ES], from the transposed A
+// tile as [H][rh + 1][TS] and B tile bs (load_tile_t) in shared memory. Thread (warp w, lane l)
+// handles jj = l and ii = w + 8q, q < 4. Entries outside [n_in, n_out] get E = 0.
+// Returns this thread's share of Σ P⊙(Ĝ − s)⊙K (0 without the mixture). Mirrors the CPU's bwd_chunk:
+// pm = P·(Ĝ − s), ∂L/∂K = Ĝ + (α/γ)·pm, E = (c_h·∂L/∂K)/D (0 where D = 0); the divisions giving P
+// and E are the fast ones (__fdividef, ≤ 2 ulp for the divisors here: D > 0 is a distance, S ≥ 1 a
+// softmax sum), each a few instructions instead of an IEEE division's check and slow path.
+__device__ __forceinline__ float e_tile(const float* as, const float* bs, float* es, const float* __restrict__ G,
+                                        const float* __restrict__ rowstat, unsigned i0, unsigned j0, unsigned n_in,
+                                        unsigned n_out, unsigned H, unsigned rh, bool mix, float alpha, float g) {
+  const unsigned jj = threadIdx.x & 31, w = threadIdx.x >> 5;
+  float kk[4];
+  tile_k(as, bs, H, rh, jj, w, kk, [&](unsigned h, int q, float d) { es[(h * TI + w + 8 * q) * ES + jj] = d; });
   const float ag = mix ? __fdiv_rn(alpha, g) : 0.f;
   float gam = 0.f;
 #pragma unroll
@@ -447,28 +458,11 @@ extern "C" __global__ void __launch_bounds__(256)
   load_tile_t(bs, B, H, n_out, rh, j0);
   __syncthreads();
   const unsigned jj = threadIdx.x & 31, w = threadIdx.x >> 5, j = j0 + jj;
-  float kk[4] = {0.f, 0.f, 0.f, 0.f};
-  for (unsigned h = 0; h < H; h++) {
-    float d2[4] = {0.f, 0.f, 0.f, 0.f};
-    const float* bp = bs + h * (rh + 1) * TS + jj;
-    const float* ap = as + h * (rh + 1) * TS + w;
-    for (unsigned r = 0; r < rh; r++) {
-      const float b = bp[r * TS];
-#pragma unroll
-      for (int q = 0; q < 4; q++) {
-        const float t = __fsub_rn(ap[r * TS + 8 * q], b);
-        d2[q] = __fadd_rn(d2[q], __fmul_rn(t, t));
-      }
-    }
-    const float c = coeff(h);
-#pragma unroll
-    for (int q = 0; q < 4; q++) {
-      const float d = __fsqrt_rn(d2[q]);
-      const unsigned i = i0 + w + 8 * q;
-      if (dsave != nullptr && i < n_in && j < n_out) dsave[((size_t)h * n_in + i) * n_out + j] = d;
-      kk[q] = __fadd_rn(kk[q], __fmul_rn(c, d));
-    }
-  }
+  float kk[4];
+  tile_k(as, bs, H, rh, jj, w, kk, [&](unsigned h, int q, float d) {
+    const unsigned i = i0 + w + 8 * q;
+    if (dsave != nullptr && i < n_in && j < n_out) dsave[((size_t)h * n_in + i) * n_out + j] = d;
+  });
 #pragma unroll
   for (int q = 0; q < 4; q++) {
     const unsigned i = i0 + w + 8 * q;

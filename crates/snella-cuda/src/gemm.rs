@@ -109,17 +109,8 @@ pub fn linear_bwd_products<Y: DevicePtr<f32>, W: DevicePtr<f32>, X: DevicePtr<f3
 pub fn linear_bwd_products_bf16x<Y: DevicePtr<f32>, W: DevicePtr<f32>, D: DevicePtrMut<f32>, G: DevicePtrMut<f32>>(
     gpu: &Gpu, dy: &Y, w: &W, x16: Option<&CudaSlice<u16>>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut D>, gt: Option<&mut G>,
 ) -> Result<(), SnellaError> {
-    if rows == 0 || n_in == 0 {
-        return Ok(());
-    }
-    if n_out == 0 {
-        // dx = dy·W over an empty sum: zeros (gt is empty)
-        if let Some(dx) = dx {
-            gpu.stream.memset_zeros(dx).map_err(|e| cuda_err("linear_bwd_products (zero dx)", e))?;
-        }
-        return Ok(());
-    }
-    let dy16 = to_bf16(gpu, dy, rows * n_out)?;
+    // nothing to convert for an empty product (the bf16 form handles the empty cases)
+    let dy16 = to_bf16(gpu, dy, if n_in == 0 { 0 } else { rows * n_out })?;
     linear_bwd_products_bf16(gpu, &dy16, w, x16, rows, n_in, n_out, dx, gt)
 }
 
@@ -137,6 +128,7 @@ pub fn linear_bwd_products_bf16<W: DevicePtr<f32>, D: DevicePtrMut<f32>, G: Devi
         return Ok(());
     }
     if n_out == 0 {
+        // dx = dy·W over an empty sum: zeros (gt is empty)
         if let Some(dx) = dx {
             gpu.stream.memset_zeros(dx).map_err(|e| cuda_err("linear_bwd_products (zero dx)", e))?;
         }
