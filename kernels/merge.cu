@@ -16,7 +16,7 @@
 // Backward, recomputing D, K and P (no stored M), launched by crates/snella-cuda/src/ops/merge.rs:
 //   1. snella_merge_bwd_rowstats_r{1,2,4,8} (mixture only): per row i, in one pass over j with an
 //      online (rescaled) softmax: max_j K/γ, S = Σ_j exp(K/γ − max), s_i = Σ_j Ĝ·P, Σ_j Ĝ → rowstat [in, 4].
-//   2. snella_merge_bwd_tiles_r{8,32}: per block one row tile of 32 and a run of 32-column tiles; each
+//   2. snella_merge_bwd_tiles_r{6,8,32}: per block one row tile of 32 and a run of 32-column tiles; each
 //      tile recomputes D_h, K, P, ∂L/∂K into E_h = c_h·∂L/∂K ⊘ D_h in shared memory and sums it at once
 //      against [B_h | 1] and [A_h | 1] (the ones columns give the row and column sums of E_h) into
 //      per-block partials, with the tile's Σ P⊙(Ĝ − s)⊙K (∂γ). E never reaches global memory.

@@ -177,31 +177,58 @@ fn merge_rejects_bad_shapes() {
     let r = merge::merge_fwd(&gpu, &a200.slice(..), &b200.slice(..), 1, 1, 1, 200, None, &mut m.slice_mut(..));
     assert!(r.is_err(), "rh beyond the shared-memory limit must be rejected");
     let r = merge::merge_fwd(&gpu, &a200.slice(..), &b200.slice(..), 9, 2, 2, 1, None, &mut m.slice_mut(..));
-    let msg = format!("{:?}", r.err().expect("H = 9 must be rejected"));
-    assert!(msg.contains("heads"), "the error names the field: {msg}");
+    match r {
+        Err(snella_core::SnellaError::Config { field, .. }) => assert_eq!(field, "heads", "H = 9: the error names the field"),
+        other => panic!("H = 9 must be rejected with a Config error naming `heads`, got {other:?}"),
+    }
 }
 
 /// The backward for other piece counts (the tiles kernel lays H·32 rows × ⌊256 / (H·32)⌋ r-groups
-/// over its 256 threads) and for a run of column tiles that does not divide the tile count (640×2500:
-/// 79 column tiles, 2 per block on an H200), with the mixture, against the CPU in f32.
+/// over its 256 threads; (2, 28) takes the RM = 8 instantiation, the others RM = 6) and for a run of
+/// column tiles that does not divide the tile count (640×2500: 79 column tiles, 2 per block on an
+/// H200), with the mixture, against the CPU: `dA`, `dB` in f32 as in `merge_bwd_matches_cpu`, the
+/// mixture gradients against f64 with that test's bound; the saved path gives the same bits.
 #[test]
 fn merge_bwd_other_piece_counts() {
     let Some(gpu) = setup() else { return };
-    for &(h, n_in, n_out, rh) in &[(1usize, 70usize, 90usize, 8usize), (3, 70, 90, 5), (8, 40, 33, 4), (2, 640, 2500, 16)] {
+    let cases = [(1usize, 70usize, 90usize, 8usize), (3, 70, 90, 5), (5, 40, 33, 3), (8, 40, 33, 4), (2, 70, 90, 28), (2, 640, 2500, 16)];
+    for &(h, n_in, n_out, rh) in &cases {
         let a = rand32(h * n_in * rh, 500 + h as u64, 0.3);
         let b = rand32(h * n_out * rh, 600 + h as u64, 0.3);
         let g = rand32(n_in * n_out, 700 + h as u64, 1.0);
         let mx = mixture(0.9);
         let (mut wa, mut wb) = (vec![0f32; a.len()], vec![0f32; b.len()]);
-        cpu_merge::merge_bwd(&a, &b, h, n_in, n_out, rh, Some(mx), &g, &mut wa, &mut wb);
+        let w32 = cpu_merge::merge_bwd(&a, &b, h, n_in, n_out, rh, Some(mx), &g, &mut wa, &mut wb).expect("mixture gradients");
+        let (a64, b64, g64): (Vec<f64>, Vec<f64>, Vec<f64>) =
+            (a.iter().map(|&v| v as f64).collect(), b.iter().map(|&v| v as f64).collect(), g.iter().map(|&v| v as f64).collect());
+        let (mut wa64, mut wb64) = (vec![0f64; a.len()], vec![0f64; b.len()]);
+        let mx64 = Mixture { alpha: mx.alpha as f64, gamma: mx.gamma as f64, beta: mx.beta as f64 };
+        let w64 = cpu_merge::merge_bwd(&a64, &b64, h, n_in, n_out, rh, Some(mx64), &g64, &mut wa64, &mut wb64).expect("mixture gradients");
         let (da, db, dg, dmix) = (up(&gpu, &a), up(&gpu, &b), up(&gpu, &g), up(&gpu, &[mx.alpha, mx.gamma, mx.beta]));
         let (mut ga, mut gb, mut gm) = (gpu.zeros(a.len()).unwrap(), gpu.zeros(b.len()).unwrap(), gpu.zeros(3).unwrap());
         let mv = dmix.slice(..);
         let mut gmv = gm.slice_mut(..);
         merge::merge_bwd(&gpu, &da.slice(..), &db.slice(..), h, n_in, n_out, rh, Some(&mv), &dg.slice(..), &mut ga.slice_mut(..), &mut gb.slice_mut(..), Some(&mut gmv)).unwrap();
         println!("merge bwd H={h} {n_in}x{n_out} rh={rh}");
-        check("dA", &down(&gpu, &ga), &wa, 1e-4);
-        check("dB", &down(&gpu, &gb), &wb, 1e-4);
+        let (ga, gb, gm) = (down(&gpu, &ga), down(&gpu, &gb), down(&gpu, &gm));
+        check("dA", &ga, &wa, 1e-4);
+        check("dB", &gb, &wb, 1e-4);
+        let (c32, c64) = ([w32.alpha, w32.gamma, w32.beta], [w64.alpha, w64.gamma, w64.beta]);
+        for q in 0..3 {
+            let (gv, cv, rv) = (gm[q] as f64, c32[q] as f64, c64[q]);
+            let tol = 1e-4 * rv.abs() + 4.0 * (cv - rv).abs() + 1e-30;
+            assert!((gv - rv).abs() <= tol, "H={h} dmix[{q}]: gpu {gv} vs f64 {rv} (cpu f32 {cv})");
+        }
+        // the backward-time path (saved K, D) gives the same bits
+        let mut m2 = gpu.zeros(n_in * n_out).unwrap();
+        let saved = merge::merge_fwd_saving(&gpu, &da.slice(..), &db.slice(..), h, n_in, n_out, rh, Some(&mv), &mut m2.slice_mut(..)).unwrap();
+        let (mut sa, mut sb, mut sm) = (gpu.zeros(a.len()).unwrap(), gpu.zeros(b.len()).unwrap(), gpu.zeros(3).unwrap());
+        {
+            let mut smv = sm.slice_mut(..);
+            merge::merge_bwd_saved(&gpu, Some(&saved), &da.slice(..), &db.slice(..), h, n_in, n_out, rh, Some(&mv), &dg.slice(..), &mut sa.slice_mut(..), &mut sb.slice_mut(..), Some(&mut smv)).unwrap();
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&down(&gpu, &sa)) == bits(&ga) && bits(&down(&gpu, &sb)) == bits(&gb) && bits(&down(&gpu, &sm)) == bits(&gm), "H={h}: saved vs recomputed backward differ in bits");
     }
 }
 

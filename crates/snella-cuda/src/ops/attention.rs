@@ -249,11 +249,12 @@ pub fn flash_bwd_to(
     // SAFETY: dout/out hold b·t·d floats, dvec rows floats (checked/allocated); one warp per row.
     unsafe { l.launch(rows_cfg(rows)) }.map_err(|e| cuda_err("snella_flash_attn_bwd_dot", e))?;
     let g16 = dqkv.is_bf16();
-    let f = gpu.func(match (qkv, g16) {
+    let name = match (qkv, g16) {
         (ActRef::F32(_), _) => "snella_flash_attn_bwd",
         (ActRef::Bf16(_), false) => "snella_flash_attn_bwd_q16",
         (ActRef::Bf16(_), true) => "snella_flash_attn_bwd_q16_g16",
-    });
+    };
+    let f = gpu.func(name);
     let mut l = gpu.stream.launch_builder(&f);
     match qkv {
         ActRef::F32(q) => l.arg(q),
@@ -262,12 +263,13 @@ pub fn flash_bwd_to(
     l.arg(dout).arg(lse2).arg(&dvec).arg(&pd).arg(&mut dqp).arg(&t32).arg(&h32).arg(&scale).arg(&scale_log2);
     let cfg = LaunchConfig { grid_dim: (bh, tiles32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: lengths checked; each block writes the k/v columns of its own keys and its own dq slab.
-    unsafe { l.launch(cfg) }.map_err(|e| cuda_err("snella_flash_attn_bwd", e))?;
-    let f = gpu.func(if g16 { "snella_flash_attn_bwd_dq_g16" } else { "snella_flash_attn_bwd_dq" });
+    unsafe { l.launch(cfg) }.map_err(|e| cuda_err(name, e))?;
+    let name = if g16 { "snella_flash_attn_bwd_dq_g16" } else { "snella_flash_attn_bwd_dq" };
+    let f = gpu.func(name);
     let mut l = gpu.stream.launch_builder(&f);
     let total64 = total as u64;
     l.arg(&dqp).arg(&pd).arg(&t32).arg(&h32).arg(&tiles32).arg(&total64);
     // SAFETY: dqp holds tiles·total floats, all written above; one thread per q element of dqkv.
-    unsafe { l.launch(grid_stride(total)) }.map_err(|e| cuda_err("snella_flash_attn_bwd_dq", e))?;
+    unsafe { l.launch(grid_stride(total)) }.map_err(|e| cuda_err(name, e))?;
     Ok(())
 }

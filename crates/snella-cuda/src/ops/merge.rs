@@ -4,8 +4,9 @@
 //! Layouts (f32, row-major): `A: [H, in, rh]`, `B: [H, out, rh]`, `M` and `Ĝ: [in, out]`, mixture
 //! `[α, γ, β]` on the device (`None`: SNELL, `M = K`). `c_h = 0.1·(−1)^h`; `γ` is clamped to `≥ 1e-4`.
 //!
-//! The forward forms `K` row by row in registers (the softmax's row max and sum are block
-//! reductions); the backward recomputes `D`, `K` and `P` (or reads the `K` and `D` saved by
+//! The forward forms `K` on 32×32 tiles (`snella_merge_fwd_tiles`, the A and B tiles in shared
+//! memory), then with the mixture one block per row applies the softmax (`snella_merge_fwd_softmax`:
+//! row max, row sum, rewrite); the backward recomputes `D`, `K` and `P` (or reads the `K` and `D` saved by
 //! [`merge_fwd_saving`]) tile by tile into `E_h = c_h·∂L/∂K ⊘ D_h` in shared memory and sums each
 //! tile against `B` and `A` at once into per-block partials (`E` is never stored). Every reduction
 //! runs in one fixed order (no float atomics), so the results are bit-identical from run to run.
@@ -26,7 +27,8 @@ const THREADS: u32 = 256;
 /// kernels' static shared memory.
 const MAX_SHARED: usize = 47 * 1024;
 
-/// Checks the shapes shared by both passes; returns the dynamic shared memory of the backward's E kernel.
+/// Checks the shapes shared by both passes; returns the dynamic shared memory of the backward tiles
+/// kernel (`snella_merge_bwd_tiles_r*`), the larger of the two passes'.
 #[allow(clippy::too_many_arguments)]
 fn check(
     a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, m_len: usize, m_name: &str,
@@ -49,6 +51,7 @@ fn check(
     }
     // the transposed A and B tiles [H][rh + 1][33] and the E tile [H][32][33] (merge.cu TS, ES)
     let shared = (2 * heads * (rh + 1) * (TILE + 1) + heads * TILE * (TILE + 1)) * 4;
+    // (the second condition is implied by the first today, ≤ 22 sums; kept as the kernels' own bound)
     if shared > MAX_SHARED || tile_sums_per_thread(heads, rh) > 32 {
         return Err(SnellaError::config(
             "heads/rank",
@@ -87,8 +90,9 @@ fn rows_per_block(n_in: usize, sms: usize) -> usize {
 /// f32 rounding (`K`, hence the whole SNELL output, bit for bit).
 ///
 /// # Errors
-/// `Tensor` when a buffer is shorter than its shape; `Config` when `heads > 8`;
-/// `CUDA_ERROR` on a launch failure.
+/// `Tensor` when a buffer is shorter than its shape; `Config` (naming the field) when `heads` is 0 or
+/// above 8, when `r/H` is beyond the shared-memory limit (`r/H ≤ 74` at `H = 2`, `≤ 165` at `H = 1`),
+/// or when `in` exceeds 65535·32 rows; `CUDA_ERROR` on a launch failure.
 #[allow(clippy::too_many_arguments)]
 pub fn merge_fwd(
     gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, m: &mut Out,
@@ -179,8 +183,9 @@ fn fwd_launch(
 /// Matches [`snella_core::snella::merge::merge_bwd`] to f32 rounding.
 ///
 /// # Errors
-/// `Tensor` when a buffer is shorter than its shape; `Config` when `heads > 8` or a dimension is
-/// too large; `CUDA_OOM` for the scratch; `CUDA_ERROR` on a launch failure.
+/// `Tensor` when a buffer is shorter than its shape; `Config` (naming the field) when `heads` is 0 or
+/// above 8, when `r/H` is beyond the shared-memory limit (see [`merge_fwd`]), or when `in` exceeds
+/// 65535·32 rows; `CUDA_OOM` for the scratch; `CUDA_ERROR` on a launch failure.
 #[allow(clippy::too_many_arguments)]
 pub fn merge_bwd(
     gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, dm: &In,
