@@ -8,6 +8,7 @@
 use snella_core::snella::sparsify::SparsifyRule;
 use snella_core::snella::topk::KeptSet;
 use snella_core::ops::adamw::AdamWParams;
+use snella_core::SnellaError;
 
 /// A compute backend (CPU or CUDA). Buffers hold f32 values.
 #[allow(clippy::too_many_arguments)]
@@ -75,6 +76,16 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// reads `x` in the bf16 its forward kept.
     #[allow(clippy::too_many_arguments)]
     fn linear_bwd_products(&self, dy: &Self::Buf, w: &Self::Buf, x: &Self::Act, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Self::Buf>, gt: Option<&mut Self::Buf>);
+    /// Whether this backend's merge kernels take SNELLA/SNELL adapters of `heads` pieces of rank
+    /// `rh = r/H` (checked when adapters are attached, so that a configuration a device cannot run is
+    /// refused before training starts). The CPU takes any; CUDA: see `snella_cuda::ops::merge::check_pieces`.
+    ///
+    /// # Errors
+    /// `Config` naming the field that is out of the backend's range.
+    fn check_kernel_pieces(&self, heads: usize, rh: usize) -> Result<(), SnellaError> {
+        let _ = (heads, rh);
+        Ok(())
+    }
     /// [`Backend::linear_bwd_products`] with `dy` as a [`Backend::Act`] (the output of
     /// [`Backend::gelu_bwd_to_act`] or [`Backend::attention_bwd_to_act`]): CUDA in bf16 multiplies
     /// the bf16 `dy` directly; the same products as converting an f32 `dy` first.

@@ -209,6 +209,9 @@ impl Backend for CudaBackend {
             ok("linear_bwd_products", r);
         })
     }
+    fn check_kernel_pieces(&self, heads: usize, rh: usize) -> Result<(), SnellaError> {
+        merge::check_pieces(heads, rh).map(|_| ())
+    }
     fn linear_bwd_products_act(&self, dy: &CudaAct, w: &CudaSlice<f32>, x: &CudaAct, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut CudaSlice<f32>>, gt: Option<&mut CudaSlice<f32>>) {
         match (dy, x) {
             (CudaAct::F32(dy), _) => self.linear_bwd_products(dy, w, x, rows, n_in, n_out, dx, gt),

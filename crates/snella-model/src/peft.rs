@@ -126,7 +126,8 @@ pub fn target_matches(target: &str, name: &str) -> bool {
 ///
 /// # Errors
 /// [`SnellaError::Config`] for a rank that is 0, not divisible by `heads`, or larger than a layer
-/// dimension, `num_classes == 0`, or `s0` outside `[0, 1)`; [`SnellaError::Target`] listing the real
+/// dimension, pieces the backend's merge kernels do not take ([`Backend::check_kernel_pieces`]),
+/// `num_classes == 0`, or `s0` outside `[0, 1)`; [`SnellaError::Target`] listing the real
 /// names when a target matches nothing.
 pub fn attach<B: Backend>(be: &B, vit: &mut Vit<B>, cfg: &MethodConfig) -> Result<()> {
     if cfg.num_classes == 0 {
@@ -160,6 +161,7 @@ pub fn attach<B: Backend>(be: &B, vit: &mut Vit<B>, cfg: &MethodConfig) -> Resul
         if !(0.0..1.0).contains(&cfg.s0) {
             return Err(SnellaError::config("s0", cfg.s0, "a sparsity in [0, 1)"));
         }
+        be.check_kernel_pieces(cfg.heads, cfg.rank / cfg.heads)?;
     }
     let rule = parse_rule(&cfg.rule)?;
     for t in &cfg.targets {

@@ -46,6 +46,22 @@ fn check(
     if let Some(x) = mix {
         need("mixture", x.len(), 3, "[α, γ, β]".into())?;
     }
+    let shared = check_pieces(heads, rh)?;
+    if n_in > u32::MAX as usize || n_out > u32::MAX as usize {
+        return Err(SnellaError::config("in/out", format!("{n_in}x{n_out}"), "dimensions below 2^32"));
+    }
+    Ok(shared)
+}
+
+/// Whether the merge kernels take `heads` kernel pieces of rank `rh = r/H` each: `1 ≤ H ≤ 8` (one
+/// backward block covers `H·32` rows of a tile) and the backward tiles kernel's shared memory,
+/// `(2·H·(rh + 1)·33 + H·32·33)·4` bytes, within 47 KiB (`rh ≤ 165, 74, 28, 5` at `H = 1, 2, 4, 8`).
+/// Returns that shared memory in bytes. Needs no device (adapters are checked with it when they are
+/// attached, before any step).
+///
+/// # Errors
+/// `Config` naming `heads` (out of 1..=8) or `heads/rank` (beyond the shared memory).
+pub fn check_pieces(heads: usize, rh: usize) -> Result<usize, SnellaError> {
     if heads == 0 || heads > 8 {
         return Err(SnellaError::config("heads", heads, "1 to 8 kernel pieces on the CUDA backend (one backward block covers H·32 rows of a tile)"));
     }
@@ -58,9 +74,6 @@ fn check(
             format!("H={heads}, r/H={rh}"),
             "(2·H·(r/H + 1)·33 + H·32·33)·4 bytes ≤ 47 KiB of shared memory on the CUDA backend (e.g. r/H ≤ 74 at H = 2, ≤ 165 at H = 1)",
         ));
-    }
-    if n_in > u32::MAX as usize || n_out > u32::MAX as usize {
-        return Err(SnellaError::config("in/out", format!("{n_in}x{n_out}"), "dimensions below 2^32"));
     }
     Ok(shared)
 }
@@ -374,4 +387,31 @@ fn finish(
     // SAFETY: the partials were written for every valid (h, row, r); dA and dB hold H·n_in·rh and
     // H·n_out·rh floats (bounds-checked); the mixture block runs only with dmix.
     unsafe { lb.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err("snella_merge_bwd_finish", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_pieces;
+    use snella_core::SnellaError;
+
+    fn field(r: Result<usize, SnellaError>) -> String {
+        match r {
+            Err(SnellaError::Config { field, .. }) => field,
+            other => panic!("expected a Config error, got {other:?}"),
+        }
+    }
+
+    /// The limits the README states: `r/H ≤ 165, 74, 28, 5` at `H = 1, 2, 4, 8`, and `H` in 1..=8.
+    #[test]
+    fn piece_limits_match_the_shared_memory() {
+        for &(h, max_rh) in &[(1usize, 165usize), (2, 74), (4, 28), (8, 5)] {
+            let bytes = check_pieces(h, max_rh).expect("at the limit");
+            assert_eq!(bytes, (2 * h * (max_rh + 1) * 33 + h * 32 * 33) * 4);
+            assert!(bytes <= 47 * 1024);
+            assert_eq!(field(check_pieces(h, max_rh + 1)), "heads/rank", "H={h}: one past the limit");
+        }
+        assert_eq!(check_pieces(2, 16).unwrap(), (2 * 2 * 17 * 33 + 2 * 32 * 33) * 4, "ViT-B default r = 32, H = 2");
+        assert_eq!(field(check_pieces(0, 4)), "heads");
+        assert_eq!(field(check_pieces(9, 1)), "heads");
+    }
 }
