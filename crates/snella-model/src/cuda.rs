@@ -11,7 +11,7 @@ use snella_core::ops::adamw::AdamWParams;
 use snella_core::snella::sparsify::SparsifyRule;
 use snella_core::snella::topk::KeptSet;
 use snella_core::SnellaError;
-use snella_cuda::ops::{adamw, attention, cross_entropy, elementwise, gelu, importance, layernorm, merge, patch, reduce, sparsify, topk};
+use snella_cuda::ops::{adamw, attention, cross_entropy, ActMut, elementwise, gelu, importance, layernorm, merge, patch, reduce, sparsify, topk};
 use snella_cuda::{gemm, Gpu};
 use std::sync::{Arc, Mutex};
 
@@ -75,6 +75,21 @@ impl CudaBackend {
         } else {
             CudaAct::F32(self.empty(n))
         }
+    }
+
+    /// The attention backward into `dqkv` (f32, or bf16 from the fused kernels): the path is fixed by
+    /// what `attention_input` made of `qkv` (see `attention_fwd`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd_into(&self, dout: &CudaSlice<f32>, qkv: &CudaAct, out: &CudaAct, saved: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: ActMut) {
+        let r = match (qkv, dqkv) {
+            (CudaAct::Bf16(q16), d) => {
+                assert_eq!(saved.len(), (b * h * t).max(1), "CUDA backend, attention_bwd: the fused forward saves the log-sum-exp [b·heads·t]");
+                out.with_ref(|o| attention::flash_bwd_to(&self.gpu, &dout.slice(..), attention::ActRef::Bf16(q16), o, &saved.slice(..), b, t, h, hd, d))
+            }
+            (CudaAct::F32(q), ActMut::F32(d)) => attention::attention_bwd(&self.gpu, &dout.slice(..), &q.slice(..), &saved.slice(..), b, t, h, hd, d),
+            (CudaAct::F32(_), ActMut::Bf16(_)) => Err(SnellaError::config("attention_bwd.dqkv", "bf16", "an f32 dqkv for an f32 qkv")),
+        };
+        ok("attention_bwd", r);
     }
 
     /// Opens CUDA device `ordinal`.
@@ -334,7 +349,7 @@ impl Backend for CudaBackend {
         match x {
             CudaAct::Bf16(xk) => self.timed("gelu_bwd (bf16 input, bf16 dx)", || {
                 // SAFETY: the kernel writes every one of the dy.len() values
-                let mut dx = ok("gelu_bwd dx", unsafe { self.gpu.uninit::<u16>(dy.len().max(1)) });
+                let mut dx = ok("alloc", unsafe { self.gpu.uninit::<u16>(dy.len()) });
                 ok("gelu_bwd_bf16x_g16", gelu::gelu_bwd_bf16x_g16(&self.gpu, xk, &dy.slice(..), &mut dx));
                 CudaAct::Bf16(dx)
             }),
@@ -387,33 +402,15 @@ impl Backend for CudaBackend {
         }
     }
     fn attention_bwd(&self, dout: &CudaSlice<f32>, qkv: &CudaAct, out: &CudaAct, saved: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize, dqkv: &mut CudaSlice<f32>) {
-        self.timed("attention_bwd", || {
-            let r = match qkv {
-                CudaAct::Bf16(q16) => {
-                    assert_eq!(saved.len(), (b * h * t).max(1), "CUDA backend, attention_bwd: the fused forward saves the log-sum-exp [b·heads·t]");
-                    out.with_ref(|o| attention::flash_bwd(&self.gpu, &dout.slice(..), attention::ActRef::Bf16(q16), o, &saved.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..)))
-                }
-                CudaAct::F32(q) => attention::attention_bwd(&self.gpu, &dout.slice(..), &q.slice(..), &saved.slice(..), b, t, h, hd, &mut dqkv.slice_mut(..)),
-            };
-            ok("attention_bwd", r);
-        })
+        self.timed("attention_bwd", || self.attention_bwd_into(dout, qkv, out, saved, b, t, h, hd, ActMut::F32(&mut dqkv.slice_mut(..))))
     }
     fn attention_bwd_to_act(&self, dout: &CudaSlice<f32>, qkv: &CudaAct, out: &CudaAct, saved: &CudaSlice<f32>, b: usize, t: usize, h: usize, hd: usize) -> CudaAct {
-        match qkv {
-            CudaAct::Bf16(q16) => self.timed("attention_bwd (bf16 dqkv)", || {
-                assert_eq!(saved.len(), (b * h * t).max(1), "CUDA backend, attention_bwd: the fused forward saves the log-sum-exp [b·heads·t]");
-                // SAFETY: the fused backward writes every element of dqkv (k, v by the main kernel,
-                // q by the slab reduction)
-                let mut d16 = ok("attention_bwd dqkv", unsafe { self.gpu.uninit::<u16>((b * t * 3 * h * hd).max(1)) });
-                let r = out.with_ref(|o| attention::flash_bwd_to(&self.gpu, &dout.slice(..), attention::ActRef::Bf16(q16), o, &saved.slice(..), b, t, h, hd, snella_cuda::ops::ActMut::Bf16(&mut d16)));
-                ok("attention_bwd", r);
-                CudaAct::Bf16(d16)
-            }),
-            CudaAct::F32(_) => {
-                let mut dqkv = self.empty(b * t * 3 * h * hd);
-                self.attention_bwd(dout, qkv, out, saved, b, t, h, hd, &mut dqkv);
-                self.act(dqkv)
-            }
+        // the fused kernels write dqkv in bf16 from a bf16 qkv; the cuBLAS path writes f32
+        let mut dqkv = self.act_uninit(b * t * 3 * h * hd, matches!(qkv, CudaAct::Bf16(_)));
+        self.timed("attention_bwd", || dqkv.with_mut(|d| self.attention_bwd_into(dout, qkv, out, saved, b, t, h, hd, d)));
+        match dqkv {
+            CudaAct::F32(d) => self.act(d),
+            d16 => d16,
         }
     }
     fn cross_entropy(&self, logits: &CudaSlice<f32>, labels: &[u32], b: usize, c: usize, dl: &mut CudaSlice<f32>) -> (f32, usize) {

@@ -24,7 +24,18 @@ use crate::adapter::{Delta, Materialized};
 use crate::backend::Backend;
 use crate::param::Param;
 
-/// `∂L/∂y` as a linear layer's backward receives it: f32, or as a [`Backend::Act`].
+/// `∂L/∂y` as a linear layer's backward receives it ([`Linear::backward_grad`]): f32, or as a
+/// [`Backend::Act`] (from [`Backend::gelu_bwd_to_act`] or [`Backend::attention_bwd_to_act`]; in a
+/// CUDA bf16 step the bf16 gradient the products would have converted it to anyway), which needs a
+/// frozen bias (a bias gradient sums the f32 `∂L/∂y`).
+pub enum Grad<B: Backend> {
+    /// f32 `[rows, out]`.
+    F32(B::Buf),
+    /// As the backend keeps a layer input.
+    Act(B::Act),
+}
+
+/// A borrowed [`Grad`].
 enum Dy<'a, B: Backend> {
     Buf(&'a B::Buf),
     Act(&'a B::Act),
@@ -157,16 +168,20 @@ impl<B: Backend> Linear<B> {
         self.backward_dy(be, x, Dy::Buf(dy), rows, need_dx, kept)
     }
 
-    /// [`Linear::backward_with`] with `∂L/∂y` as a [`Backend::Act`] (from
-    /// [`Backend::gelu_bwd_to_act`] or [`Backend::attention_bwd_to_act`]; in a CUDA bf16 step the
-    /// bf16 gradient the products would have converted it to anyway).
+    /// [`Linear::backward_with`] with `∂L/∂y` as a [`Grad`].
     ///
     /// # Panics
-    /// When the bias is trainable (its gradient sums the f32 `∂L/∂y`: the caller passes an
-    /// [`Backend::Act`] only for frozen biases).
-    pub fn backward_act(&mut self, be: &B, x: &B::Act, dy: &B::Act, rows: usize, need_dx: bool, kept: Option<KeptSets<B>>) -> Option<B::Buf> {
-        assert!(self.bias.train.is_none(), "{}: backward_act needs a frozen bias", self.name);
-        self.backward_dy(be, x, Dy::Act(dy), rows, need_dx, kept)
+    /// For [`Grad::Act`] when the bias is trainable (its gradient sums the f32 `∂L/∂y`; the caller
+    /// makes a [`Grad::Act`] only for frozen biases).
+    pub fn backward_grad(&mut self, be: &B, x: &B::Act, dy: &Grad<B>, rows: usize, need_dx: bool, kept: Option<KeptSets<B>>) -> Option<B::Buf> {
+        let dy = match dy {
+            Grad::F32(d) => Dy::Buf(d),
+            Grad::Act(d) => {
+                assert!(self.bias.train.is_none(), "{}: a Grad::Act needs a frozen bias", self.name);
+                Dy::Act(d)
+            }
+        };
+        self.backward_dy(be, x, dy, rows, need_dx, kept)
     }
 
     fn backward_dy(&mut self, be: &B, x: &B::Act, dy: Dy<'_, B>, rows: usize, need_dx: bool, kept: Option<KeptSets<B>>) -> Option<B::Buf> {

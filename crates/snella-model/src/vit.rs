@@ -7,7 +7,7 @@
 
 use crate::backend::Backend;
 use crate::config::VitConfig;
-use crate::linear::{KeptSets, Linear};
+use crate::linear::{Grad, KeptSets, Linear};
 use crate::param::Param;
 use snella_core::st::TensorFile;
 use snella_core::Result;
@@ -309,21 +309,17 @@ impl<B: Backend> Vit<B> {
         // with frozen biases (every PEFT method), fc1's and qkv's ∂L/∂y come from the GELU and
         // attention backward in the form their products consume (bf16 in a CUDA bf16 step: no
         // conversion pass); a trainable bias sums the f32 gradient
-        let ln2;
-        let dln2 = if blk.fc1.bias.train.is_none() {
-            let df1 = be.gelu_bwd_to_act(&c.f1, &dg);
-            drop(dg);
-            ln2 = be.layernorm_affine_act(&c.xh2, &blk.norm2.0.value, &blk.norm2.1.value, rows, d);
-            blk.fc1.backward_act(be, &ln2, &df1, rows, true, Some(k_fc1))
+        let df1 = if blk.fc1.bias.train.is_none() {
+            Grad::Act(be.gelu_bwd_to_act(&c.f1, &dg))
         } else {
             let mut df1 = be.empty(rows * cfg.mlp_hidden);
             be.gelu_bwd_act(&c.f1, &dg, &mut df1);
-            drop(dg);
-            ln2 = be.layernorm_affine_act(&c.xh2, &blk.norm2.0.value, &blk.norm2.1.value, rows, d);
-            blk.fc1.backward_with(be, &ln2, &df1, rows, true, Some(k_fc1))
-        }
-        .expect("dx");
-        drop(ln2);
+            Grad::F32(df1)
+        };
+        drop(dg);
+        let ln2 = be.layernorm_affine_act(&c.xh2, &blk.norm2.0.value, &blk.norm2.1.value, rows, d);
+        let dln2 = blk.fc1.backward_grad(be, &ln2, &df1, rows, true, Some(k_fc1)).expect("dx");
+        drop((ln2, df1));
         let mut dh = be.empty(rows * d);
         {
             let (w, bb) = (&mut blk.norm2.0, &mut blk.norm2.1);
@@ -332,21 +328,18 @@ impl<B: Backend> Vit<B> {
             be.layernorm_bwd_xhat(&dln2, &c.xh2, &w.value, &c.r2, rows, d, &mut dh, Some(&dout), gw, gb);
         }
         let datt = blk.proj.backward_with(be, &c.att, &dh, rows, true, Some(k_proj)).expect("dx");
-        let ln1;
-        let dln1 = if blk.qkv.bias.train.is_none() {
-            let dqkv = be.attention_bwd_to_act(&datt, &c.qkv, &c.att, &c.saved, b, t, cfg.num_heads, cfg.head_dim());
-            drop(datt);
-            ln1 = be.layernorm_affine_act(&c.xh1, &blk.norm1.0.value, &blk.norm1.1.value, rows, d);
-            blk.qkv.backward_act(be, &ln1, &dqkv, rows, true, Some(k_qkv))
+        let (nh, hd) = (cfg.num_heads, cfg.head_dim());
+        let dqkv = if blk.qkv.bias.train.is_none() {
+            Grad::Act(be.attention_bwd_to_act(&datt, &c.qkv, &c.att, &c.saved, b, t, nh, hd))
         } else {
             let mut dqkv = be.empty(rows * 3 * d);
-            be.attention_bwd(&datt, &c.qkv, &c.att, &c.saved, b, t, cfg.num_heads, cfg.head_dim(), &mut dqkv);
-            drop(datt);
-            ln1 = be.layernorm_affine_act(&c.xh1, &blk.norm1.0.value, &blk.norm1.1.value, rows, d);
-            blk.qkv.backward_with(be, &ln1, &dqkv, rows, true, Some(k_qkv))
-        }
-        .expect("dx");
-        drop(ln1);
+            be.attention_bwd(&datt, &c.qkv, &c.att, &c.saved, b, t, nh, hd, &mut dqkv);
+            Grad::F32(dqkv)
+        };
+        drop(datt);
+        let ln1 = be.layernorm_affine_act(&c.xh1, &blk.norm1.0.value, &blk.norm1.1.value, rows, d);
+        let dln1 = blk.qkv.backward_grad(be, &ln1, &dqkv, rows, true, Some(k_qkv)).expect("dx");
+        drop((ln1, dqkv));
         let mut dx = be.empty(rows * d);
         {
             let (w, bb) = (&mut blk.norm1.0, &mut blk.norm1.1);
