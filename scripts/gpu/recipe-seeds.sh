@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine, in .gpu-node/ (after run.sh, or alone: it unpacks what it needs): the spec §8
-# recipe in bf16 for each seed given, with the default (fused) attention and, when
-# SNELLA_AB_UNFUSED=1, again with SNELLA_ATTENTION=unfused; one JSON line per run into
-# $OUT/recipe-seeds.jsonl (the test top-1 and the run's settings), logs beside it.
+# recipe in bf16 for each seed given, with the default settings and, when SNELLA_AB_ENV is set
+# (e.g. SNELLA_AB_ENV="SNELLA_DELTA_PRODUCTS=fused" or "SNELLA_ATTENTION=unfused"), again with that
+# environment; one JSON line per run into $OUT/recipe-seeds.jsonl (the test top-1, the seed and
+# the variant: "default" or the SNELLA_AB_ENV string), logs beside it.
 # Usage: bash .gpu-node/recipe-seeds.sh 0 1 2 3 4
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -12,13 +13,13 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 mkdir -p /tmp/snella-data
 [ -f /tmp/snella-data/train.safetensors ] || python3 decode_split.py flowers102-64 train800val200 64 /tmp/snella-data/train.safetensors
 [ -f /tmp/snella-data/test.safetensors ] || python3 decode_split.py flowers102-64 test 64 /tmp/snella-data/test.safetensors
-modes=(fused); [ "${SNELLA_AB_UNFUSED:-0}" = 1 ] && modes+=(unfused)
+modes=(default); [ -n "${SNELLA_AB_ENV:-}" ] && modes+=("$SNELLA_AB_ENV")
 for mode in "${modes[@]}"; do
   for s in "$@"; do
-    env $([ "$mode" = unfused ] && echo SNELLA_ATTENTION=unfused) /tmp/node dist/gpu/train-tensors.js \
+    env $([ "$mode" != default ] && echo "$mode") /tmp/node dist/gpu/train-tensors.js \
       --model ../assets/models/vit_tiny_patch8_64.safetensors \
       --train /tmp/snella-data/train.safetensors --test /tmp/snella-data/test.safetensors --device cuda --precision bf16 \
       --method snella --rank 8 --s0 0.01 --sT 0.5 --epochs 40 --batch 64 --lr 1e-3 --wd 0.05 --warmup 4 --seed "$s" \
-      2> "$out/recipe-$mode-$s.log" | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r['attention']='$mode'; r['seed']=$s; print(json.dumps(r))" | tee -a "$out/recipe-seeds.jsonl"
+      2> "$out/recipe-${mode//[^a-zA-Z0-9]/_}-$s.log" | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r['variant']='$mode'; r['seed']=$s; print(json.dumps(r))" | tee -a "$out/recipe-seeds.jsonl"
   done
 done

@@ -250,9 +250,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
         self.sparsify_bwd(m, set, rule, &g, gh);
     }
     /// Whether adapted linears multiply by `W0` and by `ΔWᵀ` in two products (`x·W0ᵀ + x·ΔW`, as the
-    /// reference's autocast does) instead of by one effective weight `W0 + ΔWᵀ`. True where the
-    /// products round their operands coarsely (bf16 on CUDA): one bf16 weight would keep only
-    /// 8 bits of `W0 + ΔWᵀ`, and a small `ΔW` would be lost against `W0`. The default (f32) is false.
+    /// reference's autocast does) instead of by one effective weight `W0 + ΔWᵀ`. The default is
+    /// false (one product); CUDA in bf16 takes two when asked (`SNELLA_DELTA_PRODUCTS=separate`,
+    /// see [`crate::linear`] for the measurements behind the choice).
     fn separate_delta_products(&self) -> bool {
         false
     }

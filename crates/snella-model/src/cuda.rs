@@ -53,6 +53,12 @@ pub struct CudaBackend {
     /// backend is made. Turning it off (before a step, never between a forward and its backward)
     /// keeps the cuBLAS products with the probabilities saved, for comparisons.
     pub fused_attention: bool,
+    /// Whether a bf16 step multiplies adapted linears by `W0` and `ΔWᵀ` in two products
+    /// ([`Backend::separate_delta_products`]) instead of by one bf16 effective weight `W0 + ΔWᵀ`.
+    /// False by default (session 7: same accuracy over 5 seeds of the spec §8 recipe, one GEMM
+    /// less per adapted linear, see `snella_model::linear`); true when the environment variable
+    /// `SNELLA_DELTA_PRODUCTS=separate` is set when the backend is made (for comparisons).
+    pub separate_delta: bool,
 }
 
 /// One row of [`CudaBackend::profile_report`]: an op, its summed device time (ms) and its calls.
@@ -98,7 +104,8 @@ impl CudaBackend {
     /// `CUDA_UNAVAILABLE` naming the missing driver/library and the paths tried, or `CUDA_ERROR`.
     pub fn new(ordinal: usize) -> Result<Self, SnellaError> {
         let fused_attention = std::env::var("SNELLA_ATTENTION").map(|v| v != "unfused").unwrap_or(true);
-        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention })
+        let separate_delta = std::env::var("SNELLA_DELTA_PRODUCTS").map(|v| v == "separate").unwrap_or(false);
+        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention, separate_delta })
     }
 
     /// Starts recording a pair of device events around every op (for the benchmark's per-op
@@ -502,7 +509,7 @@ impl Backend for CudaBackend {
         })
     }
     fn separate_delta_products(&self) -> bool {
-        self.gpu.precision() == snella_cuda::device::Precision::Bf16
+        self.separate_delta && self.gpu.precision() == snella_cuda::device::Precision::Bf16
     }
     fn empty(&self, n: usize) -> CudaSlice<f32> {
         // SAFETY: callers (Backend::empty's contract) write every element before reading it.

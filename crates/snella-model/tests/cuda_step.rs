@@ -106,8 +106,9 @@ fn gpu_step_matches_cpu_step() {
     }
 }
 
-/// The same step in bf16 (bf16 GEMM operands, f32 accumulation; adapted linears multiply `W0` and
-/// `ΔWᵀ` separately) against the f32 CPU step, with bf16 tolerances relative to each tensor's
+/// The same step in bf16 (bf16 GEMM operands, f32 accumulation), with one bf16 effective weight
+/// `W0 + ΔWᵀ` (the default) and with `W0` and `ΔWᵀ` multiplied apart (`separate_delta`), against the
+/// f32 CPU step, with bf16 tolerances relative to each tensor's
 /// largest magnitude: logits and loss 3e-2, gradients 1e-1. The updated values: AdamW's first step
 /// moves an element by `lr·g/(|g| + ε)` ≈ ±lr, so an element whose gradient is near 0 may move the
 /// other way under bf16 rounding: at most 5% of a tensor's gradient signs may differ, and every
@@ -119,12 +120,17 @@ fn gpu_bf16_step_matches_cpu_step_within_bf16_tolerance() {
         println!("skipped: no CUDA ({e})");
         return;
     }
-    let be = CudaBackend::new(0).unwrap();
-    be.gpu.set_precision(snella_cuda::device::Precision::Bf16).unwrap();
-    let x: Vec<f32> = snella_core::gradcheck::rand_vec(6 * 3 * 16 * 16, 5, 1.5).iter().map(|&v| v as f32).collect();
-    let errs = bf16_step_check("tiny ViT (head dim 16: cuBLAS attention)", session(CpuBackend), session(be), &x);
-    let bad: Vec<String> = errs.iter().filter(|(_, ge)| *ge > 1e-1).map(|(n, ge)| format!("{n} {ge:.3e}")).collect();
-    assert!(bad.is_empty(), "tiny: bf16 gradient rel err above 1e-1: {}", bad.join(", "));
+    for separate in [false, true] {
+        let mut be = CudaBackend::new(0).unwrap();
+        be.gpu.set_precision(snella_cuda::device::Precision::Bf16).unwrap();
+        be.separate_delta = separate;
+        assert_eq!(be.separate_delta_products(), separate);
+        let x: Vec<f32> = snella_core::gradcheck::rand_vec(6 * 3 * 16 * 16, 5, 1.5).iter().map(|&v| v as f32).collect();
+        let tag = if separate { "tiny ViT, W0 and ΔWᵀ apart" } else { "tiny ViT, one effective weight" };
+        let errs = bf16_step_check(tag, session(CpuBackend), session(be), &x);
+        let bad: Vec<String> = errs.iter().filter(|(_, ge)| *ge > 1e-1).map(|(n, ge)| format!("{n} {ge:.3e}")).collect();
+        assert!(bad.is_empty(), "{tag}: bf16 gradient rel err above 1e-1: {}", bad.join(", "));
+    }
 }
 
 /// As [`gpu_bf16_step_matches_cpu_step_within_bf16_tolerance`] on a head-dim-64 model, where the
