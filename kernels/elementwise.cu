@@ -23,12 +23,16 @@ extern "C" __global__ void snella_add_bias(float* __restrict__ y, const float* _
 extern "C" __global__ void snella_transpose(const float* __restrict__ src, float* __restrict__ dst, unsigned rows, unsigned cols, unsigned accumulate) {
   __shared__ float tile[32][33];
   unsigned c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
-  for (unsigned dy = threadIdx.y; dy < 32; dy += blockDim.y) {
+#pragma unroll
+  for (unsigned q = 0; q < 4; q++) {  // block (32, 8): rows threadIdx.y + 8q, loads all in flight
+    const unsigned dy = threadIdx.y + 8 * q;
     unsigned r = r0 + dy, c = c0 + threadIdx.x;
     if (r < rows && c < cols) tile[dy][threadIdx.x] = src[(size_t)r * cols + c];
   }
   __syncthreads();
-  for (unsigned dy = threadIdx.y; dy < 32; dy += blockDim.y) {
+#pragma unroll
+  for (unsigned q = 0; q < 4; q++) {  // block (32, 8): rows threadIdx.y + 8q, loads all in flight
+    const unsigned dy = threadIdx.y + 8 * q;
     unsigned c = c0 + dy, r = r0 + threadIdx.x;  // dst row c, column r
     if (r < rows && c < cols) {
       size_t o = (size_t)c * rows + r;

@@ -50,7 +50,9 @@ __device__ __forceinline__ void sparsify_into_weight(const float* __restrict__ m
   const unsigned thr = kept[0], cut = kept[1];
   const float tau = __uint_as_float(kept[2]);
   const unsigned o0 = blockIdx.x * 32, i0 = blockIdx.y * 32;
-  for (unsigned dy = threadIdx.y; dy < 32; dy += blockDim.y) {
+#pragma unroll
+  for (unsigned q = 0; q < 4; q++) {  // block (32, 8): rows threadIdx.y + 8q, loads all in flight
+    const unsigned dy = threadIdx.y + 8 * q;
     const unsigned i = i0 + dy, o = o0 + threadIdx.x;
     if (i < n_in && o < c) {
       const unsigned long long idx = (unsigned long long)i * c + o;
@@ -59,7 +61,9 @@ __device__ __forceinline__ void sparsify_into_weight(const float* __restrict__ m
     }
   }
   __syncthreads();
-  for (unsigned dy = threadIdx.y; dy < 32; dy += blockDim.y) {
+#pragma unroll
+  for (unsigned q = 0; q < 4; q++) {  // block (32, 8): rows threadIdx.y + 8q, loads all in flight
+    const unsigned dy = threadIdx.y + 8 * q;
     const unsigned o = o0 + dy, i = i0 + threadIdx.x;
     if (i < n_in && o < c) {
       const size_t at = (size_t)o * n_in + i;
@@ -93,12 +97,16 @@ extern "C" __global__ void __launch_bounds__(256)
   const unsigned thr = kept[0], cut = kept[1];
   const float tau = __uint_as_float(kept[2]);
   const unsigned i0 = blockIdx.x * 32, o0 = blockIdx.y * 32;
-  for (unsigned dy = threadIdx.y; dy < 32; dy += blockDim.y) {
+#pragma unroll
+  for (unsigned q = 0; q < 4; q++) {  // block (32, 8): rows threadIdx.y + 8q, loads all in flight
+    const unsigned dy = threadIdx.y + 8 * q;
     const unsigned o = o0 + dy, i = i0 + threadIdx.x;
     if (i < n_in && o < c) tile[dy][threadIdx.x] = gt[(size_t)o * n_in + i];
   }
   __syncthreads();
-  for (unsigned dy = threadIdx.y; dy < 32; dy += blockDim.y) {
+#pragma unroll
+  for (unsigned q = 0; q < 4; q++) {  // block (32, 8): rows threadIdx.y + 8q, loads all in flight
+    const unsigned dy = threadIdx.y + 8 * q;
     const unsigned i = i0 + dy, o = o0 + threadIdx.x;
     if (i < n_in && o < c) {
       const unsigned long long idx = (unsigned long long)i * c + o;
