@@ -23,8 +23,11 @@ export type Device = 'auto' | 'cpu' | 'cuda';
  * kept in bf16 (their outputs rebuilt in backward, computed from the rounded values in forward too),
  * and attention with head dim 64 is fused
  * (FlashAttention-2: the probabilities are recomputed, not stored; `P` and `dS` enter their products
- * as bf16 hi + lo pairs; the environment variable `SNELLA_ATTENTION=unfused` turns this off); other
- * tensors stay f32. The CPU always computes in f32.
+ * as bf16 hi + lo pairs; the environment variable `SNELLA_ATTENTION=unfused` turns this off); an
+ * adapted layer multiplies by one bf16 effective weight `W0 + ΔWᵀ` (as mixed precision casts a
+ * master weight; `SNELLA_DELTA_PRODUCTS=separate` multiplies `W0` and `ΔWᵀ` apart, one more GEMM per
+ * layer, the same accuracy over five seeds of the recipe); other tensors stay f32. The CPU always
+ * computes in f32.
  */
 export type Precision = 'f32' | 'tf32' | 'bf16';
 
