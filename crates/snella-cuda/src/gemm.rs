@@ -62,6 +62,33 @@ pub fn to_bf16<S: DevicePtr<f32>>(gpu: &Gpu, src: &S, n: usize) -> Result<cudarc
     Ok(dst)
 }
 
+/// A linear layer's weight `W: [n_out, n_in]` as the bf16 products read it: f32 (converted to bf16
+/// by each product that reads it) or already in bf16 (converted once by the caller, e.g. an effective
+/// weight `W0 + ΔWᵀ` made in forward and multiplied again in backward).
+pub enum Wt<'a, W> {
+    /// f32 values.
+    F32(&'a W),
+    /// bf16 values (round to nearest even of the f32 weight, as [`to_bf16`] makes them).
+    Bf16(&'a CudaSlice<u16>),
+}
+
+impl<W: DevicePtr<f32>> Wt<'_, W> {
+    /// The bf16 weight of `n` values: converted from f32, or the caller's (length checked).
+    fn bf16(&self, gpu: &Gpu, what: &'static str, n: usize) -> Result<std::borrow::Cow<'_, CudaSlice<u16>>, SnellaError> {
+        match self {
+            Wt::F32(w) => Ok(std::borrow::Cow::Owned(to_bf16(gpu, *w, n)?)),
+            Wt::Bf16(w16) => {
+                crate::ops::reduce::check_len(what, "W", w16.len(), n)?;
+                Ok(std::borrow::Cow::Borrowed(*w16))
+            }
+        }
+    }
+}
+
+fn bf16_weight_err(what: &str) -> SnellaError {
+    SnellaError::config(&format!("{what}.w"), "bf16", "an f32 weight outside the bf16 precision")
+}
+
 /// [`gemm`] with bf16 operands: `A` (its `m·k` stored values) and `B` (`k·n`) are converted to bf16,
 /// then `cublasGemmEx` multiplies them with f32 accumulation (`CUBLAS_COMPUTE_32F`) into the f32 `C`.
 #[allow(clippy::too_many_arguments)]
@@ -75,16 +102,18 @@ fn gemm_bf16<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
 /// The two products of a linear layer's backward, row-major f32 in memory: `dx = dy·W`
 /// (`dy: [rows, n_out]`, `W: [n_out, n_in]`, `dx: [rows, n_in]`) and `gt = dyᵀ·x` (`x: [rows, n_in]`,
 /// `gt: [n_out, n_in]`), each when given, in the device's precision; in bf16 `dy` is converted once
-/// for both.
+/// for both. A bf16 `w` ([`Wt::Bf16`]) needs the bf16 precision.
 ///
 /// # Errors
-/// `CUDA_ERROR` when cuBLAS fails; `CUDA_OOM` for the bf16 copies.
+/// `CUDA_ERROR` when cuBLAS fails; `CUDA_OOM` for the bf16 copies; `Config` for a bf16 `w` in
+/// f32/TF32.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_bwd_products<Y: DevicePtr<f32>, W: DevicePtr<f32>, X: DevicePtr<f32>, D: DevicePtrMut<f32>, G: DevicePtrMut<f32>>(
-    gpu: &Gpu, dy: &Y, w: &W, x: &X, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut D>, gt: Option<&mut G>,
+    gpu: &Gpu, dy: &Y, w: Wt<'_, W>, x: &X, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut D>, gt: Option<&mut G>,
 ) -> Result<(), SnellaError> {
     if gpu.precision() != Precision::Bf16 || rows == 0 || n_in == 0 || n_out == 0 {
         if let Some(dx) = dx {
+            let Wt::F32(w) = w else { return Err(bf16_weight_err("linear_bwd_products")) };
             gemm(gpu, false, false, rows, n_in, n_out, 1.0, dy, w, 0.0, dx)?;
         }
         if let Some(gt) = gt {
@@ -107,7 +136,7 @@ pub fn linear_bwd_products<Y: DevicePtr<f32>, W: DevicePtr<f32>, X: DevicePtr<f3
 /// bf16 copies of `dy` and `W`.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_bwd_products_bf16x<Y: DevicePtr<f32>, W: DevicePtr<f32>, D: DevicePtrMut<f32>, G: DevicePtrMut<f32>>(
-    gpu: &Gpu, dy: &Y, w: &W, x16: Option<&CudaSlice<u16>>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut D>, gt: Option<&mut G>,
+    gpu: &Gpu, dy: &Y, w: Wt<'_, W>, x16: Option<&CudaSlice<u16>>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut D>, gt: Option<&mut G>,
 ) -> Result<(), SnellaError> {
     // nothing to convert for an empty product (the bf16 form handles the empty cases)
     let dy16 = to_bf16(gpu, dy, if n_in == 0 { 0 } else { rows * n_out })?;
@@ -119,10 +148,10 @@ pub fn linear_bwd_products_bf16x<Y: DevicePtr<f32>, W: DevicePtr<f32>, D: Device
 /// the conversion pass.
 ///
 /// # Errors
-/// `Tensor` when `dy16` or `x16` is short; otherwise as [`linear_bwd_products_bf16x`].
+/// `Tensor` when `dy16`, `x16` or a bf16 `w` is short; otherwise as [`linear_bwd_products_bf16x`].
 #[allow(clippy::too_many_arguments)]
 pub fn linear_bwd_products_bf16<W: DevicePtr<f32>, D: DevicePtrMut<f32>, G: DevicePtrMut<f32>>(
-    gpu: &Gpu, dy16: &CudaSlice<u16>, w: &W, x16: Option<&CudaSlice<u16>>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut D>, gt: Option<&mut G>,
+    gpu: &Gpu, dy16: &CudaSlice<u16>, w: Wt<'_, W>, x16: Option<&CudaSlice<u16>>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut D>, gt: Option<&mut G>,
 ) -> Result<(), SnellaError> {
     if rows == 0 || n_in == 0 {
         return Ok(());
@@ -139,7 +168,7 @@ pub fn linear_bwd_products_bf16<W: DevicePtr<f32>, D: DevicePtrMut<f32>, G: Devi
         crate::ops::reduce::check_len("linear_bwd_products", "x", x16.len(), rows * n_in)?;
     }
     if let Some(dx) = dx {
-        let w16 = to_bf16(gpu, w, n_out * n_in)?;
+        let w16 = w.bf16(gpu, "linear_bwd_products", n_out * n_in)?;
         gemm_ex_bf16(gpu, false, false, rows, n_in, n_out, 1.0, dy16, &w16, 0.0, dx)?;
     }
     if let Some(gt) = gt {
@@ -245,13 +274,14 @@ pub unsafe fn gemm_batched<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut
 /// residual added by cuBLASLt's epilogues ([`crate::gemm_lt`]) instead of separate passes. In bf16
 /// `x`, `W` and `Δ` are converted once each and `Δ`'s product accumulates onto the first (the
 /// adapted linears' two products, see `snella_model::linear`); in f32/TF32 one product, with `W`
-/// already the effective weight and `Δ` `None`.
+/// already the effective weight and `Δ` `None`. A bf16 `w` ([`Wt::Bf16`]) needs the bf16 precision.
 ///
 /// # Errors
-/// `CUDA_ERROR` when cuBLASLt fails; `CUDA_OOM` for the bf16 copies.
+/// `CUDA_ERROR` when cuBLASLt fails; `CUDA_OOM` for the bf16 copies; `Config` for a bf16 `w` in
+/// f32/TF32.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_fwd<X: DevicePtr<f32>, W: DevicePtr<f32>, Bi: DevicePtr<f32>, R: DevicePtr<f32>, Y: DevicePtrMut<f32>>(
-    gpu: &Gpu, x: &X, w: &W, delta: Option<&W>, bias: &Bi, residual: Option<&R>, rows: usize, n_in: usize, n_out: usize, y: &mut Y,
+    gpu: &Gpu, x: &X, w: Wt<'_, W>, delta: Option<&W>, bias: &Bi, residual: Option<&R>, rows: usize, n_in: usize, n_out: usize, y: &mut Y,
 ) -> Result<(), SnellaError> {
     use crate::gemm_lt::{matmul, OperandType};
     if rows == 0 || n_out == 0 {
@@ -261,6 +291,7 @@ pub fn linear_fwd<X: DevicePtr<f32>, W: DevicePtr<f32>, Bi: DevicePtr<f32>, R: D
         let x16 = to_bf16(gpu, x, rows * n_in)?;
         return linear_fwd_bf16x(gpu, &x16, w, delta, bias, residual, rows, n_in, n_out, y);
     }
+    let Wt::F32(w) = w else { return Err(bf16_weight_err("linear_fwd")) };
     let (bp, _rb) = bias.device_ptr(&gpu.stream);
     let rp = residual.map(|r| r.device_ptr(&gpu.stream));
     let res = rp.as_ref().map(|(p, _)| *p);
@@ -278,13 +309,14 @@ pub fn linear_fwd<X: DevicePtr<f32>, W: DevicePtr<f32>, Bi: DevicePtr<f32>, R: D
 }
 
 /// [`linear_fwd`] in bf16 with the input already in bf16 (`x16: [rows, n_in]`, converted once by the
-/// caller and kept for the backward).
+/// caller and kept for the backward), and `w` in f32 or bf16.
 ///
 /// # Errors
-/// `CUDA_ERROR` when cuBLASLt fails; `CUDA_OOM` for the bf16 copies of `W` and `Δ`.
+/// `CUDA_ERROR` when cuBLASLt fails; `CUDA_OOM` for the bf16 copies of `W` and `Δ`; `Tensor` when
+/// `x16` or a bf16 `w` is short.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_fwd_bf16x<W: DevicePtr<f32>, Bi: DevicePtr<f32>, R: DevicePtr<f32>, Y: DevicePtrMut<f32>>(
-    gpu: &Gpu, x16: &CudaSlice<u16>, w: &W, delta: Option<&W>, bias: &Bi, residual: Option<&R>, rows: usize, n_in: usize, n_out: usize, y: &mut Y,
+    gpu: &Gpu, x16: &CudaSlice<u16>, w: Wt<'_, W>, delta: Option<&W>, bias: &Bi, residual: Option<&R>, rows: usize, n_in: usize, n_out: usize, y: &mut Y,
 ) -> Result<(), SnellaError> {
     use crate::gemm_lt::{matmul, OperandType};
     if rows == 0 || n_out == 0 {
@@ -301,9 +333,9 @@ pub fn linear_fwd_bf16x<W: DevicePtr<f32>, Bi: DevicePtr<f32>, R: DevicePtr<f32>
         return Err(SnellaError::config("linear_fwd.n_in", 0, "at least 1 with a bf16 input"));
     }
     crate::ops::reduce::check_len("linear_fwd", "x", x16.len(), rows * n_in)?;
-    let w16 = to_bf16(gpu, w, n_out * n_in)?;
+    let w16 = w.bf16(gpu, "linear_fwd", n_out * n_in)?;
     // SAFETY: the converted operands hold the extents given; y holds rows·n_out values.
-    unsafe { matmul(gpu, false, true, rows, n_out, n_in, OperandType::Bf16, x16, &w16, res, if delta.is_none() { Some(bp) } else { None }, y)? };
+    unsafe { matmul(gpu, false, true, rows, n_out, n_in, OperandType::Bf16, x16, &*w16, res, if delta.is_none() { Some(bp) } else { None }, y)? };
     if let Some(dl) = delta {
         let d16 = to_bf16(gpu, dl, n_out * n_in)?;
         // SAFETY: as above; C = y (in place).

@@ -7,7 +7,8 @@
 //! the tensor's scale. f32 forward ops use `rtol = 1e-5`, reductions and backward `1e-4`, AdamW is
 //! expected bit-exact (checked at `1e-6`), im2col exact.
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaView};
+use snella_cuda::gemm::Wt;
 use snella_core::gradcheck::rand_vec;
 use snella_core::ops;
 use snella_core::ops::adamw::AdamWParams;
@@ -587,8 +588,29 @@ fn linear_fwd_epilogues_match_f64_reference() {
                 let (gx, gw, gd, gb, gr) = (up(&gpu, &x), up(&gpu, &w), up(&gpu, &dl), up(&gpu, &bias), up(&gpu, &res));
                 let mut gy = up(&gpu, &vec![f32::NAN; rows * n_out]);
                 let (dv, rv) = (gd.slice(..), gr.slice(..));
-                snella_cuda::gemm::linear_fwd(&gpu, &gx.slice(..), &gw.slice(..), with_delta.then_some(&dv), &gb.slice(..), with_res.then_some(&rv), rows, n_in, n_out, &mut gy.slice_mut(..)).unwrap();
-                check(&format!("linear_fwd {p:?} {rows}x{n_in}->{n_out} delta={with_delta} residual={with_res}"), &down(&gpu, &gy), &want, rtol);
+                let wv = gw.slice(..);
+                snella_cuda::gemm::linear_fwd(&gpu, &gx.slice(..), Wt::F32(&wv), with_delta.then_some(&dv), &gb.slice(..), with_res.then_some(&rv), rows, n_in, n_out, &mut gy.slice_mut(..)).unwrap();
+                let got = down(&gpu, &gy);
+                check(&format!("linear_fwd {p:?} {rows}x{n_in}->{n_out} delta={with_delta} residual={with_res}"), &got, &want, rtol);
+                if p == Precision::Bf16 {
+                    // the weight converted once by the caller (an effective weight kept from forward
+                    // to backward): the same bits as the product converting it
+                    let w16 = snella_cuda::gemm::to_bf16(&gpu, &gw, n_out * n_in).unwrap();
+                    let mut gy2 = up(&gpu, &vec![f32::NAN; rows * n_out]);
+                    snella_cuda::gemm::linear_fwd(&gpu, &gx.slice(..), Wt::<CudaView<f32>>::Bf16(&w16), with_delta.then_some(&dv), &gb.slice(..), with_res.then_some(&rv), rows, n_in, n_out, &mut gy2.slice_mut(..)).unwrap();
+                    assert!(down(&gpu, &gy2).iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "linear_fwd with a bf16 weight differs from converting it in the product");
+                    // a short bf16 weight is refused by name (from 2 values: an empty device
+                    // buffer is allocated as one element)
+                    if n_out * n_in > 1 {
+                        let short = snella_cuda::gemm::to_bf16(&gpu, &gw, n_out * n_in - 1).unwrap();
+                        let e = snella_cuda::gemm::linear_fwd(&gpu, &gx.slice(..), Wt::<CudaView<f32>>::Bf16(&short), None, &gb.slice(..), None::<&CudaView<f32>>, rows, n_in, n_out, &mut gy2.slice_mut(..));
+                        assert!(matches!(&e, Err(snella_core::SnellaError::Tensor { tensor, .. }) if tensor == "linear_fwd.W"), "{e:?}");
+                    }
+                } else {
+                    let w16 = snella_cuda::gemm::to_bf16(&gpu, &gw, n_out * n_in).unwrap();
+                    let e = snella_cuda::gemm::linear_fwd(&gpu, &gx.slice(..), Wt::<CudaView<f32>>::Bf16(&w16), None, &gb.slice(..), None::<&CudaView<f32>>, rows, n_in, n_out, &mut gy.slice_mut(..));
+                    assert!(matches!(&e, Err(snella_core::SnellaError::Config { field, .. }) if field == "linear_fwd.w"), "{e:?}");
+                }
             }
         }
     }

@@ -10,6 +10,23 @@ use snella_core::snella::topk::KeptSet;
 use snella_core::ops::adamw::AdamWParams;
 use snella_core::SnellaError;
 
+/// A linear layer's weight `W: [n_out, n_in]` as [`Backend::linear_fwd`] and the backward products
+/// read it: the f32 buffer, or a copy in the backend's activation format made by [`Backend::act`]
+/// (on CUDA in bf16: the bf16 weight the products would convert it to; the CPU's is the f32 values).
+pub enum Weight<'a, B: Backend> {
+    /// The f32 weight.
+    Buf(&'a B::Buf),
+    /// The weight as [`Backend::act`] made it.
+    Act(&'a B::Act),
+}
+
+impl<B: Backend> Clone for Weight<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for Weight<'_, B> {}
+
 /// A compute backend (CPU or CUDA). Buffers hold f32 values.
 #[allow(clippy::too_many_arguments)]
 pub trait Backend: Clone + Send + Sync + 'static {
@@ -68,14 +85,15 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// CPU composes [`Backend::gemm`] (a second, accumulating one for `Δ`), [`Backend::add_bias`]
     /// and [`Backend::add_assign`] in that order (the reference); CUDA fuses the bias and the
     /// residual into the GEMM (cuBLASLt epilogues).
+    /// `w` is the weight as a buffer or as an activation-format copy ([`Weight`]).
     #[allow(clippy::too_many_arguments)]
-    fn linear_fwd(&self, x: &Self::Act, w: &Self::Buf, delta: Option<&Self::Buf>, bias: &Self::Buf, residual: Option<&Self::Buf>, rows: usize, n_in: usize, n_out: usize, y: &mut Self::Buf);
+    fn linear_fwd(&self, x: &Self::Act, w: Weight<'_, Self>, delta: Option<&Self::Buf>, bias: &Self::Buf, residual: Option<&Self::Buf>, rows: usize, n_in: usize, n_out: usize, y: &mut Self::Buf);
     /// The two products of a linear layer's backward (`y = x·Wᵀ`, `W: [n_out, n_in]`):
     /// `dx = dy·W` (`[rows, n_in]`, when given) and `gt = dyᵀ·x` (`[n_out, n_in]`, when given).
     /// The CPU makes two [`Backend::gemm`] calls; the CUDA backend in bf16 converts `dy` once and
     /// reads `x` in the bf16 its forward kept.
     #[allow(clippy::too_many_arguments)]
-    fn linear_bwd_products(&self, dy: &Self::Buf, w: &Self::Buf, x: &Self::Act, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Self::Buf>, gt: Option<&mut Self::Buf>);
+    fn linear_bwd_products(&self, dy: &Self::Buf, w: Weight<'_, Self>, x: &Self::Act, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Self::Buf>, gt: Option<&mut Self::Buf>);
     /// Whether this backend's merge kernels take SNELLA/SNELL adapters of `heads` pieces of rank
     /// `rh = r/H` (checked when adapters are attached, so that a configuration a device cannot run is
     /// refused before training starts). The CPU takes any; CUDA: see `snella_cuda::ops::merge::check_pieces`.
@@ -90,7 +108,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// [`Backend::gelu_bwd_to_act`] or [`Backend::attention_bwd_to_act`]): CUDA in bf16 multiplies
     /// the bf16 `dy` directly; the same products as converting an f32 `dy` first.
     #[allow(clippy::too_many_arguments)]
-    fn linear_bwd_products_act(&self, dy: &Self::Act, w: &Self::Buf, x: &Self::Act, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Self::Buf>, gt: Option<&mut Self::Buf>);
+    fn linear_bwd_products_act(&self, dy: &Self::Act, w: Weight<'_, Self>, x: &Self::Act, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Self::Buf>, gt: Option<&mut Self::Buf>);
     /// `y += x`, element-wise (residual connections).
     fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf);
     /// `y[r,:] += bias` for `y: [rows, cols]`.
@@ -254,6 +272,14 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// false (one product); CUDA in bf16 takes two when asked (`SNELLA_DELTA_PRODUCTS=separate`,
     /// see [`crate::linear`] for the measurements behind the choice).
     fn separate_delta_products(&self) -> bool {
+        false
+    }
+    /// Whether an adapted linear keeps its effective weight `W0 + ΔWᵀ` from forward to backward as
+    /// the [`Backend::act`] copy its products read, instead of rebuilding it from `M` in backward.
+    /// True where that copy is smaller than the f32 weight (CUDA bf16: 2 bytes per entry, 170 MB
+    /// for ViT-B/16) and saves the rebuild and a conversion per layer; false (the default) keeps
+    /// the spec's "dump in forward, recover in backward" for the weight as well as `M`.
+    fn keep_effective_weight(&self) -> bool {
         false
     }
     /// A buffer of `n` values for an op to overwrite completely: uninitialised on CUDA (no memset),

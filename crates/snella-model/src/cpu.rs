@@ -1,6 +1,6 @@
 //! The CPU backend: f32 on host `Vec`s, calling the `snella_core` reference ops.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Weight};
 use rayon::prelude::*;
 use snella_core::gemm::gemm;
 use snella_core::ops::{adamw, attention, cross_entropy, gelu, layernorm, linear, patch};
@@ -37,7 +37,8 @@ impl Backend for CpuBackend {
     fn gemm(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32, a: &Vec<f32>, ao: usize, b: &Vec<f32>, bo: usize, beta: f32, c: &mut Vec<f32>, co: usize) {
         gemm(ta, tb, m, n, k, alpha, &a[ao..], &b[bo..], beta, &mut c[co..]);
     }
-    fn linear_fwd(&self, x: &Vec<f32>, w: &Vec<f32>, delta: Option<&Vec<f32>>, bias: &Vec<f32>, residual: Option<&Vec<f32>>, rows: usize, n_in: usize, n_out: usize, y: &mut Vec<f32>) {
+    fn linear_fwd(&self, x: &Vec<f32>, w: Weight<'_, Self>, delta: Option<&Vec<f32>>, bias: &Vec<f32>, residual: Option<&Vec<f32>>, rows: usize, n_in: usize, n_out: usize, y: &mut Vec<f32>) {
+        let (Weight::Buf(w) | Weight::Act(w)) = w;
         self.gemm(false, true, rows, n_out, n_in, 1.0, x, 0, w, 0, 0.0, y, 0);
         if let Some(d) = delta {
             self.gemm(false, true, rows, n_out, n_in, 1.0, x, 0, d, 0, 1.0, y, 0);
@@ -47,10 +48,11 @@ impl Backend for CpuBackend {
             self.add_assign(y, r);
         }
     }
-    fn linear_bwd_products_act(&self, dy: &Vec<f32>, w: &Vec<f32>, x: &Vec<f32>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Vec<f32>>, gt: Option<&mut Vec<f32>>) {
+    fn linear_bwd_products_act(&self, dy: &Vec<f32>, w: Weight<'_, Self>, x: &Vec<f32>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Vec<f32>>, gt: Option<&mut Vec<f32>>) {
         self.linear_bwd_products(dy, w, x, rows, n_in, n_out, dx, gt)
     }
-    fn linear_bwd_products(&self, dy: &Vec<f32>, w: &Vec<f32>, x: &Vec<f32>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Vec<f32>>, gt: Option<&mut Vec<f32>>) {
+    fn linear_bwd_products(&self, dy: &Vec<f32>, w: Weight<'_, Self>, x: &Vec<f32>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Vec<f32>>, gt: Option<&mut Vec<f32>>) {
+        let (Weight::Buf(w) | Weight::Act(w)) = w;
         if let Some(dx) = dx {
             self.gemm(false, false, rows, n_in, n_out, 1.0, dy, 0, w, 0, 0.0, dx, 0);
         }

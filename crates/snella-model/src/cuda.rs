@@ -5,7 +5,7 @@
 //! programming errors at this level and panic with the op name; the napi layer turns a panic into
 //! a JS error and the process survives.
 
-use crate::backend::{AdamwSlot, Backend, ImportanceSlot};
+use crate::backend::{AdamwSlot, Backend, ImportanceSlot, Weight};
 use cudarc::driver::{CudaEvent, CudaSlice};
 use snella_core::ops::adamw::AdamWParams;
 use snella_core::snella::sparsify::SparsifyRule;
@@ -209,24 +209,26 @@ impl Backend for CudaBackend {
         let name = match (ta, tb) { (false, true) => "gemm_nt (fwd)", (false, false) => "gemm_nn (dgrad)", (true, false) => "gemm_tn (wgrad)", _ => "gemm_tt" };
         self.timed(name, || ok("gemm", gemm::gemm(&self.gpu, ta, tb, m, n, k, alpha, &av, &bv, beta, &mut cv)));
     }
-    fn linear_fwd(&self, x: &CudaAct, w: &CudaSlice<f32>, delta: Option<&CudaSlice<f32>>, bias: &CudaSlice<f32>, residual: Option<&CudaSlice<f32>>, rows: usize, n_in: usize, n_out: usize, y: &mut CudaSlice<f32>) {
+    fn linear_fwd(&self, x: &CudaAct, w: Weight<'_, Self>, delta: Option<&CudaSlice<f32>>, bias: &CudaSlice<f32>, residual: Option<&CudaSlice<f32>>, rows: usize, n_in: usize, n_out: usize, y: &mut CudaSlice<f32>) {
         self.timed("linear_fwd (+ bias, residual)", || {
             let dv = delta.map(|d| d.slice(..));
             let rv = residual.map(|r| r.slice(..));
+            let wv = weight_view(&w);
             let r = match x {
-                CudaAct::F32(x) => gemm::linear_fwd(&self.gpu, &x.slice(..), &w.slice(..), dv.as_ref(), &bias.slice(..), rv.as_ref(), rows, n_in, n_out, &mut y.slice_mut(..)),
-                CudaAct::Bf16(x16) => gemm::linear_fwd_bf16x(&self.gpu, x16, &w.slice(..), dv.as_ref(), &bias.slice(..), rv.as_ref(), rows, n_in, n_out, &mut y.slice_mut(..)),
+                CudaAct::F32(x) => gemm::linear_fwd(&self.gpu, &x.slice(..), wt(&w, &wv), dv.as_ref(), &bias.slice(..), rv.as_ref(), rows, n_in, n_out, &mut y.slice_mut(..)),
+                CudaAct::Bf16(x16) => gemm::linear_fwd_bf16x(&self.gpu, x16, wt(&w, &wv), dv.as_ref(), &bias.slice(..), rv.as_ref(), rows, n_in, n_out, &mut y.slice_mut(..)),
             };
             ok("linear_fwd", r);
         })
     }
-    fn linear_bwd_products(&self, dy: &CudaSlice<f32>, w: &CudaSlice<f32>, x: &CudaAct, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut CudaSlice<f32>>, gt: Option<&mut CudaSlice<f32>>) {
+    fn linear_bwd_products(&self, dy: &CudaSlice<f32>, w: Weight<'_, Self>, x: &CudaAct, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut CudaSlice<f32>>, gt: Option<&mut CudaSlice<f32>>) {
         self.timed("linear_bwd_products (dgrad + wgrad)", || {
             let mut dxv = dx.map(|v| v.slice_mut(..));
             let mut gtv = gt.map(|v| v.slice_mut(..));
+            let wv = weight_view(&w);
             let r = match x {
-                CudaAct::F32(x) => gemm::linear_bwd_products(&self.gpu, &dy.slice(..), &w.slice(..), &x.slice(..), rows, n_in, n_out, dxv.as_mut(), gtv.as_mut()),
-                CudaAct::Bf16(x16) => gemm::linear_bwd_products_bf16x(&self.gpu, &dy.slice(..), &w.slice(..), Some(x16), rows, n_in, n_out, dxv.as_mut(), gtv.as_mut()),
+                CudaAct::F32(x) => gemm::linear_bwd_products(&self.gpu, &dy.slice(..), wt(&w, &wv), &x.slice(..), rows, n_in, n_out, dxv.as_mut(), gtv.as_mut()),
+                CudaAct::Bf16(x16) => gemm::linear_bwd_products_bf16x(&self.gpu, &dy.slice(..), wt(&w, &wv), Some(x16), rows, n_in, n_out, dxv.as_mut(), gtv.as_mut()),
             };
             ok("linear_bwd_products", r);
         })
@@ -234,7 +236,7 @@ impl Backend for CudaBackend {
     fn check_kernel_pieces(&self, heads: usize, rh: usize) -> Result<(), SnellaError> {
         merge::check_pieces(heads, rh).map(|_| ())
     }
-    fn linear_bwd_products_act(&self, dy: &CudaAct, w: &CudaSlice<f32>, x: &CudaAct, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut CudaSlice<f32>>, gt: Option<&mut CudaSlice<f32>>) {
+    fn linear_bwd_products_act(&self, dy: &CudaAct, w: Weight<'_, Self>, x: &CudaAct, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut CudaSlice<f32>>, gt: Option<&mut CudaSlice<f32>>) {
         match (dy, x) {
             (CudaAct::F32(dy), _) => self.linear_bwd_products(dy, w, x, rows, n_in, n_out, dx, gt),
             (CudaAct::Bf16(dy16), x) => self.timed("linear_bwd_products (dgrad + wgrad)", || {
@@ -250,7 +252,8 @@ impl Backend for CudaBackend {
                         &conv
                     }
                 };
-                ok("linear_bwd_products", gemm::linear_bwd_products_bf16(&self.gpu, dy16, &w.slice(..), Some(x16), rows, n_in, n_out, dxv.as_mut(), gtv.as_mut()));
+                let wv = weight_view(&w);
+                ok("linear_bwd_products", gemm::linear_bwd_products_bf16(&self.gpu, dy16, wt(&w, &wv), Some(x16), rows, n_in, n_out, dxv.as_mut(), gtv.as_mut()));
             }),
         }
     }
@@ -511,6 +514,10 @@ impl Backend for CudaBackend {
     fn separate_delta_products(&self) -> bool {
         self.separate_delta && self.gpu.precision() == snella_cuda::device::Precision::Bf16
     }
+    fn keep_effective_weight(&self) -> bool {
+        // the bf16 copy the products read (half the f32 weight), kept instead of rebuilt
+        self.gpu.precision() == snella_cuda::device::Precision::Bf16
+    }
     fn empty(&self, n: usize) -> CudaSlice<f32> {
         // SAFETY: callers (Backend::empty's contract) write every element before reading it.
         ok("alloc", unsafe { self.gpu.uninit::<f32>(n) })
@@ -549,5 +556,22 @@ impl Backend for CudaBackend {
         ok("all_finite", reduce::all_finite(&self.gpu, &x.slice(..), &mut flag.slice_mut(..)));
         let v = ok("all_finite", self.gpu.stream.clone_dtoh(&flag).map_err(|e| snella_cuda::device::cuda_err("download", e)));
         v[0] == 0
+    }
+}
+
+/// The f32 view of a [`Weight`] that is f32 (`None` for a bf16 one), for [`wt`].
+fn weight_view<'a>(w: &Weight<'a, CudaBackend>) -> Option<cudarc::driver::CudaView<'a, f32>> {
+    match *w {
+        Weight::Buf(b) | Weight::Act(CudaAct::F32(b)) => Some(b.slice(..)),
+        Weight::Act(CudaAct::Bf16(_)) => None,
+    }
+}
+
+/// A [`Weight`] as the GEMM functions take it: the f32 view from [`weight_view`], or the bf16 copy.
+fn wt<'a>(w: &Weight<'a, CudaBackend>, view: &'a Option<cudarc::driver::CudaView<'a, f32>>) -> gemm::Wt<'a, cudarc::driver::CudaView<'a, f32>> {
+    match (w, view) {
+        (_, Some(v)) => gemm::Wt::F32(v),
+        (Weight::Act(CudaAct::Bf16(w16)), None) => gemm::Wt::Bf16(w16),
+        _ => unreachable!("weight_view gives a view for every f32 weight"),
     }
 }

@@ -2,8 +2,13 @@
 //!
 //! With adapters, forward and backward use one effective weight `W0 + ΔWᵀ` (each adapter's `ΔWᵀ`
 //! added to its chunk of output rows): one GEMM for `y`, one for `∂L/∂x`, and `∂L/∂ΔW = xᵀ·∂L/∂y`
-//! for the adapters. Backward rebuilds `ΔW` from the adapter parameters instead of keeping it
-//! (spec §2, "dump in forward, recover in backward").
+//! for the adapters. Backward rebuilds `M` from the adapter parameters instead of keeping it
+//! (spec §2, "dump in forward, recover in backward"). Where the products read the weight in bf16
+//! ([`Backend::keep_effective_weight`], CUDA bf16), the forward's bf16 `W0 + ΔWᵀ` (2 bytes per
+//! entry) is kept for `∂L/∂x` instead of being rebuilt from `M` and converted again (session 7: one
+//! sparsify pass and one conversion per layer less in backward, +170 MB at ViT-B/16); the
+//! backward still rebuilds `M` and its saved tensors for the adapters' own gradients. With
+//! activation checkpointing the weight is rebuilt by the recomputed forward instead.
 //!
 //! **Decision (session 7; design.md's "W0 + ΔWᵀ in bf16 for the forward GEMM"):** the bf16 forward
 //! multiplies by one bf16 effective weight too. Session 3 had switched it to two products,
@@ -24,7 +29,7 @@
 //! gradient passed down, not what the adapter's own gradient `xᵀ·∂L/∂y` sees.
 
 use crate::adapter::{Delta, Materialized};
-use crate::backend::Backend;
+use crate::backend::{Backend, Weight};
 use crate::param::Param;
 
 /// `∂L/∂y` as a linear layer's backward receives it ([`Linear::backward_grad`]): f32, or as a
@@ -44,9 +49,30 @@ enum Dy<'a, B: Backend> {
     Act(&'a B::Act),
 }
 
-/// The kept sets of a linear's adapter chunks from one forward pass (`None` for chunks without a
-/// kernel adapter), carried to its backward so that the top-k is not selected twice.
-pub type KeptSets<B> = Vec<Option<<B as Backend>::Kept>>;
+/// What a linear's forward pass hands to its backward (and to a recomputed forward of the same
+/// step): the kept sets of its adapter chunks (`None` for chunks without a kernel adapter), so that
+/// the top-k is not selected twice, and, where the backend keeps it
+/// ([`Backend::keep_effective_weight`]), the effective weight `W0 + ΔWᵀ` as its products read it.
+pub struct KeptSets<B: Backend> {
+    /// One entry per output chunk.
+    pub sets: Vec<Option<B::Kept>>,
+    /// The effective weight `[out, in]` made by [`Backend::act`], when kept.
+    pub weight: Option<B::Act>,
+}
+
+impl<B: Backend> Default for KeptSets<B> {
+    fn default() -> Self {
+        KeptSets { sets: Vec::new(), weight: None }
+    }
+}
+
+impl<B: Backend> KeptSets<B> {
+    /// The kept sets alone (the weight dropped: a forward recomputed in backward rebuilds it, so that
+    /// activation checkpointing does not hold every layer's weight through the step).
+    pub fn without_weight(self) -> Self {
+        KeptSets { sets: self.sets, weight: None }
+    }
+}
 
 /// A linear layer with optional adapters on equal output chunks.
 pub struct Linear<B: Backend> {
@@ -96,8 +122,8 @@ impl<B: Backend> Linear<B> {
     /// sparsified `ΔWᵀ` into their chunk in one pass ([`Backend::sparsify_into_weight`]), LoRA adds
     /// its `ΔWᵀ` onto a copy of the chunk, chunks without an adapter are copied. With it true: `Σ ΔWᵀ`
     /// alone (`[out, in]`, zero rows where a chunk has no adapter), to be multiplied next to `W0`.
-    fn effective(&self, be: &B, separate: bool, kept: Option<KeptSets<B>>, for_backward: bool) -> Option<(B::Buf, Vec<Option<Materialized<B>>>)> {
-        if !self.adapted() || self.original.is_some() {
+    fn effective(&self, be: &B, separate: bool, kept: Option<Vec<Option<B::Kept>>>, for_backward: bool) -> Option<(B::Buf, Vec<Option<Materialized<B>>>)> {
+        if !self.active() {
             return None;
         }
         let c = self.chunk();
@@ -106,9 +132,7 @@ impl<B: Backend> Linear<B> {
         // a kernel adapter's chunk is written whole
         let all_kernel = self.deltas.iter().all(|d| matches!(d, Some(Delta::Kernel(_))));
         let mut w = if separate && !all_kernel { be.zeros(self.n_out * self.n_in) } else { be.empty(self.n_out * self.n_in) };
-        let mut kept = kept.unwrap_or_default().into_iter();
-        let mats: Vec<Option<Materialized<B>>> =
-            self.deltas.iter().map(|d| { let set = kept.next().flatten(); d.as_ref().map(|d| d.materialize_with(be, set, for_backward)) }).collect();
+        let mats = self.materialize_all(be, kept, for_backward, true);
         for (i, (d, m)) in self.deltas.iter().zip(&mats).enumerate() {
             let off = i * n;
             match (d, m) {
@@ -130,6 +154,28 @@ impl<B: Backend> Linear<B> {
         Some((w, mats))
     }
 
+    /// Whether adapters are attached and not merged into `W`.
+    fn active(&self) -> bool {
+        self.adapted() && self.original.is_none()
+    }
+
+    /// Each chunk's materialised adapter (`None` without one, and for LoRA unless `lora`), reusing
+    /// the kept sets given.
+    fn materialize_all(&self, be: &B, kept: Option<Vec<Option<B::Kept>>>, for_backward: bool, lora: bool) -> Vec<Option<Materialized<B>>> {
+        let mut kept = kept.unwrap_or_default().into_iter();
+        self.deltas
+            .iter()
+            .map(|d| {
+                let set = kept.next().flatten();
+                match d {
+                    Some(Delta::Lora(_)) if !lora => None,
+                    Some(d) => Some(d.materialize_with(be, set, for_backward)),
+                    None => None,
+                }
+            })
+            .collect()
+    }
+
     /// Forward for `rows` rows of `x: [rows, in]` (as [`Backend::act`] made it), returning
     /// `y: [rows, out]`.
     pub fn forward(&self, be: &B, x: &B::Act, rows: usize) -> B::Buf {
@@ -146,16 +192,31 @@ impl<B: Backend> Linear<B> {
     /// `x + proj(·)` and `h + fc2(·)`), in the same backend call as the product and the bias.
     pub fn forward_res(&self, be: &B, x: &B::Act, rows: usize, kept: Option<KeptSets<B>>, residual: Option<&B::Buf>) -> (B::Buf, KeptSets<B>) {
         let mut y = be.empty(rows * self.n_out);
+        let (b, n_in, n_out) = (&self.bias.value, self.n_in, self.n_out);
+        let (sets, weight) = kept.map_or((None, None), |k| (Some(k.sets), k.weight));
+        if let (Some(wa), true) = (weight, self.active()) {
+            // the effective weight made earlier in this step (same A, B and sets)
+            be.linear_fwd(x, Weight::Act(&wa), None, b, residual, rows, n_in, n_out, &mut y);
+            return (y, KeptSets { sets: sets.unwrap_or_default(), weight: Some(wa) });
+        }
         let separate = be.separate_delta_products();
-        let eff = self.effective(be, separate, kept, false);
-        let (w, delta) = match eff.as_ref() {
-            Some((e, _)) if separate => (&self.weight.value, Some(e)),
-            Some((e, _)) => (e, None),
-            None => (&self.weight.value, None),
+        let Some((e, mats)) = self.effective(be, separate, sets, false) else {
+            be.linear_fwd(x, Weight::Buf(&self.weight.value), None, b, residual, rows, n_in, n_out, &mut y);
+            return (y, KeptSets::default());
         };
-        be.linear_fwd(x, w, delta, &self.bias.value, residual, rows, self.n_in, self.n_out, &mut y);
-        let kept = eff.map(|(_, mats)| mats.into_iter().map(|m| m.and_then(|m| m.set)).collect()).unwrap_or_default();
-        (y, kept)
+        let sets = mats.into_iter().map(|m| m.and_then(|m| m.set)).collect();
+        let weight = if separate {
+            be.linear_fwd(x, Weight::Buf(&self.weight.value), Some(&e), b, residual, rows, n_in, n_out, &mut y);
+            None
+        } else if be.keep_effective_weight() {
+            let wa = be.act(e);
+            be.linear_fwd(x, Weight::Act(&wa), None, b, residual, rows, n_in, n_out, &mut y);
+            Some(wa)
+        } else {
+            be.linear_fwd(x, Weight::Buf(&e), None, b, residual, rows, n_in, n_out, &mut y);
+            None
+        };
+        (y, KeptSets { sets, weight })
     }
 
     /// Backward from the forward's input `x` (the same [`Backend::Act`]): writes the gradients of
@@ -188,15 +249,29 @@ impl<B: Backend> Linear<B> {
     }
 
     fn backward_dy(&mut self, be: &B, x: &B::Act, dy: Dy<'_, B>, rows: usize, need_dx: bool, kept: Option<KeptSets<B>>) -> Option<B::Buf> {
-        // one effective weight for ∂L/∂x in every precision (see the module docs)
-        let eff = self.effective(be, false, kept, true);
+        // one effective weight for ∂L/∂x in every precision (see the module docs): the forward's when
+        // kept (then only the kernel adapters' M and saved tensors are rebuilt), else rebuilt
+        let (sets, kept_w) = kept.map_or((None, None), |k| (Some(k.sets), k.weight));
+        let active = self.active();
+        let (w_eff, mats) = match (&kept_w, active) {
+            (_, false) => (None, Vec::new()),
+            (Some(_), true) => (None, self.materialize_all(be, sets, true, false)),
+            (None, true) => {
+                let (w, m) = self.effective(be, false, sets, true).expect("active adapters");
+                (Some(w), m)
+            }
+        };
         let (n_in, n_out) = (self.n_in, self.n_out);
-        let need_gt = self.weight.train.is_some() || eff.is_some();
+        let need_gt = self.weight.train.is_some() || active;
         let mut dx = need_dx.then(|| be.empty(rows * n_in));
         // Gᵀ = ∂L/∂W = dyᵀ·x : [out, in], and ∂L/∂x = dy·W with the adapted weight: one call, so
         // that a bf16 backend converts dy once for both products
         let mut gt = need_gt.then(|| be.empty(n_out * n_in));
-        let w = eff.as_ref().map_or(&self.weight.value, |e| &e.0);
+        let w = match (kept_w.as_ref().filter(|_| active), &w_eff) {
+            (Some(wa), _) => Weight::Act(wa),
+            (None, Some(e)) => Weight::Buf(e),
+            (None, None) => Weight::Buf(&self.weight.value),
+        };
         match dy {
             Dy::Buf(dy) => {
                 be.linear_bwd_products(dy, w, x, rows, n_in, n_out, dx.as_mut(), gt.as_mut());
@@ -207,12 +282,13 @@ impl<B: Backend> Linear<B> {
             Dy::Act(dy) => be.linear_bwd_products_act(dy, w, x, rows, n_in, n_out, dx.as_mut(), gt.as_mut()),
         }
         if let Some(gt) = gt {
-            if let Some((_, mats)) = eff.as_ref() {
+            if active {
                 let c = self.chunk();
-                for (i, (d, m)) in self.deltas.iter_mut().zip(mats).enumerate() {
-                    let (Some(d), Some(m)) = (d.as_mut(), m.as_ref()) else { continue };
+                for (i, (d, m)) in self.deltas.iter_mut().zip(&mats).enumerate() {
+                    let Some(d) = d.as_mut() else { continue };
                     match d {
                         Delta::Kernel(k) => {
+                            let m = m.as_ref().expect("a kernel adapter is materialised for its backward");
                             let mut gh = be.empty(n_in * c);
                             let (mm, set) = (m.m.as_ref().expect("M"), m.set.as_ref().expect("kept set"));
                             be.sparsify_bwd_from_weight(&gt, i * c * n_in, mm, set, k.rule, n_in, c, &mut gh);

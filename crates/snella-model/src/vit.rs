@@ -216,7 +216,8 @@ impl<B: Backend> Vit<B> {
                 let mut keep = be.empty(b * t * d);
                 be.copy(&x, 0, &mut keep, 0, b * t * d);
                 let (out, _, kept) = Self::block_fwd(be, cfg, blk, x, b, false, None);
-                caches.push(Saved::Input(keep, kept));
+                // the effective weights are rebuilt by the recomputed forward (memory is the point)
+                caches.push(Saved::Input(keep, kept.map(KeptSets::without_weight)));
                 x = out;
                 continue;
             }
@@ -261,7 +262,7 @@ impl<B: Backend> Vit<B> {
             return (out, None, [k_qkv, k_proj, k_fc1, k_fc2]);
         }
         let cache = BlockCache { xh1, r1, qkv, saved, att, xh2, r2, f1, kept: [k_qkv, k_proj, k_fc1, k_fc2] };
-        (out, Some(cache), [Vec::new(), Vec::new(), Vec::new(), Vec::new()])
+        (out, Some(cache), Default::default())
     }
 
     /// Backward pass from `dlogits: [b, classes]`, writing the gradient of every trainable parameter.
