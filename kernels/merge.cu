@@ -35,6 +35,7 @@ namespace snella_merge {
 constexpr int THREADS = 256;          // every kernel here except the mixture reduce (also 256)
 constexpr int NWARPS = THREADS / 32;
 constexpr int TI = 32;                // backward tile: rows
+constexpr int TIF = 32;               // forward tile: rows (snella_merge_fwd_tiles; 24 ran slower)
 constexpr int TJ = 32;                // backward tile: columns (one per lane)
 constexpr int ES = TJ + 1;            // row stride of the E tile in shared memory
 constexpr int TS = 33;                // row stride of the transposed A, B tiles [H][rh + 1][TS]
@@ -131,29 +132,31 @@ __device__ __forceinline__ void load_rows(float* sa, const float* __restrict__ A
   }
 }
 
-// K of the entries (ii = w + 8q, jj), q < 4, of a 32×32 tile from the transposed A and B tiles
-// (load_tile_t) into kk, handing each distance D_h to sink(h, q, d). The CPU's row_kernel order with
-// explicitly rounded mul/add: d = Σ_r (a − b)², D = √d, K = Σ_h c_h·D.
-template <typename Sink>
+// K of the entries (ii = w + 8q, jj), q < Q, of a tile (8·Q rows × 32 columns) from the transposed
+// A and B tiles (load_tile_t) into kk, handing each distance D_h to sink(h, q, d). The CPU's
+// row_kernel order with explicitly rounded mul/add: d = Σ_r (a − b)², D = √d, K = Σ_h c_h·D.
+template <int Q, typename Sink>
 __device__ __forceinline__ void tile_k(const float* as, const float* bs, unsigned H, unsigned rh, unsigned jj, unsigned w,
-                                       float (&kk)[4], Sink sink) {
+                                       float (&kk)[Q], Sink sink) {
 #pragma unroll
-  for (int q = 0; q < 4; q++) kk[q] = 0.f;
+  for (int q = 0; q < Q; q++) kk[q] = 0.f;
   for (unsigned h = 0; h < H; h++) {
-    float d2[4] = {0.f, 0.f, 0.f, 0.f};
+    float d2[Q];
+#pragma unroll
+    for (int q = 0; q < Q; q++) d2[q] = 0.f;
     const float* bp = bs + h * (rh + 1) * TS + jj;
     const float* ap = as + h * (rh + 1) * TS + w;
     for (unsigned r = 0; r < rh; r++) {
       const float b = bp[r * TS];
 #pragma unroll
-      for (int q = 0; q < 4; q++) {
+      for (int q = 0; q < Q; q++) {
         const float t = __fsub_rn(ap[r * TS + 8 * q], b);
         d2[q] = __fadd_rn(d2[q], __fmul_rn(t, t));
       }
     }
     const float c = coeff(h);
 #pragma unroll
-    for (int q = 0; q < 4; q++) {
+    for (int q = 0; q < Q; q++) {
       const float d = __fsqrt_rn(d2[q]);
       sink(h, q, d);
       kk[q] = __fadd_rn(kk[q], __fmul_rn(c, d));
@@ -440,7 +443,9 @@ __device__ __forceinline__ void bwd_tiles_body(const float* __restrict__ A, cons
 }  // namespace snella_merge
 
 // Forward step 1: K for one 32×32 tile per block (grid (n_jt, n_it), 256 threads; thread (warp w,
-// lane l) takes column jj = l and rows ii = w + 8q, q < 4), written to M (= K, the SNELL output) and,
+// lane l) takes column jj = l and rows ii = w + 8q, q < 4). (Session 7: 24-row tiles, 768 blocks
+// instead of 576 at 768×768, ran 7% slower over a step, 2.61 → 2.80 ms, ncu on the H200.) Written
+// to M (= K, the SNELL output) and,
 // when not null, to ksave [n_in, n_out] and the distances to dsave [H, n_in, n_out] (the
 // backward-time merge's saved tensors). D_h and K use the CPU's operation order with explicitly
 // rounded mul/add (no FMA contraction), so they carry its bits. Dynamic shared memory 2·H·(rh + 1)·TS
@@ -453,18 +458,18 @@ extern "C" __global__ void __launch_bounds__(256)
   extern __shared__ float snella_merge_ft_sh[];
   float* as = snella_merge_ft_sh;
   float* bs = as + H * (rh + 1) * TS;
-  const unsigned i0 = blockIdx.y * TI, j0 = blockIdx.x * TJ;
+  const unsigned i0 = blockIdx.y * TIF, j0 = blockIdx.x * TJ;
   load_tile_t(as, A, H, n_in, rh, i0);
   load_tile_t(bs, B, H, n_out, rh, j0);
   __syncthreads();
   const unsigned jj = threadIdx.x & 31, w = threadIdx.x >> 5, j = j0 + jj;
-  float kk[4];
+  float kk[TIF / 8];
   tile_k(as, bs, H, rh, jj, w, kk, [&](unsigned h, int q, float d) {
     const unsigned i = i0 + w + 8 * q;
     if (dsave != nullptr && i < n_in && j < n_out) dsave[((size_t)h * n_in + i) * n_out + j] = d;
   });
 #pragma unroll
-  for (int q = 0; q < 4; q++) {
+  for (int q = 0; q < TIF / 8; q++) {
     const unsigned i = i0 + w + 8 * q;
     if (i < n_in && j < n_out) {
       M[(size_t)i * n_out + j] = kk[q];
@@ -482,8 +487,24 @@ extern "C" __global__ void __launch_bounds__(256)
 // on 768-wide rows, ncu on the H200.)
 namespace snella_merge {
 constexpr int VPT = 12;  // values per thread held in registers by rowstats_saved: rows up to 3072 wide
+// The top-k's digit-0 bin of an output value (kernels/topk.cu: bits 30..20 of the key, the f32 bits
+// of |x| when |x| > 0, else 0).
+__device__ __forceinline__ unsigned topk_bin0(float x) {
+  const float a = fabsf(x);
+  return (a > 0.f ? __float_as_uint(a) : 0u) >> 20;
+}
+// Adds the bin of every lane with ok into the shared histogram h, one atomic per distinct bin of
+// the warp (every lane of the warp must call it).
+__device__ __forceinline__ void hist_add_warp(unsigned* h, bool ok, unsigned bin) {
+  const unsigned act = __ballot_sync(0xffffffffu, ok);
+  if (ok) {
+    const unsigned peers = __match_any_sync(act, bin);
+    if ((threadIdx.x & 31) == (unsigned)(__ffs(peers) - 1)) atomicAdd(&h[bin], (unsigned)__popc(peers));
+  }
+}
 template <int RV>
-__device__ __forceinline__ void softmax_row(float* __restrict__ row, unsigned n_out, float alpha, float g, float beta) {
+__device__ __forceinline__ void softmax_row(float* __restrict__ row, unsigned n_out, float alpha, float g, float beta,
+                                            unsigned* hist) {
   constexpr bool REG = RV > 0;
   constexpr int VPT = REG ? RV : 1;
   __shared__ float red[NWARPS][1];
@@ -522,25 +543,45 @@ __device__ __forceinline__ void softmax_row(float* __restrict__ row, unsigned n_
 #pragma unroll
     for (int q = 0; q < VPT; q++) {
       const unsigned j = threadIdx.x + q * THREADS;
-      if (j < n_out) row[j] = out(kv[q]);
+      const float o = j < n_out ? out(kv[q]) : 0.f;
+      if (j < n_out) row[j] = o;
+      if (hist != nullptr) hist_add_warp(hist, j < n_out, topk_bin0(o));  // uniform branch
     }
   } else {
-    for (unsigned j = threadIdx.x; j < n_out; j += THREADS) row[j] = out(row[j]);
+    for (unsigned j = threadIdx.x; j < n_out; j += THREADS) {
+      const float o = out(row[j]);
+      row[j] = o;
+      if (hist != nullptr) atomicAdd(&hist[topk_bin0(o)], 1u);  // lanes may diverge here
+    }
   }
 }
 }  // namespace snella_merge
 
+//
+// hist0 (null: none): the top-k's digit-0 histogram of the rewritten M (2048 bins, kernels/topk.cu's
+// snella_topk_hist pass 0, integer counts: the same words in any order), built here from the values
+// as they are written (a shared histogram per row, added into hist0), so that the select starts at
+// digit 1 (session 7: one launch and one read of M less per adapter).
 extern "C" __global__ void __launch_bounds__(256)
-    snella_merge_fwd_softmax(float* __restrict__ M, unsigned n_out, const float* __restrict__ mix) {
+    snella_merge_fwd_softmax(float* __restrict__ M, unsigned n_out, const float* __restrict__ mix,
+                             unsigned* __restrict__ hist0) {
   using namespace snella_merge;
+  __shared__ unsigned h[2048];
+  unsigned* hs = hist0 != nullptr ? h : nullptr;
+  if (hs != nullptr)
+    for (unsigned b = threadIdx.x; b < 2048; b += THREADS) h[b] = 0u;  // ordered by the reductions' barriers
   const float alpha = mix[0], g = clamp_gamma(mix[1]), beta = mix[2];
   float* row = M + (size_t)blockIdx.x * n_out;
   if (n_out <= (unsigned)(THREADS * 3))
-    softmax_row<3>(row, n_out, alpha, g, beta);
+    softmax_row<3>(row, n_out, alpha, g, beta, hs);
   else if (n_out <= (unsigned)(THREADS * 12))
-    softmax_row<12>(row, n_out, alpha, g, beta);
+    softmax_row<12>(row, n_out, alpha, g, beta, hs);
   else
-    softmax_row<0>(row, n_out, alpha, g, beta);
+    softmax_row<0>(row, n_out, alpha, g, beta, hs);
+  if (hs == nullptr) return;  // uniform
+  __syncthreads();
+  for (unsigned b = threadIdx.x; b < 2048; b += THREADS)
+    if (h[b]) atomicAdd(&hist0[b], h[b]);
 }
 
 // Backward step 1 (mixture only): rowstat[i] = (max_j K/γ, Σ_j exp(K/γ − max), s_i = Σ_j Ĝ·P, Σ_j Ĝ),

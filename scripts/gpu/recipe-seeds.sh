@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, in .gpu-node/ (after run.sh, or alone: it unpacks what it needs): the spec §8
 # recipe in bf16 for each seed given, with the default settings and, when SNELLA_AB_ENV is set
-# (e.g. SNELLA_AB_ENV="SNELLA_DELTA_PRODUCTS=fused" or "SNELLA_ATTENTION=unfused"), again with that
+# (e.g. SNELLA_AB_ENV="SNELLA_DELTA_PRODUCTS=separate" or "SNELLA_ATTENTION=unfused"), again with that
 # environment; one JSON line per run into $OUT/recipe-seeds.jsonl (the test top-1, the seed and
 # the variant: "default" or the SNELLA_AB_ENV string), logs beside it.
 # Usage: bash .gpu-node/recipe-seeds.sh 0 1 2 3 4

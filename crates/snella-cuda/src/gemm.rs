@@ -113,8 +113,16 @@ pub fn linear_bwd_products<Y: DevicePtr<f32>, W: DevicePtr<f32>, X: DevicePtr<f3
 ) -> Result<(), SnellaError> {
     if gpu.precision() != Precision::Bf16 || rows == 0 || n_in == 0 || n_out == 0 {
         if let Some(dx) = dx {
-            let Wt::F32(w) = w else { return Err(bf16_weight_err("linear_bwd_products")) };
-            gemm(gpu, false, false, rows, n_in, n_out, 1.0, dy, w, 0.0, dx)?;
+            match w {
+                Wt::F32(w) => gemm(gpu, false, false, rows, n_in, n_out, 1.0, dy, w, 0.0, dx)?,
+                // a kept bf16 weight beside an empty product: dx is empty, or zeros for n_out = 0
+                Wt::Bf16(_) if gpu.precision() == Precision::Bf16 => {
+                    if rows * n_in > 0 {
+                        gpu.stream.memset_zeros(dx).map_err(|e| cuda_err("linear_bwd_products (zero dx)", e))?;
+                    }
+                }
+                Wt::Bf16(_) => return Err(bf16_weight_err("linear_bwd_products")),
+            }
         }
         if let Some(gt) = gt {
             gemm(gpu, true, false, n_out, n_in, rows, 1.0, dy, x, 0.0, gt)?;

@@ -79,6 +79,43 @@ fn merge_fwd_matches_cpu() {
     }
 }
 
+/// The merge with the top-k's first histogram built in its softmax pass (`merge_fwd_select`) gives
+/// the same `M` bits and the same kept-set words as `merge_fwd` followed by `select_topk`, with and
+/// without the mixture, for rows held in registers (≤ 768 and ≤ 3072 wide) and wider ones (4100:
+/// the re-reading path), several `k`, and a row of equal values (ties in one bin).
+#[test]
+fn merge_fwd_select_equals_merge_then_select() {
+    let Some(gpu) = setup() else { return };
+    let mut shapes: Vec<(usize, usize, usize)> = SHAPES.to_vec();
+    shapes.push((9, 4100, 4));
+    for (si, &(n_in, n_out, rh)) in shapes.iter().enumerate() {
+        let (mut a, b) = params(n_in, n_out, rh, 80 + si as u64);
+        if si == 0 {
+            // rows 0 and 2 of A equal: equal rows of M, so equal magnitudes in the histogram
+            let row0 = a[..rh].to_vec();
+            a[2 * rh..3 * rh].copy_from_slice(&row0);
+        }
+        let (da, db) = (up(&gpu, &a), up(&gpu, &b));
+        let n = n_in * n_out;
+        for mx in mix_cases(n_in) {
+            let dmix = mx.map(|m| up(&gpu, &[m.alpha, m.gamma, m.beta]));
+            let mv = dmix.as_ref().map(|x| x.slice(..));
+            let mut m1 = gpu.zeros(n).unwrap();
+            merge::merge_fwd(&gpu, &da.slice(..), &db.slice(..), H, n_in, n_out, rh, mv.as_ref(), &mut m1.slice_mut(..)).unwrap();
+            let want_m = down(&gpu, &m1);
+            for k in [0, 1, n / 3, kept_count(n, 0.7), n] {
+                let want = topk::kept_words(&gpu, &topk::select_topk(&gpu, &m1.slice(..), n, k).unwrap()).unwrap();
+                let mut m2 = gpu.zeros(n).unwrap();
+                let kept = merge::merge_fwd_select(&gpu, &da.slice(..), &db.slice(..), H, n_in, n_out, rh, mv.as_ref(), &mut m2.slice_mut(..), k).unwrap();
+                same_bits(&format!("M {n_in}x{n_out} mix={}", mx.is_some()), &down(&gpu, &m2), &want_m);
+                assert_eq!(topk::kept_words(&gpu, &kept).unwrap(), want, "{n_in}x{n_out} mix={} k={k}: kept words", mx.is_some());
+                assert_eq!((kept.n, kept.k), (n, k));
+            }
+        }
+    }
+    println!("merge_fwd_select: the same M and kept sets as merge_fwd + select_topk");
+}
+
 #[test]
 fn merge_bwd_matches_cpu() {
     let Some(gpu) = setup() else { return };

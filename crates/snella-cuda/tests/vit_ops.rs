@@ -617,6 +617,67 @@ fn linear_fwd_epilogues_match_f64_reference() {
     gpu.set_precision(Precision::F32).unwrap();
 }
 
+/// The bf16 backward products (`gemm::linear_bwd_products*`: `dx = dy·W`, `gt = dyᵀ·x`) against the
+/// f64 products of the bf16-rounded operands, and with the weight given in bf16 (`Wt::Bf16`, an
+/// effective weight kept from forward) bit-identical to the weight converted by the product; the
+/// three entry points (f32 `dy` and `x`; bf16 `x`; bf16 `dy` and `x`) give the same bits. With no
+/// rows and a bf16 weight, `gt` is zeros (a sum over no rows) and nothing fails.
+#[test]
+fn linear_bwd_products_bf16_weight_matches() {
+    let Some(gpu) = setup() else { return };
+    use snella_cuda::device::Precision;
+    use snella_cuda::gemm::{linear_bwd_products, linear_bwd_products_bf16, linear_bwd_products_bf16x, to_bf16};
+    gpu.set_precision(Precision::Bf16).unwrap();
+    let bf = |v: &[f32]| v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect::<Vec<f32>>();
+    for &(rows, n_in, n_out) in &[(1usize, 1usize, 1usize), (37, 65, 129), (197, 192, 576)] {
+        let (dy, w, x) = (rand32(rows * n_out, 81, 1.0), rand32(n_out * n_in, 82, 1.0), rand32(rows * n_in, 83, 1.0));
+        let (rdy, rw, rx) = (bf(&dy), bf(&w), bf(&x));
+        let mut want_dx = vec![0f32; rows * n_in];
+        let mut want_gt = vec![0f32; n_out * n_in];
+        for r in 0..rows {
+            for i in 0..n_in {
+                want_dx[r * n_in + i] = (0..n_out).map(|o| rdy[r * n_out + o] as f64 * rw[o * n_in + i] as f64).sum::<f64>() as f32;
+            }
+        }
+        for o in 0..n_out {
+            for i in 0..n_in {
+                want_gt[o * n_in + i] = (0..rows).map(|r| rdy[r * n_out + o] as f64 * rx[r * n_in + i] as f64).sum::<f64>() as f32;
+            }
+        }
+        let (gdy, gw, gx) = (up(&gpu, &dy), up(&gpu, &w), up(&gpu, &x));
+        let (w16, x16, dy16) = (to_bf16(&gpu, &gw, n_out * n_in).unwrap(), to_bf16(&gpu, &gx, rows * n_in).unwrap(), to_bf16(&gpu, &gdy, rows * n_out).unwrap());
+        let wv = gw.slice(..);
+        let mut outs = Vec::new();
+        for variant in 0..4 {
+            let mut dx = up(&gpu, &vec![f32::NAN; rows * n_in]);
+            let mut gt = up(&gpu, &vec![f32::NAN; n_out * n_in]);
+            let (mut dxv, mut gtv) = (dx.slice_mut(..), gt.slice_mut(..));
+            let wt = if variant == 0 { Wt::F32(&wv) } else { Wt::<CudaView<f32>>::Bf16(&w16) };
+            match variant {
+                0 | 1 => linear_bwd_products(&gpu, &gdy.slice(..), wt, &gx.slice(..), rows, n_in, n_out, Some(&mut dxv), Some(&mut gtv)),
+                2 => linear_bwd_products_bf16x(&gpu, &gdy.slice(..), wt, Some(&x16), rows, n_in, n_out, Some(&mut dxv), Some(&mut gtv)),
+                _ => linear_bwd_products_bf16(&gpu, &dy16, wt, Some(&x16), rows, n_in, n_out, Some(&mut dxv), Some(&mut gtv)),
+            }
+            .unwrap();
+            outs.push((down(&gpu, &dx), down(&gpu, &gt)));
+        }
+        check(&format!("bf16 dx {rows}x{n_out}->{n_in}"), &outs[0].0, &want_dx, 1e-5);
+        check(&format!("bf16 gt {n_out}x{n_in}"), &outs[0].1, &want_gt, 1e-5);
+        for (v, (dx, gt)) in outs.iter().enumerate().skip(1) {
+            let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same(dx, &outs[0].0) && same(gt, &outs[0].1), "{rows}x{n_in}x{n_out}: variant {v} (bf16 weight) differs from the f32 weight");
+        }
+    }
+    // no rows: an empty f32 input beside a kept bf16 weight (dx is empty, gt zeros)
+    let w16 = to_bf16(&gpu, &up(&gpu, &[0.5f32; 12]), 12).unwrap();
+    let (gdy, gx) = (up(&gpu, &[0f32; 1]), up(&gpu, &[0f32; 1]));
+    let (mut dx, mut gt) = (up(&gpu, &[0f32; 1]), up(&gpu, &[7f32; 12]));
+    let (mut dxv, mut gtv) = (dx.slice_mut(0..0), gt.slice_mut(..));
+    linear_bwd_products(&gpu, &gdy.slice(0..0), Wt::<CudaView<f32>>::Bf16(&w16), &gx.slice(0..0), 0, 3, 4, Some(&mut dxv), Some(&mut gtv)).unwrap();
+    assert_eq!(down(&gpu, &gt), vec![0f32; 12], "no rows: the weight gradient is a sum over nothing");
+    gpu.set_precision(Precision::F32).unwrap();
+}
+
 #[test]
 fn staged_uploads_arrive_intact() {
     let Some(gpu) = setup() else { return };

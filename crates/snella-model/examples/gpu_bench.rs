@@ -40,8 +40,9 @@ fn merge_ms(be: &CudaBackend, n_in: usize, n_out: usize, iters: usize) -> f64 {
     let g = be.upload(&vec![1.0; n]);
     let (mut da, mut db, mut dmix) = (be.zeros(h * n_in * rh), be.zeros(h * n_out * rh), be.zeros(3));
     let mut run = || {
-        be.merge_fwd(&a, &b, h, n_in, n_out, rh, Some(&mix), &mut m);
-        let kept = be.select_topk(&m, k);
+        // merge and top-k as the training step makes them (one call: the select's first histogram
+        // comes from the merge's softmax pass)
+        let kept = be.merge_fwd_select(&a, &b, h, n_in, n_out, rh, Some(&mix), &mut m, k);
         be.sparsify_fwd(&m, &kept, SparsifyRule::MagnitudeProduct, &mut dw);
         // backward recomputes M ("recover in backward", keeping K and the distances for the merge
         // backward) and reuses the forward's kept set (same A, B and k: the same set), as the

@@ -117,6 +117,11 @@ impl<B: Backend> KernelAdapter<B> {
     pub fn materialize_with(&self, be: &B, set: Option<B::Kept>, for_backward: bool) -> Materialized<B> {
         let mut m = be.empty(self.numel());
         let (a, b, mix) = (&self.a.value, &self.b.value, self.mix.as_ref().map(|p| &p.value));
+        if !for_backward && set.is_none() {
+            // merge and select in one backend call (CUDA shares a pass between them)
+            let set = be.merge_fwd_select(a, b, self.heads, self.n_in, self.n_out, self.rh, mix, &mut m, self.kept());
+            return Materialized { m: Some(m), set: Some(set), dw: None, saved: None };
+        }
         let saved = if for_backward {
             be.merge_fwd_saving(a, b, self.heads, self.n_in, self.n_out, self.rh, mix, &mut m)
         } else {

@@ -219,6 +219,14 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Kernelized merge forward (spec §1): `m [n_in, n_out]`; `mix` holds `[α, γ, β]` (SNELLA) or is
     /// `None` (SNELL).
     fn merge_fwd(&self, a: &Self::Buf, b: &Self::Buf, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&Self::Buf>, m: &mut Self::Buf);
+    /// [`Backend::merge_fwd`] followed by [`Backend::select_topk`] of the `M` it wrote (`k` kept
+    /// entries, spec §2): the same `M` and kept set. The default makes the two calls; CUDA builds the
+    /// select's first histogram in the merge's softmax pass (one launch and one read of `M` less).
+    #[allow(clippy::too_many_arguments)]
+    fn merge_fwd_select(&self, a: &Self::Buf, b: &Self::Buf, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&Self::Buf>, m: &mut Self::Buf, k: usize) -> Self::Kept {
+        self.merge_fwd(a, b, heads, n_in, n_out, rh, mix, m);
+        self.select_topk(m, k)
+    }
     /// [`Backend::merge_fwd`] for a backward pass: may also return what [`Backend::merge_bwd_saved`]
     /// reuses (the same `m`). The default saves nothing.
     #[allow(clippy::too_many_arguments)]

@@ -59,6 +59,10 @@ pub struct CudaBackend {
     /// less per adapted linear, see `snella_model::linear`); true when the environment variable
     /// `SNELLA_DELTA_PRODUCTS=separate` is set when the backend is made (for comparisons).
     pub separate_delta: bool,
+    /// Whether a bf16 step keeps each adapted linear's bf16 effective weight from forward to
+    /// backward ([`Backend::keep_effective_weight`]); true by default, false rebuilds it in backward
+    /// (the same bits; for comparisons and tests).
+    pub keep_weight: bool,
 }
 
 /// One row of [`CudaBackend::profile_report`]: an op, its summed device time (ms) and its calls.
@@ -105,7 +109,7 @@ impl CudaBackend {
     pub fn new(ordinal: usize) -> Result<Self, SnellaError> {
         let fused_attention = std::env::var("SNELLA_ATTENTION").map(|v| v != "unfused").unwrap_or(true);
         let separate_delta = std::env::var("SNELLA_DELTA_PRODUCTS").map(|v| v == "separate").unwrap_or(false);
-        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention, separate_delta })
+        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention, separate_delta, keep_weight: true })
     }
 
     /// Starts recording a pair of device events around every op (for the benchmark's per-op
@@ -460,6 +464,12 @@ impl Backend for CudaBackend {
             ok("merge_fwd", merge::merge_fwd(&self.gpu, &a.slice(..), &b.slice(..), heads, n_in, n_out, rh, mv.as_ref(), &mut m.slice_mut(..)));
         })
     }
+    fn merge_fwd_select(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&CudaSlice<f32>>, m: &mut CudaSlice<f32>, k: usize) -> topk::CudaKept {
+        self.timed("merge_fwd + select_topk", || {
+            let mv = mix.map(|x| x.slice(..));
+            ok("merge_fwd_select", merge::merge_fwd_select(&self.gpu, &a.slice(..), &b.slice(..), heads, n_in, n_out, rh, mv.as_ref(), &mut m.slice_mut(..), k))
+        })
+    }
     fn merge_bwd(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&CudaSlice<f32>>, dm: &CudaSlice<f32>, da: &mut CudaSlice<f32>, db: &mut CudaSlice<f32>, dmix: Option<&mut CudaSlice<f32>>) {
         self.timed("merge_bwd", || {
             let mv = mix.map(|x| x.slice(..));
@@ -516,7 +526,7 @@ impl Backend for CudaBackend {
     }
     fn keep_effective_weight(&self) -> bool {
         // the bf16 copy the products read (half the f32 weight), kept instead of rebuilt
-        self.gpu.precision() == snella_cuda::device::Precision::Bf16
+        self.keep_weight && self.gpu.precision() == snella_cuda::device::Precision::Bf16
     }
     fn empty(&self, n: usize) -> CudaSlice<f32> {
         // SAFETY: callers (Backend::empty's contract) write every element before reading it.

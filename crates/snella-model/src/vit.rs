@@ -48,7 +48,8 @@ pub struct BlockCache<B: Backend> {
     r2: B::Buf,
     /// The MLP pre-activation `fc1(ln2)` as [`Backend::gelu_fwd_keep`] keeps it.
     f1: B::Act,
-    /// The kept sets of qkv, proj, fc1 and fc2 from this forward pass.
+    /// What qkv, proj, fc1 and fc2 hand from this forward pass to their backward: the kept sets and,
+    /// where the backend keeps it, the effective weight ([`KeptSets`]).
     kept: [KeptSets<B>; 4],
 }
 

@@ -40,8 +40,12 @@ fn session_hd64<B: Backend>(be: B) -> Session<B> {
     prepared(Session { be, vit, method: None, trainer: None, source: String::new() })
 }
 
-fn prepared<B: Backend>(mut s: Session<B>) -> Session<B> {
-    s.attach(MethodConfig { kind: MethodKind::Snella, rank: 4, heads: 2, s0: 0.3, num_classes: 5, seed: 11, ..MethodConfig::default() }).unwrap();
+fn prepared<B: Backend>(s: Session<B>) -> Session<B> {
+    prepared_kind(s, MethodKind::Snella)
+}
+
+fn prepared_kind<B: Backend>(mut s: Session<B>, kind: MethodKind) -> Session<B> {
+    s.attach(MethodConfig { kind, rank: 4, heads: 2, s0: 0.3, num_classes: 5, seed: 11, ..MethodConfig::default() }).unwrap();
     s.prepare(TrainConfig {
         epochs: 2,
         batch_size: 6,
@@ -196,6 +200,38 @@ fn gpu_bf16_recompute_gives_bit_identical_step() {
         assert_eq!(x, y, "{} differs with recompute", x.0);
     }
     println!("bf16 step with recompute: {} trainable tensors bit-identical", a.len());
+}
+
+/// Keeping each adapted linear's bf16 effective weight from forward to backward (the default,
+/// `keep_weight`) gives bit-identical gradients and updated values to rebuilding it in backward,
+/// for SNELLA (the weight from `M`, the kernel adapters still materialised in backward) and LoRA
+/// (not materialised at all in backward when the weight is kept).
+#[test]
+fn gpu_bf16_kept_effective_weight_gives_bit_identical_step() {
+    if let Err(e) = snella_cuda::probe::probe() {
+        println!("skipped: no CUDA ({e})");
+        return;
+    }
+    let x: Vec<f32> = snella_core::gradcheck::rand_vec(6 * 3 * 32 * 32, 9, 1.5).iter().map(|&v| v as f32).collect();
+    for kind in [MethodKind::Snella, MethodKind::Lora] {
+        let run = |keep: bool| {
+            let mut be = CudaBackend::new(0).unwrap();
+            be.gpu.set_precision(snella_cuda::device::Precision::Bf16).unwrap();
+            be.keep_weight = keep;
+            assert_eq!(be.keep_effective_weight(), keep);
+            let shape = VitShape { img_size: 32, patch_size: 16, embed_dim: 128, depth: 2, num_heads: 2, mlp_hidden: 256, num_classes: 5, init_bound: 0.3 };
+            let vit = Vit::from_file(&be, random_vit(&shape, 21)).expect("random vit");
+            let mut s = prepared_kind(Session { be: be.clone(), vit, method: None, trainer: None, source: String::new() }, kind);
+            s.train_step(&x, &[0, 1, 2, 3, 4, 1]).unwrap();
+            s.vit.params_mut().into_iter().filter_map(|p| p.train.as_ref().map(|t| (p.name.clone(), be.download(&p.value), be.download(&t.grad)))).collect::<Vec<_>>()
+        };
+        let (a, b) = (run(true), run(false));
+        assert!(a.len() > 10, "{kind:?}: {} trainable tensors", a.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x, y, "{kind:?}: {} differs between the kept and the rebuilt effective weight", x.0);
+        }
+        println!("{kind:?}: kept effective weight, {} trainable tensors bit-identical to the rebuilt one", a.len());
+    }
 }
 
 /// The backward takes the attention path its forward took, whatever `fused_attention` says by

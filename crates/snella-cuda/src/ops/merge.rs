@@ -21,6 +21,8 @@ use snella_core::SnellaError;
 
 /// Backward tile edge (`TI = TJ` in `merge.cu`).
 const TILE: usize = 32;
+/// Rows of a forward tile (`TIF` in merge.cu; the columns are [`TILE`]).
+const FWD_ROWS: usize = 32;
 /// Threads per block of every merge kernel.
 const THREADS: u32 = 256;
 /// Dynamic shared memory per block we allow: the 48 KiB available without opt-in, less the
@@ -111,7 +113,33 @@ pub fn merge_fwd(
     gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, m: &mut Out,
 ) -> Result<(), SnellaError> {
     check(a, b, heads, n_in, n_out, rh, mix, m.len(), "M")?;
-    fwd_launch(gpu, a, b, heads, n_in, n_out, rh, mix, m, None)
+    fwd_launch(gpu, a, b, heads, n_in, n_out, rh, mix, m, None, None)
+}
+
+/// [`merge_fwd`] followed by the top-k of `|M|` ([`crate::ops::topk::select_topk`], spec §2): with
+/// the mixture the softmax pass also builds the select's digit-0 histogram from the values it writes
+/// ([`crate::ops::topk::select_topk_after_digit0`]), so the select reads `M` once less and launches
+/// once less. The same `M` and kept set, bit for bit, as the two calls.
+///
+/// # Errors
+/// As [`merge_fwd`] and [`crate::ops::topk::select_topk`].
+#[allow(clippy::too_many_arguments)]
+pub fn merge_fwd_select(
+    gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, m: &mut Out, k: usize,
+) -> Result<crate::ops::topk::CudaKept, SnellaError> {
+    use crate::ops::topk;
+    check(a, b, heads, n_in, n_out, rh, mix, m.len(), "M")?;
+    let n = n_in * n_out;
+    if mix.is_none() || n == 0 {
+        fwd_launch(gpu, a, b, heads, n_in, n_out, rh, mix, m, None, None)?;
+        return topk::select_topk(gpu, &m.as_view(), n, k);
+    }
+    let mut state = topk::new_state(gpu)?;
+    {
+        let mut h0 = state.slice_mut(topk::HIST0_WORD..topk::HIST0_WORD + topk::HIST0_BINS);
+        fwd_launch(gpu, a, b, heads, n_in, n_out, rh, mix, m, None, Some(&mut h0))?;
+    }
+    topk::select_topk_after_digit0(gpu, &m.as_view(), n, k, state)
 }
 
 /// What the backward-time merge keeps for [`merge_bwd_saved`]: `K: [in, out]` and the distances
@@ -136,7 +164,7 @@ pub fn merge_fwd_saving(
     check(a, b, heads, n_in, n_out, rh, mix, m.len(), "M")?;
     // SAFETY: the forward writes every element of K and D (rows < n_in, columns < n_out).
     let mut saved = unsafe { MergeSaved { k: gpu.uninit::<f32>((n_in * n_out).max(1))?, d: gpu.uninit::<f32>((heads * n_in * n_out).max(1))? } };
-    fwd_launch(gpu, a, b, heads, n_in, n_out, rh, mix, m, Some(&mut saved))?;
+    fwd_launch(gpu, a, b, heads, n_in, n_out, rh, mix, m, Some(&mut saved), None)?;
     Ok(saved)
 }
 
@@ -146,12 +174,12 @@ pub fn merge_fwd_saving(
 #[allow(clippy::too_many_arguments)]
 fn fwd_launch(
     gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, m: &mut Out,
-    saved: Option<&mut MergeSaved>,
+    saved: Option<&mut MergeSaved>, hist0: Option<&mut cudarc::driver::CudaViewMut<u32>>,
 ) -> Result<(), SnellaError> {
     if n_in == 0 || n_out == 0 {
         return Ok(());
     }
-    let (n_it, n_jt) = (n_in.div_ceil(TILE), n_out.div_ceil(TILE));
+    let (n_it, n_jt) = (n_in.div_ceil(FWD_ROWS), n_out.div_ceil(TILE));
     if n_it > 65535 {
         return Err(SnellaError::config("in", n_in, "at most 65535·32 rows on the CUDA backend"));
     }
@@ -175,7 +203,12 @@ fn fwd_launch(
         let cfg = LaunchConfig { grid_dim: (n_in as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let mut lb = gpu.stream.launch_builder(&f);
         lb.arg(m).arg(&o32).arg(x);
-        // SAFETY: M holds n_in·n_out floats (checked), one block per row; the mixture 3 floats.
+        match hist0 {
+            Some(h) => lb.arg(h),
+            None => lb.arg(&null),
+        };
+        // SAFETY: M holds n_in·n_out floats (checked), one block per row; the mixture 3 floats; hist0
+        // (when given) 2048 words.
         unsafe { lb.launch(cfg) }.map_err(|e| cuda_err("snella_merge_fwd_softmax", e))?;
     }
     Ok(())

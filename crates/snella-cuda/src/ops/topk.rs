@@ -2,7 +2,8 @@
 //! competition). CPU reference: [`snella_core::snella::topk::select_topk`].
 //!
 //! Radix select on the f32 bit pattern of `|x|` (NaN and `±0` count as 0), three histogram passes
-//! and no sort, for any size below 2³² entries: five launches (four for `k = 0`) and one zeroed
+//! and no sort, for any size below 2³² entries: five launches (four for `k = 0`; one less when the
+//! producer of `M` built the first histogram, [`select_topk_after_digit0`]) and one zeroed
 //! allocation. Each kernel reads the previous one's prefix and remaining rank from device memory,
 //! so the whole select is queued without a host synchronisation; only [`kept_to_host`] waits.
 
@@ -27,6 +28,20 @@ pub const W_TIES: usize = 4;
 pub const KEPT_WORDS: usize = 32 + 2048 + 2048 + 512 + 4096;
 /// Most chunks of the tie count (`MAX_CHUNKS` in `topk.cu`).
 const MAX_CHUNKS: usize = 4096;
+/// First word of the digit-0 histogram in [`CudaKept::dev`] (`W_HIST0` in `topk.cu`): 2048 bins of
+/// bits 30..20 of the key, which `snella_merge_fwd_softmax` can fill (see [`select_topk_after_digit0`]).
+pub const HIST0_WORD: usize = 32;
+/// Bins of the digit-0 histogram.
+pub const HIST0_BINS: usize = 2048;
+
+/// A zeroed selection state ([`KEPT_WORDS`] words) for [`select_topk_after_digit0`], whose digit-0
+/// histogram (words [`HIST0_WORD`]`..+`[`HIST0_BINS`]) a producer of `M` fills first.
+///
+/// # Errors
+/// `CUDA_OOM` when the allocation fails.
+pub fn new_state(gpu: &Gpu) -> Result<CudaSlice<u32>, SnellaError> {
+    gpu.stream.alloc_zeros::<u32>(KEPT_WORDS).map_err(|e| gpu.oom(KEPT_WORDS * 4, e))
+}
 
 /// The kept set of one layer on the device (spec §2), as `snella_sparsify_apply` reads it.
 ///
@@ -59,6 +74,26 @@ fn launch_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Sne
 /// `Config` when `k > n` or `n ≥ 2³²`; `Tensor` when `m` is shorter than `n`; `CUDA_OOM` /
 /// `CUDA_ERROR` on allocation or launch failure.
 pub fn select_topk(gpu: &Gpu, m: &In, n: usize, k: usize) -> Result<CudaKept, SnellaError> {
+    select_from(gpu, m, n, k, None)
+}
+
+/// [`select_topk`] with the digit-0 histogram of `|m|` already in `state` (made by [`new_state`] and
+/// filled by the kernel that wrote `m`, e.g. `snella_merge_fwd_softmax`): the select starts at
+/// digit 1, four launches instead of five. The same result as [`select_topk`] when the histogram
+/// counts exactly the keys of the first `n` entries of `m`.
+///
+/// # Errors
+/// As [`select_topk`]; `Tensor` when `state` is not [`KEPT_WORDS`] long.
+pub fn select_topk_after_digit0(gpu: &Gpu, m: &In, n: usize, k: usize, state: CudaSlice<u32>) -> Result<CudaKept, SnellaError> {
+    if state.len() != KEPT_WORDS {
+        return Err(SnellaError::tensor("<device>", "top-k state", format!("has {} words, expected {KEPT_WORDS}", state.len())));
+    }
+    select_from(gpu, m, n, k, Some(state))
+}
+
+/// The select from digit 0 (`state` `None`: a new zeroed state) or from digit 1 (`state` holding
+/// the digit-0 histogram).
+fn select_from(gpu: &Gpu, m: &In, n: usize, k: usize, state: Option<CudaSlice<u32>>) -> Result<CudaKept, SnellaError> {
     if m.len() < n {
         return Err(SnellaError::tensor("<device>", "M", format!("has {} elements, expected at least n = {n}", m.len())));
     }
@@ -68,7 +103,11 @@ pub fn select_topk(gpu: &Gpu, m: &In, n: usize, k: usize) -> Result<CudaKept, Sn
     if n > u32::MAX as usize {
         return Err(SnellaError::config("n", n, "below 2^32 entries per layer on the CUDA backend"));
     }
-    let mut dev = gpu.stream.alloc_zeros::<u32>(KEPT_WORDS).map_err(|e| gpu.oom(KEPT_WORDS * 4, e))?;
+    let first_pass = if state.is_some() { 1u32 } else { 0 };
+    let mut dev = match state {
+        Some(s) => s,
+        None => new_state(gpu)?,
+    };
     if n == 0 {
         return Ok(CudaKept { dev, n, k });
     }
@@ -77,7 +116,7 @@ pub fn select_topk(gpu: &Gpu, m: &In, n: usize, k: usize) -> Result<CudaKept, Sn
     let hist = gpu.func("snella_topk_hist");
     let hist_cfg = LaunchConfig { grid_dim: (n.div_ceil(2048).min(1024) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let one_cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-    for pass in 0u32..3 {
+    for pass in first_pass..3 {
         let mut lb = gpu.stream.launch_builder(&hist);
         lb.arg(m).arg(&n64).arg(&mut dev).arg(&pass).arg(&k0);
         // SAFETY: m holds ≥ n floats, dev KEPT_WORDS words; the kernel bounds-checks idx < n.
