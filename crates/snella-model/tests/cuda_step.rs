@@ -35,9 +35,32 @@ fn session<B: Backend>(be: B) -> Session<B> {
 /// A ViT with head dim 64 (D 128, 2 heads, 2 blocks, 32 px / 16: 5 tokens), random weights in
 /// ±0.3: the shape on which the CUDA backend's bf16 attention is the fused (flash) kernel.
 fn session_hd64<B: Backend>(be: B) -> Session<B> {
+    session_hd64_kind(be, MethodKind::Snella)
+}
+
+/// [`session_hd64`] with the given method attached.
+fn session_hd64_kind<B: Backend>(be: B, kind: MethodKind) -> Session<B> {
     let shape = VitShape { img_size: 32, patch_size: 16, embed_dim: 128, depth: 2, num_heads: 2, mlp_hidden: 256, num_classes: 5, init_bound: 0.3 };
     let vit = Vit::from_file(&be, random_vit(&shape, 21)).expect("random vit");
-    prepared(Session { be, vit, method: None, trainer: None, source: String::new() })
+    prepared_kind(Session { be, vit, method: None, trainer: None, source: String::new() }, kind)
+}
+
+/// One training step on `x` (6 images, fixed labels); every trainable tensor's name, value and
+/// gradient after it.
+fn step_params(mut s: Session<CudaBackend>, x: &[f32]) -> Vec<(String, Vec<f32>, Vec<f32>)> {
+    s.train_step(x, &[0, 1, 2, 3, 4, 1]).unwrap();
+    let be = s.be.clone();
+    s.vit.params_mut().into_iter().filter_map(|p| p.train.as_ref().map(|t| (p.name.clone(), be.download(&p.value), be.download(&t.grad)))).collect()
+}
+
+/// `a` and `b` (from [`step_params`]) hold the same tensors bit for bit.
+fn assert_same_params(a: &[(String, Vec<f32>, Vec<f32>)], b: &[(String, Vec<f32>, Vec<f32>)], what: &str) {
+    assert!(a.len() > 10, "{what}: {} trainable tensors", a.len());
+    assert_eq!(a.len(), b.len(), "{what}: trainable tensor count");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x, y, "{what}: {} differs", x.0);
+    }
+    println!("{what}: {} trainable tensors bit-identical", a.len());
 }
 
 fn prepared<B: Backend>(s: Session<B>) -> Session<B> {
@@ -191,15 +214,9 @@ fn gpu_bf16_recompute_gives_bit_identical_step() {
     let run = |recompute: bool| {
         let mut s = session_hd64(be.clone());
         s.trainer.as_mut().expect("prepared").cfg.recompute = recompute;
-        s.train_step(&x, &[0, 1, 2, 3, 4, 1]).unwrap();
-        s.vit.params_mut().into_iter().filter_map(|p| p.train.as_ref().map(|t| (p.name.clone(), be.download(&p.value), be.download(&t.grad)))).collect::<Vec<_>>()
+        step_params(s, &x)
     };
-    let (a, b) = (run(false), run(true));
-    assert!(a.len() > 10, "{} trainable tensors", a.len());
-    for (x, y) in a.iter().zip(&b) {
-        assert_eq!(x, y, "{} differs with recompute", x.0);
-    }
-    println!("bf16 step with recompute: {} trainable tensors bit-identical", a.len());
+    assert_same_params(&run(false), &run(true), "bf16 step with and without recompute");
 }
 
 /// Keeping each adapted linear's bf16 effective weight from forward to backward (the default,
@@ -219,18 +236,9 @@ fn gpu_bf16_kept_effective_weight_gives_bit_identical_step() {
             be.gpu.set_precision(snella_cuda::device::Precision::Bf16).unwrap();
             be.keep_weight = keep;
             assert_eq!(be.keep_effective_weight(), keep);
-            let shape = VitShape { img_size: 32, patch_size: 16, embed_dim: 128, depth: 2, num_heads: 2, mlp_hidden: 256, num_classes: 5, init_bound: 0.3 };
-            let vit = Vit::from_file(&be, random_vit(&shape, 21)).expect("random vit");
-            let mut s = prepared_kind(Session { be: be.clone(), vit, method: None, trainer: None, source: String::new() }, kind);
-            s.train_step(&x, &[0, 1, 2, 3, 4, 1]).unwrap();
-            s.vit.params_mut().into_iter().filter_map(|p| p.train.as_ref().map(|t| (p.name.clone(), be.download(&p.value), be.download(&t.grad)))).collect::<Vec<_>>()
+            step_params(session_hd64_kind(be, kind), &x)
         };
-        let (a, b) = (run(true), run(false));
-        assert!(a.len() > 10, "{kind:?}: {} trainable tensors", a.len());
-        for (x, y) in a.iter().zip(&b) {
-            assert_eq!(x, y, "{kind:?}: {} differs between the kept and the rebuilt effective weight", x.0);
-        }
-        println!("{kind:?}: kept effective weight, {} trainable tensors bit-identical to the rebuilt one", a.len());
+        assert_same_params(&run(true), &run(false), &format!("{kind:?}: kept vs rebuilt effective weight"));
     }
 }
 
