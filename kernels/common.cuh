@@ -14,3 +14,21 @@ __device__ __forceinline__ float snella_warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
+
+// The top-k's key of a value (spec §2 competition by magnitude): the f32 bits of |x| when |x| > 0,
+// else 0 (NaN and ±0 count as magnitude 0). Monotone in |x|; bits 30..0 only. Shared by topk.cu
+// (the select), sparsify.cu (membership) and merge.cu (the softmax pass's digit-0 histogram).
+__device__ __forceinline__ unsigned snella_magnitude_key(float x) {
+  const float a = fabsf(x);
+  return a > 0.f ? __float_as_uint(a) : 0u;
+}
+
+// Adds `bin` of every lane with `ok` to the shared histogram h, one atomic per distinct bin of the
+// warp (integer counts: exact in any order). Every lane of the warp must call it.
+__device__ __forceinline__ void snella_hist_add_warp(unsigned* h, bool ok, unsigned bin) {
+  const unsigned act = __ballot_sync(0xffffffffu, ok);
+  if (ok) {
+    const unsigned peers = __match_any_sync(act, bin);
+    if ((threadIdx.x & 31) == (unsigned)(__ffs(peers) - 1)) atomicAdd(&h[bin], (unsigned)__popc(peers));
+  }
+}

@@ -487,21 +487,8 @@ extern "C" __global__ void __launch_bounds__(256)
 // on 768-wide rows, ncu on the H200.)
 namespace snella_merge {
 constexpr int VPT = 12;  // values per thread held in registers by rowstats_saved: rows up to 3072 wide
-// The top-k's digit-0 bin of an output value (kernels/topk.cu: bits 30..20 of the key, the f32 bits
-// of |x| when |x| > 0, else 0).
-__device__ __forceinline__ unsigned topk_bin0(float x) {
-  const float a = fabsf(x);
-  return (a > 0.f ? __float_as_uint(a) : 0u) >> 20;
-}
-// Adds the bin of every lane with ok into the shared histogram h, one atomic per distinct bin of
-// the warp (every lane of the warp must call it).
-__device__ __forceinline__ void hist_add_warp(unsigned* h, bool ok, unsigned bin) {
-  const unsigned act = __ballot_sync(0xffffffffu, ok);
-  if (ok) {
-    const unsigned peers = __match_any_sync(act, bin);
-    if ((threadIdx.x & 31) == (unsigned)(__ffs(peers) - 1)) atomicAdd(&h[bin], (unsigned)__popc(peers));
-  }
-}
+// The top-k's digit-0 bin of an output value (kernels/topk.cu: bits 30..20 of its key).
+__device__ __forceinline__ unsigned topk_bin0(float x) { return snella_magnitude_key(x) >> 20; }
 template <int RV>
 __device__ __forceinline__ void softmax_row(float* __restrict__ row, unsigned n_out, float alpha, float g, float beta,
                                             unsigned* hist) {
@@ -545,7 +532,7 @@ __device__ __forceinline__ void softmax_row(float* __restrict__ row, unsigned n_
       const unsigned j = threadIdx.x + q * THREADS;
       const float o = j < n_out ? out(kv[q]) : 0.f;
       if (j < n_out) row[j] = o;
-      if (hist != nullptr) hist_add_warp(hist, j < n_out, topk_bin0(o));  // uniform branch
+      if (hist != nullptr) snella_hist_add_warp(hist, j < n_out, topk_bin0(o));  // uniform branch
     }
   } else {
     for (unsigned j = threadIdx.x; j < n_out; j += THREADS) {

@@ -11,6 +11,7 @@
 #include "common.cuh"
 
 namespace snella_sparsify {
+// snella_magnitude_key (common.cuh) for a value already ≥ 0 or NaN (the callers pass |m|).
 __device__ __forceinline__ unsigned key(float a) { return a > 0.f ? __float_as_uint(a) : 0u; }
 
 // The stop-gradient factor of `rule` for the entry of flat index `i` with magnitude `a`.

@@ -29,10 +29,7 @@ constexpr unsigned W_S1 = 8, W_S2 = 12, W_TAUMAX = 16;
 constexpr unsigned W_HIST0 = 32, W_HIST1 = W_HIST0 + 2048, W_HIST2 = W_HIST1 + 2048;
 constexpr unsigned W_CNT = W_HIST2 + 512, MAX_CHUNKS = 4096;
 
-__device__ __forceinline__ unsigned key(float x) {
-  const float a = fabsf(x);
-  return a > 0.f ? __float_as_uint(a) : 0u;
-}
+__device__ __forceinline__ unsigned key(float x) { return snella_magnitude_key(x); }
 
 // Digit geometry of pass 0, 1, 2: shift, number of bins, mask of the bits fixed before it, and
 // the word of its histogram.
@@ -153,12 +150,7 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
     for (unsigned u = 0; u < U; u++) {
       const bool ok = base + u * 32 + lane < n && (kk[u] & gm.pmask) == prefix;
-      const unsigned bin = (kk[u] >> gm.shift) & (gm.nb - 1);
-      const unsigned act = __ballot_sync(0xffffffffu, ok);
-      if (ok) {
-        const unsigned peers = __match_any_sync(act, bin);
-        if (lane == (unsigned)(__ffs(peers) - 1)) atomicAdd(&h[bin], (unsigned)__popc(peers));
-      }
+      snella_hist_add_warp(h, ok, (kk[u] >> gm.shift) & (gm.nb - 1));
     }
   }
   __syncthreads();
