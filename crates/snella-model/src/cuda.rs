@@ -215,12 +215,10 @@ impl Backend for CudaBackend {
     }
     fn linear_fwd(&self, x: &CudaAct, w: Weight<'_, Self>, delta: Option<&CudaSlice<f32>>, bias: &CudaSlice<f32>, residual: Option<&CudaSlice<f32>>, rows: usize, n_in: usize, n_out: usize, y: &mut CudaSlice<f32>) {
         self.timed("linear_fwd (+ bias, residual)", || {
-            let dv = delta.map(|d| d.slice(..));
             let rv = residual.map(|r| r.slice(..));
-            let wv = weight_view(&w);
             let r = match x {
-                CudaAct::F32(x) => gemm::linear_fwd(&self.gpu, &x.slice(..), wt(&w, &wv), dv.as_ref(), &bias.slice(..), rv.as_ref(), rows, n_in, n_out, &mut y.slice_mut(..)),
-                CudaAct::Bf16(x16) => gemm::linear_fwd_bf16x(&self.gpu, x16, wt(&w, &wv), dv.as_ref(), &bias.slice(..), rv.as_ref(), rows, n_in, n_out, &mut y.slice_mut(..)),
+                CudaAct::F32(x) => gemm::linear_fwd(&self.gpu, &x.slice(..), wt(w), delta, &bias.slice(..), rv.as_ref(), rows, n_in, n_out, &mut y.slice_mut(..)),
+                CudaAct::Bf16(x16) => gemm::linear_fwd_bf16x(&self.gpu, x16, wt(w), delta, &bias.slice(..), rv.as_ref(), rows, n_in, n_out, &mut y.slice_mut(..)),
             };
             ok("linear_fwd", r);
         })
@@ -229,10 +227,9 @@ impl Backend for CudaBackend {
         self.timed("linear_bwd_products (dgrad + wgrad)", || {
             let mut dxv = dx.map(|v| v.slice_mut(..));
             let mut gtv = gt.map(|v| v.slice_mut(..));
-            let wv = weight_view(&w);
             let r = match x {
-                CudaAct::F32(x) => gemm::linear_bwd_products(&self.gpu, &dy.slice(..), wt(&w, &wv), &x.slice(..), rows, n_in, n_out, dxv.as_mut(), gtv.as_mut()),
-                CudaAct::Bf16(x16) => gemm::linear_bwd_products_bf16x(&self.gpu, &dy.slice(..), wt(&w, &wv), Some(x16), rows, n_in, n_out, dxv.as_mut(), gtv.as_mut()),
+                CudaAct::F32(x) => gemm::linear_bwd_products(&self.gpu, &dy.slice(..), wt(w), &x.slice(..), rows, n_in, n_out, dxv.as_mut(), gtv.as_mut()),
+                CudaAct::Bf16(x16) => gemm::linear_bwd_products_bf16x(&self.gpu, &dy.slice(..), wt(w), Some(x16), rows, n_in, n_out, dxv.as_mut(), gtv.as_mut()),
             };
             ok("linear_bwd_products", r);
         })
@@ -256,8 +253,7 @@ impl Backend for CudaBackend {
                         &conv
                     }
                 };
-                let wv = weight_view(&w);
-                ok("linear_bwd_products", gemm::linear_bwd_products_bf16(&self.gpu, dy16, wt(&w, &wv), Some(x16), rows, n_in, n_out, dxv.as_mut(), gtv.as_mut()));
+                ok("linear_bwd_products", gemm::linear_bwd_products_bf16(&self.gpu, dy16, wt(w), Some(x16), rows, n_in, n_out, dxv.as_mut(), gtv.as_mut()));
             }),
         }
     }
@@ -569,19 +565,10 @@ impl Backend for CudaBackend {
     }
 }
 
-/// The f32 view of a [`Weight`] that is f32 (`None` for a bf16 one), for [`wt`].
-fn weight_view<'a>(w: &Weight<'a, CudaBackend>) -> Option<cudarc::driver::CudaView<'a, f32>> {
-    match *w {
-        Weight::Buf(b) | Weight::Act(CudaAct::F32(b)) => Some(b.slice(..)),
-        Weight::Act(CudaAct::Bf16(_)) => None,
-    }
-}
-
-/// A [`Weight`] as the GEMM functions take it: the f32 view from [`weight_view`], or the bf16 copy.
-fn wt<'a>(w: &Weight<'a, CudaBackend>, view: &'a Option<cudarc::driver::CudaView<'a, f32>>) -> gemm::Wt<'a, cudarc::driver::CudaView<'a, f32>> {
-    match (w, view) {
-        (_, Some(v)) => gemm::Wt::F32(v),
-        (Weight::Act(CudaAct::Bf16(w16)), None) => gemm::Wt::Bf16(w16),
-        _ => unreachable!("weight_view gives a view for every f32 weight"),
+/// A [`Weight`] as the GEMM functions take it: the f32 buffer, or the bf16 copy.
+fn wt(w: Weight<'_, CudaBackend>) -> gemm::Wt<'_, CudaSlice<f32>> {
+    match w {
+        Weight::Buf(b) | Weight::Act(CudaAct::F32(b)) => gemm::Wt::F32(b),
+        Weight::Act(CudaAct::Bf16(w16)) => gemm::Wt::Bf16(w16),
     }
 }

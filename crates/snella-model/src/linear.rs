@@ -255,8 +255,8 @@ impl<B: Backend> Linear<B> {
     fn backward_dy(&mut self, be: &B, x: &B::Act, dy: Dy<'_, B>, rows: usize, need_dx: bool, kept: Option<KeptSets<B>>) -> Option<B::Buf> {
         // one effective weight for ∂L/∂x in every precision (see the module docs): the forward's when
         // kept (then only the kernel adapters' M and saved tensors are rebuilt), else rebuilt
-        let (sets, kept_w) = kept.map_or((None, None), |k| (Some(k.sets), k.weight));
         let active = self.active();
+        let (sets, kept_w) = kept.map_or((None, None), |k| (Some(k.sets), k.weight.filter(|_| active)));
         let (w_eff, mats) = match (&kept_w, active) {
             (_, false) => (None, Vec::new()),
             (Some(_), true) => (None, self.materialize_all(be, sets, true, false)),
@@ -271,7 +271,7 @@ impl<B: Backend> Linear<B> {
         // Gᵀ = ∂L/∂W = dyᵀ·x : [out, in], and ∂L/∂x = dy·W with the adapted weight: one call, so
         // that a bf16 backend converts dy once for both products
         let mut gt = need_gt.then(|| be.empty(n_out * n_in));
-        let w = match (kept_w.as_ref().filter(|_| active), &w_eff) {
+        let w = match (&kept_w, &w_eff) {
             (Some(wa), _) => Weight::Act(wa),
             (None, Some(e)) => Weight::Buf(e),
             (None, None) => Weight::Buf(&self.weight.value),
