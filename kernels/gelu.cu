@@ -100,40 +100,44 @@ extern "C" __global__ void snella_gelu_fwd_from_bf16(const __nv_bfloat16* __rest
   for (unsigned long long i = done + tid; i < n; i += stride) y[i] = __float2bfloat16_rn(snella_gelu(__bfloat162float(xk[i])));
 }
 
-// dx[i] = dy[i]·(Φ(xk) + xk·φ(xk)) from the kept bf16 pre-activation (f32 dy, dx). Two at a time
-// when xk is 4-byte and dy, dx 8-byte aligned.
-extern "C" __global__ void snella_gelu_bwd_bf16x(const __nv_bfloat16* __restrict__ xk, const float* __restrict__ dy,
-                                                 float* __restrict__ dx, unsigned long long n) {
+// dx[i] = dy[i]·(Φ(xk) + xk·φ(xk)) from the kept bf16 pre-activation (f32 dy), dx written as T:
+// f32, or bf16 (each f32 result rounded to nearest even: the bits of the f32 output rounded later,
+// as the fc1 backward's products round its dy). Two at a time when xk and a bf16 dx are 4-byte,
+// dy and an f32 dx 8-byte aligned.
+__device__ __forceinline__ void snella_gelu_store2(float* dx, unsigned long long i, float a, float b) {
+  reinterpret_cast<float2*>(dx)[i] = make_float2(a, b);
+}
+__device__ __forceinline__ void snella_gelu_store2(__nv_bfloat16* dx, unsigned long long i, float a, float b) {
+  reinterpret_cast<__nv_bfloat162*>(dx)[i] = __floats2bfloat162_rn(a, b);
+}
+__device__ __forceinline__ void snella_gelu_store1(float* dx, unsigned long long i, float a) { dx[i] = a; }
+__device__ __forceinline__ void snella_gelu_store1(__nv_bfloat16* dx, unsigned long long i, float a) { dx[i] = __float2bfloat16_rn(a); }
+
+template <typename T>
+__device__ __forceinline__ void snella_gelu_bwd_bf16x_body(const __nv_bfloat16* __restrict__ xk, const float* __restrict__ dy,
+                                                           T* __restrict__ dx, unsigned long long n) {
   const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
   const unsigned long long tid = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
   unsigned long long done = 0;
-  if ((reinterpret_cast<uintptr_t>(xk) & 3) == 0 && ((reinterpret_cast<uintptr_t>(dy) | reinterpret_cast<uintptr_t>(dx)) & 7) == 0) {
+  const uintptr_t dx_align = sizeof(T) == 4 ? 7 : 3;
+  if ((reinterpret_cast<uintptr_t>(xk) & 3) == 0 && (reinterpret_cast<uintptr_t>(dx) & dx_align) == 0 &&
+      (reinterpret_cast<uintptr_t>(dy) & 7) == 0) {
     const unsigned long long n2 = n / 2;
     for (unsigned long long i = tid; i < n2; i += stride) {
       const float2 v = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(xk)[i]);
       const float2 g = reinterpret_cast<const float2*>(dy)[i];
-      reinterpret_cast<float2*>(dx)[i] = make_float2(snella_gelu_grad(v.x, g.x), snella_gelu_grad(v.y, g.y));
+      snella_gelu_store2(dx, i, snella_gelu_grad(v.x, g.x), snella_gelu_grad(v.y, g.y));
     }
     done = n2 * 2;
   }
-  for (unsigned long long i = done + tid; i < n; i += stride) dx[i] = snella_gelu_grad(__bfloat162float(xk[i]), dy[i]);
+  for (unsigned long long i = done + tid; i < n; i += stride) snella_gelu_store1(dx, i, snella_gelu_grad(__bfloat162float(xk[i]), dy[i]));
 }
 
-// The same writing dx in bf16 (each f32 result rounded to nearest even: the bits of the f32 output
-// rounded later, as the fc1 backward's products round its dy).
+extern "C" __global__ void snella_gelu_bwd_bf16x(const __nv_bfloat16* __restrict__ xk, const float* __restrict__ dy,
+                                                 float* __restrict__ dx, unsigned long long n) {
+  snella_gelu_bwd_bf16x_body(xk, dy, dx, n);
+}
 extern "C" __global__ void snella_gelu_bwd_bf16x_g16(const __nv_bfloat16* __restrict__ xk, const float* __restrict__ dy,
                                                      __nv_bfloat16* __restrict__ dx, unsigned long long n) {
-  const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
-  const unsigned long long tid = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-  unsigned long long done = 0;
-  if (((reinterpret_cast<uintptr_t>(xk) | reinterpret_cast<uintptr_t>(dx)) & 3) == 0 && (reinterpret_cast<uintptr_t>(dy) & 7) == 0) {
-    const unsigned long long n2 = n / 2;
-    for (unsigned long long i = tid; i < n2; i += stride) {
-      const float2 v = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(xk)[i]);
-      const float2 g = reinterpret_cast<const float2*>(dy)[i];
-      reinterpret_cast<__nv_bfloat162*>(dx)[i] = __floats2bfloat162_rn(snella_gelu_grad(v.x, g.x), snella_gelu_grad(v.y, g.y));
-    }
-    done = n2 * 2;
-  }
-  for (unsigned long long i = done + tid; i < n; i += stride) dx[i] = __float2bfloat16_rn(snella_gelu_grad(__bfloat162float(xk[i]), dy[i]));
+  snella_gelu_bwd_bf16x_body(xk, dy, dx, n);
 }
