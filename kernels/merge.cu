@@ -37,8 +37,12 @@ constexpr int NWARPS = THREADS / 32;
 constexpr int TI = 32;                // backward tile: rows
 constexpr int TIF = 32;               // forward tile: rows (snella_merge_fwd_tiles; 24 ran slower)
 constexpr int TJ = 32;                // backward tile: columns (one per lane)
-constexpr int ES = TJ + 1;            // row stride of the E tile in shared memory
-constexpr int TS = 33;                // row stride of the transposed A, B tiles [H][rh + 1][TS]
+// Row strides in shared memory, multiples of 4 floats so that the sums read 4 consecutive entries
+// with one 16-byte load (session 8; 33 before): a warp's 16-byte reads of the E tile's rows (lane x,
+// row x) fall on distinct banks in each quarter-warp phase at a stride of 36, and its reads of the
+// A, B tiles are warp-uniform (one address for all lanes).
+constexpr int ES = TJ + 4;            // row stride of the E tile [H][TI][ES]
+constexpr int TS = 36;                // row stride of the transposed A, B tiles [H][rh + 1][TS]
 
 __device__ __forceinline__ float coeff(unsigned h) { return (h & 1u) ? -0.1f : 0.1f; }
 
@@ -132,31 +136,36 @@ __device__ __forceinline__ void load_rows(float* sa, const float* __restrict__ A
   }
 }
 
-// K of the entries (ii = w + 8q, jj), q < Q, of a tile (8·Q rows × 32 columns) from the transposed
-// A and B tiles (load_tile_t) into kk, handing each distance D_h to sink(h, q, d). The CPU's
-// row_kernel order with explicitly rounded mul/add: d = Σ_r (a − b)², D = √d, K = Σ_h c_h·D.
-template <int Q, typename Sink>
+// K of the entries (ii = 4w + q, jj), q < 4, of a 32 × 32 tile from the transposed A and B tiles
+// (load_tile_t) into kk, handing each distance D_h to sink(h, q, d). The CPU's row_kernel order with
+// explicitly rounded mul/add: d = Σ_r (a − b)², D = √d, K = Σ_h c_h·D. A warp's four rows are
+// adjacent in the transposed A tile, so each r takes one warp-uniform 16-byte load of A and one
+// load of B (session 8: rows w + 8q took four loads of A per r).
+template <typename Sink>
 __device__ __forceinline__ void tile_k(const float* as, const float* bs, unsigned H, unsigned rh, unsigned jj, unsigned w,
-                                       float (&kk)[Q], Sink sink) {
+                                       float (&kk)[4], Sink sink) {
 #pragma unroll
-  for (int q = 0; q < Q; q++) kk[q] = 0.f;
+  for (int q = 0; q < 4; q++) kk[q] = 0.f;
   for (unsigned h = 0; h < H; h++) {
-    float d2[Q];
+    float d2[4];
 #pragma unroll
-    for (int q = 0; q < Q; q++) d2[q] = 0.f;
+    for (int q = 0; q < 4; q++) d2[q] = 0.f;
     const float* bp = bs + h * (rh + 1) * TS + jj;
-    const float* ap = as + h * (rh + 1) * TS + w;
+    const float* ap = as + h * (rh + 1) * TS + 4 * w;
+#pragma unroll 4
     for (unsigned r = 0; r < rh; r++) {
       const float b = bp[r * TS];
+      const float4 a4 = *reinterpret_cast<const float4*>(ap + r * TS);
+      const float av[4] = {a4.x, a4.y, a4.z, a4.w};
 #pragma unroll
-      for (int q = 0; q < Q; q++) {
-        const float t = __fsub_rn(ap[r * TS + 8 * q], b);
+      for (int q = 0; q < 4; q++) {
+        const float t = __fsub_rn(av[q], b);
         d2[q] = __fadd_rn(d2[q], __fmul_rn(t, t));
       }
     }
     const float c = coeff(h);
 #pragma unroll
-    for (int q = 0; q < Q; q++) {
+    for (int q = 0; q < 4; q++) {
       const float d = __fsqrt_rn(d2[q]);
       sink(h, q, d);
       kk[q] = __fadd_rn(kk[q], __fmul_rn(c, d));
@@ -166,7 +175,7 @@ __device__ __forceinline__ void tile_k(const float* as, const float* bs, unsigne
 
 // One 32×32 tile of the backward: E_h[i0 + ii, j0 + jj] into es [H][TI][ES], from the transposed A
 // tile as [H][rh + 1][TS] and B tile bs (load_tile_t) in shared memory. Thread (warp w, lane l)
-// handles jj = l and ii = w + 8q, q < 4. Entries outside [n_in, n_out] get E = 0.
+// handles jj = l and ii = 4w + q, q < 4 (tile_k's rows). Entries outside [n_in, n_out] get E = 0.
 // Returns this thread's share of Σ P⊙(Ĝ − s)⊙K (0 without the mixture). Mirrors the CPU's bwd_chunk:
 // pm = P·(Ĝ − s), ∂L/∂K = Ĝ + (α/γ)·pm, E = (c_h·∂L/∂K)/D (0 where D = 0); the divisions giving P
 // and E are the fast ones (__fdividef, ≤ 2 ulp for the divisors here: D > 0 is a distance, S ≥ 1 a
@@ -176,12 +185,12 @@ __device__ __forceinline__ float e_tile(const float* as, const float* bs, float*
                                         unsigned n_out, unsigned H, unsigned rh, bool mix, float alpha, float g) {
   const unsigned jj = threadIdx.x & 31, w = threadIdx.x >> 5;
   float kk[4];
-  tile_k(as, bs, H, rh, jj, w, kk, [&](unsigned h, int q, float d) { es[(h * TI + w + 8 * q) * ES + jj] = d; });
+  tile_k(as, bs, H, rh, jj, w, kk, [&](unsigned h, int q, float d) { es[(h * TI + 4 * w + q) * ES + jj] = d; });
   const float ag = mix ? __fdiv_rn(alpha, g) : 0.f;
   float gam = 0.f;
 #pragma unroll
   for (int q = 0; q < 4; q++) {
-    const unsigned ii = w + 8 * q, i = i0 + ii, j = j0 + jj;
+    const unsigned ii = 4 * w + q, i = i0 + ii, j = j0 + jj;
     const bool valid = i < n_in && j < n_out;
     const float gv = valid ? G[(size_t)i * n_out + j] : 0.f;
     float dk = gv;
@@ -228,7 +237,8 @@ __device__ __forceinline__ void load_tile_t(float* dst, const float* __restrict_
 }
 
 // One 32×32 tile of E from the saved K and D (the backward-time merge's): the arithmetic of e_tile,
-// element-wise (thread (warp w, lane l): jj = l, ii = w + 8q), into es [H][TI][ES]; entries outside
+// element-wise (thread (warp w, lane l): jj = l, ii = 4w + q, e_tile's rows, so that each thread's
+// ∂γ share sums the same entries in the same order), into es [H][TI][ES]; entries outside
 // [n_in, n_out] get E = 0. Returns this thread's share of Σ P⊙(Ĝ − s)⊙K.
 __device__ __forceinline__ float e_tile_saved(float* es, const float* __restrict__ K, const float* __restrict__ D,
                                               const float* __restrict__ G, const float* __restrict__ rowstat,
@@ -239,7 +249,7 @@ __device__ __forceinline__ float e_tile_saved(float* es, const float* __restrict
   float gam = 0.f;
 #pragma unroll
   for (int q = 0; q < 4; q++) {
-    const unsigned ii = w + 8 * q, i = i0 + ii, j = j0 + jj;
+    const unsigned ii = 4 * w + q, i = i0 + ii, j = j0 + jj;
     const bool valid = i < n_in && j < n_out;
     const size_t ij = (size_t)i * n_out + j;
     const float gv = valid ? G[ij] : 0.f;
@@ -405,12 +415,21 @@ __device__ __forceinline__ void bwd_tiles_body(const float* __restrict__ A, cons
       float acc_b[RM];
 #pragma unroll
       for (int k = 0; k < RM; k++) acc_b[k] = 0.f;
+      // (four rows at a time: one warp-uniform 16-byte load of A1 per sum; the same order of fmas)
       const float* ec = es + hh * TI * ES + x;
-#pragma unroll 4
-      for (int ii = 0; ii < TI; ii++) {
-        const float e = ec[ii * ES];
+#pragma unroll 1
+      for (int i4 = 0; i4 < TI; i4 += 4) {
+        float e[4];
 #pragma unroll
-        for (int k = 0; k < RM; k++) acc_b[k] = fmaf(e, as[roff[k] + ii], acc_b[k]);
+        for (int u = 0; u < 4; u++) e[u] = ec[(i4 + u) * ES];
+#pragma unroll
+        for (int k = 0; k < RM; k++) {
+          const float4 a4 = *reinterpret_cast<const float4*>(as + roff[k] + i4);
+          acc_b[k] = fmaf(e[0], a4.x, acc_b[k]);
+          acc_b[k] = fmaf(e[1], a4.y, acc_b[k]);
+          acc_b[k] = fmaf(e[2], a4.z, acc_b[k]);
+          acc_b[k] = fmaf(e[3], a4.w, acc_b[k]);
+        }
       }
       if (j0 + x < n_out) {
         float* pb = partB + ((size_t)(blockIdx.y * H + hh) * r1 + grp) * n_out + j0 + x;
@@ -419,12 +438,19 @@ __device__ __forceinline__ void bwd_tiles_body(const float* __restrict__ A, cons
           if ((unsigned)k < cnt) pb[(size_t)k * ng * n_out] = acc_b[k];
       }
       // partA: row x of the row tile, summed over this tile's columns
+      // (four columns at a time: one 16-byte load of the E row, one warp-uniform one of B1 per sum)
       const float* er = es + (hh * TI + x) * ES;
-#pragma unroll 4
-      for (int jj = 0; jj < TJ; jj++) {
-        const float e = er[jj];
+#pragma unroll 1
+      for (int j4 = 0; j4 < TJ; j4 += 4) {
+        const float4 e4 = *reinterpret_cast<const float4*>(er + j4);
 #pragma unroll
-        for (int k = 0; k < RM; k++) acc_a[k] = fmaf(e, bs[roff[k] + jj], acc_a[k]);
+        for (int k = 0; k < RM; k++) {
+          const float4 b4 = *reinterpret_cast<const float4*>(bs + roff[k] + j4);
+          acc_a[k] = fmaf(e4.x, b4.x, acc_a[k]);
+          acc_a[k] = fmaf(e4.y, b4.y, acc_a[k]);
+          acc_a[k] = fmaf(e4.z, b4.z, acc_a[k]);
+          acc_a[k] = fmaf(e4.w, b4.w, acc_a[k]);
+        }
       }
     }
     __syncthreads();
@@ -443,7 +469,7 @@ __device__ __forceinline__ void bwd_tiles_body(const float* __restrict__ A, cons
 }  // namespace snella_merge
 
 // Forward step 1: K for one 32×32 tile per block (grid (n_jt, n_it), 256 threads; thread (warp w,
-// lane l) takes column jj = l and rows ii = w + 8q, q < 4). (Session 7: 24-row tiles, 768 blocks
+// lane l) takes column jj = l and rows ii = 4w + q, q < 4). (Session 7: 24-row tiles, 768 blocks
 // instead of 576 at 768×768, ran 7% slower over a step, 2.61 → 2.80 ms, ncu on the H200.) Written
 // to M (= K, the SNELL output) and,
 // when not null, to ksave [n_in, n_out] and the distances to dsave [H, n_in, n_out] (the
@@ -455,7 +481,7 @@ extern "C" __global__ void __launch_bounds__(256)
                            unsigned n_out, unsigned rh, float* __restrict__ M, float* __restrict__ ksave,
                            float* __restrict__ dsave) {
   using namespace snella_merge;
-  extern __shared__ float snella_merge_ft_sh[];
+  extern __shared__ __align__(16) float snella_merge_ft_sh[];
   float* as = snella_merge_ft_sh;
   float* bs = as + H * (rh + 1) * TS;
   const unsigned i0 = blockIdx.y * TIF, j0 = blockIdx.x * TJ;
@@ -465,12 +491,12 @@ extern "C" __global__ void __launch_bounds__(256)
   const unsigned jj = threadIdx.x & 31, w = threadIdx.x >> 5, j = j0 + jj;
   float kk[TIF / 8];
   tile_k(as, bs, H, rh, jj, w, kk, [&](unsigned h, int q, float d) {
-    const unsigned i = i0 + w + 8 * q;
+    const unsigned i = i0 + 4 * w + q;
     if (dsave != nullptr && i < n_in && j < n_out) dsave[((size_t)h * n_in + i) * n_out + j] = d;
   });
 #pragma unroll
   for (int q = 0; q < TIF / 8; q++) {
-    const unsigned i = i0 + w + 8 * q;
+    const unsigned i = i0 + 4 * w + q;
     if (i < n_in && j < n_out) {
       M[(size_t)i * n_out + j] = kk[q];
       if (ksave != nullptr) ksave[(size_t)i * n_out + j] = kk[q];
@@ -596,7 +622,7 @@ SNELLA_MERGE_ROWSTATS(8)
       unsigned rh, const float* __restrict__ mix, const float* __restrict__ G, const float* __restrict__ rowstat,   \
       const float* __restrict__ K, const float* __restrict__ D, unsigned jt, float* __restrict__ partA,             \
       float* __restrict__ partB, float* __restrict__ gpart) {                                                      \
-    extern __shared__ float snella_merge_bt_sh_##RM[];                                                             \
+    extern __shared__ __align__(16) float snella_merge_bt_sh_##RM[];                                                             \
     snella_merge::bwd_tiles_body<RM>(A, B, H, n_in, n_out, rh, mix, G, rowstat, K, D, jt, partA, partB, gpart,     \
                                      snella_merge_bt_sh_##RM);                                                     \
   }

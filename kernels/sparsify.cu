@@ -9,6 +9,7 @@
 // i ∈ S ⇔ key(|m_i|) > key(threshold), or == and i < tie_cut (key: f32 bits of |x| when |x| > 0, else 0,
 // as in topk.cu: NaN never beats a positive threshold).
 #include "common.cuh"
+#include <cuda_bf16.h>
 
 namespace snella_sparsify {
 // snella_magnitude_key (common.cuh) for a value already ≥ 0 or NaN (the callers pass |m|).
@@ -38,14 +39,23 @@ extern "C" __global__ void __launch_bounds__(256)
   }
 }
 
+namespace snella_sparsify {
+// Stores an f32 result as the weight's element type: f32 as is, bf16 rounded to nearest even (the
+// rounding of kernels/convert.cu, so a bf16 weight written here has the bits of the f32 weight
+// converted there).
+__device__ __forceinline__ void put(float* p, float v) { *p = v; }
+__device__ __forceinline__ void put(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+}  // namespace snella_sparsify
+
 // Fused forward into the effective weight (spec §2 + the linear's W0 + ΔWᵀ): for M [n_in, c]
 // (one adapter's merged matrix, row-major) and the chunk's rows of W0 [c, n_in],
 //   w[o, i] = w0[o, i] + M[i, o]·factor(M[i, o]),
 // i.e. sparsify, transpose and add in one pass (ΔW is never written). Grid (ceil(c/32),
 // ceil(n_in/32)), block (32, 8), a 32×33 shared tile. Same f32 operations as sparsify_apply
-// followed by the accumulating transpose, so bit-identical to that composition.
-template <bool W0>
-__device__ __forceinline__ void sparsify_into_weight(const float* __restrict__ m, const float* __restrict__ w0, float* __restrict__ w,
+// followed by the accumulating transpose, so bit-identical to that composition; T = bf16 writes
+// that f32 result rounded (the bf16 step's weight without an f32 copy and a conversion pass).
+template <bool W0, typename T>
+__device__ __forceinline__ void sparsify_into_weight(const float* __restrict__ m, const float* __restrict__ w0, T* __restrict__ w,
                                 unsigned n_in, unsigned c, const unsigned* __restrict__ kept, unsigned rule) {
   __shared__ float tile[32][33];
   const unsigned thr = kept[0], cut = kept[1];
@@ -68,7 +78,7 @@ __device__ __forceinline__ void sparsify_into_weight(const float* __restrict__ m
     const unsigned o = o0 + dy, i = i0 + threadIdx.x;
     if (i < n_in && o < c) {
       const size_t at = (size_t)o * n_in + i;
-      w[at] = __fadd_rn(W0 ? w0[at] : 0.f, tile[threadIdx.x][dy]);
+      snella_sparsify::put(w + at, __fadd_rn(W0 ? w0[at] : 0.f, tile[threadIdx.x][dy]));
     }
   }
 }
@@ -76,6 +86,12 @@ __device__ __forceinline__ void sparsify_into_weight(const float* __restrict__ m
 extern "C" __global__ void __launch_bounds__(256)
     snella_sparsify_into_weight(const float* __restrict__ m, const float* __restrict__ w0, float* __restrict__ w,
                                 unsigned n_in, unsigned c, const unsigned* __restrict__ kept, unsigned rule) {
+  sparsify_into_weight<true>(m, w0, w, n_in, c, kept, rule);
+}
+// The same writing a bf16 weight (session 8).
+extern "C" __global__ void __launch_bounds__(256)
+    snella_sparsify_into_weight_bf16(const float* __restrict__ m, const float* __restrict__ w0, __nv_bfloat16* __restrict__ w,
+                                     unsigned n_in, unsigned c, const unsigned* __restrict__ kept, unsigned rule) {
   sparsify_into_weight<true>(m, w0, w, n_in, c, kept, rule);
 }
 // The same without W0 (w0 unused): the chunk's ΔWᵀ alone, as 0 + ΔWᵀ (a −0 entry becomes +0, as

@@ -90,7 +90,7 @@ export interface AttachOptions {
   /** Rank r of SNELLA/SNELL/LoRA (default 8). SNELLA needs a multiple of `heads`. */
   rank?: number;
   /**
-   * Kernel pieces H (default 2, spec §1). On CUDA, H is 1 to 8 and rank/H at most 165, 74, 28 and 5
+   * Kernel pieces H (default 2, spec §1). On CUDA, H is 1 to 8 and rank/H at most 167, 75, 29 and 6
    * for H = 1, 2, 4, 8 (the merge kernels' shared memory); a larger choice is refused when the model
    * is built, with an error naming `heads` or `heads/rank`.
    */

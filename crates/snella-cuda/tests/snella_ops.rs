@@ -223,12 +223,13 @@ fn merge_rejects_bad_shapes() {
 /// The backward for other piece counts (the tiles kernel lays H·32 rows × ⌊256 / (H·32)⌋ r-groups
 /// over its 256 threads; (2, 28) takes the RM = 8 instantiation, the others RM = 6) and for a run of
 /// column tiles that does not divide the tile count (640×2500: 79 column tiles, 2 per block on an
-/// H200), with the mixture, against the CPU: `dA`, `dB` in f32 as in `merge_bwd_matches_cpu`, the
+/// H200), and at the largest `r/H` for H = 8 and 2 (6 and 75: above 47 KiB of shared memory, the
+/// kernels opt in), with the mixture, against the CPU: `dA`, `dB` in f32 as in `merge_bwd_matches_cpu`, the
 /// mixture gradients against f64 with that test's bound; the saved path gives the same bits.
 #[test]
 fn merge_bwd_other_piece_counts() {
     let Some(gpu) = setup() else { return };
-    let cases = [(1usize, 70usize, 90usize, 8usize), (3, 70, 90, 5), (5, 40, 33, 3), (8, 40, 33, 4), (2, 70, 90, 28), (2, 640, 2500, 16)];
+    let cases = [(1usize, 70usize, 90usize, 8usize), (3, 70, 90, 5), (5, 40, 33, 3), (8, 40, 33, 4), (2, 70, 90, 28), (2, 640, 2500, 16), (8, 40, 33, 6), (2, 70, 90, 75)];
     for &(h, n_in, n_out, rh) in &cases {
         let a = rand32(h * n_in * rh, 500 + h as u64, 0.3);
         let b = rand32(h * n_out * rh, 600 + h as u64, 0.3);
@@ -592,11 +593,11 @@ fn importance_update_multi_is_bit_exact() {
 /// The fused transposed sparsify kernels against the CPU composition they replace (sparsify then
 /// an accumulating transpose onto `W0`; a transpose then sparsify backward), bit for bit, on
 /// shapes that do not divide the 32×32 tile, with ties (values rounded to a coarse grid), for
-/// every rule.
+/// every rule; the bf16-weight variant against the f32 result rounded by `half`.
 #[test]
 fn sparsify_fused_with_weight_transpose_is_bit_exact() {
     let Some(gpu) = setup() else { return };
-    use snella_cuda::ops::sparsify::{sparsify_bwd_from_weight, sparsify_into_weight};
+    use snella_cuda::ops::sparsify::{sparsify_bwd_from_weight, sparsify_into_weight, sparsify_into_weight_bf16};
     for &(n_in, c) in &[(1usize, 1usize), (33, 65), (70, 31), (192, 64), (97, 300)] {
         let n = n_in * c;
         // a coarse grid makes many equal magnitudes, so the tie cut matters
@@ -620,6 +621,15 @@ fn sparsify_fused_with_weight_transpose_is_bit_exact() {
                 let mut gw = up(&gpu, &vec![f32::NAN; n]);
                 sparsify_into_weight(&gpu, &dm.slice(..), &kept, rule, Some(&dw0.slice(..)), n_in, c, &mut gw.slice_mut(..)).unwrap();
                 same_bits(&format!("{label} w"), &down(&gpu, &gw), &want_w);
+                // bf16 weight at an element offset: the f32 result rounded to nearest even (half's
+                // rounding), the words around it untouched
+                let off = 3;
+                let mut gw16 = up(&gpu, &vec![0xFFFFu16; n + off + 2]);
+                sparsify_into_weight_bf16(&gpu, &dm.slice(..), &kept, rule, &dw0.slice(..), n_in, c, &mut gw16, off).unwrap();
+                let got16 = down(&gpu, &gw16);
+                let want16: Vec<u16> = want_w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+                assert_eq!(&got16[off..off + n], &want16[..], "{label} bf16 w");
+                assert!(got16[..off].iter().chain(&got16[off + n..]).all(|&v| v == 0xFFFF), "{label} bf16 w: outside the chunk written");
                 // without W0: ΔWᵀ alone, as the composition onto zeros (0 + x: a −0 becomes +0)
                 let mut want_d = vec![0f32; n];
                 for i in 0..n_in {

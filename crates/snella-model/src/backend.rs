@@ -290,6 +290,15 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn keep_effective_weight(&self) -> bool {
         false
     }
+    /// A linear's effective weight `W0 + Σ ΔWᵀ` (`[chunks·c, n_in]`) as its products read it
+    /// ([`Backend::act`]), for a linear whose every chunk carries a kernel adapter: chunk `i` (rows
+    /// `i·c ..`) from `chunks[i] = (M, kept set, rule)` and `w0`'s rows, as
+    /// [`Backend::sparsify_into_weight`] writes them. The default ([`effective_weight_f32`]) builds
+    /// the f32 weight and hands it to [`Backend::act`]; CUDA bf16 writes the bf16 weight in the
+    /// same pass (session 8: bit-identical, one conversion launch and an f32 weight less per layer).
+    fn effective_weight_act(&self, w0: &Self::Buf, chunks: &[(&Self::Buf, &Self::Kept, SparsifyRule)], n_in: usize, c: usize) -> Self::Act {
+        effective_weight_f32(self, w0, chunks, n_in, c)
+    }
     /// A buffer of `n` values for an op to overwrite completely: uninitialised on CUDA (no memset),
     /// zeros on the CPU. Never read it before writing every element.
     fn empty(&self, n: usize) -> Self::Buf {
@@ -346,4 +355,15 @@ pub struct AdamwSlot<'a, B: Backend + ?Sized> {
     pub v: &'a mut B::Buf,
     /// Weight decay applies.
     pub decay: bool,
+}
+
+/// [`Backend::effective_weight_act`]'s default: each chunk through
+/// [`Backend::sparsify_into_weight`] into an f32 weight, then [`Backend::act`].
+pub fn effective_weight_f32<B: Backend>(be: &B, w0: &B::Buf, chunks: &[(&B::Buf, &B::Kept, SparsifyRule)], n_in: usize, c: usize) -> B::Act {
+    let n = c * n_in;
+    let mut w = be.empty(chunks.len() * n);
+    for (i, &(m, set, rule)) in chunks.iter().enumerate() {
+        be.sparsify_into_weight(m, set, rule, Some((w0, i * n)), n_in, c, &mut w, i * n);
+    }
+    be.act(w)
 }

@@ -511,6 +511,21 @@ impl Backend for CudaBackend {
             ok("sparsify_into_weight", sparsify::sparsify_into_weight(&self.gpu, &m.slice(..), set, rule, w0v.as_ref(), n_in, c, &mut w.slice_mut(w_off..w_off + n)));
         })
     }
+    fn effective_weight_act(&self, w0: &CudaSlice<f32>, chunks: &[(&CudaSlice<f32>, &topk::CudaKept, SparsifyRule)], n_in: usize, c: usize) -> CudaAct {
+        let n = c * n_in;
+        if self.gpu.precision() != snella_cuda::device::Precision::Bf16 || chunks.is_empty() || n == 0 {
+            return crate::backend::effective_weight_f32(self, w0, chunks, n_in, c);
+        }
+        self.timed("sparsify_into_weight (bf16)", || {
+            // SAFETY: every chunk's n values are written below (the kernel covers [c, n_in] whole).
+            let mut w = ok("alloc", unsafe { self.gpu.uninit::<u16>(chunks.len() * n) });
+            for (i, &(m, set, rule)) in chunks.iter().enumerate() {
+                let w0v = w0.slice(i * n..(i + 1) * n);
+                ok("sparsify_into_weight_bf16", sparsify::sparsify_into_weight_bf16(&self.gpu, &m.slice(..), set, rule, &w0v, n_in, c, &mut w, i * n));
+            }
+            CudaAct::Bf16(w)
+        })
+    }
     fn sparsify_bwd_from_weight(&self, gt: &CudaSlice<f32>, gt_off: usize, m: &CudaSlice<f32>, set: &topk::CudaKept, rule: SparsifyRule, n_in: usize, c: usize, gh: &mut CudaSlice<f32>) {
         self.timed("sparsify_bwd_from_weight", || {
             let n = n_in * c;

@@ -8,7 +8,9 @@
 //! entry) is kept for `∂L/∂x` instead of being rebuilt from `M` and converted again (session 7: one
 //! sparsify pass and one conversion per layer less in backward; the weights of ViT-B/16 are 170 MB
 //! in bf16, the measured peak rose by 152 MiB); the
-//! backward still rebuilds `M` and its saved tensors for the adapters' own gradients. With
+//! backward still rebuilds `M` and its saved tensors for the adapters' own gradients. When every
+//! chunk carries a kernel adapter the forward builds that weight directly in the products' form
+//! ([`Backend::effective_weight_act`]; session 8: no f32 weight and no conversion pass). With
 //! activation checkpointing the weight is rebuilt by the recomputed forward instead.
 //!
 //! **Decision (session 7; design.md's "W0 + ΔWᵀ in bf16 for the forward GEMM"):** the bf16 forward
@@ -131,8 +133,7 @@ impl<B: Backend> Linear<B> {
         let n = c * self.n_in;
         // separate: chunks without a kernel adapter must read as zero (LoRA accumulates onto them);
         // a kernel adapter's chunk is written whole
-        let all_kernel = self.deltas.iter().all(|d| matches!(d, Some(Delta::Kernel(_))));
-        let mut w = if separate && !all_kernel { be.zeros(self.n_out * self.n_in) } else { be.empty(self.n_out * self.n_in) };
+        let mut w = if separate && !self.all_kernel() { be.zeros(self.n_out * self.n_in) } else { be.empty(self.n_out * self.n_in) };
         let mats = self.materialize_all(be, kept, for_backward, true);
         for (i, (d, m)) in self.deltas.iter().zip(&mats).enumerate() {
             let off = i * n;
@@ -153,6 +154,11 @@ impl<B: Backend> Linear<B> {
             }
         }
         Some((w, mats))
+    }
+
+    /// Whether every chunk carries a kernel (SNELLA/SNELL) adapter.
+    fn all_kernel(&self) -> bool {
+        self.deltas.iter().all(|d| matches!(d, Some(Delta::Kernel(_))))
     }
 
     /// Whether adapters are attached and not merged into `W`.
@@ -203,6 +209,24 @@ impl<B: Backend> Linear<B> {
             return (y, KeptSets { sets: sets.unwrap_or_default(), weight: Some(wa) });
         }
         let separate = be.separate_delta_products();
+        if !separate && be.keep_effective_weight() && self.active() && self.all_kernel() {
+            // the weight straight in the form the products read (CUDA bf16: no f32 copy)
+            let mats = self.materialize_all(be, sets, false, false);
+            let parts: Vec<_> = self
+                .deltas
+                .iter()
+                .zip(&mats)
+                .filter_map(|(d, m)| match (d, m) {
+                    (Some(Delta::Kernel(k)), Some(m)) => Some((m.m.as_ref().expect("M"), m.set.as_ref().expect("kept set"), k.rule)),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(parts.len(), self.deltas.len(), "{}: every chunk has a kernel adapter", self.name);
+            let wa = be.effective_weight_act(&self.weight.value, &parts, n_in, self.chunk());
+            be.linear_fwd(x, Weight::Act(&wa), None, b, residual, rows, n_in, n_out, &mut y);
+            let sets = mats.into_iter().map(|m| m.and_then(|m| m.set)).collect();
+            return (y, KeptSets { sets, weight: Some(wa) });
+        }
         let Some((e, mats)) = self.effective(be, separate, sets, false) else {
             be.linear_fwd(x, Weight::Buf(&self.weight.value), None, b, residual, rows, n_in, n_out, &mut y);
             return (y, KeptSets::default());

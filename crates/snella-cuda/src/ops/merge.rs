@@ -23,11 +23,28 @@ use snella_core::SnellaError;
 const TILE: usize = 32;
 /// Rows of a forward tile (`TIF` in merge.cu; the columns are [`TILE`]).
 const FWD_ROWS: usize = 32;
+/// Row stride (floats) of the transposed A, B tiles and of the E tile in shared memory (`TS`, `ES`
+/// in merge.cu: multiples of 4 for 16-byte loads; 33 before session 8).
+const STRIDE: usize = 36;
 /// Threads per block of every merge kernel.
 const THREADS: u32 = 256;
-/// Dynamic shared memory per block we allow: the 48 KiB available without opt-in, less the
-/// kernels' static shared memory.
-const MAX_SHARED: usize = 47 * 1024;
+/// Dynamic shared memory a block may use without opting in: the 48 KiB default less the kernels'
+/// static shared memory.
+const DEFAULT_SHARED: usize = 47 * 1024;
+/// Dynamic shared memory per block we allow; above [`DEFAULT_SHARED`] the tiles kernels opt in
+/// ([`opt_in_shared`]; every sm_80+ GPU allows at least 99 KiB). 52 KiB keeps at least the `r/H`
+/// limits of the 33-float strides before session 8 (165, 74, 28, 5 at H = 1, 2, 4, 8).
+const MAX_SHARED: usize = 52 * 1024;
+
+/// Lets `f` (the kernel `name`) take `bytes` of dynamic shared memory when that is above the
+/// default (checked against [`MAX_SHARED`] by [`check_pieces`] before).
+fn opt_in_shared(f: &cudarc::driver::CudaFunction, bytes: usize, name: &'static str) -> Result<(), SnellaError> {
+    if bytes <= DEFAULT_SHARED {
+        return Ok(());
+    }
+    let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+    f.set_attribute(attr, bytes as i32).map_err(|e| cuda_err(name, e))
+}
 
 /// Checks the shapes shared by both passes; returns the dynamic shared memory of the backward tiles
 /// kernel (`snella_merge_bwd_tiles_r*`), the larger of the two passes'.
@@ -57,7 +74,7 @@ fn check(
 
 /// Whether the merge kernels take `heads` kernel pieces of rank `rh = r/H` each: `1 ≤ H ≤ 8` (one
 /// backward block covers `H·32` rows of a tile) and the backward tiles kernel's shared memory,
-/// `(2·H·(rh + 1)·33 + H·32·33)·4` bytes, within 47 KiB (`rh ≤ 165, 74, 28, 5` at `H = 1, 2, 4, 8`).
+/// `(2·H·(rh + 1)·36 + H·32·36)·4` bytes, within 52 KiB (`rh ≤ 167, 75, 29, 6` at `H = 1, 2, 4, 8`).
 /// Returns that shared memory in bytes. Needs no device (adapters are checked with it when they are
 /// attached, before any step).
 ///
@@ -67,14 +84,14 @@ pub fn check_pieces(heads: usize, rh: usize) -> Result<usize, SnellaError> {
     if heads == 0 || heads > 8 {
         return Err(SnellaError::config("heads", heads, "1 to 8 kernel pieces on the CUDA backend (one backward block covers H·32 rows of a tile)"));
     }
-    // the transposed A and B tiles [H][rh + 1][33] and the E tile [H][32][33] (merge.cu TS, ES)
-    let shared = (2 * heads * (rh + 1) * (TILE + 1) + heads * TILE * (TILE + 1)) * 4;
+    // the transposed A and B tiles [H][rh + 1][36] and the E tile [H][32][36] (merge.cu TS, ES)
+    let shared = (2 * heads * (rh + 1) * STRIDE + heads * TILE * STRIDE) * 4;
     // (the second condition is implied by the first today, ≤ 22 sums; kept as the kernels' own bound)
     if shared > MAX_SHARED || tile_sums_per_thread(heads, rh) > 32 {
         return Err(SnellaError::config(
             "heads/rank",
             format!("H={heads}, r/H={rh}"),
-            "(2·H·(r/H + 1)·33 + H·32·33)·4 bytes ≤ 47 KiB of shared memory on the CUDA backend (e.g. r/H ≤ 74 at H = 2, ≤ 165 at H = 1)",
+            "(2·H·(r/H + 1)·36 + H·32·36)·4 bytes ≤ 52 KiB of shared memory on the CUDA backend (e.g. r/H ≤ 75 at H = 2, ≤ 167 at H = 1)",
         ));
     }
     Ok(shared)
@@ -106,7 +123,7 @@ fn rows_per_block(n_in: usize, sms: usize) -> usize {
 ///
 /// # Errors
 /// `Tensor` when a buffer is shorter than its shape; `Config` (naming the field) when `heads` is 0 or
-/// above 8, when `r/H` is beyond the shared-memory limit (`r/H ≤ 74` at `H = 2`, `≤ 165` at `H = 1`),
+/// above 8, when `r/H` is beyond the shared-memory limit (`r/H ≤ 75` at `H = 2`, `≤ 167` at `H = 1`),
 /// or when `in` exceeds 65535·32 rows; `CUDA_ERROR` on a launch failure.
 #[allow(clippy::too_many_arguments)]
 pub fn merge_fwd(
@@ -185,8 +202,9 @@ fn fwd_launch(
     }
     let (h32, i32_, o32, r32) = (heads as u32, n_in as u32, n_out as u32, rh as u32);
     let null = 0u64;
-    let shared = 2 * heads * (rh + 1) * (TILE + 1) * 4;
+    let shared = 2 * heads * (rh + 1) * STRIDE * 4;
     let f = gpu.func("snella_merge_fwd_tiles");
+    opt_in_shared(&f, shared, "snella_merge_fwd_tiles")?;
     let cfg = LaunchConfig { grid_dim: (n_jt as u32, n_it as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
     let mut lb = gpu.stream.launch_builder(&f);
     lb.arg(a).arg(b).arg(&h32).arg(&i32_).arg(&o32).arg(&r32).arg(&mut *m);
@@ -195,7 +213,7 @@ fn fwd_launch(
         None => lb.arg(&null).arg(&null),
     };
     // SAFETY: the lengths were checked against the shapes (K and D sized by merge_fwd_saving); the
-    // kernel bounds-checks rows and columns; the shared memory (2·H·(rh + 1)·33 floats) is within the
+    // kernel bounds-checks rows and columns; the shared memory (2·H·(rh + 1)·36 floats) is within the
     // limit `check` enforces for the larger backward tiles.
     unsafe { lb.launch(cfg) }.map_err(|e| cuda_err("snella_merge_fwd_tiles", e))?;
     if let Some(x) = mix {
@@ -345,6 +363,7 @@ fn bwd_tiles(
         _ => "snella_merge_bwd_tiles_r32",
     };
     let f = gpu.func(name);
+    opt_in_shared(&f, shared, name)?;
     let jt32 = jt as u32;
     let cfg = LaunchConfig { grid_dim: (n_sa as u32, n_it as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
     let mut lb = gpu.stream.launch_builder(&f);
@@ -434,16 +453,16 @@ mod tests {
         }
     }
 
-    /// The limits the README states: `r/H ≤ 165, 74, 28, 5` at `H = 1, 2, 4, 8`, and `H` in 1..=8.
+    /// The limits the README states: `r/H ≤ 167, 75, 29, 6` at `H = 1, 2, 4, 8`, and `H` in 1..=8.
     #[test]
     fn piece_limits_match_the_shared_memory() {
-        for &(h, max_rh) in &[(1usize, 165usize), (2, 74), (4, 28), (8, 5)] {
+        for &(h, max_rh) in &[(1usize, 167usize), (2, 75), (4, 29), (8, 6)] {
             let bytes = check_pieces(h, max_rh).expect("at the limit");
-            assert_eq!(bytes, (2 * h * (max_rh + 1) * 33 + h * 32 * 33) * 4);
-            assert!(bytes <= 47 * 1024);
+            assert_eq!(bytes, (2 * h * (max_rh + 1) * 36 + h * 32 * 36) * 4);
+            assert!(bytes <= 52 * 1024);
             assert_eq!(field(check_pieces(h, max_rh + 1)), "heads/rank", "H={h}: one past the limit");
         }
-        assert_eq!(check_pieces(2, 16).unwrap(), (2 * 2 * 17 * 33 + 2 * 32 * 33) * 4, "ViT-B default r = 32, H = 2");
+        assert_eq!(check_pieces(2, 16).unwrap(), (2 * 2 * 17 * 36 + 2 * 32 * 36) * 4, "ViT-B default r = 32, H = 2");
         assert_eq!(field(check_pieces(0, 4)), "heads");
         assert_eq!(field(check_pieces(9, 1)), "heads");
     }

@@ -103,6 +103,37 @@ pub fn sparsify_into_weight(gpu: &Gpu, m: &In, kept: &CudaKept, rule: SparsifyRu
     unsafe { lb.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err(op, e))
 }
 
+/// [`sparsify_into_weight`] writing a bf16 weight: `w[w_off + o·n_in + i] = bf16(w0[o, i] +
+/// rule(m)[i, o])` (`w`: bf16 bit patterns, the chunk's `c` rows at element offset `w_off`; round
+/// to nearest even, as [`crate::gemm::to_bf16`] rounds), so that a bf16 step builds the effective
+/// weight its products read without an f32 copy and a conversion pass (session 8). Bit-identical to
+/// [`sparsify_into_weight`] followed by [`crate::gemm::to_bf16`].
+///
+/// # Errors
+/// `Tensor` when `m` or `w0` is shorter than `n_in·c`, `w` shorter than `w_off + n_in·c`, or the
+/// kept set has another size; `CUDA_ERROR` on a launch failure.
+#[allow(clippy::too_many_arguments)]
+pub fn sparsify_into_weight_bf16(
+    gpu: &Gpu, m: &In, kept: &CudaKept, rule: SparsifyRule, w0: &In, n_in: usize, c: usize, w: &mut cudarc::driver::CudaSlice<u16>, w_off: usize,
+) -> Result<(), SnellaError> {
+    use cudarc::driver::DevicePtrMut;
+    let op = "sparsify_into_weight_bf16";
+    let w_room = w.len().saturating_sub(w_off);
+    let (ni, cc) = check_t(op, n_in, c, kept, &[("m", m.len()), ("w0", w0.len()), ("w past w_off", w_room)])?;
+    if n_in * c == 0 {
+        return Ok(());
+    }
+    let f = gpu.func("snella_sparsify_into_weight_bf16");
+    let rule32 = code(rule);
+    let cfg = LaunchConfig { grid_dim: (c.div_ceil(32) as u32, n_in.div_ceil(32) as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+    let at = w.device_ptr_mut(&gpu.stream).0 + 2 * w_off as u64;
+    let mut lb = gpu.stream.launch_builder(&f);
+    lb.arg(m).arg(w0).arg(&at).arg(&ni).arg(&cc).arg(&kept.dev).arg(&rule32);
+    // SAFETY: m and w0 hold ≥ n_in·c floats, w ≥ w_off + n_in·c bf16 values (checked); the kernel
+    // bounds every index by n_in, c.
+    unsafe { lb.launch(cfg) }.map(|_| ()).map_err(|e| cuda_err(op, e))
+}
+
 /// Backward fused with the transpose out of the weight gradient (spec §3): for the chunk's
 /// `gt = ∂L/∂W: [c, n_in]` and `m: [n_in, c]`, writes `gh[i, o] = gt[o, i]·factor(m[i, o])`
 /// (`gh: [n_in, c]`, f32). Bit-identical to a transpose then [`sparsify_bwd`].
