@@ -228,12 +228,14 @@ fn widen(bits: &[u16]) -> Vec<f32> {
 /// kernel's `x̂` rounded to nearest even (bit-identical), the bf16 `y` is `fma(x̂₁₆, γ, β)` rounded
 /// (bit-identical to that expression evaluated on the host with a fused multiply-add and rounded on
 /// the device), and [`layernorm::layernorm_affine`] rebuilds `y` bit-identically in both forms; the
-/// backward from the bf16 `x̂` matches the CPU backward fed the same rounded `x̂` (1e-4).
+/// backward from the bf16 `x̂` matches the CPU backward fed the same rounded `x̂` (1e-4), and its
+/// bf16 copy of `dx` is that `dx` rounded (bit for bit). Row widths cover the register forms of the
+/// backward (d ≤ 256, ≤ 768) and the loop beyond.
 #[test]
 fn layernorm_xhat_forms_match_cpu_and_rebuild_exactly() {
     let Some(gpu) = setup() else { return };
     let bits = |v: &CudaSlice<u16>| gpu.stream.clone_dtoh(v).unwrap();
-    for &(rows, d) in &[(7usize, 37usize), (130, 768), (1, 5), (4160, 192)] {
+    for &(rows, d) in &[(7usize, 37usize), (130, 768), (1, 5), (4160, 192), (9, 1000)] {
         let tag = format!("layernorm x̂ rows={rows} d={d}");
         let x: Vec<f32> = rand32(rows * d, 11 + rows as u64, 2.0).iter().map(|v| v + 0.25).collect();
         let (gamma, beta, dy) = (rand32(d, 12, 1.5), rand32(d, 13, 1.0), rand32(rows * d, 14, 1.0));
@@ -290,6 +292,13 @@ fn layernorm_xhat_forms_match_cpu_and_rebuild_exactly() {
         layernorm::layernorm_bwd_xhat(&gpu, &gdy.slice(..), ActRef::Bf16(&h16), &gg.slice(..), &gr16.slice(..), rows, d, &mut gdxr.slice_mut(..), Some(&up(&gpu, &res).slice(..)), None, None).unwrap();
         let want_r16: Vec<f32> = dx16.iter().zip(&res).map(|(a, b)| a + b).collect();
         check(&format!("{tag} bf16 dx + residual"), &down(&gpu, &gdxr), &want_r16, 1e-4);
+        // the same pass also writing dx in bf16: the f32 dx unchanged, the copy its rounding
+        let mut gdxc = gpu.zeros(rows * d).unwrap();
+        let mut gdx16 = unsafe { gpu.uninit::<u16>(rows * d) }.unwrap();
+        layernorm::layernorm_bwd_xhat_bf16_copy(&gpu, &gdy.slice(..), ActRef::Bf16(&h16), &gg.slice(..), &gr16.slice(..), rows, d, &mut gdxc.slice_mut(..), Some(&mut gdx16), Some(&up(&gpu, &res).slice(..)), None, None).unwrap();
+        let dxc = down(&gpu, &gdxc);
+        assert_eq!(dxc.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), down(&gpu, &gdxr).iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{tag}: dx with the bf16 copy differs");
+        assert_eq!(bits(&gdx16), dxc.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect::<Vec<_>>(), "{tag}: bf16 copy of dx");
         // gamma, beta at a 4-byte (not 8-byte) offset: the bf16 rebuild's scalar path, same bits
         let (gg1, gb1) = (up(&gpu, &[&[0f32][..], &gamma].concat()), up(&gpu, &[&[0f32][..], &beta].concat()));
         let mut y16c = unsafe { gpu.uninit::<u16>(rows * d) }.unwrap();

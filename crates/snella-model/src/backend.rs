@@ -137,6 +137,15 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// the same pass on CUDA); `dg`/`db` accumulate when given.
     #[allow(clippy::too_many_arguments)]
     fn layernorm_bwd_xhat(&self, dy: &Self::Buf, xhat: &Self::Act, g: &Self::Buf, rstd: &Self::Buf, rows: usize, d: usize, dx: &mut Self::Buf, res: Option<&Self::Buf>, dg: Option<&mut Self::Buf>, db: Option<&mut Self::Buf>);
+    /// [`Backend::layernorm_bwd_xhat`] also returning `dx` in the form a linear's products read it
+    /// as `∂L/∂y` ([`Backend::linear_bwd_products_act`], for the next linear with a frozen bias),
+    /// when the backend writes that form in the same pass (CUDA bf16: `dx` rounded to bf16,
+    /// bit-identical to the products' own conversion; session 8), else `None` (the default).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_bwd_xhat_act(&self, dy: &Self::Buf, xhat: &Self::Act, g: &Self::Buf, rstd: &Self::Buf, rows: usize, d: usize, dx: &mut Self::Buf, res: Option<&Self::Buf>, dg: Option<&mut Self::Buf>, db: Option<&mut Self::Buf>) -> Option<Self::Act> {
+        self.layernorm_bwd_xhat(dy, xhat, g, rstd, rows, d, dx, res, dg, db);
+        None
+    }
     /// Exact GELU forward of the `n` values of the MLP pre-activation `x` for training with selective
     /// recomputation, consuming `x`: returns the pre-activation as the backward keeps it and the
     /// output as the next linear layer's input (both [`Backend::Act`]; the output is not kept but

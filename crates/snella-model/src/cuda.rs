@@ -63,6 +63,10 @@ pub struct CudaBackend {
     /// backward ([`Backend::keep_effective_weight`]); true by default, false rebuilds it in backward
     /// (the same bits; for comparisons and tests).
     pub keep_weight: bool,
+    /// Whether a bf16 step's LayerNorm backward also writes its `dx` in bf16 for the next linear's
+    /// products ([`Backend::layernorm_bwd_xhat_act`]); true by default, false leaves the conversion
+    /// to the products (the same bits; for comparisons and tests).
+    pub ln_bf16_dy: bool,
 }
 
 /// One row of [`CudaBackend::profile_report`]: an op, its summed device time (ms) and its calls.
@@ -77,6 +81,19 @@ pub struct OpTime {
 }
 
 impl CudaBackend {
+    /// The LayerNorm backward from `x̂` (see [`Backend::layernorm_bwd_xhat_act`]), writing the bf16
+    /// copy of `dx` into `dx16` when given.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_bwd_into(&self, dy: &CudaSlice<f32>, xhat: &CudaAct, g: &CudaSlice<f32>, rstd: &CudaSlice<f32>, rows: usize, d: usize, dx: &mut CudaSlice<f32>, dx16: Option<&mut CudaSlice<u16>>, res: Option<&CudaSlice<f32>>, dg: Option<&mut CudaSlice<f32>>, db: Option<&mut CudaSlice<f32>>) {
+        self.timed("layernorm_bwd", || {
+            let mut dgv = dg.map(|v| v.slice_mut(..));
+            let mut dbv = db.map(|v| v.slice_mut(..));
+            let rv = res.map(|r| r.slice(..));
+            let r = xhat.with_ref(|h| layernorm::layernorm_bwd_xhat_bf16_copy(&self.gpu, &dy.slice(..), h, &g.slice(..), &rstd.slice(..), rows, d, &mut dx.slice_mut(..), dx16, rv.as_ref(), dgv.as_mut(), dbv.as_mut()));
+            ok("layernorm_bwd_xhat", r);
+        })
+    }
+
     /// An uninitialised activation of `n` values, bf16 or f32, for an op that writes all of it.
     fn act_uninit(&self, n: usize, bf16: bool) -> CudaAct {
         if bf16 {
@@ -109,7 +126,7 @@ impl CudaBackend {
     pub fn new(ordinal: usize) -> Result<Self, SnellaError> {
         let fused_attention = std::env::var("SNELLA_ATTENTION").map(|v| v != "unfused").unwrap_or(true);
         let separate_delta = std::env::var("SNELLA_DELTA_PRODUCTS").map(|v| v == "separate").unwrap_or(false);
-        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention, separate_delta, keep_weight: true })
+        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention, separate_delta, keep_weight: true, ln_bf16_dy: true })
     }
 
     /// Starts recording a pair of device events around every op (for the benchmark's per-op
@@ -310,13 +327,17 @@ impl Backend for CudaBackend {
         })
     }
     fn layernorm_bwd_xhat(&self, dy: &CudaSlice<f32>, xhat: &CudaAct, g: &CudaSlice<f32>, rstd: &CudaSlice<f32>, rows: usize, d: usize, dx: &mut CudaSlice<f32>, res: Option<&CudaSlice<f32>>, dg: Option<&mut CudaSlice<f32>>, db: Option<&mut CudaSlice<f32>>) {
-        self.timed("layernorm_bwd", || {
-            let mut dgv = dg.map(|v| v.slice_mut(..));
-            let mut dbv = db.map(|v| v.slice_mut(..));
-            let rv = res.map(|r| r.slice(..));
-            let r = xhat.with_ref(|h| layernorm::layernorm_bwd_xhat(&self.gpu, &dy.slice(..), h, &g.slice(..), &rstd.slice(..), rows, d, &mut dx.slice_mut(..), rv.as_ref(), dgv.as_mut(), dbv.as_mut()));
-            ok("layernorm_bwd_xhat", r);
-        })
+        self.layernorm_bwd_into(dy, xhat, g, rstd, rows, d, dx, None, res, dg, db);
+    }
+    fn layernorm_bwd_xhat_act(&self, dy: &CudaSlice<f32>, xhat: &CudaAct, g: &CudaSlice<f32>, rstd: &CudaSlice<f32>, rows: usize, d: usize, dx: &mut CudaSlice<f32>, res: Option<&CudaSlice<f32>>, dg: Option<&mut CudaSlice<f32>>, db: Option<&mut CudaSlice<f32>>) -> Option<CudaAct> {
+        if !self.ln_bf16_dy || self.gpu.precision() != snella_cuda::device::Precision::Bf16 || rows * d == 0 {
+            self.layernorm_bwd_into(dy, xhat, g, rstd, rows, d, dx, None, res, dg, db);
+            return None;
+        }
+        // SAFETY: the kernel writes all rows·d values.
+        let mut dx16 = ok("alloc", unsafe { self.gpu.uninit::<u16>(rows * d) });
+        self.layernorm_bwd_into(dy, xhat, g, rstd, rows, d, dx, Some(&mut dx16), res, dg, db);
+        Some(CudaAct::Bf16(dx16))
     }
     fn gelu_fwd_keep(&self, x: CudaSlice<f32>, n: usize) -> (CudaAct, CudaAct) {
         if self.gpu.precision() != snella_cuda::device::Precision::Bf16 || n == 0 {

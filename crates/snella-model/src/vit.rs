@@ -279,13 +279,19 @@ impl<B: Backend> Vit<B> {
         be.layernorm_bwd_xhat(&dcls_norm, &cache.cls_xhat, &ng.value, &cache.cls_rstd, b, d, &mut dcls, None, dg, db);
         let mut dx = be.zeros(rows * d);
         be.copy_rows(&dcls, 0, d, &mut dx, 0, t * d, d, b);
-        for (blk, saved) in self.blocks.iter_mut().zip(cache.blocks).rev() {
+        // a block's input gradient is the previous block's fc2 ∂L/∂y: with a frozen fc2 bias the
+        // LayerNorm backward also writes it in the form the products read
+        let fc2_frozen: Vec<bool> = self.blocks.iter().map(|blk| blk.fc2.bias.train.is_none()).collect();
+        let mut dx_act = None;
+        for (i, (blk, saved)) in self.blocks.iter_mut().zip(cache.blocks).enumerate().rev() {
             let c = match saved {
                 Saved::Full(c) => c,
                 Saved::Input(x, kept) => Self::block_fwd(be, &cfg, blk, x, b, true, Some(kept)).1.expect("recomputed block cache"),
             };
-            dx = Self::block_bwd(be, &cfg, blk, c, dx, b);
+            let want_act = i > 0 && fc2_frozen[i - 1];
+            (dx, dx_act) = Self::block_bwd(be, &cfg, blk, c, dx, dx_act.take(), b, want_act);
         }
+        drop(dx_act);
         if let Some(s) = self.pos_embed.train.as_mut() {
             be.bias_grad(&dx, b, t * d, &mut s.grad, false);
         }
@@ -302,11 +308,19 @@ impl<B: Backend> Vit<B> {
         }
     }
 
-    fn block_bwd(be: &B, cfg: &VitConfig, blk: &mut Block<B>, c: BlockCache<B>, dout: B::Buf, b: usize) -> B::Buf {
+    /// One block's backward from `dout` (f32) and, when the LayerNorm backward after it made one,
+    /// `dout_act` (the same gradient as `fc2`'s products read it; used when `fc2`'s bias is frozen).
+    /// Returns the input gradient and, when `want_act`, its product form where the backend makes one.
+    #[allow(clippy::too_many_arguments)]
+    fn block_bwd(be: &B, cfg: &VitConfig, blk: &mut Block<B>, c: BlockCache<B>, dout: B::Buf, dout_act: Option<B::Act>, b: usize, want_act: bool) -> (B::Buf, Option<B::Act>) {
         let (d, t, rows) = (cfg.embed_dim, cfg.tokens(), b * cfg.tokens());
         let [k_qkv, k_proj, k_fc1, k_fc2] = c.kept;
         let g = be.gelu_fwd_from(&c.f1, rows * cfg.mlp_hidden);
-        let dg = blk.fc2.backward_with(be, &g, &dout, rows, true, Some(k_fc2)).expect("dx");
+        let dg = match dout_act {
+            Some(a) if blk.fc2.bias.train.is_none() => blk.fc2.backward_grad(be, &g, &Grad::Act(a), rows, true, Some(k_fc2)),
+            _ => blk.fc2.backward_with(be, &g, &dout, rows, true, Some(k_fc2)),
+        }
+        .expect("dx");
         drop(g);
         // with frozen biases (every PEFT method), fc1's and qkv's ∂L/∂y come from the GELU and
         // attention backward in the form their products consume (bf16 in a CUDA bf16 step: no
@@ -323,13 +337,22 @@ impl<B: Backend> Vit<B> {
         let dln2 = blk.fc1.backward_grad(be, &ln2, &df1, rows, true, Some(k_fc1)).expect("dx");
         drop((ln2, df1));
         let mut dh = be.empty(rows * d);
-        {
+        let dh_act = {
             let (w, bb) = (&mut blk.norm2.0, &mut blk.norm2.1);
             let gw = w.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
             let gb = bb.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
-            be.layernorm_bwd_xhat(&dln2, &c.xh2, &w.value, &c.r2, rows, d, &mut dh, Some(&dout), gw, gb);
+            if blk.proj.bias.train.is_none() {
+                be.layernorm_bwd_xhat_act(&dln2, &c.xh2, &w.value, &c.r2, rows, d, &mut dh, Some(&dout), gw, gb)
+            } else {
+                be.layernorm_bwd_xhat(&dln2, &c.xh2, &w.value, &c.r2, rows, d, &mut dh, Some(&dout), gw, gb);
+                None
+            }
+        };
+        let datt = match dh_act {
+            Some(a) => blk.proj.backward_grad(be, &c.att, &Grad::Act(a), rows, true, Some(k_proj)),
+            None => blk.proj.backward_with(be, &c.att, &dh, rows, true, Some(k_proj)),
         }
-        let datt = blk.proj.backward_with(be, &c.att, &dh, rows, true, Some(k_proj)).expect("dx");
+        .expect("dx");
         let (nh, hd) = (cfg.num_heads, cfg.head_dim());
         let dqkv = if blk.qkv.bias.train.is_none() {
             Grad::Act(be.attention_bwd_to_act(&datt, &c.qkv, &c.att, &c.saved, b, t, nh, hd))
@@ -343,12 +366,17 @@ impl<B: Backend> Vit<B> {
         let dln1 = blk.qkv.backward_grad(be, &ln1, &dqkv, rows, true, Some(k_qkv)).expect("dx");
         drop((ln1, dqkv));
         let mut dx = be.empty(rows * d);
-        {
+        let dx_act = {
             let (w, bb) = (&mut blk.norm1.0, &mut blk.norm1.1);
             let gw = w.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
             let gb = bb.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
-            be.layernorm_bwd_xhat(&dln1, &c.xh1, &w.value, &c.r1, rows, d, &mut dx, Some(&dh), gw, gb);
-        }
-        dx
+            if want_act {
+                be.layernorm_bwd_xhat_act(&dln1, &c.xh1, &w.value, &c.r1, rows, d, &mut dx, Some(&dh), gw, gb)
+            } else {
+                be.layernorm_bwd_xhat(&dln1, &c.xh1, &w.value, &c.r1, rows, d, &mut dx, Some(&dh), gw, gb);
+                None
+            }
+        };
+        (dx, dx_act)
     }
 }

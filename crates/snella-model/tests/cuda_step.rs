@@ -242,6 +242,27 @@ fn gpu_bf16_kept_effective_weight_gives_bit_identical_step() {
     }
 }
 
+/// The LayerNorm backward's bf16 copy of `dx` (the `proj` and `fc2` products' `∂L/∂y`, default
+/// `ln_bf16_dy`) gives bit-identical gradients and updated values to the products converting the
+/// f32 `dx` themselves, for SNELLA and LoRA (frozen biases: the bf16 copy is taken).
+#[test]
+fn gpu_bf16_layernorm_dy_copy_gives_bit_identical_step() {
+    if let Err(e) = snella_cuda::probe::probe() {
+        println!("skipped: no CUDA ({e})");
+        return;
+    }
+    let x: Vec<f32> = snella_core::gradcheck::rand_vec(6 * 3 * 32 * 32, 11, 1.5).iter().map(|&v| v as f32).collect();
+    for kind in [MethodKind::Snella, MethodKind::Lora] {
+        let run = |copy: bool| {
+            let mut be = CudaBackend::new(0).unwrap();
+            be.gpu.set_precision(snella_cuda::device::Precision::Bf16).unwrap();
+            be.ln_bf16_dy = copy;
+            step_params(session_hd64_kind(be, kind), &x)
+        };
+        assert_same_params(&run(true), &run(false), &format!("{kind:?}: LayerNorm bf16 dy vs the products' conversion"));
+    }
+}
+
 /// The backward takes the attention path its forward took, whatever `fused_attention` says by
 /// then: a fused forward followed by a backward on a backend with the fused attention switched off
 /// gives bit-identical gradients to an all-fused pass (the path follows the kept `qkv`).

@@ -221,7 +221,25 @@ pub fn layernorm_bwd_xhat(
     gpu: &Gpu, dy: &In, xhat: ActRef, gamma: &In, rstd: &In, rows: usize, d: usize,
     dx: &mut Out, res: Option<&In>, dgamma: Option<&mut Out>, dbeta: Option<&mut Out>,
 ) -> Result<(), SnellaError> {
+    layernorm_bwd_xhat_bf16_copy(gpu, dy, xhat, gamma, rstd, rows, d, dx, None, res, dgamma, dbeta)
+}
+
+/// [`layernorm_bwd_xhat`] writing, when `dx16` is given (`[rows, d]` bf16 bit patterns), `dx`
+/// rounded to bf16 (nearest even) in the same pass as well: the next linear's `∂L/∂y` as a bf16
+/// step's products read it, without a conversion pass (session 8).
+///
+/// # Errors
+/// As [`layernorm_bwd_xhat`]; `Tensor` when `dx16` is shorter than `rows·d`.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_bwd_xhat_bf16_copy(
+    gpu: &Gpu, dy: &In, xhat: ActRef, gamma: &In, rstd: &In, rows: usize, d: usize,
+    dx: &mut Out, dx16: Option<&mut cudarc::driver::CudaSlice<u16>>, res: Option<&In>, dgamma: Option<&mut Out>, dbeta: Option<&mut Out>,
+) -> Result<(), SnellaError> {
+    use cudarc::driver::DevicePtrMut;
     let op = "layernorm_bwd_xhat";
+    if let Some(h) = dx16.as_deref() {
+        check_len(op, "dx16", h.len(), rows * d)?;
+    }
     check_len(op, "dy", dy.len(), rows * d)?;
     if let Some(r) = res {
         check_len(op, "res", r.len(), rows * d)?;
@@ -233,10 +251,11 @@ pub fn layernorm_bwd_xhat(
     let Some((r32, d32)) = bwd_dims(op, dgamma.as_deref(), dbeta.as_deref(), rows, d)? else { return Ok(()) };
     let ph = xhat.ptr(gpu);
     let pr: u64 = res.map_or(0, |r| r.device_ptr(&gpu.stream).0);
+    let p16: u64 = dx16.map_or(0, |h| h.device_ptr_mut(&gpu.stream).0);
     let name = form("snella_layernorm_bwd_dx_xhat", "snella_layernorm_bwd_dx_xhat_bf16", xhat.is_bf16());
     let f = gpu.func(name);
     let mut b = gpu.stream.launch_builder(&f);
-    b.arg(dy).arg(&ph).arg(gamma).arg(rstd).arg(&r32).arg(&d32).arg(dx).arg(&pr);
+    b.arg(dy).arg(&ph).arg(gamma).arg(rstd).arg(&r32).arg(&d32).arg(dx).arg(&pr).arg(&p16);
     // SAFETY: every buffer holds what its shape needs (checked); the kernel bounds-checks rows.
     unsafe { b.launch(row_cfg(rows)) }.map_err(|e| cuda_err(op, e))?;
     if dgamma.is_none() && dbeta.is_none() {
