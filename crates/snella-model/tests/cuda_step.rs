@@ -219,27 +219,35 @@ fn gpu_bf16_recompute_gives_bit_identical_step() {
     assert_same_params(&run(false), &run(true), "bf16 step with and without recompute");
 }
 
+/// One bf16 training step (SNELLA and LoRA, images from `seed`) with a backend switch on and off
+/// (`set(backend, on)`) gives bit-identical gradients and updated values (`what` names the switch).
+fn bf16_switch_gives_same_step(seed: u64, what: &str, set: impl Fn(&mut CudaBackend, bool)) {
+    if let Err(e) = snella_cuda::probe::probe() {
+        println!("skipped: no CUDA ({e})");
+        return;
+    }
+    let x: Vec<f32> = snella_core::gradcheck::rand_vec(6 * 3 * 32 * 32, seed, 1.5).iter().map(|&v| v as f32).collect();
+    for kind in [MethodKind::Snella, MethodKind::Lora] {
+        let run = |on: bool| {
+            let mut be = CudaBackend::new(0).unwrap();
+            be.gpu.set_precision(snella_cuda::device::Precision::Bf16).unwrap();
+            set(&mut be, on);
+            step_params(session_hd64_kind(be, kind), &x)
+        };
+        assert_same_params(&run(true), &run(false), &format!("{kind:?}: {what}"));
+    }
+}
+
 /// Keeping each adapted linear's bf16 effective weight from forward to backward (the default,
 /// `keep_weight`) gives bit-identical gradients and updated values to rebuilding it in backward,
 /// for SNELLA (the weight from `M`, the kernel adapters still materialised in backward) and LoRA
 /// (not materialised at all in backward when the weight is kept).
 #[test]
 fn gpu_bf16_kept_effective_weight_gives_bit_identical_step() {
-    if let Err(e) = snella_cuda::probe::probe() {
-        println!("skipped: no CUDA ({e})");
-        return;
-    }
-    let x: Vec<f32> = snella_core::gradcheck::rand_vec(6 * 3 * 32 * 32, 9, 1.5).iter().map(|&v| v as f32).collect();
-    for kind in [MethodKind::Snella, MethodKind::Lora] {
-        let run = |keep: bool| {
-            let mut be = CudaBackend::new(0).unwrap();
-            be.gpu.set_precision(snella_cuda::device::Precision::Bf16).unwrap();
-            be.keep_weight = keep;
-            assert_eq!(be.keep_effective_weight(), keep);
-            step_params(session_hd64_kind(be, kind), &x)
-        };
-        assert_same_params(&run(true), &run(false), &format!("{kind:?}: kept vs rebuilt effective weight"));
-    }
+    bf16_switch_gives_same_step(9, "kept vs rebuilt effective weight", |be, keep| {
+        be.keep_weight = keep;
+        assert_eq!(be.keep_effective_weight(), keep);
+    });
 }
 
 /// The LayerNorm backward's bf16 copy of `dx` (the `proj` and `fc2` products' `∂L/∂y`, default
@@ -247,20 +255,7 @@ fn gpu_bf16_kept_effective_weight_gives_bit_identical_step() {
 /// f32 `dx` themselves, for SNELLA and LoRA (frozen biases: the bf16 copy is taken).
 #[test]
 fn gpu_bf16_layernorm_dy_copy_gives_bit_identical_step() {
-    if let Err(e) = snella_cuda::probe::probe() {
-        println!("skipped: no CUDA ({e})");
-        return;
-    }
-    let x: Vec<f32> = snella_core::gradcheck::rand_vec(6 * 3 * 32 * 32, 11, 1.5).iter().map(|&v| v as f32).collect();
-    for kind in [MethodKind::Snella, MethodKind::Lora] {
-        let run = |copy: bool| {
-            let mut be = CudaBackend::new(0).unwrap();
-            be.gpu.set_precision(snella_cuda::device::Precision::Bf16).unwrap();
-            be.ln_bf16_dy = copy;
-            step_params(session_hd64_kind(be, kind), &x)
-        };
-        assert_same_params(&run(true), &run(false), &format!("{kind:?}: LayerNorm bf16 dy vs the products' conversion"));
-    }
+    bf16_switch_gives_same_step(11, "LayerNorm bf16 dy vs the products' conversion", |be, on| be.ln_bf16_dy = on);
 }
 
 /// The backward takes the attention path its forward took, whatever `fused_attention` says by
