@@ -161,15 +161,14 @@ extern "C" __global__ void snella_layernorm_affine_bf16(const __nv_bfloat16* __r
 // dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) with g = dy·gamma, x̂ from XH; one warp per row.
 // `res` (may be null): a gradient added to dx in the same pass (the residual branch's, which the
 // block's backward would otherwise add with a separate read-modify-write of dx). `dx16` (may be
-// null): dx rounded to bf16 as well (the next linear's ∂L/∂y in a bf16 step; session 8).
-// RV > 0 (rows of d ≤ 32·RV): each lane holds its dy and x̂ values in registers between the two
-// passes, all loads issued before the first use (session 8: the re-reading loop kept one load in
-// flight per lane); RV = 0 re-reads them. The same operations in the same order either way.
-template <int RV, typename XH>
-__device__ __forceinline__ void snella_layernorm_bwd_dx_body(const float* __restrict__ dy, XH xh_of,
-                                                             const float* __restrict__ gamma, const float* __restrict__ rstd,
-                                                             unsigned rows, unsigned d, float* __restrict__ dx,
-                                                             const float* __restrict__ res, __nv_bfloat16* __restrict__ dx16) {
+// null): dx rounded to bf16 as well (the next linear's ∂L/∂y in a bf16 step; session 8). (Session 8
+// also tried holding dy and x̂ in registers between the passes, 24 values each per lane at d = 768:
+// 95 registers, and the ViT-B step's LayerNorm backward went 1.56 → 2.45 ms on an H100; reverted.)
+template <typename XH>
+__device__ __forceinline__ void snella_layernorm_bwd_dx_any(const float* __restrict__ dy, XH xh_of,
+                                                            const float* __restrict__ gamma, const float* __restrict__ rstd,
+                                                            unsigned rows, unsigned d, float* __restrict__ dx,
+                                                            const float* __restrict__ res, __nv_bfloat16* __restrict__ dx16) {
   unsigned warps = blockDim.x >> 5;
   unsigned row = blockIdx.x * warps + (threadIdx.x >> 5);
   unsigned lane = threadIdx.x & 31;
@@ -177,65 +176,31 @@ __device__ __forceinline__ void snella_layernorm_bwd_dx_body(const float* __rest
   const float* dyr = dy + (size_t)row * d;
   size_t base = (size_t)row * d;
   float rs = rstd[row];
-  constexpr int N = RV > 0 ? RV : 1;
-  float dv[N], hv[N];
-  if (RV > 0) {
-#pragma unroll
-    for (int k = 0; k < N; k++) {
-      const unsigned j = lane + 32 * k;
-      dv[k] = j < d ? dyr[j] : 0.f;
-      hv[k] = j < d ? xh_of.at(base + j, row) : 0.f;
-    }
-  }
   float sg = 0.f, sgx = 0.f;
-  if (RV > 0) {
-#pragma unroll
-    for (int k = 0; k < N; k++) {
-      if (lane + 32 * k < d) {
-        float gg = dv[k] * gamma[lane + 32 * k];
-        sg += gg;
-        sgx += gg * hv[k];
-      }
-    }
-  } else {
-    for (unsigned j = lane; j < d; j += 32) {
-      float gg = dyr[j] * gamma[j];
-      sg += gg;
-      sgx += gg * xh_of.at(base + j, row);
-    }
+  for (unsigned j = lane; j < d; j += 32) {
+    float gg = dyr[j] * gamma[j];
+    sg += gg;
+    sgx += gg * xh_of.at(base + j, row);
   }
   sg = snella_warp_sum(sg);
   sgx = snella_warp_sum(sgx);
   float inv_d = 1.0f / (float)d;
   float mg = sg * inv_d, mgx = sgx * inv_d;
   float* dxr = dx + base;
-  auto put = [&](unsigned j, float dyj, float hj) {
-    float v = rs * (dyj * gamma[j] - mg - hj * mgx);
-    if (res) v += res[base + j];
-    dxr[j] = v;
-    if (dx16) dx16[base + j] = __float2bfloat16_rn(v);
-  };
-  if (RV > 0) {
-#pragma unroll
-    for (int k = 0; k < N; k++)
-      if (lane + 32 * k < d) put(lane + 32 * k, dv[k], hv[k]);
+  if (res) {
+    const float* rr = res + base;
+    for (unsigned j = lane; j < d; j += 32) {
+      const float v = rs * (dyr[j] * gamma[j] - mg - xh_of.at(base + j, row) * mgx) + rr[j];
+      dxr[j] = v;
+      if (dx16) dx16[base + j] = __float2bfloat16_rn(v);
+    }
   } else {
-    for (unsigned j = lane; j < d; j += 32) put(j, dyr[j], xh_of.at(base + j, row));
+    for (unsigned j = lane; j < d; j += 32) {
+      const float v = rs * (dyr[j] * gamma[j] - mg - xh_of.at(base + j, row) * mgx);
+      dxr[j] = v;
+      if (dx16) dx16[base + j] = __float2bfloat16_rn(v);
+    }
   }
-}
-
-// The body for this row width: registers for d ≤ 256 and d ≤ 768, the loop beyond.
-template <typename XH>
-__device__ __forceinline__ void snella_layernorm_bwd_dx_any(const float* __restrict__ dy, XH xh_of,
-                                                            const float* __restrict__ gamma, const float* __restrict__ rstd,
-                                                            unsigned rows, unsigned d, float* __restrict__ dx,
-                                                            const float* __restrict__ res, __nv_bfloat16* __restrict__ dx16) {
-  if (d <= 256)
-    snella_layernorm_bwd_dx_body<8>(dy, xh_of, gamma, rstd, rows, d, dx, res, dx16);
-  else if (d <= 768)
-    snella_layernorm_bwd_dx_body<24>(dy, xh_of, gamma, rstd, rows, d, dx, res, dx16);
-  else
-    snella_layernorm_bwd_dx_body<0>(dy, xh_of, gamma, rstd, rows, d, dx, res, dx16);
 }
 
 // x̂ = (x − mean)·rstd recomputed from the forward input.

@@ -9,15 +9,14 @@
 // The selection step of digit p (find the bucket holding the need-th largest key by a block scan of
 // histogram p) runs at the start of the NEXT kernel, redundantly in every block, which saves a launch
 // per digit; block 0 stores the resulting state for the kernel after. Every kernel reads the state of
-// the previous ones from device memory, so the host never synchronises. 4 launches: hist 0, hist 1,
-// hist 2, ties (whose last block finishes; for k = 0 a finish kernel instead of ties).
+// the previous ones from device memory, so the host never synchronises. 4 launches (5 with ties):
+// hist 0, hist 1, hist 2, ties, finish.
 // snella_topk_ties counts, per fixed chunk, the keys equal to the threshold and the largest key below
-// it (for τ); its last block (or snella_topk_finish, one block, when k = 0) finds the flat index of
-// the `ties`-th tie (tie_cut = that index + 1) and writes the result words.
+// it (for τ); snella_topk_finish (one block) finds the flat index of the `ties`-th tie (tie_cut = that
+// index + 1) and writes the result words.
 //
 // State buffer (u32 words), also the `Kept` struct read by sparsify.cu; must start zeroed:
 //   [0] threshold (f32 bits) [1] tie_cut [2] tau (f32 bits) [3] k [4] ties (kept entries == threshold)
-//   [5] blocks of snella_topk_ties done (its last block finishes the select)
 //   [8..11) prefix, need, count after digit 0; [12..15) the same after digit 1; [16] max key < threshold
 //   [32 ..) histograms of digit 0 (2048 bins), 1 (2048), 2 (512); [4640 .. 4640+4096) per-chunk tie counts.
 // Kept set: |x| > threshold, or |x| == threshold and flat index < tie_cut (exactly k entries).
@@ -25,7 +24,7 @@
 #include "common.cuh"
 
 namespace snella_topk {
-constexpr unsigned W_THR = 0, W_CUT = 1, W_TAU = 2, W_K = 3, W_TIES = 4, W_DONE = 5;
+constexpr unsigned W_THR = 0, W_CUT = 1, W_TAU = 2, W_K = 3, W_TIES = 4;
 constexpr unsigned W_S1 = 8, W_S2 = 12, W_TAUMAX = 16;
 constexpr unsigned W_HIST0 = 32, W_HIST1 = W_HIST0 + 2048, W_HIST2 = W_HIST1 + 2048;
 constexpr unsigned W_CNT = W_HIST2 + 512, MAX_CHUNKS = 4096;
@@ -160,80 +159,16 @@ extern "C" __global__ void __launch_bounds__(256)
     if (h[b]) atomicAdd(&gh[b], h[b]);
 }
 
-namespace snella_topk {
-// Writes the result words from the final selection state `fin` (threshold = fin.prefix): for k ≥ 1 it
-// finds the chunk holding the ties-th key equal to the threshold (from the per-chunk counts of
-// snella_topk_ties) and scans that chunk in flat order for its index. Whole block; CPT chunks per
-// thread (CPT·blockDim.x ≥ MAX_CHUNKS ≥ nchunks).
-template <int CPT>
-__device__ __forceinline__ void finish_body(const float* __restrict__ m, unsigned long long n, unsigned* __restrict__ st,
-                                            unsigned k, unsigned nchunks, unsigned long long chunk, Sel fin,
-                                            unsigned* scratch, unsigned* sel) {
-  const unsigned thr = fin.prefix;
-  if (k == 0) {
-    if (threadIdx.x == 0) {
-      st[W_THR] = thr;
-      st[W_CUT] = 0u;
-      st[W_TAU] = thr;
-      st[W_K] = 0u;
-      st[W_TIES] = 0u;
-    }
-    return;
-  }
-  const unsigned ties = fin.need, count = fin.count;
-  if (threadIdx.x == 0) {
-    st[W_THR] = thr;
-    st[W_TAU] = (unsigned long long)k == n ? 0u : (ties < count ? thr : __ldcg(&st[W_TAUMAX]));
-    st[W_K] = k;
-    st[W_TIES] = ties;
-  }
-  // The chunk holding the ties-th tie: thread t owns chunks CPT·t .. CPT·t + CPT − 1.
-  unsigned c[CPT], sum = 0;
-#pragma unroll
-  for (int u = 0; u < CPT; u++) {
-    const unsigned b = CPT * threadIdx.x + u;
-    c[u] = (b < nchunks && b < MAX_CHUNKS) ? __ldcg(&st[W_CNT + b]) : 0u;  // L2: other blocks' words
-    sum += c[u];
-  }
-  unsigned total;
-  unsigned run = block_excl_scan(sum, scratch, &total);
-#pragma unroll
-  for (int u = 0; u < CPT; u++) {
-    if (run < ties && ties - run <= c[u]) {
-      sel[0] = CPT * threadIdx.x + u;
-      sel[1] = ties - run;
-    }
-    run += c[u];
-  }
-  __syncthreads();
-  const unsigned rank = sel[1];
-  const unsigned long long lo = (unsigned long long)sel[0] * chunk, hi = min(lo + chunk, n);
-  unsigned seen = 0;
-  for (unsigned long long tile = lo; tile < hi; tile += blockDim.x) {
-    const unsigned long long idx = tile + threadIdx.x;
-    const unsigned f = (idx < hi && key(m[idx]) == thr) ? 1u : 0u;
-    unsigned tot;
-    const unsigned ex = block_excl_scan(f, scratch, &tot);
-    if (f && seen + ex + 1 == rank) st[W_CUT] = (unsigned)(idx + 1);
-    seen += tot;  // block-uniform
-    if (seen >= rank) break;
-  }
-}
-}  // namespace snella_topk
-
 // Per chunk [blockIdx.x·chunk, +chunk): the number of keys equal to the threshold (after the last
 // selection step, done here per block) → st[W_CNT + blockIdx.x], and the largest key below it →
-// atomicMax into st[W_TAUMAX]; the last block done (counted in st[W_DONE]) then writes the result
-// words (finish_body, k ≥ 1; grid = nchunks). 256 threads.
+// atomicMax into st[W_TAUMAX]. 256 threads.
 extern "C" __global__ void __launch_bounds__(256)
     snella_topk_ties(const float* __restrict__ m, unsigned long long n, unsigned* __restrict__ st,
-                     unsigned long long chunk, unsigned k, unsigned nchunks) {
+                     unsigned long long chunk) {
   using namespace snella_topk;
   __shared__ unsigned rc[8], rm[8];
   __shared__ unsigned scratch[32], res[3];
-  __shared__ unsigned sel[2], last[1];
-  const Sel fin = state_before(st, 3, 0u, scratch, res);
-  const unsigned thr = fin.prefix;
+  const unsigned thr = state_before(st, 3, 0u, scratch, res).prefix;
   const unsigned long long lo = (unsigned long long)blockIdx.x * chunk;
   const unsigned long long hi = min(lo + chunk, n);
   unsigned cnt = 0, mx = 0;
@@ -270,21 +205,12 @@ extern "C" __global__ void __launch_bounds__(256)
     }
     st[W_CNT + blockIdx.x] = c;
     if (x) atomicMax(&st[W_TAUMAX], x);
-    __threadfence();  // the count and the max visible before this block is counted done
-    last[0] = atomicAdd(&st[W_DONE], 1u) == gridDim.x - 1;
   }
-  __syncthreads();
-  if (!last[0]) return;  // uniform
-  // The last block to finish (every count and the max written and fenced before it was counted):
-  // the finish step, in place of a snella_topk_finish launch (session 8).
-  __threadfence();
-  finish_body<MAX_CHUNKS / 256>(m, n, st, k, nchunks, chunk, fin, scratch, sel);
 }
 
-
-// Writes the result words after the last selection step (done here): snella_topk_finish_body. One
-// block of 1024 threads; nchunks ≤ 4096. (Since session 8 only for k = 0: for k ≥ 1 the last block
-// of snella_topk_ties does this.)
+// Writes the result words after the last selection step (done here). For k ≥ 1 it finds the chunk
+// holding the ties-th key equal to the threshold (from the per-chunk counts of snella_topk_ties) and
+// scans that chunk in flat order for its index. One block of 1024 threads; nchunks ≤ 4096.
 extern "C" __global__ void __launch_bounds__(1024)
     snella_topk_finish(const float* __restrict__ m, unsigned long long n, unsigned* __restrict__ st, unsigned k,
                        unsigned nchunks, unsigned long long chunk) {
@@ -292,5 +218,53 @@ extern "C" __global__ void __launch_bounds__(1024)
   __shared__ unsigned scratch[32], res[3];
   __shared__ unsigned sel[2];  // chunk, rank within it
   const Sel fin = state_before(st, 3, 0u, scratch, res);
-  finish_body<MAX_CHUNKS / 1024>(m, n, st, k, nchunks, chunk, fin, scratch, sel);
+  const unsigned thr = fin.prefix;
+  if (k == 0) {
+    if (threadIdx.x == 0) {
+      st[W_THR] = thr;
+      st[W_CUT] = 0u;
+      st[W_TAU] = thr;
+      st[W_K] = 0u;
+      st[W_TIES] = 0u;
+    }
+    return;
+  }
+  const unsigned ties = fin.need, count = fin.count;
+  if (threadIdx.x == 0) {
+    st[W_THR] = thr;
+    st[W_TAU] = (unsigned long long)k == n ? 0u : (ties < count ? thr : st[W_TAUMAX]);
+    st[W_K] = k;
+    st[W_TIES] = ties;
+  }
+  // The chunk holding the ties-th tie: thread t owns chunks 4t .. 4t + 3.
+  unsigned c[4], sum = 0;
+#pragma unroll
+  for (int u = 0; u < 4; u++) {
+    const unsigned b = 4 * threadIdx.x + u;
+    c[u] = (b < nchunks && b < MAX_CHUNKS) ? st[W_CNT + b] : 0u;
+    sum += c[u];
+  }
+  unsigned total;
+  unsigned run = block_excl_scan(sum, scratch, &total);
+#pragma unroll
+  for (int u = 0; u < 4; u++) {
+    if (run < ties && ties - run <= c[u]) {
+      sel[0] = 4 * threadIdx.x + u;
+      sel[1] = ties - run;
+    }
+    run += c[u];
+  }
+  __syncthreads();
+  const unsigned rank = sel[1];
+  const unsigned long long lo = (unsigned long long)sel[0] * chunk, hi = min(lo + chunk, n);
+  unsigned seen = 0;
+  for (unsigned long long tile = lo; tile < hi; tile += blockDim.x) {
+    const unsigned long long idx = tile + threadIdx.x;
+    const unsigned f = (idx < hi && key(m[idx]) == thr) ? 1u : 0u;
+    unsigned tot;
+    const unsigned ex = block_excl_scan(f, scratch, &tot);
+    if (f && seen + ex + 1 == rank) st[W_CUT] = (unsigned)(idx + 1);
+    seen += tot;  // block-uniform
+    if (seen >= rank) break;
+  }
 }

@@ -229,8 +229,7 @@ fn widen(bits: &[u16]) -> Vec<f32> {
 /// (bit-identical to that expression evaluated on the host with a fused multiply-add and rounded on
 /// the device), and [`layernorm::layernorm_affine`] rebuilds `y` bit-identically in both forms; the
 /// backward from the bf16 `x̂` matches the CPU backward fed the same rounded `x̂` (1e-4), and its
-/// bf16 copy of `dx` is that `dx` rounded (bit for bit). Row widths cover the register forms of the
-/// backward (d ≤ 256, ≤ 768) and the loop beyond.
+/// bf16 copy of `dx` is that `dx` rounded (bit for bit).
 #[test]
 fn layernorm_xhat_forms_match_cpu_and_rebuild_exactly() {
     let Some(gpu) = setup() else { return };

@@ -2,9 +2,8 @@
 //! competition). CPU reference: [`snella_core::snella::topk::select_topk`].
 //!
 //! Radix select on the f32 bit pattern of `|x|` (NaN and `±0` count as 0), three histogram passes
-//! and no sort, for any size below 2³² entries: four launches (three histograms and the tie count,
-//! whose last block writes the result; a finish kernel instead of the tie count for `k = 0`; one
-//! less when the producer of `M` built the first histogram, [`select_topk_after_digit0`]) and one zeroed
+//! and no sort, for any size below 2³² entries: five launches (four for `k = 0`; one less when the
+//! producer of `M` built the first histogram, [`select_topk_after_digit0`]) and one zeroed
 //! allocation. Each kernel reads the previous one's prefix and remaining rank from device memory,
 //! so the whole select is queued without a host synchronisation; only [`kept_to_host`] waits.
 
@@ -80,7 +79,7 @@ pub fn select_topk(gpu: &Gpu, m: &In, n: usize, k: usize) -> Result<CudaKept, Sn
 
 /// [`select_topk`] with the digit-0 histogram of `|m|` already in `state` (made by [`new_state`] and
 /// filled by the kernel that wrote `m`, e.g. `snella_merge_fwd_softmax`): the select starts at
-/// digit 1, three launches instead of four. The same result as [`select_topk`] when the histogram
+/// digit 1, four launches instead of five. The same result as [`select_topk`] when the histogram
 /// counts exactly the keys of the first `n` entries of `m`.
 ///
 /// # Errors
@@ -127,15 +126,12 @@ fn select_from(gpu: &Gpu, m: &In, n: usize, k: usize, state: Option<CudaSlice<u3
     let nchunks = n.div_ceil(chunk);
     let (chunk64, nchunks32, k32) = (chunk as u64, nchunks as u32, k as u32);
     if k > 0 {
-        // its last block writes the result words (session 8: no finish launch)
         let f = gpu.func("snella_topk_ties");
         let cfg = LaunchConfig { grid_dim: (nchunks32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut lb = gpu.stream.launch_builder(&f);
-        lb.arg(m).arg(&n64).arg(&mut dev).arg(&chunk64).arg(&k32).arg(&nchunks32);
-        // SAFETY: nchunks·chunk ≥ n and nchunks ≤ 4096 count words; bounds-checked; the done
-        // counter (word 5) starts at zero with the state.
+        lb.arg(m).arg(&n64).arg(&mut dev).arg(&chunk64);
+        // SAFETY: nchunks·chunk ≥ n and nchunks ≤ 4096 count words; bounds-checked.
         unsafe { lb.launch(cfg) }.map_err(launch_err("snella_topk_ties"))?;
-        return Ok(CudaKept { dev, n, k });
     }
     let f = gpu.func("snella_topk_finish");
     let mut lb = gpu.stream.launch_builder(&f);
