@@ -1,7 +1,13 @@
 // Shared helpers of snella's kernels (included by every .cu file; device code only).
 #pragma once
 #include <cuda_runtime.h>
+#include <cuda_bf16.h>
 #include <stdint.h>
+
+// Stores an f32 result as the destination's element type: f32 as is, bf16 rounded to nearest even
+// (the rounding of kernels/convert.cu and of half::bf16::from_f32).
+__device__ __forceinline__ void snella_store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void snella_store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // Warp-wide sum (all 32 lanes active).
 __device__ __forceinline__ float snella_warp_sum(float v) {

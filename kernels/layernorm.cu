@@ -11,8 +11,6 @@
 
 #define SNELLA_LN_CHUNK 64
 
-__device__ __forceinline__ void snella_ln_store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void snella_ln_store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ float snella_ln_load(const float* p) { return *p; }
 __device__ __forceinline__ float snella_ln_load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 // v as a T would hold it (rounded to nearest even for bf16), back in f32.
@@ -63,7 +61,7 @@ __device__ __forceinline__ void snella_layernorm_fwd_body(const float* __restric
   float mu, rs;
   snella_ln_stats(xr, d, eps, lane, mu, rs);
   Y* yr = y + (size_t)row * d;
-  for (unsigned j = lane; j < d; j += 32) snella_ln_store(yr + j, (xr[j] - mu) * rs * gamma[j] + beta[j]);
+  for (unsigned j = lane; j < d; j += 32) snella_store(yr + j, (xr[j] - mu) * rs * gamma[j] + beta[j]);
   if (lane == 0) {
     mean[row] = mu;
     rstd[row] = rs;
@@ -95,8 +93,8 @@ __device__ __forceinline__ void snella_layernorm_fwd_xhat_body(const float* __re
   T* hr = xhat + (size_t)row * d;
   for (unsigned j = lane; j < d; j += 32) {
     float xh = snella_ln_as((xr[j] - mu) * rs, hr);
-    snella_ln_store(hr + j, xh);
-    snella_ln_store(yr + j, fmaf(xh, gamma[j], beta[j]));
+    snella_store(hr + j, xh);
+    snella_store(yr + j, fmaf(xh, gamma[j], beta[j]));
   }
   if (lane == 0) rstd[row] = rs;
 }
@@ -126,7 +124,7 @@ __device__ __forceinline__ void snella_layernorm_affine_body(const T* __restrict
   if (row >= rows) return;
   const T* hr = xhat + (size_t)row * d;
   T* yr = y + (size_t)row * d;
-  for (unsigned j = lane; j < d; j += 32) snella_ln_store(yr + j, fmaf(snella_ln_load(hr + j), gamma[j], beta[j]));
+  for (unsigned j = lane; j < d; j += 32) snella_store(yr + j, fmaf(snella_ln_load(hr + j), gamma[j], beta[j]));
 }
 
 extern "C" __global__ void snella_layernorm_affine(const float* __restrict__ xhat, const float* __restrict__ gamma,
@@ -165,7 +163,7 @@ extern "C" __global__ void snella_layernorm_affine_bf16(const __nv_bfloat16* __r
 // also tried holding dy and x̂ in registers between the passes, 24 values each per lane at d = 768:
 // 95 registers, and the ViT-B step's LayerNorm backward went 1.56 → 2.45 ms on an H100; reverted.)
 template <typename XH>
-__device__ __forceinline__ void snella_layernorm_bwd_dx_any(const float* __restrict__ dy, XH xh_of,
+__device__ __forceinline__ void snella_layernorm_bwd_dx_body(const float* __restrict__ dy, XH xh_of,
                                                             const float* __restrict__ gamma, const float* __restrict__ rstd,
                                                             unsigned rows, unsigned d, float* __restrict__ dx,
                                                             const float* __restrict__ res, __nv_bfloat16* __restrict__ dx16) {
@@ -192,13 +190,13 @@ __device__ __forceinline__ void snella_layernorm_bwd_dx_any(const float* __restr
     for (unsigned j = lane; j < d; j += 32) {
       const float v = rs * (dyr[j] * gamma[j] - mg - xh_of.at(base + j, row) * mgx) + rr[j];
       dxr[j] = v;
-      if (dx16) dx16[base + j] = __float2bfloat16_rn(v);
+      if (dx16) snella_store(dx16 + base + j, v);
     }
   } else {
     for (unsigned j = lane; j < d; j += 32) {
       const float v = rs * (dyr[j] * gamma[j] - mg - xh_of.at(base + j, row) * mgx);
       dxr[j] = v;
-      if (dx16) dx16[base + j] = __float2bfloat16_rn(v);
+      if (dx16) snella_store(dx16 + base + j, v);
     }
   }
 }
@@ -208,7 +206,7 @@ extern "C" __global__ void snella_layernorm_bwd_dx(const float* __restrict__ dy,
                                                    const float* __restrict__ gamma, const float* __restrict__ mean,
                                                    const float* __restrict__ rstd, unsigned rows, unsigned d,
                                                    float* __restrict__ dx) {
-  snella_layernorm_bwd_dx_any(dy, SnellaXhatFromX{x, mean, rstd}, gamma, rstd, rows, d, dx, nullptr, nullptr);
+  snella_layernorm_bwd_dx_body(dy, SnellaXhatFromX{x, mean, rstd}, gamma, rstd, rows, d, dx, nullptr, nullptr);
 }
 
 // x̂ saved by snella_layernorm_fwd_xhat(_bf16); dx += res when res is not null; dx16 (may be null)
@@ -217,14 +215,14 @@ extern "C" __global__ void snella_layernorm_bwd_dx_xhat(const float* __restrict_
                                                         const float* __restrict__ gamma, const float* __restrict__ rstd,
                                                         unsigned rows, unsigned d, float* __restrict__ dx,
                                                         const float* __restrict__ res, __nv_bfloat16* __restrict__ dx16) {
-  snella_layernorm_bwd_dx_any(dy, SnellaXhatSaved<float>{xhat}, gamma, rstd, rows, d, dx, res, dx16);
+  snella_layernorm_bwd_dx_body(dy, SnellaXhatSaved<float>{xhat}, gamma, rstd, rows, d, dx, res, dx16);
 }
 
 extern "C" __global__ void snella_layernorm_bwd_dx_xhat_bf16(const float* __restrict__ dy, const __nv_bfloat16* __restrict__ xhat,
                                                              const float* __restrict__ gamma, const float* __restrict__ rstd,
                                                              unsigned rows, unsigned d, float* __restrict__ dx,
                                                              const float* __restrict__ res, __nv_bfloat16* __restrict__ dx16) {
-  snella_layernorm_bwd_dx_any(dy, SnellaXhatSaved<__nv_bfloat16>{xhat}, gamma, rstd, rows, d, dx, res, dx16);
+  snella_layernorm_bwd_dx_body(dy, SnellaXhatSaved<__nv_bfloat16>{xhat}, gamma, rstd, rows, d, dx, res, dx16);
 }
 
 // Partial sums of dy·x̂ and dy over each chunk of SNELLA_LN_CHUNK rows (chunks blockIdx.y,

@@ -9,7 +9,6 @@
 // i ∈ S ⇔ key(|m_i|) > key(threshold), or == and i < tie_cut (key: f32 bits of |x| when |x| > 0, else 0,
 // as in topk.cu: NaN never beats a positive threshold).
 #include "common.cuh"
-#include <cuda_bf16.h>
 
 namespace snella_sparsify {
 // snella_magnitude_key (common.cuh) for a value already ≥ 0 or NaN (the callers pass |m|).
@@ -38,14 +37,6 @@ extern "C" __global__ void __launch_bounds__(256)
     out[i] = __fmul_rn(src[i], snella_sparsify::factor(fabsf(m[i]), i, thr, cut, tau, rule));
   }
 }
-
-namespace snella_sparsify {
-// Stores an f32 result as the weight's element type: f32 as is, bf16 rounded to nearest even (the
-// rounding of kernels/convert.cu, so a bf16 weight written here has the bits of the f32 weight
-// converted there).
-__device__ __forceinline__ void put(float* p, float v) { *p = v; }
-__device__ __forceinline__ void put(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-}  // namespace snella_sparsify
 
 // Fused forward into the effective weight (spec §2 + the linear's W0 + ΔWᵀ): for M [n_in, c]
 // (one adapter's merged matrix, row-major) and the chunk's rows of W0 [c, n_in],
@@ -78,7 +69,7 @@ __device__ __forceinline__ void sparsify_into_weight(const float* __restrict__ m
     const unsigned o = o0 + dy, i = i0 + threadIdx.x;
     if (i < n_in && o < c) {
       const size_t at = (size_t)o * n_in + i;
-      snella_sparsify::put(w + at, __fadd_rn(W0 ? w0[at] : 0.f, tile[threadIdx.x][dy]));
+      snella_store(w + at, __fadd_rn(W0 ? w0[at] : 0.f, tile[threadIdx.x][dy]));
     }
   }
 }
