@@ -114,6 +114,10 @@ pub fn attention_bwd(
     Ok(())
 }
 
+/// Dynamic shared memory of the fused backward's main kernel (bytes): `FA_BWD_SHARED` in
+/// `kernels/attention.cu` (q and dO tiles twice, k, dS hi and lo: 7 of 64×72 bf16; lse2 and D twice).
+const FLASH_BWD_SHARED: usize = 7 * 64 * 72 * 2 + 4 * 64 * 4;
+
 /// The head dim of the fused bf16 attention ([`flash_fwd`], [`flash_bwd`]).
 pub const FLASH_HEAD_DIM: usize = 64;
 
@@ -162,17 +166,23 @@ pub fn flash_fwd(gpu: &Gpu, qkv: ActRef, b: usize, t: usize, heads: usize, hd: u
     let tiles = dim_u32(op, "t/64", t.div_ceil(64))?;
     let (t32, h32) = (dim_u32(op, "t", t)?, dim_u32(op, "heads", heads)?);
     let scale_log2 = ((hd as f64).powf(-0.5) * std::f64::consts::LOG2_E) as f32;
-    let f = gpu.func(match (qkv, out.is_bf16()) {
-        (ActRef::F32(_), _) => "snella_flash_attn_fwd",
-        (ActRef::Bf16(_), false) => "snella_flash_attn_fwd_q16",
-        (ActRef::Bf16(_), true) => "snella_flash_attn_fwd_q16_o16",
-    });
-    let pq = qkv.ptr(gpu);
+    // the kernels read bf16: an f32 qkv is rounded first (the bits its staging rounded to before)
+    let q16 = match qkv {
+        ActRef::F32(v) => Some(crate::gemm::to_bf16(gpu, v, b * t * 3 * d)?),
+        ActRef::Bf16(_) => None,
+    };
+    let pq = match (&q16, qkv) {
+        (Some(c), _) => ActRef::Bf16(c).ptr(gpu),
+        (None, r) => r.ptr(gpu),
+    };
+    let name = if out.is_bf16() { "snella_flash_attn_fwd_q16_o16" } else { "snella_flash_attn_fwd_q16" };
+    let f = gpu.func(name);
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(&pq).arg(&po).arg(&mut *lse2).arg(&t32).arg(&h32).arg(&scale_log2);
     let cfg = LaunchConfig { grid_dim: (bh, tiles, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: lengths checked above; each block writes only its own query rows of out and lse2.
-    unsafe { l.launch(cfg) }.map_err(|e| cuda_err("snella_flash_attn_fwd", e))?;
+    // SAFETY: lengths checked above (the bf16 copy holds b·t·3d values); each block writes only its
+    // own query rows of out and lse2.
+    unsafe { l.launch(cfg) }.map_err(|e| cuda_err(name, e))?;
     Ok(())
 }
 
@@ -183,7 +193,8 @@ pub fn flash_fwd(gpu: &Gpu, qkv: ActRef, b: usize, t: usize, heads: usize, hd: u
 ///
 /// Deterministic: each key tile's share of `dq` goes to its own slab of scratch
 /// (`⌈t/64⌉·b·heads·t·64` floats) and the slabs are summed in a fixed order; `b·heads·t` more floats
-/// hold `rowsum(dO ⊙ O)`.
+/// hold `rowsum(dO ⊙ O)`, and `b·t·d` bf16 values `dO` rounded (written by the first kernel, staged
+/// by the second through `cp.async`), plus a bf16 copy of an f32 `qkv`.
 ///
 /// # Errors
 /// `Tensor` when a buffer is shorter than its shape needs; `Config` when `hd ≠ 64` or a buffer is
@@ -227,7 +238,6 @@ pub fn flash_bwd_to(
     }
     let rows = b * heads * t;
     let (rows32, t32, h32) = (dim_u32(op, "b·heads·t", rows)?, dim_u32(op, "t", t)?, dim_u32(op, "heads", heads)?);
-    let bh = dim_u32(op, "b·heads", b * heads)?;
     let tiles = t.div_ceil(64);
     let tiles32 = dim_u32(op, "t/64", tiles)?;
     let scale = (hd as f64).powf(-0.5) as f32;
@@ -245,24 +255,32 @@ pub fn flash_bwd_to(
         ActRef::F32(o) => l.arg(o),
         ActRef::Bf16(o) => l.arg(o),
     };
-    l.arg(&mut dvec).arg(&rows32).arg(&t32).arg(&h32);
-    // SAFETY: dout/out hold b·t·d floats, dvec rows floats (checked/allocated); one warp per row.
+    // SAFETY: every element is written by the dot kernel below before the main kernel reads it.
+    let mut do16 = unsafe { gpu.uninit::<u16>(b * t * d) }?;
+    l.arg(&mut dvec).arg(&mut do16).arg(&rows32).arg(&t32).arg(&h32);
+    // SAFETY: dout/out hold b·t·d floats, dvec rows floats, do16 b·t·d values (checked/allocated);
+    // one warp per row.
     unsafe { l.launch(rows_cfg(rows)) }.map_err(|e| cuda_err("snella_flash_attn_bwd_dot", e))?;
     let g16 = dqkv.is_bf16();
-    let name = match (qkv, g16) {
-        (ActRef::F32(_), _) => "snella_flash_attn_bwd",
-        (ActRef::Bf16(_), false) => "snella_flash_attn_bwd_q16",
-        (ActRef::Bf16(_), true) => "snella_flash_attn_bwd_q16_g16",
+    // the kernels read bf16: an f32 qkv is rounded first (the bits its staging rounded to before)
+    let q16 = match qkv {
+        ActRef::F32(v) => Some(crate::gemm::to_bf16(gpu, v, b * t * 3 * d)?),
+        ActRef::Bf16(_) => None,
     };
+    let pq = match (&q16, qkv) {
+        (Some(c), _) => ActRef::Bf16(c).ptr(gpu),
+        (None, r) => r.ptr(gpu),
+    };
+    let name = if g16 { "snella_flash_attn_bwd_q16_g16" } else { "snella_flash_attn_bwd_q16" };
     let f = gpu.func(name);
+    super::opt_in_shared(&f, FLASH_BWD_SHARED, 0, name)?;
+    let blocks = dim_u32(op, "b·heads·⌈t/64⌉", b * heads * tiles)?;
     let mut l = gpu.stream.launch_builder(&f);
-    match qkv {
-        ActRef::F32(q) => l.arg(q),
-        ActRef::Bf16(q) => l.arg(q),
-    };
-    l.arg(dout).arg(lse2).arg(&dvec).arg(&pd).arg(&mut dqp).arg(&t32).arg(&h32).arg(&scale).arg(&scale_log2);
-    let cfg = LaunchConfig { grid_dim: (bh, tiles32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: lengths checked; each block writes the k/v columns of its own keys and its own dq slab.
+    l.arg(&pq).arg(&do16).arg(lse2).arg(&dvec).arg(&pd).arg(&mut dqp).arg(&t32).arg(&h32).arg(&scale).arg(&scale_log2);
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: FLASH_BWD_SHARED as u32 };
+    // SAFETY: lengths checked (the bf16 copies hold b·t·3d and b·t·d values); each block writes the
+    // k/v columns of its own keys and its own dq slab; the shared size is kernels/attention.cu's
+    // FA_BWD_SHARED, opted into above.
     unsafe { l.launch(cfg) }.map_err(|e| cuda_err(name, e))?;
     let name = if g16 { "snella_flash_attn_bwd_dq_g16" } else { "snella_flash_attn_bwd_dq" };
     let f = gpu.func(name);

@@ -14,7 +14,7 @@
 //! operation order and carry its bits; `expf`, the backward's fast divisions for `P` and `E`
 //! (≤ 2 ulp) and the order of the softmax and gradient sums differ.
 
-use super::{In, Out};
+use super::{opt_in_shared, In, Out};
 use crate::device::{cuda_err, Gpu};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use snella_core::SnellaError;
@@ -28,23 +28,12 @@ const FWD_ROWS: usize = 32;
 const STRIDE: usize = 36;
 /// Threads per block of every merge kernel.
 const THREADS: u32 = 256;
-/// Dynamic shared memory a block may use without opting in: the 48 KiB default less the kernels'
-/// static shared memory.
-const DEFAULT_SHARED: usize = 47 * 1024;
-/// Dynamic shared memory per block we allow; above [`DEFAULT_SHARED`] the tiles kernels opt in
+/// Static shared memory of the merge kernels (bytes), below the 48 KiB a block gets without opting in.
+const STATIC_SHARED: usize = 1024;
+/// Dynamic shared memory per block we allow; above the default the tiles kernels opt in
 /// ([`opt_in_shared`]; every sm_80+ GPU allows at least 99 KiB). 52 KiB keeps at least the `r/H`
 /// limits of the 33-float strides before session 8 (165, 74, 28, 5 at H = 1, 2, 4, 8).
 const MAX_SHARED: usize = 52 * 1024;
-
-/// Lets `f` (the kernel `name`) take `bytes` of dynamic shared memory when that is above the
-/// default (checked against [`MAX_SHARED`] by [`check_pieces`] before).
-fn opt_in_shared(f: &cudarc::driver::CudaFunction, bytes: usize, name: &'static str) -> Result<(), SnellaError> {
-    if bytes <= DEFAULT_SHARED {
-        return Ok(());
-    }
-    let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-    f.set_attribute(attr, bytes as i32).map_err(|e| cuda_err(name, e))
-}
 
 /// Checks the shapes shared by both passes; returns the dynamic shared memory of the backward tiles
 /// kernel (`snella_merge_bwd_tiles_r*`), the larger of the two passes'.
@@ -204,7 +193,7 @@ fn fwd_launch(
     let null = 0u64;
     let shared = 2 * heads * (rh + 1) * STRIDE * 4;
     let f = gpu.func("snella_merge_fwd_tiles");
-    opt_in_shared(&f, shared, "snella_merge_fwd_tiles")?;
+    opt_in_shared(&f, shared, STATIC_SHARED, "snella_merge_fwd_tiles")?;
     let cfg = LaunchConfig { grid_dim: (n_jt as u32, n_it as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
     let mut lb = gpu.stream.launch_builder(&f);
     lb.arg(a).arg(b).arg(&h32).arg(&i32_).arg(&o32).arg(&r32).arg(&mut *m);
@@ -363,7 +352,7 @@ fn bwd_tiles(
         _ => "snella_merge_bwd_tiles_r32",
     };
     let f = gpu.func(name);
-    opt_in_shared(&f, shared, name)?;
+    opt_in_shared(&f, shared, STATIC_SHARED, name)?;
     let jt32 = jt as u32;
     let cfg = LaunchConfig { grid_dim: (n_sa as u32, n_it as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
     let mut lb = gpu.stream.launch_builder(&f);
