@@ -38,3 +38,17 @@ __device__ __forceinline__ void snella_hist_add_warp(unsigned* h, bool ok, unsig
     if ((threadIdx.x & 31) == (unsigned)(__ffs(peers) - 1)) atomicAdd(&h[bin], (unsigned)__popc(peers));
   }
 }
+
+// The sparsify rule's stop-gradient factor (spec §2; kernels/sparsify.cu) for the entry of flat index
+// `i` with magnitude `a` (|m|): rule 0 magnitude-product |m|·1_S, 1 soft-threshold max(|m| − τ, 0),
+// 2 mask 1_S; i ∈ S ⇔ key(a) > thr, or == thr and i < cut (the kept-set words of kernels/topk.cu).
+__device__ __forceinline__ float snella_sparsify_factor(float a, unsigned long long i, unsigned thr, unsigned cut, float tau,
+                                                        unsigned rule) {
+  if (rule == 1) {
+    const float d = __fsub_rn(a, tau);
+    return d > 0.f ? d : 0.f;
+  }
+  const unsigned kk = a > 0.f ? __float_as_uint(a) : 0u;
+  const bool keep = kk > thr || (kk == thr && i < (unsigned long long)cut);
+  return keep ? (rule == 0 ? a : 1.f) : 0.f;
+}

@@ -473,7 +473,7 @@ __device__ __forceinline__ void bwd_tiles_body(const float* __restrict__ A, cons
 // instead of 576 at 768×768, ran 7% slower over a step, 2.61 → 2.80 ms, ncu on the H200.) Written
 // to M (= K, the SNELL output) and,
 // when not null, to ksave [n_in, n_out] and the distances to dsave [H, n_in, n_out] (the
-// backward-time merge's saved tensors). D_h and K use the CPU's operation order with explicitly
+// backward-time merge's saved tensors; M may then be null: snella_merge_bwd_rows_grad needs no M). D_h and K use the CPU's operation order with explicitly
 // rounded mul/add (no FMA contraction), so they carry its bits. Dynamic shared memory 2·H·(rh + 1)·TS
 // floats (the transposed tiles of load_tile_t).
 extern "C" __global__ void __launch_bounds__(256)
@@ -498,7 +498,7 @@ extern "C" __global__ void __launch_bounds__(256)
   for (int q = 0; q < TIF / 8; q++) {
     const unsigned i = i0 + 4 * w + q;
     if (i < n_in && j < n_out) {
-      M[(size_t)i * n_out + j] = kk[q];
+      if (M != nullptr) M[(size_t)i * n_out + j] = kk[q];
       if (ksave != nullptr) ksave[(size_t)i * n_out + j] = kk[q];
     }
   }
@@ -522,7 +522,10 @@ __device__ __forceinline__ void softmax_row(float* __restrict__ row, unsigned n_
   constexpr int VPT = REG ? RV : 1;
   __shared__ float red[NWARPS][1];
   __shared__ float zmax[1], ssum[1];
-  float kv[REG ? VPT : 1];
+  // held in registers (RV > 0): K, then z = K/γ and e = exp(z − max) computed once per entry and
+  // re-used by the later passes (session 9: 3 → 1 IEEE divisions by γ and 2 → 1 expf per entry;
+  // the same operations on the same values, so the same bits)
+  float kv[REG ? VPT : 1], zv[REG ? VPT : 1];
   if (REG) {
 #pragma unroll
     for (int q = 0; q < VPT; q++) {
@@ -533,8 +536,10 @@ __device__ __forceinline__ void softmax_row(float* __restrict__ row, unsigned n_
   float v[1] = {-INFINITY};
   if (REG) {
 #pragma unroll
-    for (int q = 0; q < VPT; q++)
-      if (threadIdx.x + q * THREADS < n_out) v[0] = fmaxf(v[0], __fdiv_rn(kv[q], g));
+    for (int q = 0; q < VPT; q++) {
+      zv[q] = __fdiv_rn(kv[q], g);
+      if (threadIdx.x + q * THREADS < n_out) v[0] = fmaxf(v[0], zv[q]);
+    }
   } else {
     for (unsigned j = threadIdx.x; j < n_out; j += THREADS) v[0] = fmaxf(v[0], __fdiv_rn(row[j], g));
   }
@@ -542,27 +547,27 @@ __device__ __forceinline__ void softmax_row(float* __restrict__ row, unsigned n_
   v[0] = 0.f;
   if (REG) {
 #pragma unroll
-    for (int q = 0; q < VPT; q++)
-      if (threadIdx.x + q * THREADS < n_out) v[0] += expf(__fsub_rn(__fdiv_rn(kv[q], g), zmax[0]));
+    for (int q = 0; q < VPT; q++) {
+      zv[q] = expf(__fsub_rn(zv[q], zmax[0]));  // from here on zv holds e
+      if (threadIdx.x + q * THREADS < n_out) v[0] += zv[q];
+    }
   } else {
     for (unsigned j = threadIdx.x; j < n_out; j += THREADS) v[0] += expf(__fsub_rn(__fdiv_rn(row[j], g), zmax[0]));
   }
   block_reduce<1, false>(v, red, ssum);
-  auto out = [&](float k) {
-    const float p = __fdiv_rn(expf(__fsub_rn(__fdiv_rn(k, g), zmax[0])), ssum[0]);
-    return __fadd_rn(__fadd_rn(k, __fmul_rn(alpha, p)), beta);
-  };
+  auto out = [&](float k, float e) { return __fadd_rn(__fadd_rn(k, __fmul_rn(alpha, __fdiv_rn(e, ssum[0]))), beta); };
   if (REG) {
 #pragma unroll
     for (int q = 0; q < VPT; q++) {
       const unsigned j = threadIdx.x + q * THREADS;
-      const float o = j < n_out ? out(kv[q]) : 0.f;
+      const float o = j < n_out ? out(kv[q], zv[q]) : 0.f;
       if (j < n_out) row[j] = o;
       if (hist != nullptr) snella_hist_add_warp(hist, j < n_out, topk_bin0(o));  // uniform branch
     }
   } else {
     for (unsigned j = threadIdx.x; j < n_out; j += THREADS) {
-      const float o = out(row[j]);
+      const float k = row[j];
+      const float o = out(k, expf(__fsub_rn(__fdiv_rn(k, g), zmax[0])));
       row[j] = o;
       if (hist != nullptr) atomicAdd(&hist[topk_bin0(o)], 1u);  // lanes may diverge here
     }
@@ -700,6 +705,157 @@ extern "C" __global__ void __launch_bounds__(256)
     o[2] = __fdiv_rn(x.t, x.s);
     o[3] = uu;
   }
+}
+
+// Backward step 1 from the layer's weight gradient (session 9; ops/merge.rs merge_bwd_from_grad):
+// for row i = blockIdx.x, from the saved K row and the row of G = xᵀ·∂L/∂y [n_in, ld] (the chunk's
+// columns [0, c) of it), in one block of 256 threads:
+//   M = K + α·P + β as snella_merge_fwd_softmax forms it (the same operations, thread mapping and
+//   reductions, so the forward's bits and the forward's kept set), Ĝ = G·factor(M) (spec §2, as
+//   snella_sparsify_bwd_from_weight), s_i = Σ_j Ĝ·P, and
+//   dK = ∂L/∂K = Ĝ + (α/γ)·P ⊙ (Ĝ − s_i)   (spec §3), written to dK [n_in, c];
+//   rowstat[i] = (max_j K/γ, Σ_j exp(K/γ − max), s_i, Σ_j Ĝ) and gpart[i] = Σ_j P·(Ĝ − s_i)·K (∂γ's
+//   row share; snella_merge_bwd_finish scales it by −α/γ²).
+// The tiles kernel then takes dK as its gradient with no mixture (E_h = c_h·dK ⊘ D_h, K not read).
+// SNELL (mix null): dK = Ĝ = G·factor(K), nothing else written. Replaces the backward's softmax
+// rewrite of M, the transposing sparsify backward and the row statistics (three passes, M, Ĝ never
+// written). Values held in registers (RV per thread) for rows up to 256·RV wide, else re-read (RV = 0,
+// the same operations in the same order).
+namespace snella_merge {
+template <int RV>
+__device__ __forceinline__ void rows_grad(const float* __restrict__ kr, const float* __restrict__ gr, float* __restrict__ dkr,
+                                          unsigned c, unsigned long long idx0, const float* __restrict__ mix,
+                                          const unsigned* __restrict__ kept, unsigned rule, float* __restrict__ rowstat,
+                                          float* __restrict__ gpart) {
+  constexpr bool REG = RV > 0;
+  constexpr int V = REG ? RV : 1;
+  __shared__ float red1[NWARPS][1], red2[NWARPS][2];
+  __shared__ float zmax[1], ssum[1], sums[2], gsum[1];
+  const unsigned thr = kept[0], cut = kept[1];
+  const float tau = __uint_as_float(kept[2]);
+  float kv[V], gv[V], ev[V];
+  if (REG) {
+#pragma unroll
+    for (int q = 0; q < V; q++) {
+      const unsigned j = threadIdx.x + q * THREADS;
+      kv[q] = j < c ? kr[j] : 0.f;
+      gv[q] = j < c ? gr[j] : 0.f;
+    }
+  }
+  if (mix == nullptr) {  // SNELL: M = K
+    if (REG) {
+#pragma unroll
+      for (int q = 0; q < V; q++) {
+        const unsigned j = threadIdx.x + q * THREADS;
+        if (j < c) dkr[j] = __fmul_rn(gv[q], snella_sparsify_factor(fabsf(kv[q]), idx0 + j, thr, cut, tau, rule));
+      }
+    } else {
+      for (unsigned j = threadIdx.x; j < c; j += THREADS)
+        dkr[j] = __fmul_rn(gr[j], snella_sparsify_factor(fabsf(kr[j]), idx0 + j, thr, cut, tau, rule));
+    }
+    return;
+  }
+  const float alpha = mix[0], g = clamp_gamma(mix[1]), beta = mix[2];
+  // max_j K/γ and Σ_j exp(K/γ − max): snella_merge_fwd_softmax's passes (softmax_row)
+  float v[1] = {-INFINITY};
+  if (REG) {
+#pragma unroll
+    for (int q = 0; q < V; q++) {
+      ev[q] = __fdiv_rn(kv[q], g);
+      if (threadIdx.x + q * THREADS < c) v[0] = fmaxf(v[0], ev[q]);
+    }
+  } else {
+    for (unsigned j = threadIdx.x; j < c; j += THREADS) v[0] = fmaxf(v[0], __fdiv_rn(kr[j], g));
+  }
+  block_reduce<1, true>(v, red1, zmax);
+  v[0] = 0.f;
+  if (REG) {
+#pragma unroll
+    for (int q = 0; q < V; q++) {
+      ev[q] = expf(__fsub_rn(ev[q], zmax[0]));  // e from here on
+      if (threadIdx.x + q * THREADS < c) v[0] += ev[q];
+    }
+  } else {
+    for (unsigned j = threadIdx.x; j < c; j += THREADS) v[0] += expf(__fsub_rn(__fdiv_rn(kr[j], g), zmax[0]));
+  }
+  block_reduce<1, false>(v, red1, ssum);
+  // P, M (the forward's bits), Ĝ; then s_i = Σ_j Ĝ·P and Σ_j Ĝ
+  const float se = ssum[0];
+  auto p_of = [&](float k) { return __fdiv_rn(expf(__fsub_rn(__fdiv_rn(k, g), zmax[0])), se); };
+  auto ghat = [&](float k, float p, float gval, unsigned j) {
+    const float m = __fadd_rn(__fadd_rn(k, __fmul_rn(alpha, p)), beta);
+    return __fmul_rn(gval, snella_sparsify_factor(fabsf(m), idx0 + j, thr, cut, tau, rule));
+  };
+  float su[2] = {0.f, 0.f};
+  if (REG) {
+#pragma unroll
+    for (int q = 0; q < V; q++) {
+      const unsigned j = threadIdx.x + q * THREADS;
+      if (j < c) {
+        ev[q] = __fdiv_rn(ev[q], se);           // P from here on
+        gv[q] = ghat(kv[q], ev[q], gv[q], j);  // Ĝ from here on
+        su[0] = fmaf(gv[q], ev[q], su[0]);
+        su[1] += gv[q];
+      }
+    }
+  } else {
+    for (unsigned j = threadIdx.x; j < c; j += THREADS) {
+      const float k = kr[j], p = p_of(k), gh = ghat(k, p, gr[j], j);
+      su[0] = fmaf(gh, p, su[0]);
+      su[1] += gh;
+    }
+  }
+  block_reduce<2, false>(su, red2, sums);
+  // dK = Ĝ + (α/γ)·P·(Ĝ − s) and the row's ∂γ share Σ_j P·(Ĝ − s)·K (the tiles kernel's operations)
+  const float ag = __fdiv_rn(alpha, g), s = sums[0];
+  v[0] = 0.f;
+  auto dk_of = [&](float p, float gh, unsigned j) {  // writes dK, returns P·(Ĝ − s)
+    const float pm = __fmul_rn(p, __fsub_rn(gh, s));
+    dkr[j] = __fadd_rn(gh, __fmul_rn(ag, pm));
+    return pm;
+  };
+  if (REG) {
+#pragma unroll
+    for (int q = 0; q < V; q++) {
+      const unsigned j = threadIdx.x + q * THREADS;
+      if (j < c) v[0] = fmaf(dk_of(ev[q], gv[q], j), kv[q], v[0]);
+    }
+  } else {
+    for (unsigned j = threadIdx.x; j < c; j += THREADS) {
+      const float k = kr[j], p = p_of(k);
+      v[0] = fmaf(dk_of(p, ghat(k, p, gr[j], j), j), k, v[0]);
+    }
+  }
+  block_reduce<1, false>(v, red1, gsum);
+  if (threadIdx.x == 0) {
+    rowstat[0] = zmax[0];
+    rowstat[1] = se;
+    rowstat[2] = s;
+    rowstat[3] = sums[1];
+    *gpart = gsum[0];
+  }
+}
+}  // namespace snella_merge
+
+// Grid n_in, block 256. K, dK: [n_in, c]; G: row stride ld (≥ c); kept: the kept-set words; rowstat
+// [n_in, 4] and gpart [n_in] (mixture only; may be null for SNELL).
+extern "C" __global__ void __launch_bounds__(256)
+    snella_merge_bwd_rows_grad(const float* __restrict__ K, const float* __restrict__ G, unsigned long long ld, unsigned c,
+                               const float* __restrict__ mix, const unsigned* __restrict__ kept, unsigned rule,
+                               float* __restrict__ dK, float* __restrict__ rowstat, float* __restrict__ gpart) {
+  using namespace snella_merge;
+  const size_t i = blockIdx.x;
+  const float* kr = K + i * c;
+  const float* gr = G + i * ld;
+  float* dkr = dK + i * c;
+  float* rs = rowstat != nullptr ? rowstat + 4 * i : nullptr;
+  float* gp = gpart != nullptr ? gpart + i : nullptr;
+  if (c <= (unsigned)(THREADS * 3))
+    rows_grad<3>(kr, gr, dkr, c, i * c, mix, kept, rule, rs, gp);
+  else if (c <= (unsigned)(THREADS * 12))
+    rows_grad<12>(kr, gr, dkr, c, i * c, mix, kept, rule, rs, gp);
+  else
+    rows_grad<0>(kr, gr, dkr, c, i * c, mix, kept, rule, rs, gp);
 }
 
 // dX[h, x, r] = X[h, x, r]·Σ_s part[s, h, rh, x] − Σ_s part[s, h, r, x] for part [nsplit, H, rh + 1, rows]

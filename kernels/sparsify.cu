@@ -10,21 +10,7 @@
 // as in topk.cu: NaN never beats a positive threshold).
 #include "common.cuh"
 
-namespace snella_sparsify {
-// snella_magnitude_key (common.cuh) for a value already ≥ 0 or NaN (the callers pass |m|).
-__device__ __forceinline__ unsigned key(float a) { return a > 0.f ? __float_as_uint(a) : 0u; }
-
-// The stop-gradient factor of `rule` for the entry of flat index `i` with magnitude `a`.
-__device__ __forceinline__ float factor(float a, unsigned long long i, unsigned thr, unsigned cut, float tau, unsigned rule) {
-  if (rule == 1) {
-    const float d = __fsub_rn(a, tau);
-    return d > 0.f ? d : 0.f;
-  }
-  const unsigned kk = key(a);
-  const bool keep = kk > thr || (kk == thr && i < (unsigned long long)cut);
-  return keep ? (rule == 0 ? a : 1.f) : 0.f;
-}
-}  // namespace snella_sparsify
+// The rule factor: snella_sparsify_factor (common.cuh, shared with merge.cu's fused backward rows).
 
 // Grid-stride over n entries (n < 2^32), 256 threads. Forward: src = m; backward: src = g.
 extern "C" __global__ void __launch_bounds__(256)
@@ -34,7 +20,7 @@ extern "C" __global__ void __launch_bounds__(256)
   const float tau = __uint_as_float(kept[2]);
   const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
   for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-    out[i] = __fmul_rn(src[i], snella_sparsify::factor(fabsf(m[i]), i, thr, cut, tau, rule));
+    out[i] = __fmul_rn(src[i], snella_sparsify_factor(fabsf(m[i]), i, thr, cut, tau, rule));
   }
 }
 
@@ -59,7 +45,7 @@ __device__ __forceinline__ void sparsify_into_weight(const float* __restrict__ m
     if (i < n_in && o < c) {
       const unsigned long long idx = (unsigned long long)i * c + o;
       const float v = m[idx];
-      tile[dy][threadIdx.x] = __fmul_rn(v, snella_sparsify::factor(fabsf(v), idx, thr, cut, tau, rule));
+      tile[dy][threadIdx.x] = __fmul_rn(v, snella_sparsify_factor(fabsf(v), idx, thr, cut, tau, rule));
     }
   }
   __syncthreads();
@@ -118,7 +104,7 @@ extern "C" __global__ void __launch_bounds__(256)
     const unsigned i = i0 + dy, o = o0 + threadIdx.x;
     if (i < n_in && o < c) {
       const unsigned long long idx = (unsigned long long)i * c + o;
-      gh[idx] = __fmul_rn(tile[threadIdx.x][dy], snella_sparsify::factor(fabsf(m[idx]), idx, thr, cut, tau, rule));
+      gh[idx] = __fmul_rn(tile[threadIdx.x][dy], snella_sparsify_factor(fabsf(m[idx]), idx, thr, cut, tau, rule));
     }
   }
 }

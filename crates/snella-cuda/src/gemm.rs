@@ -161,6 +161,28 @@ pub fn linear_bwd_products_bf16x<Y: DevicePtr<f32>, W: DevicePtr<f32>, D: Device
 pub fn linear_bwd_products_bf16<W: DevicePtr<f32>, D: DevicePtrMut<f32>, G: DevicePtrMut<f32>>(
     gpu: &Gpu, dy16: &CudaSlice<u16>, w: Wt<'_, W>, x16: Option<&CudaSlice<u16>>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut D>, gt: Option<&mut G>,
 ) -> Result<(), SnellaError> {
+    bwd_products_bf16(gpu, dy16, w, x16, rows, n_in, n_out, dx, gt, false)
+}
+
+/// [`linear_bwd_products_bf16`] writing the weight gradient in `ΔW`'s layout instead:
+/// `g = x16ᵀ·dy16: [n_in, n_out]` (the same products, operands swapped; what a kernel adapter's
+/// backward reads row by row, `snella_cuda::ops::merge::merge_bwd_from_grad`).
+///
+/// # Errors
+/// As [`linear_bwd_products_bf16`].
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd_products_bf16_g<W: DevicePtr<f32>, D: DevicePtrMut<f32>, G: DevicePtrMut<f32>>(
+    gpu: &Gpu, dy16: &CudaSlice<u16>, w: Wt<'_, W>, x16: &CudaSlice<u16>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut D>, g: &mut G,
+) -> Result<(), SnellaError> {
+    bwd_products_bf16(gpu, dy16, w, Some(x16), rows, n_in, n_out, dx, Some(g), true)
+}
+
+/// The two products of [`linear_bwd_products_bf16`]; the weight gradient `[n_in, n_out]` when `in_out`.
+#[allow(clippy::too_many_arguments)]
+fn bwd_products_bf16<W: DevicePtr<f32>, D: DevicePtrMut<f32>, G: DevicePtrMut<f32>>(
+    gpu: &Gpu, dy16: &CudaSlice<u16>, w: Wt<'_, W>, x16: Option<&CudaSlice<u16>>, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut D>, gt: Option<&mut G>,
+    in_out: bool,
+) -> Result<(), SnellaError> {
     if rows == 0 || n_in == 0 {
         return Ok(());
     }
@@ -181,7 +203,11 @@ pub fn linear_bwd_products_bf16<W: DevicePtr<f32>, D: DevicePtrMut<f32>, G: Devi
     }
     if let Some(gt) = gt {
         let x16 = x16.ok_or_else(|| SnellaError::config("linear_bwd_products.x", 0, "the layer input in bf16 for the weight gradient"))?;
-        gemm_ex_bf16(gpu, true, false, n_out, n_in, rows, 1.0, dy16, x16, 0.0, gt)?;
+        if in_out {
+            gemm_ex_bf16(gpu, true, false, n_in, n_out, rows, 1.0, x16, dy16, 0.0, gt)?;
+        } else {
+            gemm_ex_bf16(gpu, true, false, n_out, n_in, rows, 1.0, dy16, x16, 0.0, gt)?;
+        }
     }
     Ok(())
 }

@@ -202,6 +202,86 @@ fn merge_bwd_matches_cpu() {
     }
 }
 
+/// The fused backward from the layer's weight gradient (`merge_bwd_from_grad`: the chunk's columns of
+/// `G [in, 3·out]`, the forward's kept set, every sparsify rule) against the CPU composition: Ĝ =
+/// `sparsify_bwd` of the GPU's `M` with that set, then `merge_bwd` (f32, and f64 for `dmix`), at the
+/// tolerances of `merge_bwd_matches_cpu`; deterministic. Shapes: odd sizes, the ViT-B chunk
+/// shapes, and rows wider than 3072 (the re-reading variant of the row kernel).
+#[test]
+fn merge_bwd_from_grad_matches_cpu_composition() {
+    let Some(gpu) = setup() else { return };
+    let shapes = [(5usize, 7usize, 3usize), (33, 65, 32), (768, 768, 16), (200, 3072, 16), (3072, 200, 16), (9, 3300, 4), (1111, 45, 6)];
+    for (si, &(n_in, c, rh)) in shapes.iter().enumerate() {
+        let (a, b) = params(n_in, c, rh, 60 + si as u64);
+        let (dav, dbv) = (up(&gpu, &a), up(&gpu, &b));
+        let ld = 3 * c; // the middle chunk of a qkv-like layer gradient
+        let gfull = rand32(n_in * ld, 70 + si as u64, 1.0);
+        let dgf = up(&gpu, &gfull);
+        let g: Vec<f32> = (0..n_in).flat_map(|i| gfull[i * ld + c..i * ld + 2 * c].to_vec()).collect();
+        let n = n_in * c;
+        for mx in mix_cases(n_in) {
+            let mixv = mx.map(|m| up(&gpu, &[m.alpha, m.gamma, m.beta]));
+            let mv = mixv.as_ref().map(|x| x.slice(..));
+            for (rule, k) in [(SparsifyRule::MagnitudeProduct, n - n * 7 / 10), (SparsifyRule::SoftThreshold, n / 3 + 1), (SparsifyRule::Mask, n)] {
+                let label = format!("from_grad {n_in}x{c} rh={rh} mix={} {rule:?} k={k}", mx.is_some());
+                let mut dm = gpu.zeros(n).unwrap();
+                let kept = merge::merge_fwd_select(&gpu, &dav.slice(..), &dbv.slice(..), H, n_in, c, rh, mv.as_ref(), &mut dm.slice_mut(..), k).unwrap();
+                let m = down(&gpu, &dm);
+                let set = topk::kept_to_host(&gpu, &kept).unwrap();
+                let mut gh = vec![0f32; n];
+                cpu_sparsify::sparsify_bwd(&m, &set, rule, &g, &mut gh);
+                let (mut wa, mut wb) = (vec![0f32; a.len()], vec![0f32; b.len()]);
+                let wmix = cpu_merge::merge_bwd(&a, &b, H, n_in, c, rh, mx, &gh, &mut wa, &mut wb);
+                let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+                let (mut wa64, mut wb64) = (vec![0f64; a.len()], vec![0f64; b.len()]);
+                let mx64 = mx.map(|m| Mixture { alpha: m.alpha as f64, gamma: m.gamma as f64, beta: m.beta as f64 });
+                let wmix64 = cpu_merge::merge_bwd(&to64(&a), &to64(&b), H, n_in, c, rh, mx64, &to64(&gh), &mut wa64, &mut wb64);
+                let run = || {
+                    let (mut ga, mut gb, mut gm) = (up(&gpu, &vec![f32::NAN; a.len()]), up(&gpu, &vec![f32::NAN; b.len()]), up(&gpu, &[7.0f32, 7.0, 7.0]));
+                    {
+                        let mut gmv = gm.slice_mut(..);
+                        merge::merge_bwd_from_grad(
+                            &gpu, &dav.slice(..), &dbv.slice(..), H, n_in, c, rh, mv.as_ref(), &dgf.slice(c..), ld, &kept, rule,
+                            &mut ga.slice_mut(..), &mut gb.slice_mut(..), Some(&mut gmv),
+                        )
+                        .unwrap();
+                    }
+                    (down(&gpu, &ga), down(&gpu, &gb), down(&gpu, &gm))
+                };
+                let (ga, gb, gm) = run();
+                println!("{label}");
+                check("dA", &ga, &wa, 1e-4);
+                check("dB", &gb, &wb, 1e-4);
+                match (wmix, wmix64) {
+                    (Some(w), Some(w64)) => {
+                        let (c32, c64) = ([w.alpha, w.gamma, w.beta], [w64.alpha, w64.gamma, w64.beta]);
+                        for q in 0..3 {
+                            let (gv, cv, rv) = (gm[q] as f64, c32[q] as f64, c64[q]);
+                            let tol = 1e-4 * rv.abs() + 4.0 * (cv - rv).abs() + 1e-30;
+                            assert!((gv - rv).abs() <= tol, "{label}: dmix[{q}] gpu {gv} vs f64 {rv} (cpu f32 {cv})");
+                        }
+                        if mx.unwrap().gamma < 1e-4 {
+                            assert_eq!(gm[1], 0.0, "{label}: dgamma must be 0 while the clamp is active");
+                        }
+                    }
+                    _ => assert_eq!(gm, vec![0.0; 3], "{label}: dmix without mixture is zeroed"),
+                }
+                let (ga2, gb2, gm2) = run();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert!(bits(&ga) == bits(&ga2) && bits(&gb) == bits(&gb2) && bits(&gm) == bits(&gm2), "{label}: not deterministic");
+            }
+        }
+    }
+    // a gradient too short for its rows is refused, naming G
+    let (a, b) = params(4, 6, 2, 1);
+    let (dav, dbv, dg) = (up(&gpu, &a), up(&gpu, &b), gpu.zeros(20).unwrap());
+    let mut dm = gpu.zeros(24).unwrap();
+    let kept = merge::merge_fwd_select(&gpu, &dav.slice(..), &dbv.slice(..), H, 4, 6, 2, None, &mut dm.slice_mut(..), 5).unwrap();
+    let (mut ga, mut gb) = (gpu.zeros(a.len()).unwrap(), gpu.zeros(b.len()).unwrap());
+    let e = merge::merge_bwd_from_grad(&gpu, &dav.slice(..), &dbv.slice(..), H, 4, 6, 2, None, &dg.slice(..), 6, &kept, SparsifyRule::Mask, &mut ga.slice_mut(..), &mut gb.slice_mut(..), None).unwrap_err();
+    assert!(format!("{e}").contains('G'), "{e}");
+}
+
 #[test]
 fn merge_rejects_bad_shapes() {
     let Some(gpu) = setup() else { return };

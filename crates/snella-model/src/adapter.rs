@@ -152,6 +152,17 @@ impl<B: Backend> KernelAdapter<B> {
         be.merge_bwd_saved(saved, &self.a.value, &self.b.value, self.heads, self.n_in, self.n_out, self.rh, mix, gh, &mut da.grad, &mut db.grad, dmix);
     }
 
+    /// [`KernelAdapter::backward_from_masked`] straight from the layer's weight gradient in `ΔW`'s
+    /// layout ([`Backend::adapter_bwd_from_grad`]): this chunk's columns `[off, off + n_out)` of
+    /// `g: [n_in, ld]`, and the kept set `set` of this step's forward.
+    pub fn backward_from_grad(&mut self, be: &B, g: &B::Buf, off: usize, ld: usize, set: &B::Kept) {
+        let (da, db) = (self.a.train.as_mut().expect("A trainable"), self.b.train.as_mut().expect("B trainable"));
+        let (mix, dmix) = match self.mix.as_mut() {
+            Some(p) => (Some(&p.value), Some(&mut p.train.as_mut().expect("mixture trainable").grad)),
+            None => (None, None),
+        };
+        be.adapter_bwd_from_grad(g, off, ld, set, self.rule, &self.a.value, &self.b.value, self.heads, self.n_in, self.n_out, self.rh, mix, &mut da.grad, &mut db.grad, dmix);
+    }
 }
 
 /// A LoRA adapter: `ΔW = downᵀ·upᵀ` (`down: [r, in]` Kaiming-uniform, `up: [out, r]` zeros), scale 1,

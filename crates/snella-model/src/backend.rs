@@ -284,6 +284,45 @@ pub trait Backend: Clone + Send + Sync + 'static {
         self.transpose(gt, gt_off, c, n_in, &mut g, 0, false);
         self.sparsify_bwd(m, set, rule, &g, gh);
     }
+    /// Whether a linear layer whose every output chunk carries a kernel adapter, with a frozen
+    /// weight, a `∂L/∂y` in the activation format and the forward's effective weight kept, takes its
+    /// adapters' backward from [`Backend::linear_bwd_products_g`] and
+    /// [`Backend::adapter_bwd_from_grad`] (`M` and `Ĝ` never formed) instead of rebuilding `M` and
+    /// going through [`Backend::sparsify_bwd_from_weight`] and [`Backend::merge_bwd_saved`]. The default
+    /// is false; CUDA true (session 9: one row kernel instead of the backward's softmax rewrite of
+    /// `M`, the transposing sparsify backward and the row statistics).
+    fn fused_adapter_bwd(&self) -> bool {
+        false
+    }
+    /// [`Backend::linear_bwd_products_act`] with the weight gradient in `ΔW`'s layout:
+    /// `g = xᵀ·dy: [n_in, n_out]` (spec §3's `G` for every chunk side by side; chunk `i`'s columns
+    /// `[i·c, (i + 1)·c)`), and `dx = dy·W` when given. The default forms `gt` and transposes it;
+    /// CUDA swaps the operands of the product.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd_products_g(&self, dy: &Self::Act, w: Weight<'_, Self>, x: &Self::Act, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Self::Buf>, g: &mut Self::Buf) {
+        let mut gt = self.empty(n_out * n_in);
+        self.linear_bwd_products_act(dy, w, x, rows, n_in, n_out, dx, Some(&mut gt));
+        self.transpose(&gt, 0, n_out, n_in, g, 0, false);
+    }
+    /// One kernel adapter's backward (spec §2 sparsify backward, then §3) from its layer's weight
+    /// gradient `g: [n_in, ld]` ([`Backend::linear_bwd_products_g`]), the chunk's `c` columns starting
+    /// at column `off`: writes `da`, `db` and, with a mixture, `dmix`, as [`Backend::merge_bwd`] from
+    /// `Ĝ = G ⊙ factor(M)` with `M` the merge of `a`, `b` (`mix`) and `set` its forward kept set. The
+    /// default composes [`Backend::merge_fwd`], [`Backend::transpose`], [`Backend::sparsify_bwd_from_weight`]
+    /// and [`Backend::merge_bwd`]; CUDA fuses them (`snella_cuda::ops::merge::merge_bwd_from_grad`).
+    #[allow(clippy::too_many_arguments)]
+    fn adapter_bwd_from_grad(
+        &self, g: &Self::Buf, off: usize, ld: usize, set: &Self::Kept, rule: SparsifyRule, a: &Self::Buf, b: &Self::Buf, heads: usize, n_in: usize, c: usize,
+        rh: usize, mix: Option<&Self::Buf>, da: &mut Self::Buf, db: &mut Self::Buf, dmix: Option<&mut Self::Buf>,
+    ) {
+        let mut m = self.empty(n_in * c);
+        self.merge_fwd(a, b, heads, n_in, c, rh, mix, &mut m);
+        let mut gt = self.empty(ld * n_in);
+        self.transpose(g, 0, n_in, ld, &mut gt, 0, false);
+        let mut gh = self.empty(n_in * c);
+        self.sparsify_bwd_from_weight(&gt, off * n_in, &m, set, rule, n_in, c, &mut gh);
+        self.merge_bwd(a, b, heads, n_in, c, rh, mix, &gh, da, db, dmix);
+    }
     /// Whether adapted linears multiply by `W0` and by `ΔWᵀ` in two products (`x·W0ᵀ + x·ΔW`, as the
     /// reference's autocast does) instead of by one effective weight `W0 + ΔWᵀ`. The default is
     /// false (one product); CUDA in bf16 takes two when asked (`SNELLA_DELTA_PRODUCTS=separate`,

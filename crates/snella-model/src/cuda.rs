@@ -67,6 +67,11 @@ pub struct CudaBackend {
     /// products ([`Backend::layernorm_bwd_xhat_act`]); true by default, false leaves the conversion
     /// to the products (the same bits; for comparisons and tests).
     pub ln_bf16_dy: bool,
+    /// Whether adapted linears take their kernel adapters' backward fused from the weight gradient
+    /// ([`Backend::fused_adapter_bwd`]); true by default, false when the environment variable
+    /// `SNELLA_ADAPTER_BWD=composed` is set when the backend is made (for comparisons and tests:
+    /// the same gradients to f32 rounding, not the same bits).
+    pub fused_adapter_bwd: bool,
 }
 
 /// One row of [`CudaBackend::profile_report`]: an op, its summed device time (ms) and its calls.
@@ -126,7 +131,8 @@ impl CudaBackend {
     pub fn new(ordinal: usize) -> Result<Self, SnellaError> {
         let fused_attention = std::env::var("SNELLA_ATTENTION").map(|v| v != "unfused").unwrap_or(true);
         let separate_delta = std::env::var("SNELLA_DELTA_PRODUCTS").map(|v| v == "separate").unwrap_or(false);
-        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention, separate_delta, keep_weight: true, ln_bf16_dy: true })
+        let fused_adapter_bwd = std::env::var("SNELLA_ADAPTER_BWD").map(|v| v != "composed").unwrap_or(true);
+        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention, separate_delta, keep_weight: true, ln_bf16_dy: true, fused_adapter_bwd })
     }
 
     /// Starts recording a pair of device events around every op (for the benchmark's per-op
@@ -551,6 +557,36 @@ impl Backend for CudaBackend {
         self.timed("sparsify_bwd_from_weight", || {
             let n = n_in * c;
             ok("sparsify_bwd_from_weight", sparsify::sparsify_bwd_from_weight(&self.gpu, &gt.slice(gt_off..gt_off + n), &m.slice(..), set, rule, n_in, c, &mut gh.slice_mut(..)));
+        })
+    }
+    fn fused_adapter_bwd(&self) -> bool {
+        self.fused_adapter_bwd
+    }
+    fn linear_bwd_products_g(&self, dy: &CudaAct, w: Weight<'_, Self>, x: &CudaAct, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut CudaSlice<f32>>, g: &mut CudaSlice<f32>) {
+        let (CudaAct::Bf16(dy16), CudaAct::Bf16(x16)) = (dy, x) else {
+            // f32 operands: the products into gt, then its transpose (the trait's composition)
+            let mut gt = self.empty(n_out * n_in);
+            self.linear_bwd_products_act(dy, w, x, rows, n_in, n_out, dx, Some(&mut gt));
+            return self.transpose(&gt, 0, n_out, n_in, g, 0, false);
+        };
+        self.timed("linear_bwd_products (dgrad + wgrad)", || {
+            let mut dxv = dx.map(|v| v.slice_mut(..));
+            let mut gv = g.slice_mut(..);
+            ok("linear_bwd_products", gemm::linear_bwd_products_bf16_g(&self.gpu, dy16, wt(w), x16, rows, n_in, n_out, dxv.as_mut(), &mut gv));
+        })
+    }
+    fn adapter_bwd_from_grad(
+        &self, g: &CudaSlice<f32>, off: usize, ld: usize, set: &topk::CudaKept, rule: SparsifyRule, a: &CudaSlice<f32>, b: &CudaSlice<f32>, heads: usize,
+        n_in: usize, c: usize, rh: usize, mix: Option<&CudaSlice<f32>>, da: &mut CudaSlice<f32>, db: &mut CudaSlice<f32>, dmix: Option<&mut CudaSlice<f32>>,
+    ) {
+        self.timed("merge_bwd (from the weight gradient)", || {
+            let mv = mix.map(|x| x.slice(..));
+            let mut dmv = dmix.map(|x| x.slice_mut(..));
+            let r = merge::merge_bwd_from_grad(
+                &self.gpu, &a.slice(..), &b.slice(..), heads, n_in, c, rh, mv.as_ref(), &g.slice(off..), ld, set, rule,
+                &mut da.slice_mut(..), &mut db.slice_mut(..), dmv.as_mut(),
+            );
+            ok("merge_bwd_from_grad", r);
         })
     }
     fn separate_delta_products(&self) -> bool {

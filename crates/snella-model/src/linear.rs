@@ -281,6 +281,13 @@ impl<B: Backend> Linear<B> {
         // kept (then only the kernel adapters' M and saved tensors are rebuilt), else rebuilt
         let active = self.active();
         let (sets, kept_w) = kept.map_or((None, None), |k| (Some(k.sets), k.weight.filter(|_| active)));
+        let whole = |s: &Vec<Option<B::Kept>>| s.len() == self.deltas.len() && s.iter().all(Option::is_some);
+        if let (Dy::Act(dy), Some(w), Some(sets)) = (&dy, &kept_w, &sets) {
+            if be.fused_adapter_bwd() && self.weight.train.is_none() && self.all_kernel() && whole(sets) {
+                let sets = sets.iter().map(|s| s.as_ref().expect("kept set")).collect::<Vec<_>>();
+                return self.backward_fused(be, x, dy, w, rows, need_dx, &sets);
+            }
+        }
         let (w_eff, mats) = match (&kept_w, active) {
             (_, false) => (None, Vec::new()),
             (Some(_), true) => (None, self.materialize_all(be, sets, true, false)),
@@ -332,6 +339,24 @@ impl<B: Backend> Linear<B> {
             }
             if let Some(t) = self.weight.train.as_mut() {
                 t.grad = gt;
+            }
+        }
+        dx
+    }
+
+    /// The backward of [`Backend::fused_adapter_bwd`]: `∂L/∂x` with the forward's effective weight
+    /// `w` and the weight gradient in `ΔW`'s layout ([`Backend::linear_bwd_products_g`]), from which
+    /// each chunk's kernel adapter takes its backward ([`crate::adapter::KernelAdapter::backward_from_grad`]) with
+    /// the forward's kept set.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_fused(&mut self, be: &B, x: &B::Act, dy: &B::Act, w: &B::Act, rows: usize, need_dx: bool, sets: &[&B::Kept]) -> Option<B::Buf> {
+        let (n_in, n_out, c) = (self.n_in, self.n_out, self.chunk());
+        let mut dx = need_dx.then(|| be.empty(rows * n_in));
+        let mut g = be.empty(n_in * n_out);
+        be.linear_bwd_products_g(dy, Weight::Act(w), x, rows, n_in, n_out, dx.as_mut(), &mut g);
+        for (i, (d, set)) in self.deltas.iter_mut().zip(sets).enumerate() {
+            if let Some(Delta::Kernel(k)) = d {
+                k.backward_from_grad(be, &g, i * c, n_out, set);
             }
         }
         dx

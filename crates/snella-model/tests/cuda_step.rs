@@ -221,6 +221,9 @@ fn gpu_bf16_recompute_gives_bit_identical_step() {
 
 /// One bf16 training step (SNELLA and LoRA, images from `seed`) with a backend switch on and off
 /// (`set(backend, on)`) gives bit-identical gradients and updated values (`what` names the switch).
+/// Both runs take the composed adapter backward (`fused_adapter_bwd` off): the fused one needs the
+/// kept weight and a bf16 `∂L/∂y`, which the switches below take away from one side, and it sums the
+/// weight gradient in another order (compared in `gpu_bf16_fused_adapter_backward_matches_composed`).
 fn bf16_switch_gives_same_step(seed: u64, what: &str, set: impl Fn(&mut CudaBackend, bool)) {
     if let Err(e) = snella_cuda::probe::probe() {
         println!("skipped: no CUDA ({e})");
@@ -231,6 +234,7 @@ fn bf16_switch_gives_same_step(seed: u64, what: &str, set: impl Fn(&mut CudaBack
         let run = |on: bool| {
             let mut be = CudaBackend::new(0).unwrap();
             be.gpu.set_precision(snella_cuda::device::Precision::Bf16).unwrap();
+            be.fused_adapter_bwd = false;
             set(&mut be, on);
             step_params(session_hd64_kind(be, kind), &x)
         };
@@ -256,6 +260,38 @@ fn gpu_bf16_kept_effective_weight_gives_bit_identical_step() {
 #[test]
 fn gpu_bf16_layernorm_dy_copy_gives_bit_identical_step() {
     bf16_switch_gives_same_step(11, "LayerNorm bf16 dy vs the products' conversion", |be, on| be.ln_bf16_dy = on);
+}
+
+/// The fused adapter backward (default `fused_adapter_bwd`: the weight gradient in `ΔW`'s layout,
+/// one row kernel for `M`, `Ĝ` and `∂L/∂K`) against the composed one (`M` rebuilt, the transposing
+/// sparsify backward, the row statistics) on one bf16 SNELLA step: the same kept sets (one forward),
+/// every gradient within 1e-3 of the largest (the weight gradient is summed in another product
+/// orientation and the mixture statistics in another order: f32 rounding, not the same bits).
+#[test]
+fn gpu_bf16_fused_adapter_backward_matches_composed() {
+    if let Err(e) = snella_cuda::probe::probe() {
+        println!("skipped: no CUDA ({e})");
+        return;
+    }
+    let x: Vec<f32> = snella_core::gradcheck::rand_vec(6 * 3 * 32 * 32, 12, 1.5).iter().map(|&v| v as f32).collect();
+    let run = |fused: bool| {
+        let mut be = CudaBackend::new(0).unwrap();
+        be.gpu.set_precision(snella_cuda::device::Precision::Bf16).unwrap();
+        be.fused_adapter_bwd = fused;
+        assert_eq!(be.fused_adapter_bwd(), fused);
+        step_params(session_hd64_kind(be, MethodKind::Snella), &x)
+    };
+    let (f, c) = (run(true), run(false));
+    assert_eq!(f.len(), c.len());
+    let mut adapters = 0;
+    for ((name, _, gf), (name2, _, gc)) in f.iter().zip(&c) {
+        assert_eq!(name, name2);
+        let r = rel(gf, gc);
+        println!("  {name}: rel {r:.2e}");
+        assert!(r <= 1e-3, "{name}: fused vs composed gradient differ by {r:.3e} of the largest");
+        adapters += name.contains("snella_") as usize;
+    }
+    assert!(adapters >= 2 * 3 * 4, "{adapters} adapter tensors compared");
 }
 
 /// The backward takes the attention path its forward took, whatever `fused_attention` says by

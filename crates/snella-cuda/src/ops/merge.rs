@@ -119,7 +119,7 @@ pub fn merge_fwd(
     gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, m: &mut Out,
 ) -> Result<(), SnellaError> {
     check(a, b, heads, n_in, n_out, rh, mix, m.len(), "M")?;
-    fwd_launch(gpu, a, b, heads, n_in, n_out, rh, mix, m, None, None)
+    fwd_launch(gpu, a, b, heads, n_in, n_out, rh, mix, Some(&mut *m), None, None)
 }
 
 /// [`merge_fwd`] followed by the top-k of `|M|` ([`crate::ops::topk::select_topk`], spec §2): with
@@ -137,13 +137,13 @@ pub fn merge_fwd_select(
     check(a, b, heads, n_in, n_out, rh, mix, m.len(), "M")?;
     let n = n_in * n_out;
     if mix.is_none() || n == 0 {
-        fwd_launch(gpu, a, b, heads, n_in, n_out, rh, mix, m, None, None)?;
+        fwd_launch(gpu, a, b, heads, n_in, n_out, rh, mix, Some(&mut *m), None, None)?;
         return topk::select_topk(gpu, &m.as_view(), n, k);
     }
     let mut state = topk::new_state(gpu)?;
     {
         let mut h0 = state.slice_mut(topk::HIST0_WORD..topk::HIST0_WORD + topk::HIST0_BINS);
-        fwd_launch(gpu, a, b, heads, n_in, n_out, rh, mix, m, None, Some(&mut h0))?;
+        fwd_launch(gpu, a, b, heads, n_in, n_out, rh, mix, Some(&mut *m), None, Some(&mut h0))?;
     }
     topk::select_topk_after_digit0(gpu, &m.as_view(), n, k, state)
 }
@@ -170,7 +170,7 @@ pub fn merge_fwd_saving(
     check(a, b, heads, n_in, n_out, rh, mix, m.len(), "M")?;
     // SAFETY: the forward writes every element of K and D (rows < n_in, columns < n_out).
     let mut saved = unsafe { MergeSaved { k: gpu.uninit::<f32>((n_in * n_out).max(1))?, d: gpu.uninit::<f32>((heads * n_in * n_out).max(1))? } };
-    fwd_launch(gpu, a, b, heads, n_in, n_out, rh, mix, m, Some(&mut saved), None)?;
+    fwd_launch(gpu, a, b, heads, n_in, n_out, rh, mix, Some(&mut *m), Some(&mut saved), None)?;
     Ok(saved)
 }
 
@@ -179,7 +179,7 @@ pub fn merge_fwd_saving(
 /// each row of `M` in place.
 #[allow(clippy::too_many_arguments)]
 fn fwd_launch(
-    gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, m: &mut Out,
+    gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, m: Option<&mut Out>,
     saved: Option<&mut MergeSaved>, hist0: Option<&mut cudarc::driver::CudaViewMut<u32>>,
 ) -> Result<(), SnellaError> {
     if n_in == 0 || n_out == 0 {
@@ -196,7 +196,12 @@ fn fwd_launch(
     opt_in_shared(&f, shared, STATIC_SHARED, "snella_merge_fwd_tiles")?;
     let cfg = LaunchConfig { grid_dim: (n_jt as u32, n_it as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
     let mut lb = gpu.stream.launch_builder(&f);
-    lb.arg(a).arg(b).arg(&h32).arg(&i32_).arg(&o32).arg(&r32).arg(&mut *m);
+    lb.arg(a).arg(b).arg(&h32).arg(&i32_).arg(&o32).arg(&r32);
+    let mut m = m;
+    match m.as_mut() {
+        Some(m) => lb.arg(&mut **m),
+        None => lb.arg(&null),
+    };
     match saved {
         Some(sv) => lb.arg(&mut sv.k).arg(&mut sv.d),
         None => lb.arg(&null).arg(&null),
@@ -205,7 +210,7 @@ fn fwd_launch(
     // kernel bounds-checks rows and columns; the shared memory (2·H·(rh + 1)·36 floats) is within the
     // limit `check` enforces for the larger backward tiles.
     unsafe { lb.launch(cfg) }.map_err(|e| cuda_err("snella_merge_fwd_tiles", e))?;
-    if let Some(x) = mix {
+    if let (Some(x), Some(m)) = (mix, m) {
         let f = gpu.func("snella_merge_fwd_softmax");
         let cfg = LaunchConfig { grid_dim: (n_in as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let mut lb = gpu.stream.launch_builder(&f);
@@ -296,6 +301,88 @@ pub fn merge_bwd_saved(
     bwd_tiles(gpu, saved, a, b, heads, n_in, n_out, rh, mix, dm, da, db, dmix, shared)
 }
 
+/// The backward of one adapter straight from its layer's weight gradient in `ΔW`'s layout (spec §2's
+/// sparsify backward and §3 in one go; session 9): `g` holds `G = xᵀ·∂L/∂y` for this chunk as
+/// `n_in` rows of `c` values at row stride `ld` (the chunk's columns of the layer's `[n_in, out]`
+/// gradient, `ld = out`), `kept` the forward's kept set of `M` and `rule` its sparsify rule. Writes
+/// `da`, `db` and (with the mixture) `dmix` as [`merge_bwd`] would from `Ĝ = G ⊙ factor(M)`, but
+/// neither `M` nor `Ĝ` is formed: the backward-time merge keeps `K` and `D` only, and one row kernel
+/// (`snella_merge_bwd_rows_grad`) rebuilds `M` (the forward's bits, hence its kept set), `Ĝ`, the
+/// row statistics and `∂L/∂K`, which the tiles kernel then spreads over `E_h = c_h·∂L/∂K ⊘ D_h`.
+/// Deterministic; scratch `(2 + H)·n_in·c` floats plus the tiles kernel's partials.
+/// Matches [`snella_core::snella::sparsify::sparsify_bwd`] then [`snella_core::snella::merge::merge_bwd`]
+/// to f32 rounding.
+///
+/// # Errors
+/// As [`merge_bwd`]; `Tensor` when `g` is shorter than `(n_in − 1)·ld + c` or `ld < c`, or the kept
+/// set was not selected from `n_in·c` entries.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_bwd_from_grad(
+    gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, c: usize, rh: usize, mix: Option<&In>, g: &In, ld: usize,
+    kept: &crate::ops::topk::CudaKept, rule: snella_core::snella::sparsify::SparsifyRule, da: &mut Out, db: &mut Out, dmix: Option<&mut Out>,
+) -> Result<(), SnellaError> {
+    let g_need = if n_in == 0 || c == 0 { 0 } else { (n_in - 1) * ld + c };
+    if ld < c || g.len() < g_need {
+        return Err(SnellaError::tensor("<device>", "G", format!("has {} elements at row stride {ld}, expected {n_in} rows of {c}", g.len())));
+    }
+    if kept.n != n_in * c {
+        return Err(SnellaError::tensor("<device>", "kept set", format!("was selected from {} entries, expected in·out = {}", kept.n, n_in * c)));
+    }
+    let shared = check(a, b, heads, n_in, c, rh, mix, n_in * c, "G")?;
+    if n_in == 0 || c == 0 {
+        return merge_bwd_saved(gpu, None, a, b, heads, n_in, c, rh, mix, &g.slice(..0), da, db, dmix);
+    }
+    for (name, got, want) in [("dA", da.len(), heads * n_in * rh), ("dB", db.len(), heads * c * rh)] {
+        if got < want {
+            return Err(SnellaError::tensor("<device>", name, format!("has {got} elements, expected {want}")));
+        }
+    }
+    // K and D, M not formed
+    // SAFETY: the forward tiles kernel writes every element of K and D (rows < n_in, columns < c).
+    let mut saved = unsafe { MergeSaved { k: gpu.uninit::<f32>(n_in * c)?, d: gpu.uninit::<f32>(heads * n_in * c)? } };
+    fwd_launch(gpu, a, b, heads, n_in, c, rh, None, None, Some(&mut saved), None)?;
+    // ∂L/∂K, rowstat [n_in, 4] and the rows' ∂γ shares [n_in] in one scratch buffer
+    let with_mix = mix.is_some();
+    let len_rs = if with_mix { 5 * n_in } else { 0 };
+    // SAFETY: the rows kernel writes all n_in·c values of ∂L/∂K and, with the mixture, the 5·n_in
+    // statistics before any read.
+    let mut scratch = unsafe { gpu.uninit::<f32>(n_in * c + len_rs.max(1)) }?;
+    let (mut dk, mut stats) = scratch.split_at_mut(n_in * c);
+    {
+        let f = gpu.func("snella_merge_bwd_rows_grad");
+        let (ld64, c32, rule32) = (ld as u64, c as u32, crate::ops::sparsify::rule_code(rule));
+        let null = 0u64;
+        let cfg = LaunchConfig { grid_dim: (n_in as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let mut lb = gpu.stream.launch_builder(&f);
+        lb.arg(&saved.k).arg(g).arg(&ld64).arg(&c32);
+        match mix {
+            Some(x) => lb.arg(x),
+            None => lb.arg(&null),
+        };
+        lb.arg(&kept.dev).arg(&rule32).arg(&mut dk);
+        let (mut rs, mut gp) = stats.split_at_mut(if with_mix { 4 * n_in } else { 0 });
+        if with_mix {
+            lb.arg(&mut rs).arg(&mut gp);
+        } else {
+            lb.arg(&null).arg(&null);
+        }
+        // SAFETY: K, dK hold n_in·c floats, G (n_in − 1)·ld + c (checked), the kept words KEPT_WORDS;
+        // rowstat 4·n_in and gpart n_in floats with the mixture (null without, unread); one block per row.
+        unsafe { lb.launch(cfg) }.map_err(|e| cuda_err("snella_merge_bwd_rows_grad", e))?;
+    }
+    let (dk, stats) = (dk.as_view(), stats.as_view());
+    let parts = tiles(gpu, Some(&saved), a, b, heads, n_in, c, rh, None, &dk, shared)?;
+    let (rowstat, gpart) = if with_mix { (stats.slice(..4 * n_in), stats.slice(4 * n_in..5 * n_in)) } else { (stats.slice(..0), stats.slice(..0)) };
+    let (dmix, ng) = match (mix, dmix) {
+        (None, Some(d)) => {
+            gpu.stream.memset_zeros(d).map_err(|e| cuda_err("merge_bwd: zero dmix", e))?;
+            (None, 0)
+        }
+        (_, d) => (d, n_in),
+    };
+    finish(gpu, heads, n_in, c, rh, a, b, da, db, mix, dmix, &parts.a(), parts.n_sa, &parts.b(), parts.n_it, &rowstat, &gpart, ng)
+}
+
 /// [`merge_bwd`] for `n_in, n_out ≥ 1`:
 /// 1. the row statistics of the softmax (mixture only; from the saved `K` when given);
 /// 2. `snella_merge_bwd_tiles_r*`: `E_h` tile by tile in shared memory (recomputed, or from the saved
@@ -313,6 +400,57 @@ fn bwd_tiles(
     gpu: &Gpu, saved: Option<&MergeSaved>, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, dm: &In,
     da: &mut Out, db: &mut Out, dmix: Option<&mut Out>, shared: usize,
 ) -> Result<(), SnellaError> {
+    let sms = sm_count(gpu);
+    // SAFETY: the row statistics below write all 4·n_in floats before any read.
+    let mut rowstat = unsafe { gpu.uninit::<f32>(if mix.is_some() { 4 * n_in } else { 1 }) }?;
+    if let (Some(x), Some(sv)) = (mix, saved) {
+        let i32_ = n_in as u32;
+        let o32 = n_out as u32;
+        let f = gpu.func("snella_merge_bwd_rowstats_saved");
+        let cfg = LaunchConfig { grid_dim: (n_in as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let mut lb = gpu.stream.launch_builder(&f);
+        lb.arg(&sv.k).arg(&i32_).arg(&o32).arg(x).arg(dm).arg(&mut rowstat);
+        // SAFETY: K and dM hold n_in·n_out floats (checked), rowstat 4·n_in; one block per row.
+        unsafe { lb.launch(cfg) }.map_err(|e| cuda_err("snella_merge_bwd_rowstats_saved", e))?;
+    } else if let Some(x) = mix {
+        rowstats(gpu, a, b, heads, n_in, n_out, rh, x, dm, &mut rowstat.slice_mut(..), sms)?;
+    }
+    let rowstat = rowstat.slice(..);
+    let parts = tiles(gpu, saved, a, b, heads, n_in, n_out, rh, mix.map(|x| (x, &rowstat)), dm, shared)?;
+    let gpart = parts.gpart();
+    finish(gpu, heads, n_in, n_out, rh, a, b, da, db, mix, dmix, &parts.a(), parts.n_sa, &parts.b(), parts.n_it, &rowstat, &gpart, parts.len_gp)
+}
+
+/// The tiles kernel's per-block partial sums (one scratch buffer: `partA | partB | gpart`).
+struct TileParts {
+    buf: CudaSlice<f32>,
+    len_pa: usize,
+    len_pb: usize,
+    len_gp: usize,
+    /// Column splits of `partA` and row tiles of `partB`.
+    n_sa: usize,
+    n_it: usize,
+}
+
+impl TileParts {
+    fn a(&self) -> cudarc::driver::CudaView<'_, f32> {
+        self.buf.slice(..self.len_pa)
+    }
+    fn b(&self) -> cudarc::driver::CudaView<'_, f32> {
+        self.buf.slice(self.len_pa..self.len_pa + self.len_pb)
+    }
+    fn gpart(&self) -> cudarc::driver::CudaView<'_, f32> {
+        self.buf.slice(self.len_pa + self.len_pb..)
+    }
+}
+
+/// Backward step 2: `snella_merge_bwd_tiles_r*` over the whole `[n_in, n_out]` (see [`bwd_tiles`]),
+/// with the mixture and its row statistics when given (`dm` = Ĝ), else `dm` taken as `∂L/∂K` itself.
+#[allow(clippy::too_many_arguments)]
+fn tiles(
+    gpu: &Gpu, saved: Option<&MergeSaved>, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<(&In, &In)>, dm: &In,
+    shared: usize,
+) -> Result<TileParts, SnellaError> {
     let (h32, i32_, o32, r32) = (heads as u32, n_in as u32, n_out as u32, rh as u32);
     let null = 0u64;
     let sms = sm_count(gpu);
@@ -323,54 +461,41 @@ fn bwd_tiles(
     let r1 = rh + 1;
     let jt = [8usize, 4, 2].into_iter().find(|&t| n_it * n_jt.div_ceil(t) >= 4 * sms).unwrap_or(1);
     let n_sa = n_jt.div_ceil(jt);
-    // One scratch buffer: rowstat [n_in, 4] (mixture only) | partA | partB | gpart.
-    let len_rs = if mix.is_some() { 4 * n_in } else { 0 };
     let (len_pa, len_pb, len_gp) = (n_sa * heads * r1 * n_in, n_it * heads * r1 * n_out, n_it * n_sa);
-    // SAFETY: every element read later is written first by the kernels below (the tiles kernel
-    // writes every partial of a valid row or column, for every split).
-    let mut scratch = unsafe { gpu.uninit::<f32>(len_rs + len_pa + len_pb + len_gp) }?;
-    let (mut rowstat, mut rest) = scratch.split_at_mut(len_rs);
-    let (mut part_a, mut rest) = rest.split_at_mut(len_pa);
-    let (mut part_b, mut gpart) = rest.split_at_mut(len_pb);
-
-    if let (Some(x), Some(sv)) = (mix, saved) {
-        let f = gpu.func("snella_merge_bwd_rowstats_saved");
-        let cfg = LaunchConfig { grid_dim: (n_in as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the tiles kernel writes every partial of a valid row or column, for every split, and
+    // every gpart entry, before the finish reads them.
+    let mut buf = unsafe { gpu.uninit::<f32>(len_pa + len_pb + len_gp) }?;
+    {
+        let (mut part_a, mut rest) = buf.split_at_mut(len_pa);
+        let (mut part_b, mut gpart) = rest.split_at_mut(len_pb);
+        // the smallest instantiation that holds this thread's count of sums (the kernel computes RM of
+        // them, spare ones discarded): RM = 6 at H = 2, r/H = 16 (17 sums over 4 groups)
+        let name = match tile_sums_per_thread(heads, rh) {
+            0..=6 => "snella_merge_bwd_tiles_r6",
+            7..=8 => "snella_merge_bwd_tiles_r8",
+            _ => "snella_merge_bwd_tiles_r32",
+        };
+        let f = gpu.func(name);
+        opt_in_shared(&f, shared, STATIC_SHARED, name)?;
+        let jt32 = jt as u32;
+        let cfg = LaunchConfig { grid_dim: (n_sa as u32, n_it as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
         let mut lb = gpu.stream.launch_builder(&f);
-        lb.arg(&sv.k).arg(&i32_).arg(&o32).arg(x).arg(dm).arg(&mut rowstat);
-        // SAFETY: K and dM hold n_in·n_out floats (checked), rowstat 4·n_in; one block per row.
-        unsafe { lb.launch(cfg) }.map_err(|e| cuda_err("snella_merge_bwd_rowstats_saved", e))?;
-    } else if let Some(x) = mix {
-        rowstats(gpu, a, b, heads, n_in, n_out, rh, x, dm, &mut rowstat, sms)?;
+        lb.arg(a).arg(b).arg(&h32).arg(&i32_).arg(&o32).arg(&r32);
+        match mix {
+            Some((x, rowstat)) => lb.arg(x).arg(dm).arg(rowstat),
+            None => lb.arg(&null).arg(dm).arg(&null),
+        };
+        match saved {
+            Some(sv) => lb.arg(&sv.k).arg(&sv.d),
+            None => lb.arg(&null).arg(&null),
+        };
+        lb.arg(&jt32).arg(&mut part_a).arg(&mut part_b).arg(&mut gpart);
+        // SAFETY: shapes checked (A, B, dM, K, D; H ≤ 8 and the per-thread sums ≤ 32 by `check`); the
+        // partials and gpart are sized above for the grid (n_sa × n_it blocks); the kernel bounds-checks
+        // rows and columns.
+        unsafe { lb.launch(cfg) }.map_err(|e| cuda_err(name, e))?;
     }
-    let rowstat = rowstat.as_view();
-    // the smallest instantiation that holds this thread's count of sums (the kernel computes RM of
-    // them, spare ones discarded): RM = 6 at H = 2, r/H = 16 (17 sums over 4 groups)
-    let name = match tile_sums_per_thread(heads, rh) {
-        0..=6 => "snella_merge_bwd_tiles_r6",
-        7..=8 => "snella_merge_bwd_tiles_r8",
-        _ => "snella_merge_bwd_tiles_r32",
-    };
-    let f = gpu.func(name);
-    opt_in_shared(&f, shared, STATIC_SHARED, name)?;
-    let jt32 = jt as u32;
-    let cfg = LaunchConfig { grid_dim: (n_sa as u32, n_it as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
-    let mut lb = gpu.stream.launch_builder(&f);
-    lb.arg(a).arg(b).arg(&h32).arg(&i32_).arg(&o32).arg(&r32);
-    match mix {
-        Some(x) => lb.arg(x).arg(dm).arg(&rowstat),
-        None => lb.arg(&null).arg(dm).arg(&null),
-    };
-    match saved {
-        Some(sv) => lb.arg(&sv.k).arg(&sv.d),
-        None => lb.arg(&null).arg(&null),
-    };
-    lb.arg(&jt32).arg(&mut part_a).arg(&mut part_b).arg(&mut gpart);
-    // SAFETY: shapes checked (A, B, dM, K, D; H ≤ 8 and the per-thread sums ≤ 32 by `check`); the
-    // partials and gpart are sized above for the grid (n_sa × n_it blocks); the kernel bounds-checks
-    // rows and columns.
-    unsafe { lb.launch(cfg) }.map_err(|e| cuda_err(name, e))?;
-    finish(gpu, heads, n_in, n_out, rh, a, b, da, db, mix, dmix, &part_a.as_view(), n_sa, &part_b.as_view(), n_it, &rowstat, &gpart.as_view(), len_gp)
+    Ok(TileParts { buf, len_pa, len_pb, len_gp, n_sa, n_it })
 }
 
 /// Partial sums each thread of the backward's tiles kernel accumulates: `⌈(rh + 1) / ⌊256 / (32·H)⌋⌉`

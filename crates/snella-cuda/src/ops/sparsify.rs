@@ -10,7 +10,8 @@ use snella_core::snella::sparsify::SparsifyRule;
 use snella_core::SnellaError;
 
 /// The rule's code in `snella_sparsify_apply`.
-fn code(rule: SparsifyRule) -> u32 {
+/// The kernels' code of a sparsify rule (kernels/common.cuh `snella_sparsify_factor`).
+pub(crate) fn rule_code(rule: SparsifyRule) -> u32 {
     match rule {
         SparsifyRule::MagnitudeProduct => 0,
         SparsifyRule::SoftThreshold => 1,
@@ -30,7 +31,7 @@ fn apply(gpu: &Gpu, m: &In, kept: &CudaKept, rule: SparsifyRule, src: Option<&In
         return Ok(());
     }
     let f = gpu.func("snella_sparsify_apply");
-    let (n64, rule32) = (n as u64, code(rule));
+    let (n64, rule32) = (n as u64, rule_code(rule));
     let cfg = LaunchConfig { grid_dim: (n.div_ceil(256).min(1 << 20) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let mut lb = gpu.stream.launch_builder(&f);
     lb.arg(m).arg(src.unwrap_or(m)).arg(out).arg(&n64).arg(&kept.dev).arg(&rule32);
@@ -89,7 +90,7 @@ pub fn sparsify_into_weight(gpu: &Gpu, m: &In, kept: &CudaKept, rule: SparsifyRu
         return Ok(());
     }
     let f = gpu.func(if w0.is_some() { "snella_sparsify_into_weight" } else { "snella_sparsify_into_weight_nw0" });
-    let rule32 = code(rule);
+    let rule32 = rule_code(rule);
     let cfg = LaunchConfig { grid_dim: (c.div_ceil(32) as u32, n_in.div_ceil(32) as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
     let mut lb = gpu.stream.launch_builder(&f);
     lb.arg(m);
@@ -124,7 +125,7 @@ pub fn sparsify_into_weight_bf16(
         return Ok(());
     }
     let f = gpu.func("snella_sparsify_into_weight_bf16");
-    let rule32 = code(rule);
+    let rule32 = rule_code(rule);
     let cfg = LaunchConfig { grid_dim: (c.div_ceil(32) as u32, n_in.div_ceil(32) as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
     let at = w.device_ptr_mut(&gpu.stream).0 + 2 * w_off as u64;
     let mut lb = gpu.stream.launch_builder(&f);
@@ -149,7 +150,7 @@ pub fn sparsify_bwd_from_weight(gpu: &Gpu, gt: &In, m: &In, kept: &CudaKept, rul
         return Ok(());
     }
     let f = gpu.func("snella_sparsify_bwd_from_weight");
-    let rule32 = code(rule);
+    let rule32 = rule_code(rule);
     let cfg = LaunchConfig { grid_dim: (n_in.div_ceil(32) as u32, c.div_ceil(32) as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
     let mut lb = gpu.stream.launch_builder(&f);
     lb.arg(gt).arg(m).arg(gh).arg(&ni).arg(&cc).arg(&kept.dev).arg(&rule32);
