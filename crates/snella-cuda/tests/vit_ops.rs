@@ -675,6 +675,14 @@ fn linear_bwd_products_bf16_weight_matches() {
             let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
             assert!(same(dx, &outs[0].0) && same(gt, &outs[0].1), "{rows}x{n_in}x{n_out}: variant {v} (bf16 weight) differs from the f32 weight");
         }
+        // the weight gradient in ΔW's layout (`_g`: g = xᵀ·dy, [n_in, n_out]): the f64 reference
+        // transposed, and dx the same bits
+        let mut dx = up(&gpu, &vec![f32::NAN; rows * n_in]);
+        let mut g = up(&gpu, &vec![f32::NAN; n_in * n_out]);
+        snella_cuda::gemm::linear_bwd_products_bf16_g(&gpu, &dy16, Wt::<CudaView<f32>>::Bf16(&w16), &x16, rows, n_in, n_out, Some(&mut dx.slice_mut(..)), &mut g.slice_mut(..)).unwrap();
+        let want_g: Vec<f32> = (0..n_in * n_out).map(|q| want_gt[(q % n_out) * n_in + q / n_out]).collect();
+        check(&format!("bf16 g {n_in}x{n_out}"), &down(&gpu, &g), &want_g, 1e-5);
+        assert!(down(&gpu, &dx).iter().zip(&outs[0].0).all(|(p, q)| p.to_bits() == q.to_bits()), "{rows}x{n_in}x{n_out}: dx of the _g products differs");
     }
     // no rows: an empty f32 input beside a kept bf16 weight (dx is empty, gt zeros)
     let w16 = to_bf16(&gpu, &up(&gpu, &[0.5f32; 12]), 12).unwrap();

@@ -46,11 +46,16 @@ fn merge_ms(be: &CudaBackend, n_in: usize, n_out: usize, iters: usize) -> f64 {
         be.sparsify_fwd(&m, &kept, SparsifyRule::MagnitudeProduct, &mut dw);
         // backward recomputes M ("recover in backward", keeping K and the distances for the merge
         // backward) and reuses the forward's kept set (same A, B and k: the same set), as the
-        // training step does; the sparsify rule runs as its own pass here (the step fuses it into
-        // the effective-weight build and the weight-gradient transpose)
-        let saved = be.merge_fwd_saving(&a, &b, h, n_in, n_out, rh, Some(&mix), &mut m);
-        be.sparsify_bwd(&m, &kept, SparsifyRule::MagnitudeProduct, &g, &mut gh);
-        be.merge_bwd_saved(saved.as_ref(), &a, &b, h, n_in, n_out, rh, Some(&mix), &gh, &mut da, &mut db, Some(&mut dmix));
+        // training step does; composed (SNELLA_ADAPTER_BWD=composed), the sparsify rule runs as its
+        // own pass here (the step fuses it into the weight-gradient transpose)
+        if be.fused_adapter_bwd() {
+            // session 9: the step's fused form (M, Ĝ and ∂L/∂K in one row pass from G, K and D)
+            be.adapter_bwd_from_grad(&g, 0, n_out, &kept, SparsifyRule::MagnitudeProduct, &a, &b, h, n_in, n_out, rh, Some(&mix), &mut da, &mut db, Some(&mut dmix));
+        } else {
+            let saved = be.merge_fwd_saving(&a, &b, h, n_in, n_out, rh, Some(&mix), &mut m);
+            be.sparsify_bwd(&m, &kept, SparsifyRule::MagnitudeProduct, &g, &mut gh);
+            be.merge_bwd_saved(saved.as_ref(), &a, &b, h, n_in, n_out, rh, Some(&mix), &gh, &mut da, &mut db, Some(&mut dmix));
+        }
     };
     for _ in 0..5 {
         run();
