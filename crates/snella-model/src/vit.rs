@@ -316,9 +316,11 @@ impl<B: Backend> Vit<B> {
         let (d, t, rows) = (cfg.embed_dim, cfg.tokens(), b * cfg.tokens());
         let [k_qkv, k_proj, k_fc1, k_fc2] = c.kept;
         let g = be.gelu_fwd_from(&c.f1, rows * cfg.mlp_hidden);
+        // (the caller asks the block after for `dout_act` only where this fc2's bias is frozen)
+        debug_assert!(dout_act.is_none() || blk.fc2.bias.train.is_none());
         let dg = match dout_act {
-            Some(a) if blk.fc2.bias.train.is_none() => blk.fc2.backward_grad(be, &g, &Grad::Act(a), rows, true, Some(k_fc2)),
-            _ => blk.fc2.backward_with(be, &g, &dout, rows, true, Some(k_fc2)),
+            Some(a) => blk.fc2.backward_grad(be, &g, &Grad::Act(a), rows, true, Some(k_fc2)),
+            None => blk.fc2.backward_with(be, &g, &dout, rows, true, Some(k_fc2)),
         }
         .expect("dx");
         drop(g);
@@ -336,18 +338,7 @@ impl<B: Backend> Vit<B> {
         let ln2 = be.layernorm_affine_act(&c.xh2, &blk.norm2.0.value, &blk.norm2.1.value, rows, d);
         let dln2 = blk.fc1.backward_grad(be, &ln2, &df1, rows, true, Some(k_fc1)).expect("dx");
         drop((ln2, df1));
-        let mut dh = be.empty(rows * d);
-        let dh_act = {
-            let (w, bb) = (&mut blk.norm2.0, &mut blk.norm2.1);
-            let gw = w.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
-            let gb = bb.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
-            if blk.proj.bias.train.is_none() {
-                be.layernorm_bwd_xhat_act(&dln2, &c.xh2, &w.value, &c.r2, rows, d, &mut dh, Some(&dout), gw, gb)
-            } else {
-                be.layernorm_bwd_xhat(&dln2, &c.xh2, &w.value, &c.r2, rows, d, &mut dh, Some(&dout), gw, gb);
-                None
-            }
-        };
+        let (dh, dh_act) = Self::norm_bwd(be, &mut blk.norm2, &dln2, &c.xh2, &c.r2, rows, d, &dout, blk.proj.bias.train.is_none());
         let datt = match dh_act {
             Some(a) => blk.proj.backward_grad(be, &c.att, &Grad::Act(a), rows, true, Some(k_proj)),
             None => blk.proj.backward_with(be, &c.att, &dh, rows, true, Some(k_proj)),
@@ -365,17 +356,24 @@ impl<B: Backend> Vit<B> {
         let ln1 = be.layernorm_affine_act(&c.xh1, &blk.norm1.0.value, &blk.norm1.1.value, rows, d);
         let dln1 = blk.qkv.backward_grad(be, &ln1, &dqkv, rows, true, Some(k_qkv)).expect("dx");
         drop((ln1, dqkv));
+        Self::norm_bwd(be, &mut blk.norm1, &dln1, &c.xh1, &c.r1, rows, d, &dh, want_act)
+    }
+
+    /// A block LayerNorm's backward from its kept `x̂` and `rstd` with the residual gradient `res`
+    /// added: `dx: [rows, d]`, the affine gradients when trainable, and, when `act`, `dx` also in
+    /// the next linear's product form ([`Backend::layernorm_bwd_xhat_act`], where the backend makes
+    /// one).
+    #[allow(clippy::too_many_arguments)]
+    fn norm_bwd(be: &B, norm: &mut (Param<B>, Param<B>), dy: &B::Buf, xhat: &B::Act, rstd: &B::Buf, rows: usize, d: usize, res: &B::Buf, act: bool) -> (B::Buf, Option<B::Act>) {
         let mut dx = be.empty(rows * d);
-        let dx_act = {
-            let (w, bb) = (&mut blk.norm1.0, &mut blk.norm1.1);
-            let gw = w.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
-            let gb = bb.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
-            if want_act {
-                be.layernorm_bwd_xhat_act(&dln1, &c.xh1, &w.value, &c.r1, rows, d, &mut dx, Some(&dh), gw, gb)
-            } else {
-                be.layernorm_bwd_xhat(&dln1, &c.xh1, &w.value, &c.r1, rows, d, &mut dx, Some(&dh), gw, gb);
-                None
-            }
+        let (w, bb) = (&mut norm.0, &mut norm.1);
+        let gw = w.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
+        let gb = bb.train.as_mut().map(|s| { be.fill_zero(&mut s.grad); &mut s.grad });
+        let dx_act = if act {
+            be.layernorm_bwd_xhat_act(dy, xhat, &w.value, rstd, rows, d, &mut dx, Some(res), gw, gb)
+        } else {
+            be.layernorm_bwd_xhat(dy, xhat, &w.value, rstd, rows, d, &mut dx, Some(res), gw, gb);
+            None
         };
         (dx, dx_act)
     }
