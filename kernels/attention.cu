@@ -147,6 +147,21 @@ __device__ __forceinline__ void fa_split(uint32_t& hi, uint32_t& lo, float a, fl
   lo = *reinterpret_cast<const uint32_t*>(&l);
 }
 
+// c += (hi + lo)·B over the 16-wide k-chunk j of a shared 64×64 B tile stored [k][n]: the A
+// operand as two bf16 fragments (hi, lo), two products per fragment (fa_mma_pk, and the backward's dq).
+__device__ __forceinline__ void fa_mma_hilo(fa_acc& c, const uint32_t (&hi)[4], const uint32_t (&lo)[4], const fa_bf16* sh, int j,
+                                            int lane) {
+#pragma unroll
+  for (int n = 0; n < 8; n += 2) {
+    uint32_t b[4];
+    fa_ldb_t(b, sh, j * 16, n * 8, lane);
+    fa_mma(c[n], hi, b[0], b[1]);
+    fa_mma(c[n], lo, b[0], b[1]);
+    fa_mma(c[n + 1], hi, b[2], b[3]);
+    fa_mma(c[n + 1], lo, b[2], b[3]);
+  }
+}
+
 // c += P·B over k = 64 for the warp's 16 rows: P = the 16×64 accumulator tile `p` (FA-2's register
 // re-use as the A operand), B = a shared 64×64 tile stored [k][n]. P (probabilities, or dS in the
 // backward) enters as bf16 hi + lo terms, two products per fragment: a single bf16 rounding of P
@@ -162,15 +177,7 @@ __device__ __forceinline__ void fa_mma_pk(fa_acc& c, const fa_acc& p, const fa_b
     fa_split(ph[1], pl[1], p[2 * j][2], p[2 * j][3]);
     fa_split(ph[2], pl[2], p[2 * j + 1][0], p[2 * j + 1][1]);
     fa_split(ph[3], pl[3], p[2 * j + 1][2], p[2 * j + 1][3]);
-#pragma unroll
-    for (int n = 0; n < 8; n += 2) {
-      uint32_t b[4];
-      fa_ldb_t(b, sh, j * 16, n * 8, lane);
-      fa_mma(c[n], ph, b[0], b[1]);
-      fa_mma(c[n], pl, b[0], b[1]);
-      fa_mma(c[n + 1], ph, b[2], b[3]);
-      fa_mma(c[n + 1], pl, b[2], b[3]);
-    }
+    fa_mma_hilo(c, ph, pl, sh, j, lane);
   }
 }
 
@@ -493,15 +500,7 @@ __device__ __forceinline__ void flash_bwd(const fa_bf16* __restrict__ qkv, const
         uint32_t a[4], al[4];
         fa_lda(a, dss, w * 16, j * 16, lane);
         fa_lda(al, dsl, w * 16, j * 16, lane);
-#pragma unroll
-        for (int n = 0; n < 8; n += 2) {
-          uint32_t b[4];
-          fa_ldb_t(b, ks, j * 16, n * 8, lane);
-          fa_mma(dq[n], a, b[0], b[1]);
-          fa_mma(dq[n], al, b[0], b[1]);
-          fa_mma(dq[n + 1], a, b[2], b[3]);
-          fa_mma(dq[n + 1], al, b[2], b[3]);
-        }
+        fa_mma_hilo(dq, a, al, ks, j, lane);
       }
       const int r0 = i0 + w * 16 + g, r1 = r0 + 8;
       float* part = dqp + (((size_t)kt * nbh + bh) * t) * FA_HD + 2 * q;

@@ -515,6 +515,40 @@ namespace snella_merge {
 constexpr int VPT = 12;  // values per thread held in registers by rowstats_saved: rows up to 3072 wide
 // The top-k's digit-0 bin of an output value (kernels/topk.cu: bits 30..20 of its key).
 __device__ __forceinline__ unsigned topk_bin0(float x) { return snella_magnitude_key(x) >> 20; }
+// The softmax statistics of one row of K/γ (n entries, 256 threads), shared by softmax_row and
+// rows_grad so that both form M from the same bits: zmax[0] = max_j K/γ and ssum[0] = Σ_j exp(K/γ −
+// zmax), block reductions in a fixed order. With RV > 0 thread t holds the entries j = t + q·256 in
+// kv (zeros past n) and receives ev[q] = exp(K/γ − zmax); with RV = 0 the row is re-read from `row`.
+template <int RV>
+__device__ __forceinline__ void row_softmax_stats(const float (&kv)[RV > 0 ? RV : 1], float (&ev)[RV > 0 ? RV : 1],
+                                                  const float* __restrict__ row, unsigned n, float g, float (*red)[1],
+                                                  float* zmax, float* ssum) {
+  constexpr bool REG = RV > 0;
+  constexpr int V = REG ? RV : 1;
+  float v[1] = {-INFINITY};
+  if (REG) {
+#pragma unroll
+    for (int q = 0; q < V; q++) {
+      ev[q] = __fdiv_rn(kv[q], g);
+      if (threadIdx.x + q * THREADS < n) v[0] = fmaxf(v[0], ev[q]);
+    }
+  } else {
+    for (unsigned j = threadIdx.x; j < n; j += THREADS) v[0] = fmaxf(v[0], __fdiv_rn(row[j], g));
+  }
+  block_reduce<1, true>(v, red, zmax);
+  v[0] = 0.f;
+  if (REG) {
+#pragma unroll
+    for (int q = 0; q < V; q++) {
+      ev[q] = expf(__fsub_rn(ev[q], zmax[0]));
+      if (threadIdx.x + q * THREADS < n) v[0] += ev[q];
+    }
+  } else {
+    for (unsigned j = threadIdx.x; j < n; j += THREADS) v[0] += expf(__fsub_rn(__fdiv_rn(row[j], g), zmax[0]));
+  }
+  block_reduce<1, false>(v, red, ssum);
+}
+
 template <int RV>
 __device__ __forceinline__ void softmax_row(float* __restrict__ row, unsigned n_out, float alpha, float g, float beta,
                                             unsigned* hist) {
@@ -533,28 +567,7 @@ __device__ __forceinline__ void softmax_row(float* __restrict__ row, unsigned n_
       kv[q] = j < n_out ? row[j] : 0.f;
     }
   }
-  float v[1] = {-INFINITY};
-  if (REG) {
-#pragma unroll
-    for (int q = 0; q < VPT; q++) {
-      zv[q] = __fdiv_rn(kv[q], g);
-      if (threadIdx.x + q * THREADS < n_out) v[0] = fmaxf(v[0], zv[q]);
-    }
-  } else {
-    for (unsigned j = threadIdx.x; j < n_out; j += THREADS) v[0] = fmaxf(v[0], __fdiv_rn(row[j], g));
-  }
-  block_reduce<1, true>(v, red, zmax);
-  v[0] = 0.f;
-  if (REG) {
-#pragma unroll
-    for (int q = 0; q < VPT; q++) {
-      zv[q] = expf(__fsub_rn(zv[q], zmax[0]));  // from here on zv holds e
-      if (threadIdx.x + q * THREADS < n_out) v[0] += zv[q];
-    }
-  } else {
-    for (unsigned j = threadIdx.x; j < n_out; j += THREADS) v[0] += expf(__fsub_rn(__fdiv_rn(row[j], g), zmax[0]));
-  }
-  block_reduce<1, false>(v, red, ssum);
+  row_softmax_stats<RV>(kv, zv, row, n_out, g, red, zmax, ssum);  // zv: e = exp(K/γ − max) from here on
   auto out = [&](float k, float e) { return __fadd_rn(__fadd_rn(k, __fmul_rn(alpha, __fdiv_rn(e, ssum[0]))), beta); };
   if (REG) {
 #pragma unroll
@@ -756,29 +769,8 @@ __device__ __forceinline__ void rows_grad(const float* __restrict__ kr, const fl
     return;
   }
   const float alpha = mix[0], g = clamp_gamma(mix[1]), beta = mix[2];
-  // max_j K/γ and Σ_j exp(K/γ − max): snella_merge_fwd_softmax's passes (softmax_row)
-  float v[1] = {-INFINITY};
-  if (REG) {
-#pragma unroll
-    for (int q = 0; q < V; q++) {
-      ev[q] = __fdiv_rn(kv[q], g);
-      if (threadIdx.x + q * THREADS < c) v[0] = fmaxf(v[0], ev[q]);
-    }
-  } else {
-    for (unsigned j = threadIdx.x; j < c; j += THREADS) v[0] = fmaxf(v[0], __fdiv_rn(kr[j], g));
-  }
-  block_reduce<1, true>(v, red1, zmax);
-  v[0] = 0.f;
-  if (REG) {
-#pragma unroll
-    for (int q = 0; q < V; q++) {
-      ev[q] = expf(__fsub_rn(ev[q], zmax[0]));  // e from here on
-      if (threadIdx.x + q * THREADS < c) v[0] += ev[q];
-    }
-  } else {
-    for (unsigned j = threadIdx.x; j < c; j += THREADS) v[0] += expf(__fsub_rn(__fdiv_rn(kr[j], g), zmax[0]));
-  }
-  block_reduce<1, false>(v, red1, ssum);
+  // max_j K/γ and Σ_j exp(K/γ − max) as snella_merge_fwd_softmax forms them; ev holds e from here on
+  row_softmax_stats<RV>(kv, ev, kr, c, g, red1, zmax, ssum);
   // P, M (the forward's bits), Ĝ; then s_i = Σ_j Ĝ·P and Σ_j Ĝ
   const float se = ssum[0];
   auto p_of = [&](float k) { return __fdiv_rn(expf(__fsub_rn(__fdiv_rn(k, g), zmax[0])), se); };
@@ -808,7 +800,7 @@ __device__ __forceinline__ void rows_grad(const float* __restrict__ kr, const fl
   block_reduce<2, false>(su, red2, sums);
   // dK = Ĝ + (α/γ)·P·(Ĝ − s) and the row's ∂γ share Σ_j P·(Ĝ − s)·K (the tiles kernel's operations)
   const float ag = __fdiv_rn(alpha, g), s = sums[0];
-  v[0] = 0.f;
+  float v[1] = {0.f};
   auto dk_of = [&](float p, float gh, unsigned j) {  // writes dK, returns P·(Ĝ − s)
     const float pm = __fmul_rn(p, __fsub_rn(gh, s));
     dkr[j] = __fadd_rn(gh, __fmul_rn(ag, pm));

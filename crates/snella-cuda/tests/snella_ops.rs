@@ -116,6 +116,28 @@ fn merge_fwd_select_equals_merge_then_select() {
     println!("merge_fwd_select: the same M and kept sets as merge_fwd + select_topk");
 }
 
+/// The mixture gradients `gm = [∂α, ∂γ, ∂β]` of a GPU merge backward against the CPU's in f32 and
+/// f64 (`|gpu − f64| ≤ 1e-4·|f64| + 4·|cpu_f32 − f64|`), `∂γ = 0` under the γ clamp, zeros without
+/// a mixture.
+fn check_dmix(label: &str, gm: &[f32], wmix: Option<Mixture<f32>>, wmix64: Option<Mixture<f64>>, mx: Option<Mixture<f32>>) {
+    match (wmix, wmix64) {
+        (Some(w), Some(w64)) => {
+            let names = ["dalpha", "dgamma", "dbeta"];
+            let (c32, c64) = ([w.alpha, w.gamma, w.beta], [w64.alpha, w64.gamma, w64.beta]);
+            for q in 0..3 {
+                let (gv, cv, rv) = (gm[q] as f64, c32[q] as f64, c64[q]);
+                let tol = 1e-4 * rv.abs() + 4.0 * (cv - rv).abs() + 1e-30;
+                println!("  {}: gpu {gv:.9e} cpu32 {cv:.9e} f64 {rv:.9e} |gpu−f64|={:.3e} (tol {tol:.3e})", names[q], (gv - rv).abs());
+                assert!((gv - rv).abs() <= tol, "{label}: {}: gpu {gv} vs f64 {rv} (cpu f32 {cv})", names[q]);
+            }
+            if mx.is_some_and(|m| m.gamma < 1e-4) {
+                assert_eq!(gm[1], 0.0, "{label}: dgamma must be 0 while the clamp is active");
+            }
+        }
+        _ => assert_eq!(gm, &[0.0; 3][..], "{label}: dmix without mixture is zeroed"),
+    }
+}
+
 #[test]
 fn merge_bwd_matches_cpu() {
     let Some(gpu) = setup() else { return };
@@ -157,22 +179,7 @@ fn merge_bwd_matches_cpu() {
             check("dA", &ga, &a32_64, 1e-4);
             print!("  (vs f64)");
             check("dB", &gb, &b32_64, 1e-4);
-            match (wmix, wmix64) {
-                (Some(w), Some(w64)) => {
-                    let names = ["dalpha", "dgamma", "dbeta"];
-                    let (c32, c64) = ([w.alpha, w.gamma, w.beta], [w64.alpha, w64.gamma, w64.beta]);
-                    for q in 0..3 {
-                        let (gv, cv, rv) = (gm[q] as f64, c32[q] as f64, c64[q]);
-                        let tol = 1e-4 * rv.abs() + 4.0 * (cv - rv).abs() + 1e-30;
-                        println!("  {}: gpu {gv:.9e} cpu32 {cv:.9e} f64 {rv:.9e} |gpu−f64|={:.3e} (tol {tol:.3e})", names[q], (gv - rv).abs());
-                        assert!((gv - rv).abs() <= tol, "{}: gpu {gv} vs f64 {rv} (cpu f32 {cv})", names[q]);
-                    }
-                    if mx.unwrap().gamma < 1e-4 {
-                        assert_eq!(gm[1], 0.0, "dgamma must be 0 while the clamp is active");
-                    }
-                }
-                _ => assert_eq!(gm, vec![0.0; 3], "dmix without mixture is zeroed"),
-            }
+            check_dmix("merge bwd", &gm, wmix, wmix64, mx);
             // Determinism: a second run gives the same bits.
             let (ga2, gb2, gm2) = run();
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -252,20 +259,7 @@ fn merge_bwd_from_grad_matches_cpu_composition() {
                 println!("{label}");
                 check("dA", &ga, &wa, 1e-4);
                 check("dB", &gb, &wb, 1e-4);
-                match (wmix, wmix64) {
-                    (Some(w), Some(w64)) => {
-                        let (c32, c64) = ([w.alpha, w.gamma, w.beta], [w64.alpha, w64.gamma, w64.beta]);
-                        for q in 0..3 {
-                            let (gv, cv, rv) = (gm[q] as f64, c32[q] as f64, c64[q]);
-                            let tol = 1e-4 * rv.abs() + 4.0 * (cv - rv).abs() + 1e-30;
-                            assert!((gv - rv).abs() <= tol, "{label}: dmix[{q}] gpu {gv} vs f64 {rv} (cpu f32 {cv})");
-                        }
-                        if mx.unwrap().gamma < 1e-4 {
-                            assert_eq!(gm[1], 0.0, "{label}: dgamma must be 0 while the clamp is active");
-                        }
-                    }
-                    _ => assert_eq!(gm, vec![0.0; 3], "{label}: dmix without mixture is zeroed"),
-                }
+                check_dmix(&label, &gm, wmix, wmix64, mx);
                 let (ga2, gb2, gm2) = run();
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert!(bits(&ga) == bits(&ga2) && bits(&gb) == bits(&gb2) && bits(&gm) == bits(&gm2), "{label}: not deterministic");

@@ -133,6 +133,18 @@ fn check_flash(op: &str, hd: usize, ptrs: &[(&str, u64)]) -> Result<(), SnellaEr
     Ok(())
 }
 
+/// The device address of `qkv` in bf16 for the fused kernels, which read bf16 only: an f32 `qkv`
+/// is rounded into `hold` first (the bits the kernels' staging rounded it to before session 9).
+fn bf16_ptr(gpu: &Gpu, qkv: ActRef, n: usize, hold: &mut Option<cudarc::driver::CudaSlice<u16>>) -> Result<u64, SnellaError> {
+    if let ActRef::F32(v) = qkv {
+        *hold = Some(crate::gemm::to_bf16(gpu, v, n)?);
+    }
+    Ok(match hold {
+        Some(c) => ActRef::Bf16(c).ptr(gpu),
+        None => qkv.ptr(gpu),
+    })
+}
+
 /// Fused attention forward in bf16 (FlashAttention-2, Dao 2023, Algorithm 1), head dim 64: writes
 /// `out: [b, t, d]` (f32, or rounded to bf16 from a bf16 `qkv`: the `proj` linear's input in a bf16
 /// step, bit-identical to the f32 output rounded) and `lse2: [b, heads, t]`, each row's log-sum-exp
@@ -166,15 +178,8 @@ pub fn flash_fwd(gpu: &Gpu, qkv: ActRef, b: usize, t: usize, heads: usize, hd: u
     let tiles = dim_u32(op, "t/64", t.div_ceil(64))?;
     let (t32, h32) = (dim_u32(op, "t", t)?, dim_u32(op, "heads", heads)?);
     let scale_log2 = ((hd as f64).powf(-0.5) * std::f64::consts::LOG2_E) as f32;
-    // the kernels read bf16: an f32 qkv is rounded first (the bits its staging rounded to before)
-    let q16 = match qkv {
-        ActRef::F32(v) => Some(crate::gemm::to_bf16(gpu, v, b * t * 3 * d)?),
-        ActRef::Bf16(_) => None,
-    };
-    let pq = match (&q16, qkv) {
-        (Some(c), _) => ActRef::Bf16(c).ptr(gpu),
-        (None, r) => r.ptr(gpu),
-    };
+    let mut q16 = None;
+    let pq = bf16_ptr(gpu, qkv, b * t * 3 * d, &mut q16)?;
     let name = if out.is_bf16() { "snella_flash_attn_fwd_q16_o16" } else { "snella_flash_attn_fwd_q16" };
     let f = gpu.func(name);
     let mut l = gpu.stream.launch_builder(&f);
@@ -262,15 +267,8 @@ pub fn flash_bwd_to(
     // one warp per row.
     unsafe { l.launch(rows_cfg(rows)) }.map_err(|e| cuda_err("snella_flash_attn_bwd_dot", e))?;
     let g16 = dqkv.is_bf16();
-    // the kernels read bf16: an f32 qkv is rounded first (the bits its staging rounded to before)
-    let q16 = match qkv {
-        ActRef::F32(v) => Some(crate::gemm::to_bf16(gpu, v, b * t * 3 * d)?),
-        ActRef::Bf16(_) => None,
-    };
-    let pq = match (&q16, qkv) {
-        (Some(c), _) => ActRef::Bf16(c).ptr(gpu),
-        (None, r) => r.ptr(gpu),
-    };
+    let mut q16 = None;
+    let pq = bf16_ptr(gpu, qkv, b * t * 3 * d, &mut q16)?;
     let name = if g16 { "snella_flash_attn_bwd_q16_g16" } else { "snella_flash_attn_bwd_q16" };
     let f = gpu.func(name);
     super::opt_in_shared(&f, FLASH_BWD_SHARED, 0, name)?;
