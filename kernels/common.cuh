@@ -48,7 +48,7 @@ __device__ __forceinline__ float snella_sparsify_factor(float a, unsigned long l
     const float d = __fsub_rn(a, tau);
     return d > 0.f ? d : 0.f;
   }
-  const unsigned kk = a > 0.f ? __float_as_uint(a) : 0u;
+  const unsigned kk = a > 0.f ? __float_as_uint(a) : 0u;  // snella_magnitude_key of |m| (a is |m| already)
   const bool keep = kk > thr || (kk == thr && i < (unsigned long long)cut);
   return keep ? (rule == 0 ? a : 1.f) : 0.f;
 }

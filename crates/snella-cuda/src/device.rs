@@ -21,7 +21,9 @@ pub struct Gpu {
     /// cuBLAS on `stream`.
     pub blas: CudaBlas,
     module: Arc<CudaModule>,
-    funcs: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// Loaded kernels, each with the dynamic shared memory (bytes) it was last allowed
+    /// ([`Gpu::func_shared`]; 0 until it opts in).
+    funcs: Mutex<HashMap<&'static str, (CudaFunction, usize)>>,
     peak: AtomicUsize,
     /// The pool's bytes in use at [`Gpu::reset_peak`].
     used_at_reset: AtomicUsize,
@@ -83,10 +85,32 @@ impl Gpu {
     /// # Panics
     /// If the fatbin lacks the kernel: a build error inside snella.
     pub fn func(&self, name: &'static str) -> CudaFunction {
-        let mut f = self.funcs.lock().expect("kernel cache");
-        f.entry(name)
-            .or_insert_with(|| self.module.load_function(name).unwrap_or_else(|e| panic!("kernel {name} missing from the fatbin: {e:?}")))
-            .clone()
+        self.func_entry(&mut self.funcs.lock().expect("kernel cache"), name).0.clone()
+    }
+
+    /// [`Gpu::func`] for a launch with `dynamic` bytes of dynamic shared memory beside the kernel's
+    /// `static_bytes`: when the two exceed the 48 KiB a block gets without opting in, the kernel's
+    /// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` is raised — once per kernel and size, not
+    /// at every launch (sm_80+ GPUs allow at least 99 KiB in all).
+    ///
+    /// # Errors
+    /// `CUDA_ERROR` naming the kernel when the driver refuses the size.
+    ///
+    /// # Panics
+    /// As [`Gpu::func`].
+    pub fn func_shared(&self, name: &'static str, dynamic: usize, static_bytes: usize) -> Result<CudaFunction, SnellaError> {
+        let mut funcs = self.funcs.lock().expect("kernel cache");
+        let (f, allowed) = self.func_entry(&mut funcs, name);
+        if dynamic + static_bytes > 48 * 1024 && dynamic > *allowed {
+            let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            f.set_attribute(attr, dynamic as i32).map_err(|e| cuda_err(name, e))?;
+            *allowed = dynamic;
+        }
+        Ok(f.clone())
+    }
+
+    fn func_entry<'a>(&self, funcs: &'a mut HashMap<&'static str, (CudaFunction, usize)>, name: &'static str) -> &'a mut (CudaFunction, usize) {
+        funcs.entry(name).or_insert_with(|| (self.module.load_function(name).unwrap_or_else(|e| panic!("kernel {name} missing from the fatbin: {e:?}")), 0))
     }
 
     /// `n` zeros on the device.

@@ -274,6 +274,15 @@ fn merge_bwd_from_grad_matches_cpu_composition() {
     let (mut ga, mut gb) = (gpu.zeros(a.len()).unwrap(), gpu.zeros(b.len()).unwrap());
     let e = merge::merge_bwd_from_grad(&gpu, &dav.slice(..), &dbv.slice(..), H, 4, 6, 2, None, &dg.slice(..), 6, &kept, SparsifyRule::Mask, &mut ga.slice_mut(..), &mut gb.slice_mut(..), None).unwrap_err();
     assert!(format!("{e}").contains('G'), "{e}");
+    // and a mixture gradient shorter than [α, γ, β], naming dmix (nothing is launched)
+    let dg = gpu.zeros(24).unwrap();
+    let (mixv, mut dmix) = (up(&gpu, &[1.0f32, 1.0, 0.0]), gpu.zeros(2).unwrap());
+    let mut dmv = dmix.slice_mut(..);
+    let e = merge::merge_bwd_from_grad(
+        &gpu, &dav.slice(..), &dbv.slice(..), H, 4, 6, 2, Some(&mixv.slice(..)), &dg.slice(..), 6, &kept, SparsifyRule::Mask, &mut ga.slice_mut(..), &mut gb.slice_mut(..), Some(&mut dmv),
+    )
+    .unwrap_err();
+    assert!(format!("{e}").contains("dmix"), "{e}");
 }
 
 #[test]

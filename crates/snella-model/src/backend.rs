@@ -300,9 +300,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// CUDA swaps the operands of the product.
     #[allow(clippy::too_many_arguments)]
     fn linear_bwd_products_g(&self, dy: &Self::Act, w: Weight<'_, Self>, x: &Self::Act, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut Self::Buf>, g: &mut Self::Buf) {
-        let mut gt = self.empty(n_out * n_in);
-        self.linear_bwd_products_act(dy, w, x, rows, n_in, n_out, dx, Some(&mut gt));
-        self.transpose(&gt, 0, n_out, n_in, g, 0, false);
+        linear_bwd_products_g_composed(self, dy, w, x, rows, n_in, n_out, dx, g)
     }
     /// One kernel adapter's backward (spec §2 sparsify backward, then §3) from its layer's weight
     /// gradient `g: [n_in, ld]` ([`Backend::linear_bwd_products_g`]), the chunk's `c` columns starting
@@ -414,4 +412,14 @@ pub fn effective_weight_f32<B: Backend>(be: &B, w0: &B::Buf, chunks: &[(&B::Buf,
         be.sparsify_into_weight(m, set, rule, Some((w0, i * n)), n_in, c, &mut w, i * n);
     }
     be.act(w)
+}
+
+/// [`Backend::linear_bwd_products_g`] composed: [`Backend::linear_bwd_products_act`] into
+/// `gt: [n_out, n_in]`, then its [`Backend::transpose`] into `g: [n_in, n_out]` (the trait's
+/// default, and what a backend overriding it runs for operands its own form does not take).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd_products_g_composed<B: Backend>(be: &B, dy: &B::Act, w: Weight<'_, B>, x: &B::Act, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut B::Buf>, g: &mut B::Buf) {
+    let mut gt = be.empty(n_out * n_in);
+    be.linear_bwd_products_act(dy, w, x, rows, n_in, n_out, dx, Some(&mut gt));
+    be.transpose(&gt, 0, n_out, n_in, g, 0, false);
 }

@@ -564,10 +564,8 @@ impl Backend for CudaBackend {
     }
     fn linear_bwd_products_g(&self, dy: &CudaAct, w: Weight<'_, Self>, x: &CudaAct, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut CudaSlice<f32>>, g: &mut CudaSlice<f32>) {
         let (CudaAct::Bf16(dy16), CudaAct::Bf16(x16)) = (dy, x) else {
-            // f32 operands: the products into gt, then its transpose (the trait's composition)
-            let mut gt = self.empty(n_out * n_in);
-            self.linear_bwd_products_act(dy, w, x, rows, n_in, n_out, dx, Some(&mut gt));
-            return self.transpose(&gt, 0, n_out, n_in, g, 0, false);
+            // f32 operands: the products into gt, then its transpose
+            return crate::backend::linear_bwd_products_g_composed(self, dy, w, x, rows, n_in, n_out, dx, g);
         };
         self.timed("linear_bwd_products (dgrad + wgrad)", || {
             let mut dxv = dx.map(|v| v.slice_mut(..));

@@ -270,8 +270,7 @@ pub fn flash_bwd_to(
     let mut q16 = None;
     let pq = bf16_ptr(gpu, qkv, b * t * 3 * d, &mut q16)?;
     let name = if g16 { "snella_flash_attn_bwd_q16_g16" } else { "snella_flash_attn_bwd_q16" };
-    let f = gpu.func(name);
-    super::opt_in_shared(&f, FLASH_BWD_SHARED, 0, name)?;
+    let f = gpu.func_shared(name, FLASH_BWD_SHARED, 0)?;
     let blocks = dim_u32(op, "b·heads·⌈t/64⌉", b * heads * tiles)?;
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(&pq).arg(&do16).arg(lse2).arg(&dvec).arg(&pd).arg(&mut dqp).arg(&t32).arg(&h32).arg(&scale).arg(&scale_log2);

@@ -14,7 +14,7 @@
 //! operation order and carry its bits; `expf`, the backward's fast divisions for `P` and `E`
 //! (≤ 2 ulp) and the order of the softmax and gradient sums differ.
 
-use super::{opt_in_shared, In, Out};
+use super::{In, Out};
 use crate::device::{cuda_err, Gpu};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use snella_core::SnellaError;
@@ -31,7 +31,7 @@ const THREADS: u32 = 256;
 /// Static shared memory of the merge kernels (bytes), below the 48 KiB a block gets without opting in.
 const STATIC_SHARED: usize = 1024;
 /// Dynamic shared memory per block we allow; above the default the tiles kernels opt in
-/// ([`opt_in_shared`]; every sm_80+ GPU allows at least 99 KiB). 52 KiB keeps at least the `r/H`
+/// ([`Gpu::func_shared`]; every sm_80+ GPU allows at least 99 KiB). 52 KiB keeps at least the `r/H`
 /// limits of the 33-float strides before session 8 (165, 74, 28, 5 at H = 1, 2, 4, 8).
 const MAX_SHARED: usize = 52 * 1024;
 
@@ -179,7 +179,7 @@ pub fn merge_fwd_saving(
 /// each row of `M` in place.
 #[allow(clippy::too_many_arguments)]
 fn fwd_launch(
-    gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, m: Option<&mut Out>,
+    gpu: &Gpu, a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, mut m: Option<&mut Out>,
     saved: Option<&mut MergeSaved>, hist0: Option<&mut cudarc::driver::CudaViewMut<u32>>,
 ) -> Result<(), SnellaError> {
     if n_in == 0 || n_out == 0 {
@@ -192,12 +192,10 @@ fn fwd_launch(
     let (h32, i32_, o32, r32) = (heads as u32, n_in as u32, n_out as u32, rh as u32);
     let null = 0u64;
     let shared = 2 * heads * (rh + 1) * STRIDE * 4;
-    let f = gpu.func("snella_merge_fwd_tiles");
-    opt_in_shared(&f, shared, STATIC_SHARED, "snella_merge_fwd_tiles")?;
+    let f = gpu.func_shared("snella_merge_fwd_tiles", shared, STATIC_SHARED)?;
     let cfg = LaunchConfig { grid_dim: (n_jt as u32, n_it as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
     let mut lb = gpu.stream.launch_builder(&f);
     lb.arg(a).arg(b).arg(&h32).arg(&i32_).arg(&o32).arg(&r32);
-    let mut m = m;
     match m.as_mut() {
         Some(m) => lb.arg(&mut **m),
         None => lb.arg(&null),
@@ -270,17 +268,21 @@ pub fn merge_bwd_saved(
             return Err(SnellaError::tensor("<device>", "merge saved K/D", format!("has {}/{} elements, expected {}/{}", sv.k.len(), sv.d.len(), n_in * n_out, heads * n_in * n_out)));
         }
     }
-    let need = |name: &str, got: usize, want: usize| {
+    let Some(dmix) = grads(gpu, heads, n_in, n_out, rh, mix, da, db, dmix)? else { return Ok(()) };
+    bwd_tiles(gpu, saved, a, b, heads, n_in, n_out, rh, mix, dm, da, db, dmix, shared)
+}
+
+/// The gradient outputs of a merge backward: checks `dA`, `dB` and `dmix` against their shapes,
+/// zeroes all of them for an empty merge (then `None`: nothing left to compute) and `dmix` without
+/// a mixture (then `Some(None)`), else hands `dmix` on.
+#[allow(clippy::too_many_arguments)]
+fn grads<'d, 'v>(
+    gpu: &Gpu, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, da: &mut Out, db: &mut Out, dmix: Option<&'d mut Out<'v>>,
+) -> Result<Option<Option<&'d mut Out<'v>>>, SnellaError> {
+    for (name, got, want) in [("dA", da.len(), heads * n_in * rh), ("dB", db.len(), heads * n_out * rh), ("dmix", dmix.as_ref().map_or(3, |d| d.len()), 3)] {
         if got < want {
-            Err(SnellaError::tensor("<device>", name, format!("has {got} elements, expected {want}")))
-        } else {
-            Ok(())
+            return Err(SnellaError::tensor("<device>", name, format!("has {got} elements, expected {want}")));
         }
-    };
-    need("dA", da.len(), heads * n_in * rh)?;
-    need("dB", db.len(), heads * n_out * rh)?;
-    if let Some(d) = dmix.as_ref() {
-        need("dmix", d.len(), 3)?;
     }
     let zero = |buf: &mut Out, what: &str| gpu.stream.memset_zeros(buf).map_err(|e| cuda_err(what, e));
     if n_in == 0 || n_out == 0 {
@@ -289,16 +291,15 @@ pub fn merge_bwd_saved(
         if let Some(d) = dmix {
             zero(d, "merge_bwd: zero dmix")?;
         }
-        return Ok(());
+        return Ok(None);
     }
-    let dmix = match (mix, dmix) {
+    Ok(Some(match (mix, dmix) {
         (None, Some(d)) => {
             zero(d, "merge_bwd: zero dmix")?;
             None
         }
         (_, d) => d,
-    };
-    bwd_tiles(gpu, saved, a, b, heads, n_in, n_out, rh, mix, dm, da, db, dmix, shared)
+    }))
 }
 
 /// The backward of one adapter straight from its layer's weight gradient in `ΔW`'s layout (spec §2's
@@ -329,14 +330,7 @@ pub fn merge_bwd_from_grad(
         return Err(SnellaError::tensor("<device>", "kept set", format!("was selected from {} entries, expected in·out = {}", kept.n, n_in * c)));
     }
     let shared = check(a, b, heads, n_in, c, rh, mix, n_in * c, "G")?;
-    if n_in == 0 || c == 0 {
-        return merge_bwd_saved(gpu, None, a, b, heads, n_in, c, rh, mix, &g.slice(..0), da, db, dmix);
-    }
-    for (name, got, want) in [("dA", da.len(), heads * n_in * rh), ("dB", db.len(), heads * c * rh)] {
-        if got < want {
-            return Err(SnellaError::tensor("<device>", name, format!("has {got} elements, expected {want}")));
-        }
-    }
+    let Some(dmix) = grads(gpu, heads, n_in, c, rh, mix, da, db, dmix)? else { return Ok(()) };
     // K and D, M not formed
     // SAFETY: the forward tiles kernel writes every element of K and D (rows < n_in, columns < c).
     let mut saved = unsafe { MergeSaved { k: gpu.uninit::<f32>(n_in * c)?, d: gpu.uninit::<f32>(heads * n_in * c)? } };
@@ -373,14 +367,7 @@ pub fn merge_bwd_from_grad(
     let (dk, stats) = (dk.as_view(), stats.as_view());
     let parts = tiles(gpu, Some(&saved), a, b, heads, n_in, c, rh, None, &dk, shared)?;
     let (rowstat, gpart) = if with_mix { (stats.slice(..4 * n_in), stats.slice(4 * n_in..5 * n_in)) } else { (stats.slice(..0), stats.slice(..0)) };
-    let (dmix, ng) = match (mix, dmix) {
-        (None, Some(d)) => {
-            gpu.stream.memset_zeros(d).map_err(|e| cuda_err("merge_bwd: zero dmix", e))?;
-            (None, 0)
-        }
-        (_, d) => (d, n_in),
-    };
-    finish(gpu, heads, n_in, c, rh, a, b, da, db, mix, dmix, &parts.a(), parts.n_sa, &parts.b(), parts.n_it, &rowstat, &gpart, ng)
+    finish(gpu, heads, n_in, c, rh, a, b, da, db, mix, dmix, &parts.a(), parts.n_sa, &parts.b(), parts.n_it, &rowstat, &gpart, gpart.len())
 }
 
 /// [`merge_bwd`] for `n_in, n_out ≥ 1`:
@@ -475,8 +462,7 @@ fn tiles(
             7..=8 => "snella_merge_bwd_tiles_r8",
             _ => "snella_merge_bwd_tiles_r32",
         };
-        let f = gpu.func(name);
-        opt_in_shared(&f, shared, STATIC_SHARED, name)?;
+        let f = gpu.func_shared(name, shared, STATIC_SHARED)?;
         let jt32 = jt as u32;
         let cfg = LaunchConfig { grid_dim: (n_sa as u32, n_it as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
         let mut lb = gpu.stream.launch_builder(&f);

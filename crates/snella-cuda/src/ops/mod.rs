@@ -89,20 +89,6 @@ impl ActMut<'_, '_> {
     }
 }
 
-/// Lets `f` (the kernel `name`) take `bytes` of dynamic shared memory next to its `static_bytes`
-/// when the two exceed the 48 KiB a block gets without opting in
-/// (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`; sm_80+ GPUs allow at least 99 KiB in all).
-///
-/// # Errors
-/// `CUDA_ERROR` naming the kernel when the driver refuses the size.
-pub(crate) fn opt_in_shared(f: &cudarc::driver::CudaFunction, bytes: usize, static_bytes: usize, name: &str) -> Result<(), snella_core::SnellaError> {
-    if bytes + static_bytes <= 48 * 1024 {
-        return Ok(());
-    }
-    let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-    f.set_attribute(attr, bytes as i32).map_err(|e| crate::device::cuda_err(name, e))
-}
-
 /// Threads per block for simple element-wise kernels.
 pub const BLOCK: u32 = 256;
 
