@@ -52,3 +52,22 @@ __device__ __forceinline__ float snella_sparsify_factor(float a, unsigned long l
   const bool keep = kk > thr || (kk == thr && i < (unsigned long long)cut);
   return keep ? (rule == 0 ? a : 1.f) : 0.f;
 }
+
+// One adapter of the batched forward merge path (session 10; crates/snella-cuda/src/ops/merge_batch.rs
+// builds the table, 8 u64 words per adapter): the `_batch` entry points of merge.cu, topk.cu and
+// sparsify.cu take a table of these and give blockIdx.z to one adapter each, with the launch's shape
+// (H, in, out, rh) shared by all of them. A null mix means SNELL (M = K). st is the adapter's top-k
+// state (KEPT_WORDS words, zeroed by snella_merge_fwd_tiles_batch), w0/w its chunk of W0 [c, in] and
+// of the bf16 effective weight.
+struct SnellaFwdJob {
+  const float* A;
+  const float* B;
+  const float* mix;
+  float* M;
+  unsigned* st;
+  const float* w0;
+  __nv_bfloat16* w;
+  unsigned k, rule;
+};
+// Words of a top-k state (topk.cu's layout; ops/topk.rs KEPT_WORDS).
+#define SNELLA_KEPT_WORDS (32u + 2048u + 2048u + 512u + 4096u)

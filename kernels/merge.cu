@@ -40,11 +40,10 @@
 // snella_merge_bwd_rows_grad needs no M). D_h and K use the CPU's operation order with explicitly
 // rounded mul/add (no FMA contraction), so they carry its bits. Dynamic shared memory 2·H·(rh + 1)·TS
 // floats (the transposed tiles of load_tile_t).
-extern "C" __global__ void __launch_bounds__(256)
-    snella_merge_fwd_tiles(const float* __restrict__ A, const float* __restrict__ B, unsigned H, unsigned n_in,
-                           unsigned n_out, unsigned rh, float* __restrict__ M, float* __restrict__ ksave,
-                           float* __restrict__ dsave) {
-  using namespace snella_merge;
+namespace snella_merge {
+__device__ __forceinline__ void fwd_tiles_body(const float* __restrict__ A, const float* __restrict__ B, unsigned H,
+                                               unsigned n_in, unsigned n_out, unsigned rh, float* __restrict__ M,
+                                               float* __restrict__ ksave, float* __restrict__ dsave) {
   extern __shared__ __align__(16) float snella_merge_ft_sh[];
   float* as = snella_merge_ft_sh;
   float* bs = as + H * (rh + 1) * TS;
@@ -66,6 +65,26 @@ extern "C" __global__ void __launch_bounds__(256)
       if (ksave != nullptr) ksave[(size_t)i * n_out + j] = kk[q];
     }
   }
+}
+}  // namespace snella_merge
+
+extern "C" __global__ void __launch_bounds__(256)
+    snella_merge_fwd_tiles(const float* __restrict__ A, const float* __restrict__ B, unsigned H, unsigned n_in,
+                           unsigned n_out, unsigned rh, float* __restrict__ M, float* __restrict__ ksave,
+                           float* __restrict__ dsave) {
+  snella_merge::fwd_tiles_body(A, B, H, n_in, n_out, rh, M, ksave, dsave);
+}
+
+// The same for adapter blockIdx.z of a job table (common.cuh SnellaFwdJob; one shape for all), writing
+// M only; block (0, 0) of each adapter also zeroes its top-k state for the kernels after it (the
+// softmax pass's histogram, the select), which saves a memset per adapter.
+extern "C" __global__ void __launch_bounds__(256)
+    snella_merge_fwd_tiles_batch(const SnellaFwdJob* __restrict__ jobs, unsigned H, unsigned n_in, unsigned n_out,
+                                 unsigned rh) {
+  const SnellaFwdJob& jb = jobs[blockIdx.z];
+  if (blockIdx.x == 0 && blockIdx.y == 0)
+    for (unsigned w = threadIdx.x; w < SNELLA_KEPT_WORDS; w += blockDim.x) jb.st[w] = 0u;
+  snella_merge::fwd_tiles_body(jb.A, jb.B, H, n_in, n_out, rh, jb.M, nullptr, nullptr);
 }
 
 // Forward step 2 (mixture): row i = blockIdx.x of M, holding K, becomes K + α·softmax_j(K/γ) + β in
@@ -157,10 +176,9 @@ __device__ __forceinline__ void softmax_row(float* __restrict__ row, unsigned n_
 // snella_topk_hist pass 0, integer counts: the same words in any order), built here from the values
 // as they are written (a shared histogram per row, added into hist0), so that the select starts at
 // digit 1 (session 7: one launch and one read of M less per adapter).
-extern "C" __global__ void __launch_bounds__(256)
-    snella_merge_fwd_softmax(float* __restrict__ M, unsigned n_out, const float* __restrict__ mix,
-                             unsigned* __restrict__ hist0) {
-  using namespace snella_merge;
+namespace snella_merge {
+__device__ __forceinline__ void fwd_softmax_body(float* __restrict__ M, unsigned n_out, const float* __restrict__ mix,
+                                                 unsigned* __restrict__ hist0) {
   __shared__ unsigned h[2048];
   unsigned* hs = hist0 != nullptr ? h : nullptr;
   if (hs != nullptr)
@@ -177,6 +195,21 @@ extern "C" __global__ void __launch_bounds__(256)
   __syncthreads();
   for (unsigned b = threadIdx.x; b < 2048; b += THREADS)
     if (h[b]) atomicAdd(&hist0[b], h[b]);
+}
+}  // namespace snella_merge
+
+extern "C" __global__ void __launch_bounds__(256)
+    snella_merge_fwd_softmax(float* __restrict__ M, unsigned n_out, const float* __restrict__ mix,
+                             unsigned* __restrict__ hist0) {
+  snella_merge::fwd_softmax_body(M, n_out, mix, hist0);
+}
+
+// The same for adapter blockIdx.z of a job table (SnellaFwdJob, with a mixture), the digit-0
+// histogram going to its top-k state (word 32, topk.cu W_HIST0).
+extern "C" __global__ void __launch_bounds__(256)
+    snella_merge_fwd_softmax_batch(const SnellaFwdJob* __restrict__ jobs, unsigned n_out) {
+  const SnellaFwdJob& jb = jobs[blockIdx.z];
+  snella_merge::fwd_softmax_body(jb.M, n_out, jb.mix, jb.st + 32);
 }
 
 // Backward step 1 (mixture only): rowstat[i] = (max_j K/γ, Σ_j exp(K/γ − max), s_i = Σ_j Ĝ·P, Σ_j Ĝ),

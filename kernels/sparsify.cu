@@ -71,6 +71,13 @@ extern "C" __global__ void __launch_bounds__(256)
                                      unsigned n_in, unsigned c, const unsigned* __restrict__ kept, unsigned rule) {
   sparsify_into_weight<true>(m, w0, w, n_in, c, kept, rule);
 }
+// The bf16 form for adapter blockIdx.z of a job table (common.cuh SnellaFwdJob: its M, kept set,
+// rule, W0 chunk and weight chunk; one n_in, c for all), session 10.
+extern "C" __global__ void __launch_bounds__(256)
+    snella_sparsify_into_weight_bf16_batch(const SnellaFwdJob* __restrict__ jobs, unsigned n_in, unsigned c) {
+  const SnellaFwdJob& jb = jobs[blockIdx.z];
+  sparsify_into_weight<true>(jb.M, jb.w0, jb.w, n_in, c, jb.st, jb.rule);
+}
 // The same without W0 (w0 unused): the chunk's ΔWᵀ alone, as 0 + ΔWᵀ (a −0 entry becomes +0, as
 // the composition onto zeros gives): what a bf16 step multiplies next to W0.
 extern "C" __global__ void __launch_bounds__(256)

@@ -116,10 +116,9 @@ __device__ __forceinline__ Sel state_before(const unsigned* __restrict__ st, uns
 // Histogram of digit `pass` over the keys matching the prefix fixed by the digits before (whose last
 // selection step this kernel performs first; block 0 stores it for the next kernel). Grid-stride,
 // 256 threads.
-extern "C" __global__ void __launch_bounds__(256)
-    snella_topk_hist(const float* __restrict__ m, unsigned long long n, unsigned* __restrict__ st, unsigned pass,
-                     unsigned k0) {
-  using namespace snella_topk;
+namespace snella_topk {
+__device__ __forceinline__ void hist_body(const float* __restrict__ m, unsigned long long n, unsigned* __restrict__ st,
+                                          unsigned pass, unsigned k0) {
   __shared__ unsigned h[2048];
   __shared__ unsigned scratch[32], res[3];
   const Sel before = state_before(st, pass, k0, scratch, res);
@@ -158,14 +157,28 @@ extern "C" __global__ void __launch_bounds__(256)
   for (unsigned b = threadIdx.x; b < gm.nb; b += blockDim.x)
     if (h[b]) atomicAdd(&gh[b], h[b]);
 }
+}  // namespace snella_topk
+
+extern "C" __global__ void __launch_bounds__(256)
+    snella_topk_hist(const float* __restrict__ m, unsigned long long n, unsigned* __restrict__ st, unsigned pass,
+                     unsigned k0) {
+  snella_topk::hist_body(m, n, st, pass, k0);
+}
+
+// The same for adapter blockIdx.z of a job table (common.cuh SnellaFwdJob: its M, state and k; n
+// entries each), session 10.
+extern "C" __global__ void __launch_bounds__(256)
+    snella_topk_hist_batch(const SnellaFwdJob* __restrict__ jobs, unsigned long long n, unsigned pass) {
+  const SnellaFwdJob& jb = jobs[blockIdx.z];
+  snella_topk::hist_body(jb.M, n, jb.st, pass, jb.k > 0u ? jb.k : 1u);
+}
 
 // Per chunk [blockIdx.x·chunk, +chunk): the number of keys equal to the threshold (after the last
 // selection step, done here per block) → st[W_CNT + blockIdx.x], and the largest key below it →
 // atomicMax into st[W_TAUMAX]. 256 threads.
-extern "C" __global__ void __launch_bounds__(256)
-    snella_topk_ties(const float* __restrict__ m, unsigned long long n, unsigned* __restrict__ st,
-                     unsigned long long chunk) {
-  using namespace snella_topk;
+namespace snella_topk {
+__device__ __forceinline__ void ties_body(const float* __restrict__ m, unsigned long long n, unsigned* __restrict__ st,
+                                          unsigned long long chunk) {
   __shared__ unsigned rc[8], rm[8];
   __shared__ unsigned scratch[32], res[3];
   const unsigned thr = state_before(st, 3, 0u, scratch, res).prefix;
@@ -207,14 +220,28 @@ extern "C" __global__ void __launch_bounds__(256)
     if (x) atomicMax(&st[W_TAUMAX], x);
   }
 }
+}  // namespace snella_topk
+
+extern "C" __global__ void __launch_bounds__(256)
+    snella_topk_ties(const float* __restrict__ m, unsigned long long n, unsigned* __restrict__ st,
+                     unsigned long long chunk) {
+  snella_topk::ties_body(m, n, st, chunk);
+}
+
+// The same for adapter blockIdx.z of a job table (SnellaFwdJob). Harmless for k = 0 (finish ignores
+// the counts then), so a batch launches it for every adapter.
+extern "C" __global__ void __launch_bounds__(256)
+    snella_topk_ties_batch(const SnellaFwdJob* __restrict__ jobs, unsigned long long n, unsigned long long chunk) {
+  const SnellaFwdJob& jb = jobs[blockIdx.z];
+  snella_topk::ties_body(jb.M, n, jb.st, chunk);
+}
 
 // Writes the result words after the last selection step (done here). For k ≥ 1 it finds the chunk
 // holding the ties-th key equal to the threshold (from the per-chunk counts of snella_topk_ties) and
 // scans that chunk in flat order for its index. One block of 1024 threads; nchunks ≤ 4096.
-extern "C" __global__ void __launch_bounds__(1024)
-    snella_topk_finish(const float* __restrict__ m, unsigned long long n, unsigned* __restrict__ st, unsigned k,
-                       unsigned nchunks, unsigned long long chunk) {
-  using namespace snella_topk;
+namespace snella_topk {
+__device__ __forceinline__ void finish_body(const float* __restrict__ m, unsigned long long n, unsigned* __restrict__ st,
+                                            unsigned k, unsigned nchunks, unsigned long long chunk) {
   __shared__ unsigned scratch[32], res[3];
   __shared__ unsigned sel[2];  // chunk, rank within it
   const Sel fin = state_before(st, 3, 0u, scratch, res);
@@ -267,4 +294,19 @@ extern "C" __global__ void __launch_bounds__(1024)
     seen += tot;  // block-uniform
     if (seen >= rank) break;
   }
+}
+}  // namespace snella_topk
+
+extern "C" __global__ void __launch_bounds__(1024)
+    snella_topk_finish(const float* __restrict__ m, unsigned long long n, unsigned* __restrict__ st, unsigned k,
+                       unsigned nchunks, unsigned long long chunk) {
+  snella_topk::finish_body(m, n, st, k, nchunks, chunk);
+}
+
+// The same for adapter blockIdx.z of a job table (SnellaFwdJob: its M, state and k).
+extern "C" __global__ void __launch_bounds__(1024)
+    snella_topk_finish_batch(const SnellaFwdJob* __restrict__ jobs, unsigned long long n, unsigned nchunks,
+                             unsigned long long chunk) {
+  const SnellaFwdJob& jb = jobs[blockIdx.z];
+  snella_topk::finish_body(jb.M, n, jb.st, jb.k, nchunks, chunk);
 }

@@ -345,6 +345,19 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn effective_weight_act(&self, w0: &Self::Buf, chunks: &[(&Self::Buf, &Self::Kept, SparsifyRule)], n_in: usize, c: usize) -> Self::Act {
         effective_weight_f32(self, w0, chunks, n_in, c)
     }
+    /// Whether a ViT forward pass builds every adapted linear's effective weight and kept sets up
+    /// front with one [`Backend::effective_weights`] call (where [`Backend::keep_effective_weight`]
+    /// holds: CUDA bf16, session 10) instead of linear by linear. False by default.
+    fn batch_effective_weights(&self) -> bool {
+        false
+    }
+    /// [`Backend::merge_fwd_select`] for every chunk, then [`Backend::effective_weight_act`], for
+    /// many linears at once: per layer its effective weight `[chunks·c, n_in]` and each chunk's kept
+    /// set (spec §1–§2). The default runs them layer by layer; CUDA launches each kernel once per
+    /// group of same-shape adapters (`snella_cuda::ops::merge_batch`), with the same bits.
+    fn effective_weights(&self, layers: &[WeightJob<'_, Self>]) -> Vec<(Self::Act, Vec<Self::Kept>)> {
+        effective_weights_each(self, layers)
+    }
     /// A buffer of `n` values for an op to overwrite completely: uninitialised on CUDA (no memset),
     /// zeros on the CPU. Never read it before writing every element.
     fn empty(&self, n: usize) -> Self::Buf {
@@ -401,6 +414,60 @@ pub struct AdamwSlot<'a, B: Backend + ?Sized> {
     pub v: &'a mut B::Buf,
     /// Weight decay applies.
     pub decay: bool,
+}
+
+/// One kernel adapter of a [`WeightJob`]: its merge parameters (spec §1), kept count and rule.
+pub struct AdapterJob<'a, B: Backend> {
+    /// `A: [heads, n_in, rh]`.
+    pub a: &'a B::Buf,
+    /// `B: [heads, c, rh]`.
+    pub b: &'a B::Buf,
+    /// `[α, γ, β]` (SNELLA) or `None` (SNELL).
+    pub mix: Option<&'a B::Buf>,
+    /// Kernel pieces `H`.
+    pub heads: usize,
+    /// Rank per piece `r/H`.
+    pub rh: usize,
+    /// The kept count `k` (spec §2).
+    pub k: usize,
+    /// The sparsify rule.
+    pub rule: SparsifyRule,
+}
+
+/// A linear whose every output chunk of `c` rows carries a kernel adapter, for
+/// [`Backend::effective_weights`].
+pub struct WeightJob<'a, B: Backend> {
+    /// `W0: [chunks·c, n_in]`.
+    pub w0: &'a B::Buf,
+    /// Input features.
+    pub n_in: usize,
+    /// Rows per chunk.
+    pub c: usize,
+    /// One adapter per chunk.
+    pub chunks: Vec<AdapterJob<'a, B>>,
+}
+
+/// [`Backend::effective_weights`]'s default: per layer, [`Backend::merge_fwd_select`] into a fresh
+/// `M` for each chunk, then [`Backend::effective_weight_act`].
+pub fn effective_weights_each<B: Backend>(be: &B, layers: &[WeightJob<'_, B>]) -> Vec<(B::Act, Vec<B::Kept>)> {
+    layers
+        .iter()
+        .map(|l| {
+            let ms: Vec<(B::Buf, B::Kept)> = l
+                .chunks
+                .iter()
+                .map(|j| {
+                    let mut m = be.empty(l.n_in * l.c);
+                    let set = be.merge_fwd_select(j.a, j.b, j.heads, l.n_in, l.c, j.rh, j.mix, &mut m, j.k);
+                    (m, set)
+                })
+                .collect();
+            let parts: Vec<_> = ms.iter().zip(&l.chunks).map(|((m, s), j)| (m, s, j.rule)).collect();
+            let w = be.effective_weight_act(l.w0, &parts, l.n_in, l.c);
+            drop(parts);
+            (w, ms.into_iter().map(|(_, s)| s).collect())
+        })
+        .collect()
 }
 
 /// [`Backend::effective_weight_act`]'s default: each chunk through

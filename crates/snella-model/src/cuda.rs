@@ -72,6 +72,11 @@ pub struct CudaBackend {
     /// `SNELLA_ADAPTER_BWD=composed` is set when the backend is made (for comparisons and tests:
     /// the same gradients to f32 rounding, not the same bits).
     pub fused_adapter_bwd: bool,
+    /// Whether a bf16 forward builds every adapted linear's effective weight up front, one launch
+    /// per kernel for each group of same-shape adapters ([`Backend::batch_effective_weights`],
+    /// session 10); true by default, false when the environment variable `SNELLA_MERGE_BATCH=off` is
+    /// set when the backend is made (linear by linear: the same bits, for comparisons and tests).
+    pub batch_merge: bool,
 }
 
 /// One row of [`CudaBackend::profile_report`]: an op, its summed device time (ms) and its calls.
@@ -132,7 +137,8 @@ impl CudaBackend {
         let fused_attention = std::env::var("SNELLA_ATTENTION").map(|v| v != "unfused").unwrap_or(true);
         let separate_delta = std::env::var("SNELLA_DELTA_PRODUCTS").map(|v| v == "separate").unwrap_or(false);
         let fused_adapter_bwd = std::env::var("SNELLA_ADAPTER_BWD").map(|v| v != "composed").unwrap_or(true);
-        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention, separate_delta, keep_weight: true, ln_bf16_dy: true, fused_adapter_bwd })
+        let batch_merge = std::env::var("SNELLA_MERGE_BATCH").map(|v| v != "off").unwrap_or(true);
+        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention, separate_delta, keep_weight: true, ln_bf16_dy: true, fused_adapter_bwd, batch_merge })
     }
 
     /// Starts recording a pair of device events around every op (for the benchmark's per-op
@@ -551,6 +557,28 @@ impl Backend for CudaBackend {
                 ok("sparsify_into_weight_bf16", sparsify::sparsify_into_weight_bf16(&self.gpu, &m.slice(..), set, rule, &w0v, n_in, c, &mut w, i * n));
             }
             CudaAct::Bf16(w)
+        })
+    }
+    fn batch_effective_weights(&self) -> bool {
+        self.batch_merge && self.keep_effective_weight() && !self.separate_delta
+    }
+    fn effective_weights(&self, layers: &[crate::backend::WeightJob<'_, Self>]) -> Vec<(CudaAct, Vec<topk::CudaKept>)> {
+        if self.gpu.precision() != snella_cuda::device::Precision::Bf16 {
+            return crate::backend::effective_weights_each(self, layers);
+        }
+        self.timed("effective_weights (batched merge + select + bf16 weight)", || {
+            use snella_cuda::ops::merge_batch::{AdapterJob, LayerJob};
+            let jobs: Vec<LayerJob<'_>> = layers
+                .iter()
+                .map(|l| LayerJob {
+                    w0: l.w0.slice(..),
+                    n_in: l.n_in,
+                    c: l.c,
+                    chunks: l.chunks.iter().map(|j| AdapterJob { a: j.a.slice(..), b: j.b.slice(..), mix: j.mix.map(|x| x.slice(..)), heads: j.heads, rh: j.rh, k: j.k, rule: j.rule }).collect(),
+                })
+                .collect();
+            let r = ok("effective_weights", snella_cuda::ops::merge_batch::effective_weights_bf16(&self.gpu, &jobs));
+            r.into_iter().map(|(w, sets)| (CudaAct::Bf16(w), sets)).collect()
         })
     }
     fn sparsify_bwd_from_weight(&self, gt: &CudaSlice<f32>, gt_off: usize, m: &CudaSlice<f32>, set: &topk::CudaKept, rule: SparsifyRule, n_in: usize, c: usize, gh: &mut CudaSlice<f32>) {

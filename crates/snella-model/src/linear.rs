@@ -32,7 +32,7 @@
 //! gradient passed down, not what the adapter's own gradient `xᵀ·∂L/∂y` sees.
 
 use crate::adapter::{Delta, Materialized};
-use crate::backend::{Backend, Weight};
+use crate::backend::{AdapterJob, Backend, Weight, WeightJob};
 use crate::param::Param;
 
 /// `∂L/∂y` as a linear layer's backward receives it ([`Linear::backward_grad`]): f32, or as a
@@ -154,6 +154,26 @@ impl<B: Backend> Linear<B> {
             }
         }
         Some((w, mats))
+    }
+
+    /// What [`Backend::effective_weights`] needs to build this linear's effective weight and kept
+    /// sets (session 10: all layers' at once): `Some` when its adapters are active and every chunk
+    /// carries a kernel adapter, as the one-weight forward of [`Linear::forward_res`] requires.
+    pub fn weight_job(&self) -> Option<WeightJob<'_, B>> {
+        if !self.active() || !self.all_kernel() {
+            return None;
+        }
+        let chunks = self
+            .deltas
+            .iter()
+            .filter_map(|d| match d {
+                Some(Delta::Kernel(k)) => {
+                    Some(AdapterJob { a: &k.a.value, b: &k.b.value, mix: k.mix.as_ref().map(|p| &p.value), heads: k.heads, rh: k.rh, k: k.kept(), rule: k.rule })
+                }
+                _ => None,
+            })
+            .collect();
+        Some(WeightJob { w0: &self.weight.value, n_in: self.n_in, c: self.chunk(), chunks })
     }
 
     /// Whether every chunk carries a kernel (SNELLA/SNELL) adapter.

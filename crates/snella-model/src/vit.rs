@@ -212,6 +212,10 @@ impl<B: Backend> Vit<B> {
         be.copy_rows(&pe, 0, np * d, &mut x, d, t * d, np * d, b);
         be.add_bias(&mut x, &self.pos_embed.value, b, t * d);
         let mut caches = Vec::new();
+        // session 10: every adapted linear's effective weight and kept sets up front, in one backend
+        // call (CUDA bf16: one launch per kernel for each group of same-shape adapters instead of
+        // about seven per adapter); with checkpointing the weights are made block by block instead
+        let mut pre = if be.batch_effective_weights() && !(train && self.recompute) { self.effective_weights(be) } else { Vec::new() }.into_iter();
         for blk in &self.blocks {
             if train && self.recompute {
                 let mut keep = be.empty(b * t * d);
@@ -222,7 +226,7 @@ impl<B: Backend> Vit<B> {
                 x = out;
                 continue;
             }
-            let (out, c, _) = Self::block_fwd(be, cfg, blk, x, b, train, None);
+            let (out, c, _) = Self::block_fwd(be, cfg, blk, x, b, train, pre.next());
             x = out;
             if let Some(c) = c {
                 caches.push(Saved::Full(c));
@@ -235,6 +239,26 @@ impl<B: Backend> Vit<B> {
         let logits = self.head.forward(be, &cls_norm, b);
         let cache = train.then_some(Cache { batch: b, cols, blocks: caches, cls_xhat, cls_rstd: rstd, cls_norm });
         (logits, cache)
+    }
+
+    /// Every block's `[qkv, proj, fc1, fc2]` kept sets with their effective weights, made by one
+    /// [`Backend::effective_weights`] call (linears that [`Linear::weight_job`] leaves out get empty
+    /// [`KeptSets`] and build theirs in their forward).
+    fn effective_weights(&self, be: &B) -> Vec<[KeptSets<B>; 4]> {
+        let lins: Vec<[&Linear<B>; 4]> = self.blocks.iter().map(|b| [&b.qkv, &b.proj, &b.fc1, &b.fc2]).collect();
+        let jobs: Vec<_> = lins.iter().flatten().filter_map(|l| l.weight_job()).collect();
+        let mut made = be.effective_weights(&jobs).into_iter();
+        lins.iter()
+            .map(|ls| {
+                ls.map(|l| match l.weight_job() {
+                    Some(_) => {
+                        let (w, sets) = made.next().expect("one result per job");
+                        KeptSets { sets: sets.into_iter().map(Some).collect(), weight: Some(w) }
+                    }
+                    None => KeptSets::default(),
+                })
+            })
+            .collect()
     }
 
     /// One block's forward; `kept` reuses the kept sets of an earlier forward of the same step (a

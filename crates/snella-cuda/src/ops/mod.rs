@@ -8,6 +8,7 @@ pub mod gelu;
 pub mod importance;
 pub mod layernorm;
 pub mod merge;
+pub mod merge_batch;
 pub mod patch;
 pub mod reduce;
 pub mod sparsify;

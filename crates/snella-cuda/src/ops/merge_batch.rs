@@ -1,0 +1,212 @@
+//! The forward merge path of many adapters in a few launches (session 10): for every kernel adapter
+//! of a step, the kernelized merge (spec §1), its exact top-k (spec §2) and the bf16 effective
+//! weight `W0 + ΔWᵀ` of its linear ([`super::sparsify::sparsify_into_weight_bf16`]'s pass), with one
+//! launch per kernel for each group of adapters of the same shape instead of one per adapter.
+//!
+//! Why: at ViT-B/16 the per-adapter path queues ≈ 7 kernels and a memset for each of 72 adapters;
+//! 48 of them are 768×768, whose kernels fill 0.3–0.7 of an H100 (ncu, session 8) and whose fixed
+//! launch and ramp costs dominated the merge path (PERF.md "Session 9", next steps (1)).
+//!
+//! Each `_batch` kernel (merge.cu, topk.cu, sparsify.cu) is the per-adapter kernel's own body, with
+//! its pointers read from a job table (`SnellaFwdJob` in kernels/common.cuh, 8 u64 words per
+//! adapter) at `blockIdx.z`; the arithmetic and reduction orders are unchanged, so `M`, the kept set
+//! and the weight are bit-identical to [`super::merge::merge_fwd_select`] followed by
+//! [`super::sparsify::sparsify_into_weight_bf16`] (tested in `tests/snella_ops.rs`). The top-k
+//! states are zeroed by the first kernel instead of a memset each.
+
+use super::merge::check_pieces;
+use super::sparsify::rule_code;
+use super::topk::{CudaKept, KEPT_WORDS};
+use super::In;
+use crate::device::{cuda_err, Gpu};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use snella_core::snella::sparsify::SparsifyRule;
+use snella_core::SnellaError;
+
+/// Bytes of `M` one launch group may hold at once (larger groups are split): bounds the transient
+/// `M` of a big model (ViT-B/16: 113 MB per shape group, one launch group each).
+const MAX_GROUP_BYTES: usize = 256 << 20;
+/// Most chunks of the top-k's tie count (`MAX_CHUNKS` in topk.cu).
+const MAX_CHUNKS: usize = 4096;
+
+/// One kernel adapter of a linear for [`effective_weights_bf16`].
+pub struct AdapterJob<'a> {
+    /// `A: [heads, n_in, rh]` (f32).
+    pub a: In<'a>,
+    /// `B: [heads, c, rh]` (f32; `c` = the linear's rows per chunk).
+    pub b: In<'a>,
+    /// `[α, γ, β]` (SNELLA) or `None` (SNELL: `M = K`).
+    pub mix: Option<In<'a>>,
+    /// Kernel pieces `H` (1..=8).
+    pub heads: usize,
+    /// Rank per piece `r/H`.
+    pub rh: usize,
+    /// Entries kept by the top-k, `k ≤ n_in·c`.
+    pub k: usize,
+    /// The sparsify rule.
+    pub rule: SparsifyRule,
+}
+
+/// One adapted linear for [`effective_weights_bf16`]: every one of its `chunks.len()` output chunks
+/// of `c` rows carries a kernel adapter.
+pub struct LayerJob<'a> {
+    /// `W0: [chunks·c, n_in]` (f32, frozen).
+    pub w0: In<'a>,
+    /// Input features.
+    pub n_in: usize,
+    /// Output rows per chunk (each adapter's `n_out`).
+    pub c: usize,
+    /// The adapters, chunk by chunk.
+    pub chunks: Vec<AdapterJob<'a>>,
+}
+
+/// For each linear, its bf16 effective weight `W0 + Σ ΔWᵀ` (`[chunks·c, n_in]`, u16 bf16 bits) and
+/// each chunk's kept set (spec §1–§2): the same values, bit for bit, as
+/// [`super::merge::merge_fwd_select`] and [`super::sparsify::sparsify_into_weight_bf16`] per adapter.
+/// Adapters of one shape `(H, n_in, c, rh, mixture or not)` share each launch: seven launches per
+/// shape (six for SNELL) and one small table upload; `M` is transient (at most 256 MiB at once).
+///
+/// # Errors
+/// `Tensor` naming the layer and chunk when `A`, `B`, the mixture or `W0` is shorter than its shape;
+/// `Config` when `k > n_in·c`, `n_in·c ≥ 2³²`, or `heads`/`rh` are beyond the kernels' limits
+/// ([`check_pieces`]); `CUDA_OOM` / `CUDA_ERROR` on allocation, upload or launch failure.
+pub fn effective_weights_bf16(gpu: &Gpu, layers: &[LayerJob<'_>]) -> Result<Vec<(CudaSlice<u16>, Vec<CudaKept>)>, SnellaError> {
+    // validate, and allocate the outputs
+    let mut out = Vec::with_capacity(layers.len());
+    for (li, l) in layers.iter().enumerate() {
+        let n = l.n_in * l.c;
+        let tensor = |what: &str, got: usize, want: usize| {
+            if got < want {
+                Err(SnellaError::tensor("<device>", &format!("layer {li} {what}"), format!("has {got} elements, expected {want}")))
+            } else {
+                Ok(())
+            }
+        };
+        tensor("W0", l.w0.len(), l.chunks.len() * n)?;
+        if n > u32::MAX as usize || l.n_in.div_ceil(32) > 65535 {
+            return Err(SnellaError::config("in/out", format!("{}x{}", l.n_in, l.c), "below 2^32 entries and 65535·32 rows per adapter on the CUDA backend"));
+        }
+        let mut sets = Vec::with_capacity(l.chunks.len());
+        for (ci, j) in l.chunks.iter().enumerate() {
+            check_pieces(j.heads, j.rh)?;
+            tensor(&format!("chunk {ci} A"), j.a.len(), j.heads * l.n_in * j.rh)?;
+            tensor(&format!("chunk {ci} B"), j.b.len(), j.heads * l.c * j.rh)?;
+            if let Some(x) = &j.mix {
+                tensor(&format!("chunk {ci} mixture"), x.len(), 3)?;
+            }
+            if j.k > n {
+                return Err(SnellaError::config("k", j.k, &format!("at most n = {n} (layer {li} chunk {ci})")));
+            }
+            // zeroed by snella_merge_fwd_tiles_batch before any other kernel reads it
+            // SAFETY: every word is written (zeroed) by the first kernel of the adapter's group.
+            let dev = unsafe { gpu.uninit::<u32>(KEPT_WORDS) }?;
+            sets.push(CudaKept { dev, n, k: j.k });
+        }
+        // SAFETY: every chunk's c·n_in values are written by the sparsify pass below (n > 0), and a
+        // zero-sized weight is never read.
+        let w = unsafe { gpu.uninit::<u16>(l.chunks.len() * n) }?;
+        out.push((w, sets));
+    }
+    // groups of one shape, in order of first appearance
+    let mut groups: Vec<((usize, usize, usize, usize, bool), Vec<(usize, usize)>)> = Vec::new();
+    for (li, l) in layers.iter().enumerate() {
+        if l.n_in * l.c == 0 {
+            continue;
+        }
+        for (ci, j) in l.chunks.iter().enumerate() {
+            let key = (j.heads, l.n_in, l.c, j.rh, j.mix.is_some());
+            match groups.iter_mut().find(|g| g.0 == key) {
+                Some(g) => g.1.push((li, ci)),
+                None => groups.push((key, vec![(li, ci)])),
+            }
+        }
+    }
+    for (key, members) in &groups {
+        let n = key.1 * key.2;
+        let per = (MAX_GROUP_BYTES / (4 * n)).clamp(1, 65535);
+        for part in members.chunks(per) {
+            launch_group(gpu, layers, &mut out, *key, part)?;
+        }
+    }
+    Ok(out)
+}
+
+/// The seven launches of one group of same-shape adapters (`members`: (layer, chunk) pairs).
+fn launch_group(
+    gpu: &Gpu, layers: &[LayerJob<'_>], out: &mut [(CudaSlice<u16>, Vec<CudaKept>)], key: (usize, usize, usize, usize, bool), members: &[(usize, usize)],
+) -> Result<(), SnellaError> {
+    let (heads, n_in, c, rh, mixture) = key;
+    let n = n_in * c;
+    let z = members.len();
+    // SAFETY: adapter z's n values are written by snella_merge_fwd_tiles_batch before any read.
+    let mut m = unsafe { gpu.uninit::<f32>(z * n) }?;
+    let m_base = m.device_ptr_mut(&gpu.stream).0;
+    let mut table: Vec<u64> = Vec::with_capacity(8 * z);
+    for (zi, &(li, ci)) in members.iter().enumerate() {
+        let l = &layers[li];
+        let j = &l.chunks[ci];
+        let ptr = |v: &In| v.device_ptr(&gpu.stream).0;
+        let w0 = ptr(&l.w0) + 4 * (ci * n) as u64;
+        let (w, sets) = &mut out[li];
+        let w_at = w.device_ptr_mut(&gpu.stream).0 + 2 * (ci * n) as u64;
+        let st = sets[ci].dev.device_ptr_mut(&gpu.stream).0;
+        let mix = j.mix.as_ref().map_or(0, ptr);
+        table.extend([ptr(&j.a), ptr(&j.b), mix, m_base + 4 * (zi * n) as u64, st, w0, w_at, j.k as u64 | (rule_code(j.rule) as u64) << 32]);
+    }
+    let jobs = gpu.stream.clone_htod(&table).map_err(|e| cuda_err("upload of the merge job table", e))?;
+    let (h32, i32_, c32, r32, n64) = (heads as u32, n_in as u32, c as u32, rh as u32, n as u64);
+    let err = |what: &'static str| move |e| cuda_err(what, e);
+    let z32 = z as u32;
+    // 1. K (= M for SNELL) per 32×32 tile; zeroes each top-k state
+    let shared = 2 * heads * (rh + 1) * 36 * 4;
+    let f = gpu.func_shared("snella_merge_fwd_tiles_batch", shared, 1024)?;
+    let cfg = LaunchConfig { grid_dim: (c.div_ceil(32) as u32, n_in.div_ceil(32) as u32, z32), block_dim: (256, 1, 1), shared_mem_bytes: shared as u32 };
+    let mut lb = gpu.stream.launch_builder(&f);
+    lb.arg(&jobs).arg(&h32).arg(&i32_).arg(&c32).arg(&r32);
+    // SAFETY: the table's A, B hold heads·(n_in | c)·rh floats, M z·n, states KEPT_WORDS words
+    // (checked above); the body bounds-checks rows and columns.
+    unsafe { lb.launch(cfg) }.map_err(err("snella_merge_fwd_tiles_batch"))?;
+    // 2. the mixture's softmax rows, with the top-k's digit-0 histogram
+    if mixture {
+        let f = gpu.func("snella_merge_fwd_softmax_batch");
+        let cfg = LaunchConfig { grid_dim: (n_in as u32, 1, z32), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut lb = gpu.stream.launch_builder(&f);
+        lb.arg(&jobs).arg(&c32);
+        // SAFETY: one block per row of each adapter's M; the mixture holds 3 floats (checked).
+        unsafe { lb.launch(cfg) }.map_err(err("snella_merge_fwd_softmax_batch"))?;
+    }
+    // 3. the select (topk.rs select_from's launches, one per digit / ties / finish for all)
+    let f = gpu.func("snella_topk_hist_batch");
+    let cfg = LaunchConfig { grid_dim: (n.div_ceil(2048).min(1024) as u32, 1, z32), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    for pass in (if mixture { 1u32 } else { 0 })..3 {
+        let mut lb = gpu.stream.launch_builder(&f);
+        lb.arg(&jobs).arg(&n64).arg(&pass);
+        // SAFETY: each M holds n floats; states KEPT_WORDS words; bounds-checked idx < n.
+        unsafe { lb.launch(cfg) }.map_err(err("snella_topk_hist_batch"))?;
+    }
+    let chunk = n.div_ceil(MAX_CHUNKS).max(2048);
+    let nchunks = n.div_ceil(chunk);
+    let (chunk64, nchunks32) = (chunk as u64, nchunks as u32);
+    let f = gpu.func("snella_topk_ties_batch");
+    let cfg = LaunchConfig { grid_dim: (nchunks32, 1, z32), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut lb = gpu.stream.launch_builder(&f);
+    lb.arg(&jobs).arg(&n64).arg(&chunk64);
+    // SAFETY: nchunks·chunk ≥ n, nchunks ≤ 4096 count words per state; bounds-checked.
+    unsafe { lb.launch(cfg) }.map_err(err("snella_topk_ties_batch"))?;
+    let f = gpu.func("snella_topk_finish_batch");
+    let cfg = LaunchConfig { grid_dim: (1, 1, z32), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    let mut lb = gpu.stream.launch_builder(&f);
+    lb.arg(&jobs).arg(&n64).arg(&nchunks32).arg(&chunk64);
+    // SAFETY: as above; one block per adapter.
+    unsafe { lb.launch(cfg) }.map_err(err("snella_topk_finish_batch"))?;
+    // 4. W0 + ΔWᵀ into each chunk of the bf16 weights
+    let f = gpu.func("snella_sparsify_into_weight_bf16_batch");
+    let cfg = LaunchConfig { grid_dim: (c.div_ceil(32) as u32, n_in.div_ceil(32) as u32, z32), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+    let mut lb = gpu.stream.launch_builder(&f);
+    lb.arg(&jobs).arg(&i32_).arg(&c32);
+    // SAFETY: each M and W0 chunk hold n floats, each weight chunk n bf16 values (checked/allocated);
+    // the body bounds every index by n_in, c.
+    unsafe { lb.launch(cfg) }.map_err(err("snella_sparsify_into_weight_bf16_batch"))?;
+    drop(m);
+    Ok(())
+}
