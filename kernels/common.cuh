@@ -71,3 +71,29 @@ struct SnellaFwdJob {
 };
 // Words of a top-k state (topk.cu's layout; ops/topk.rs KEPT_WORDS).
 #define SNELLA_KEPT_WORDS (32u + 2048u + 2048u + 512u + 4096u)
+
+// One adapter of the batched backward merge path (session 10; ops/merge_batch.rs, 18 u64 words):
+// the `_batch` backward entry points of merge.cu give blockIdx.z to one adapter each (one shape for
+// all). G: its chunk of the layer's weight gradient [n_in rows at stride ld]; kept: its forward's
+// top-k state; K, D, dK, rowstat [n_in, 4], gpart [n_in] (the rows' ∂γ shares), partA, partB, tgpart
+// (the tiles kernel's partials): scratch; dA, dB, dmix: the outputs (dmix null: none).
+struct SnellaBwdJob {
+  const float* A;
+  const float* B;
+  const float* mix;
+  const float* G;
+  unsigned long long ld;
+  const unsigned* kept;
+  unsigned rule, pad;
+  float* K;
+  float* D;
+  float* dK;
+  float* rowstat;
+  float* gpart;
+  float* partA;
+  float* partB;
+  float* tgpart;
+  float* dA;
+  float* dB;
+  float* dmix;
+};

@@ -428,11 +428,11 @@ __device__ __forceinline__ void rows_grad(const float* __restrict__ kr, const fl
 
 // Grid n_in, block 256. K, dK: [n_in, c]; G: row stride ld (≥ c); kept: the kept-set words; rowstat
 // [n_in, 4] and gpart [n_in] (mixture only; may be null for SNELL).
-extern "C" __global__ void __launch_bounds__(256)
-    snella_merge_bwd_rows_grad(const float* __restrict__ K, const float* __restrict__ G, unsigned long long ld, unsigned c,
-                               const float* __restrict__ mix, const unsigned* __restrict__ kept, unsigned rule,
-                               float* __restrict__ dK, float* __restrict__ rowstat, float* __restrict__ gpart) {
-  using namespace snella_merge;
+namespace snella_merge {
+__device__ __forceinline__ void rows_grad_entry(const float* __restrict__ K, const float* __restrict__ G,
+                                                unsigned long long ld, unsigned c, const float* __restrict__ mix,
+                                                const unsigned* __restrict__ kept, unsigned rule, float* __restrict__ dK,
+                                                float* __restrict__ rowstat, float* __restrict__ gpart) {
   const size_t i = blockIdx.x;
   const float* kr = K + i * c;
   const float* gr = G + i * ld;
@@ -445,6 +445,14 @@ extern "C" __global__ void __launch_bounds__(256)
     rows_grad<12>(kr, gr, dkr, c, i * c, mix, kept, rule, rs, gp);
   else
     rows_grad<0>(kr, gr, dkr, c, i * c, mix, kept, rule, rs, gp);
+}
+}  // namespace snella_merge
+
+extern "C" __global__ void __launch_bounds__(256)
+    snella_merge_bwd_rows_grad(const float* __restrict__ K, const float* __restrict__ G, unsigned long long ld, unsigned c,
+                               const float* __restrict__ mix, const unsigned* __restrict__ kept, unsigned rule,
+                               float* __restrict__ dK, float* __restrict__ rowstat, float* __restrict__ gpart) {
+  snella_merge::rows_grad_entry(K, G, ld, c, mix, kept, rule, dK, rowstat, gpart);
 }
 
 // dX[h, x, r] = X[h, x, r]·Σ_s part[s, h, rh, x] − Σ_s part[s, h, r, x] for part [nsplit, H, rh + 1, rows]
@@ -469,13 +477,13 @@ static __device__ __forceinline__ void snella_merge_reduce_one(const float* __re
 // [ns_a, H, rh + 1, n_in], blocks [nb_a, nb_a + nb_b) dB from partB; when dmix is not null, the last
 // block writes dmix = (Σ_i s_i, −(α/γ²)·Σ gpart, Σ_i Σ_j Ĝ), summed in f64 in a fixed order, with
 // ∂γ = 0 while the clamp γ < 1e-4 is active (as the CPU).
-extern "C" __global__ void __launch_bounds__(256)
-    snella_merge_bwd_finish(const float* __restrict__ partA, unsigned ns_a, const float* __restrict__ partB,
-                            unsigned ns_b, unsigned H, unsigned n_in, unsigned n_out, unsigned rh,
-                            const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ dA,
-                            float* __restrict__ dB, unsigned nb_a, unsigned nb_b, const float* __restrict__ rowstat,
-                            const float* __restrict__ gpart, unsigned ng, const float* __restrict__ mix,
-                            float* __restrict__ dmix) {
+namespace snella_merge {
+__device__ __forceinline__ void finish_body(const float* __restrict__ partA, unsigned ns_a, const float* __restrict__ partB,
+                                            unsigned ns_b, unsigned H, unsigned n_in, unsigned n_out, unsigned rh,
+                                            const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ dA,
+                                            float* __restrict__ dB, unsigned nb_a, unsigned nb_b,
+                                            const float* __restrict__ rowstat, const float* __restrict__ gpart, unsigned ng,
+                                            const float* __restrict__ mix, float* __restrict__ dmix) {
   if (blockIdx.x < nb_a) {
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx < (size_t)H * n_in * rh) snella_merge_reduce_one(partA, ns_a, H, n_in, rh, idx, A, dA);
@@ -520,4 +528,52 @@ extern "C" __global__ void __launch_bounds__(256)
     dmix[1] = clamped ? 0.f : __fmul_rn(-__fdiv_rn(alpha, __fmul_rn(g, g)), (float)sg);
     dmix[2] = (float)sb;
   }
+}
+}  // namespace snella_merge
+
+extern "C" __global__ void __launch_bounds__(256)
+    snella_merge_bwd_finish(const float* __restrict__ partA, unsigned ns_a, const float* __restrict__ partB,
+                            unsigned ns_b, unsigned H, unsigned n_in, unsigned n_out, unsigned rh,
+                            const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ dA,
+                            float* __restrict__ dB, unsigned nb_a, unsigned nb_b, const float* __restrict__ rowstat,
+                            const float* __restrict__ gpart, unsigned ng, const float* __restrict__ mix,
+                            float* __restrict__ dmix) {
+  snella_merge::finish_body(partA, ns_a, partB, ns_b, H, n_in, n_out, rh, A, B, dA, dB, nb_a, nb_b, rowstat, gpart, ng,
+                            mix, dmix);
+}
+
+// The backward from the weight gradient (ops/merge.rs merge_bwd_from_grad's four launches) for
+// adapter blockIdx.z of a job table (common.cuh SnellaBwdJob; one shape for all), session 10: the
+// same bodies, so the same bits. 1: K and D (M not formed); 2: M, Ĝ, row statistics, ∂L/∂K; 3: the
+// tiles with ∂L/∂K as their gradient (no mixture); 4: dA, dB and dmix from the partials and the
+// rows' statistics (ng = n_in).
+extern "C" __global__ void __launch_bounds__(256)
+    snella_merge_bwd_kd_batch(const SnellaBwdJob* __restrict__ jobs, unsigned H, unsigned n_in, unsigned n_out,
+                              unsigned rh) {
+  const SnellaBwdJob& jb = jobs[blockIdx.z];
+  snella_merge::fwd_tiles_body(jb.A, jb.B, H, n_in, n_out, rh, nullptr, jb.K, jb.D);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    snella_merge_bwd_rows_grad_batch(const SnellaBwdJob* __restrict__ jobs, unsigned c) {
+  const SnellaBwdJob& jb = jobs[blockIdx.z];
+  snella_merge::rows_grad_entry(jb.K, jb.G, jb.ld, c, jb.mix, jb.kept, jb.rule, jb.dK, jb.rowstat, jb.gpart);
+}
+#define SNELLA_MERGE_BWD_TILES_BATCH(RM)                                                                           \
+  extern "C" __global__ void __launch_bounds__(256, RM <= 8 ? 5 : 1) snella_merge_bwd_tiles_r##RM##_batch(         \
+      const SnellaBwdJob* __restrict__ jobs, unsigned H, unsigned n_in, unsigned n_out, unsigned rh, unsigned jt) { \
+    extern __shared__ __align__(16) float snella_merge_btb_sh_##RM[];                                              \
+    const SnellaBwdJob& jb = jobs[blockIdx.z];                                                                     \
+    snella_merge::bwd_tiles_body<RM>(jb.A, jb.B, H, n_in, n_out, rh, nullptr, jb.dK, nullptr, jb.K, jb.D, jt,      \
+                                     jb.partA, jb.partB, jb.tgpart, snella_merge_btb_sh_##RM);                     \
+  }
+SNELLA_MERGE_BWD_TILES_BATCH(6)
+SNELLA_MERGE_BWD_TILES_BATCH(8)
+SNELLA_MERGE_BWD_TILES_BATCH(32)
+#undef SNELLA_MERGE_BWD_TILES_BATCH
+extern "C" __global__ void __launch_bounds__(256)
+    snella_merge_bwd_finish_batch(const SnellaBwdJob* __restrict__ jobs, unsigned ns_a, unsigned ns_b, unsigned H,
+                                  unsigned n_in, unsigned n_out, unsigned rh, unsigned nb_a, unsigned nb_b) {
+  const SnellaBwdJob& jb = jobs[blockIdx.z];
+  snella_merge::finish_body(jb.partA, ns_a, jb.partB, ns_b, H, n_in, n_out, rh, jb.A, jb.B, jb.dA, jb.dB, nb_a, nb_b,
+                            jb.rowstat, jb.gpart, n_in, jb.mix, jb.dmix);
 }

@@ -321,6 +321,21 @@ pub trait Backend: Clone + Send + Sync + 'static {
         self.sparsify_bwd_from_weight(&gt, off * n_in, &m, set, rule, n_in, c, &mut gh);
         self.merge_bwd(a, b, heads, n_in, c, rh, mix, &gh, da, db, dmix);
     }
+    /// Whether a ViT backward pass hands every kernel adapter's backward from its layer's weight
+    /// gradient to one [`Backend::adapter_bwd_batch`] call at its end, keeping the weight gradients
+    /// until then (CUDA bf16 with the fused adapter backward, session 10), instead of running
+    /// [`Backend::adapter_bwd_from_grad`] layer by layer. False by default.
+    fn batch_adapter_bwd(&self) -> bool {
+        false
+    }
+    /// [`Backend::adapter_bwd_from_grad`] for many adapters at once (spec §2–§3). The default runs
+    /// them one by one; CUDA launches each kernel once per group of same-shape adapters
+    /// (`snella_cuda::ops::merge_batch::adapter_bwd_batch`), with the same bits.
+    fn adapter_bwd_batch(&self, jobs: &mut [GradJob<'_, Self>]) {
+        for j in jobs.iter_mut() {
+            self.adapter_bwd_from_grad(j.g, j.off, j.ld, j.set, j.rule, j.a, j.b, j.heads, j.n_in, j.c, j.rh, j.mix, j.da, j.db, j.dmix.as_deref_mut());
+        }
+    }
     /// Whether adapted linears multiply by `W0` and by `ΔWᵀ` in two products (`x·W0ᵀ + x·ΔW`, as the
     /// reference's autocast does) instead of by one effective weight `W0 + ΔWᵀ`. The default is
     /// false (one product); CUDA in bf16 takes two when asked (`SNELLA_DELTA_PRODUCTS=separate`,
@@ -445,6 +460,41 @@ pub struct WeightJob<'a, B: Backend> {
     pub c: usize,
     /// One adapter per chunk.
     pub chunks: Vec<AdapterJob<'a, B>>,
+}
+
+/// One kernel adapter's backward for [`Backend::adapter_bwd_batch`]: the arguments of
+/// [`Backend::adapter_bwd_from_grad`].
+pub struct GradJob<'a, B: Backend> {
+    /// The layer's weight gradient `g: [n_in, ld]` (ΔW's layout).
+    pub g: &'a B::Buf,
+    /// The chunk's first column in `g`.
+    pub off: usize,
+    /// Columns of `g` (the layer's `n_out`).
+    pub ld: usize,
+    /// The forward's kept set of this adapter.
+    pub set: &'a B::Kept,
+    /// The sparsify rule.
+    pub rule: SparsifyRule,
+    /// `A: [heads, n_in, rh]`.
+    pub a: &'a B::Buf,
+    /// `B: [heads, c, rh]`.
+    pub b: &'a B::Buf,
+    /// Kernel pieces `H`.
+    pub heads: usize,
+    /// Input features.
+    pub n_in: usize,
+    /// The chunk's output features.
+    pub c: usize,
+    /// Rank per piece `r/H`.
+    pub rh: usize,
+    /// `[α, γ, β]` (SNELLA) or `None`.
+    pub mix: Option<&'a B::Buf>,
+    /// `∂L/∂A`, overwritten.
+    pub da: &'a mut B::Buf,
+    /// `∂L/∂B`, overwritten.
+    pub db: &'a mut B::Buf,
+    /// `(∂α, ∂γ, ∂β)`, overwritten when given.
+    pub dmix: Option<&'a mut B::Buf>,
 }
 
 /// [`Backend::effective_weights`]'s default: per layer, [`Backend::merge_fwd_select`] into a fresh

@@ -77,6 +77,10 @@ pub struct CudaBackend {
     /// session 10); true by default, false when the environment variable `SNELLA_MERGE_BATCH=off` is
     /// set when the backend is made (linear by linear: the same bits, for comparisons and tests).
     pub batch_merge: bool,
+    /// Whether a backward pass defers every kernel adapter's backward to one batched call at its
+    /// end ([`Backend::batch_adapter_bwd`], session 10; it applies with the fused adapter backward);
+    /// true by default, false when `SNELLA_MERGE_BATCH` is `off` or `fwd` (the same bits).
+    pub batch_merge_bwd: bool,
 }
 
 /// One row of [`CudaBackend::profile_report`]: an op, its summed device time (ms) and its calls.
@@ -137,8 +141,9 @@ impl CudaBackend {
         let fused_attention = std::env::var("SNELLA_ATTENTION").map(|v| v != "unfused").unwrap_or(true);
         let separate_delta = std::env::var("SNELLA_DELTA_PRODUCTS").map(|v| v == "separate").unwrap_or(false);
         let fused_adapter_bwd = std::env::var("SNELLA_ADAPTER_BWD").map(|v| v != "composed").unwrap_or(true);
-        let batch_merge = std::env::var("SNELLA_MERGE_BATCH").map(|v| v != "off").unwrap_or(true);
-        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention, separate_delta, keep_weight: true, ln_bf16_dy: true, fused_adapter_bwd, batch_merge })
+        let batch = std::env::var("SNELLA_MERGE_BATCH").unwrap_or_default();
+        let (batch_merge, batch_merge_bwd) = (batch != "off", batch != "off" && batch != "fwd");
+        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention, separate_delta, keep_weight: true, ln_bf16_dy: true, fused_adapter_bwd, batch_merge, batch_merge_bwd })
     }
 
     /// Starts recording a pair of device events around every op (for the benchmark's per-op
@@ -599,6 +604,34 @@ impl Backend for CudaBackend {
             let mut dxv = dx.map(|v| v.slice_mut(..));
             let mut gv = g.slice_mut(..);
             ok("linear_bwd_products", gemm::linear_bwd_products_bf16_g(&self.gpu, dy16, wt(w), x16, rows, n_in, n_out, dxv.as_mut(), &mut gv));
+        })
+    }
+    fn batch_adapter_bwd(&self) -> bool {
+        self.batch_merge_bwd && self.fused_adapter_bwd
+    }
+    fn adapter_bwd_batch(&self, jobs: &mut [crate::backend::GradJob<'_, Self>]) {
+        self.timed("merge_bwd (from the weight gradient, batched)", || {
+            use snella_cuda::ops::merge_batch::GradJob;
+            let mut views: Vec<GradJob<'_, '_>> = jobs
+                .iter_mut()
+                .map(|j| GradJob {
+                    g: j.g.slice(j.off..),
+                    ld: j.ld,
+                    kept: j.set,
+                    rule: j.rule,
+                    a: j.a.slice(..),
+                    b: j.b.slice(..),
+                    heads: j.heads,
+                    n_in: j.n_in,
+                    c: j.c,
+                    rh: j.rh,
+                    mix: j.mix.map(|x| x.slice(..)),
+                    da: j.da.slice_mut(..),
+                    db: j.db.slice_mut(..),
+                    dmix: j.dmix.as_mut().map(|d| d.slice_mut(..)),
+                })
+                .collect();
+            ok("adapter_bwd_batch", snella_cuda::ops::merge_batch::adapter_bwd_batch(&self.gpu, &mut views));
         })
     }
     fn adapter_bwd_from_grad(

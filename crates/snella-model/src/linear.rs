@@ -32,7 +32,7 @@
 //! gradient passed down, not what the adapter's own gradient `xᵀ·∂L/∂y` sees.
 
 use crate::adapter::{Delta, Materialized};
-use crate::backend::{AdapterJob, Backend, Weight, WeightJob};
+use crate::backend::{AdapterJob, Backend, GradJob, Weight, WeightJob};
 use crate::param::Param;
 
 /// `∂L/∂y` as a linear layer's backward receives it ([`Linear::backward_grad`]): f32, or as a
@@ -94,6 +94,19 @@ pub struct Linear<B: Backend> {
     pub deltas: Vec<Option<Delta<B>>>,
     /// The original `W0` while merged (see [`Linear::merge`]).
     pub original: Option<B::Buf>,
+    /// `Some` while a backward pass defers its kernel adapters' backward
+    /// ([`Backend::batch_adapter_bwd`]): the weight gradient and kept sets the fused backward left
+    /// for [`Linear::grad_jobs`]; `None` (the default) runs it at once.
+    pub deferred: Option<Vec<PendingGrad<B>>>,
+}
+
+/// A weight gradient `g: [n_in, n_out]` and its chunks' kept sets, waiting for the batched adapter
+/// backward ([`Backend::adapter_bwd_batch`]).
+pub struct PendingGrad<B: Backend> {
+    /// `G = xᵀ·∂L/∂y` in `ΔW`'s layout.
+    pub g: B::Buf,
+    /// One kept set per chunk (every chunk carries a kernel adapter).
+    pub sets: Vec<B::Kept>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -107,6 +120,7 @@ impl<B: Backend> Linear<B> {
             bias: Param::frozen(be, format!("{name}.bias"), vec![n_out], b),
             deltas: (0..chunks).map(|_| None).collect(),
             original: None,
+            deferred: None,
         }
     }
 
@@ -302,11 +316,11 @@ impl<B: Backend> Linear<B> {
         let active = self.active();
         let (sets, kept_w) = kept.map_or((None, None), |k| (Some(k.sets), k.weight.filter(|_| active)));
         let whole = |s: &Vec<Option<B::Kept>>| s.len() == self.deltas.len() && s.iter().all(Option::is_some);
-        if let (Dy::Act(dy), Some(w), Some(sets)) = (&dy, &kept_w, &sets) {
-            if be.fused_adapter_bwd() && self.weight.train.is_none() && self.all_kernel() && whole(sets) {
-                let sets = sets.iter().map(|s| s.as_ref().expect("kept set")).collect::<Vec<_>>();
-                return self.backward_fused(be, x, dy, w, rows, need_dx, &sets);
-            }
+        let fused = matches!(dy, Dy::Act(_)) && kept_w.is_some() && sets.as_ref().is_some_and(whole);
+        if fused && be.fused_adapter_bwd() && self.weight.train.is_none() && self.all_kernel() {
+            let (Dy::Act(dy), Some(w), Some(sets)) = (dy, kept_w, sets) else { unreachable!("checked above") };
+            let sets = sets.into_iter().map(|s| s.expect("kept set")).collect();
+            return self.backward_fused(be, x, dy, &w, rows, need_dx, sets);
         }
         let (w_eff, mats) = match (&kept_w, active) {
             (_, false) => (None, Vec::new()),
@@ -369,17 +383,44 @@ impl<B: Backend> Linear<B> {
     /// each chunk's kernel adapter takes its backward ([`crate::adapter::KernelAdapter::backward_from_grad`]) with
     /// the forward's kept set.
     #[allow(clippy::too_many_arguments)]
-    fn backward_fused(&mut self, be: &B, x: &B::Act, dy: &B::Act, w: &B::Act, rows: usize, need_dx: bool, sets: &[&B::Kept]) -> Option<B::Buf> {
+    fn backward_fused(&mut self, be: &B, x: &B::Act, dy: &B::Act, w: &B::Act, rows: usize, need_dx: bool, sets: Vec<B::Kept>) -> Option<B::Buf> {
         let (n_in, n_out, c) = (self.n_in, self.n_out, self.chunk());
         let mut dx = need_dx.then(|| be.empty(rows * n_in));
         let mut g = be.empty(n_in * n_out);
         be.linear_bwd_products_g(dy, Weight::Act(w), x, rows, n_in, n_out, dx.as_mut(), &mut g);
-        for (i, (d, set)) in self.deltas.iter_mut().zip(sets).enumerate() {
+        if let Some(pending) = self.deferred.as_mut() {
+            pending.push(PendingGrad { g, sets });
+            return dx;
+        }
+        for (i, (d, set)) in self.deltas.iter_mut().zip(&sets).enumerate() {
             if let Some(Delta::Kernel(k)) = d {
                 k.backward_from_grad(be, &g, i * c, n_out, set);
             }
         }
         dx
+    }
+
+    /// The adapter backward jobs of the weight gradients deferred in [`Linear::deferred`] (one per
+    /// chunk of each), borrowing them and the adapters' gradients; empty when nothing waits.
+    pub fn grad_jobs(&mut self) -> Vec<GradJob<'_, B>> {
+        let (n_in, n_out, c) = (self.n_in, self.n_out, self.chunk());
+        let Linear { deferred, deltas, .. } = self;
+        let Some(pending) = deferred.as_ref() else { return Vec::new() };
+        let mut jobs = Vec::new();
+        // one backward pass per step: a linear holds at most one pending gradient
+        let Some(p) = pending.last() else { return jobs };
+        assert_eq!(pending.len(), 1, "one deferred adapter backward per linear and pass");
+        for (i, (d, set)) in deltas.iter_mut().zip(&p.sets).enumerate() {
+            if let Some(Delta::Kernel(k)) = d {
+                let (da, db) = (&mut k.a.train.as_mut().expect("A trainable").grad, &mut k.b.train.as_mut().expect("B trainable").grad);
+                let (mix, dmix) = match k.mix.as_mut() {
+                    Some(p) => (Some(&p.value), Some(&mut p.train.as_mut().expect("mixture trainable").grad)),
+                    None => (None, None),
+                };
+                jobs.push(GradJob { g: &p.g, off: i * c, ld: n_out, set, rule: k.rule, a: &k.a.value, b: &k.b.value, heads: k.heads, n_in, c, rh: k.rh, mix, da, db, dmix });
+            }
+        }
+        jobs
     }
 
     /// Writes `W = W0 + ΔWᵀ` into the weight (spec §7), keeping `W0` for [`Linear::unmerge`].

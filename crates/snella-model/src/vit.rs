@@ -306,6 +306,11 @@ impl<B: Backend> Vit<B> {
         // a block's input gradient is the previous block's fc2 ∂L/∂y: with a frozen fc2 bias the
         // LayerNorm backward also writes it in the form the products read
         let fc2_frozen: Vec<bool> = self.blocks.iter().map(|blk| blk.fc2.bias.train.is_none()).collect();
+        // session 10: the kernel adapters' backward waits for one batched call at the end
+        let defer = be.batch_adapter_bwd();
+        if defer {
+            self.linears_mut().into_iter().for_each(|l| l.deferred = Some(Vec::new()));
+        }
         let mut dx_act = None;
         for (i, (blk, saved)) in self.blocks.iter_mut().zip(cache.blocks).enumerate().rev() {
             let c = match saved {
@@ -329,6 +334,16 @@ impl<B: Backend> Vit<B> {
             let mut dpe = be.empty(b * np * d);
             be.copy_rows(&dx, d, t * d, &mut dpe, 0, np * d, np * d, b);
             self.patch.backward(be, &cache.cols, &dpe, b * np, false);
+        }
+        if defer {
+            let mut lins = self.linears_mut();
+            {
+                let mut jobs: Vec<_> = lins.iter_mut().flat_map(|l| l.grad_jobs()).collect();
+                if !jobs.is_empty() {
+                    be.adapter_bwd_batch(&mut jobs);
+                }
+            }
+            lins.iter_mut().for_each(|l| l.deferred = None);
         }
     }
 

@@ -262,16 +262,17 @@ fn gpu_bf16_layernorm_dy_copy_gives_bit_identical_step() {
     bf16_switch_gives_same_step(11, "LayerNorm bf16 dy vs the products' conversion", |be, on| be.ln_bf16_dy = on);
 }
 
-/// Every adapted linear's effective weight and kept sets built up front by one batched call
-/// (default `batch_merge`, session 10: one launch per kernel for each group of same-shape adapters)
-/// gives bit-identical gradients and updated values to building them linear by linear, with the
+/// Every adapted linear's effective weight and kept sets built up front by one batched call, and
+/// every kernel adapter's backward in one batched call at the end of the backward pass (defaults
+/// `batch_merge`, `batch_merge_bwd`, session 10: one launch per kernel for each group of same-shape
+/// adapters) give bit-identical gradients and updated values to the linear-by-linear path, with the
 /// default (fused) adapter backward on both sides, for SNELLA (LoRA: no batched job, the same path).
 #[test]
 fn gpu_bf16_batched_effective_weights_give_bit_identical_step() {
     bf16_switch_gives_same_step(13, "batched vs per-linear effective weights", |be, on| {
         be.fused_adapter_bwd = true;
-        be.batch_merge = on;
-        assert_eq!(be.batch_effective_weights(), on);
+        (be.batch_merge, be.batch_merge_bwd) = (on, on);
+        assert_eq!((be.batch_effective_weights(), be.batch_adapter_bwd()), (on, on));
     });
 }
 

@@ -38,7 +38,7 @@ const MAX_SHARED: usize = 52 * 1024;
 /// Checks the shapes shared by both passes; returns the dynamic shared memory of the backward tiles
 /// kernel (`snella_merge_bwd_tiles_r*`), the larger of the two passes'.
 #[allow(clippy::too_many_arguments)]
-fn check(
+pub(crate) fn check(
     a: &In, b: &In, heads: usize, n_in: usize, n_out: usize, rh: usize, mix: Option<&In>, m_len: usize, m_name: &str,
 ) -> Result<usize, SnellaError> {
     let need = |name: &str, got: usize, want: usize, shape: String| {
@@ -87,7 +87,7 @@ pub fn check_pieces(heads: usize, rh: usize) -> Result<usize, SnellaError> {
 }
 
 /// Streaming multiprocessors of the device (132 on an H200 if the query fails).
-fn sm_count(gpu: &Gpu) -> usize {
+pub(crate) fn sm_count(gpu: &Gpu) -> usize {
     gpu.ctx
         .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map(|v| v.max(1) as usize)
@@ -486,7 +486,7 @@ fn tiles(
 
 /// Partial sums each thread of the backward's tiles kernel accumulates: `⌈(rh + 1) / ⌊256 / (32·H)⌋⌉`
 /// (`H ≤ 8`).
-fn tile_sums_per_thread(heads: usize, rh: usize) -> usize {
+pub(crate) fn tile_sums_per_thread(heads: usize, rh: usize) -> usize {
     (rh + 1).div_ceil(THREADS as usize / (32 * heads.max(1)))
 }
 

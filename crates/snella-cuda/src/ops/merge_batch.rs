@@ -210,3 +210,204 @@ fn launch_group(
     drop(m);
     Ok(())
 }
+
+/// One kernel adapter's backward for [`adapter_bwd_batch`]: what
+/// [`super::merge::merge_bwd_from_grad`] takes for it.
+pub struct GradJob<'a, 'b> {
+    /// Its chunk of the layer's weight gradient `G = xᵀ·∂L/∂y`: `n_in` rows of `c` values at row
+    /// stride `ld` (a view starting at the chunk's first column).
+    pub g: In<'a>,
+    /// Row stride of `g` (the layer's `n_out`), `≥ c`.
+    pub ld: usize,
+    /// The forward's kept set of this adapter's `M` (`n_in·c` entries).
+    pub kept: &'a CudaKept,
+    /// The sparsify rule.
+    pub rule: SparsifyRule,
+    /// `A: [heads, n_in, rh]`.
+    pub a: In<'a>,
+    /// `B: [heads, c, rh]`.
+    pub b: In<'a>,
+    /// Kernel pieces `H`.
+    pub heads: usize,
+    /// Input features.
+    pub n_in: usize,
+    /// Output features of the chunk.
+    pub c: usize,
+    /// Rank per piece `r/H`.
+    pub rh: usize,
+    /// `[α, γ, β]` or `None` (SNELL).
+    pub mix: Option<In<'a>>,
+    /// `∂L/∂A`, overwritten.
+    pub da: super::Out<'b>,
+    /// `∂L/∂B`, overwritten.
+    pub db: super::Out<'b>,
+    /// `(∂α, ∂γ, ∂β)`, overwritten when given.
+    pub dmix: Option<super::Out<'b>>,
+}
+
+/// [`super::merge::merge_bwd_from_grad`] for many adapters, four launches for each group of
+/// same-shape adapters instead of four per adapter (session 10): the same kernels' bodies over a
+/// job table (`SnellaBwdJob`, 18 u64 words per adapter), the same block partition (`jt`) as one
+/// adapter alone, so the same bits. Scratch `(2 + H)·n_in·c` floats plus partials per adapter,
+/// at most 256 MiB per launch group. Empty shapes and a `dmix` without a mixture go through the
+/// per-adapter function (it zeroes them).
+///
+/// # Errors
+/// As [`super::merge::merge_bwd_from_grad`], naming the job's index.
+pub fn adapter_bwd_batch(gpu: &Gpu, jobs: &mut [GradJob<'_, '_>]) -> Result<(), SnellaError> {
+    use super::merge::{check, merge_bwd_from_grad};
+    let mut groups: Vec<((usize, usize, usize, usize, bool, bool), Vec<usize>)> = Vec::new();
+    for (ji, j) in jobs.iter_mut().enumerate() {
+        let named = |e: SnellaError| SnellaError::tensor("<device>", &format!("adapter backward job {ji}"), e.to_string());
+        if j.n_in == 0 || j.c == 0 || (j.mix.is_none() && j.dmix.is_some()) {
+            let GradJob { g, ld, kept, rule, a, b, heads, n_in, c, rh, mix, da, db, dmix } = j;
+            merge_bwd_from_grad(gpu, a, b, *heads, *n_in, *c, *rh, mix.as_ref(), g, *ld, kept, *rule, da, db, dmix.as_mut()).map_err(named)?;
+            continue;
+        }
+        let n = j.n_in * j.c;
+        if j.ld < j.c || j.g.len() < (j.n_in - 1) * j.ld + j.c {
+            return Err(named(SnellaError::tensor("<device>", "G", format!("has {} elements at row stride {}, expected {} rows of {}", j.g.len(), j.ld, j.n_in, j.c))));
+        }
+        if j.kept.n != n {
+            return Err(named(SnellaError::tensor("<device>", "kept set", format!("was selected from {} entries, expected in·out = {n}", j.kept.n))));
+        }
+        check(&j.a, &j.b, j.heads, j.n_in, j.c, j.rh, j.mix.as_ref(), n, "G").map_err(named)?;
+        for (name, got, want) in [("dA", j.da.len(), j.heads * j.n_in * j.rh), ("dB", j.db.len(), j.heads * j.c * j.rh), ("dmix", j.dmix.as_ref().map_or(3, |d| d.len()), 3)] {
+            if got < want {
+                return Err(named(SnellaError::tensor("<device>", name, format!("has {got} elements, expected {want}"))));
+            }
+        }
+        let key = (j.heads, j.n_in, j.c, j.rh, j.mix.is_some(), j.dmix.is_some());
+        match groups.iter_mut().find(|g| g.0 == key) {
+            Some(g) => g.1.push(ji),
+            None => groups.push((key, vec![ji])),
+        }
+    }
+    for (key, members) in &groups {
+        let per_job = bwd_layout(gpu, *key).total;
+        let per = (MAX_GROUP_BYTES / (4 * per_job)).clamp(1, 65535);
+        for part in members.chunks(per) {
+            bwd_group(gpu, jobs, *key, part)?;
+        }
+    }
+    Ok(())
+}
+
+/// Per-adapter scratch of a backward group (floats, in this order): K, D, ∂L/∂K, rowstat, the rows'
+/// ∂γ shares, then the tiles kernel's partials; and that kernel's grid.
+struct BwdLayout {
+    k: usize,
+    d: usize,
+    dk: usize,
+    rowstat: usize,
+    gpart: usize,
+    part_a: usize,
+    part_b: usize,
+    tgpart: usize,
+    total: usize,
+    n_sa: usize,
+    n_it: usize,
+    jt: usize,
+}
+
+fn bwd_layout(gpu: &Gpu, key: (usize, usize, usize, usize, bool, bool)) -> BwdLayout {
+    let (heads, n_in, c, rh, mixture, _) = key;
+    let n = n_in * c;
+    let (n_it, n_jt) = (n_in.div_ceil(32), c.div_ceil(32));
+    // the per-adapter partition (ops/merge.rs `tiles`), so that the partial sums keep their order
+    let sms = super::merge::sm_count(gpu);
+    let jt = [8usize, 4, 2].into_iter().find(|&t| n_it * n_jt.div_ceil(t) >= 4 * sms).unwrap_or(1);
+    let n_sa = n_jt.div_ceil(jt);
+    let r1 = rh + 1;
+    let stats = if mixture { n_in } else { 0 };
+    let sizes = [n, heads * n, n, 4 * stats, stats, n_sa * heads * r1 * n_in, n_it * heads * r1 * c, n_it * n_sa];
+    BwdLayout {
+        k: sizes[0],
+        d: sizes[1],
+        dk: sizes[2],
+        rowstat: sizes[3],
+        gpart: sizes[4],
+        part_a: sizes[5],
+        part_b: sizes[6],
+        tgpart: sizes[7],
+        total: sizes.iter().sum(),
+        n_sa,
+        n_it,
+        jt,
+    }
+}
+
+/// The four launches of one group of same-shape adapter backwards (`members`: job indices).
+fn bwd_group(gpu: &Gpu, jobs: &mut [GradJob<'_, '_>], key: (usize, usize, usize, usize, bool, bool), members: &[usize]) -> Result<(), SnellaError> {
+    let (heads, n_in, c, rh, _, with_dmix) = key;
+    let lay = bwd_layout(gpu, key);
+    let z = members.len();
+    // SAFETY: every scratch value is written by an earlier kernel of the group before it is read
+    // (K, D by kd; ∂L/∂K, rowstat, gpart by rows_grad; the partials by the tiles kernel).
+    let mut scratch = unsafe { gpu.uninit::<f32>(z * lay.total) }?;
+    let base = scratch.device_ptr_mut(&gpu.stream).0;
+    let mut table: Vec<u64> = Vec::with_capacity(18 * z);
+    for (zi, &ji) in members.iter().enumerate() {
+        let j = &mut jobs[ji];
+        let mut at = base + 4 * (zi * lay.total) as u64;
+        let mut next = |len: usize| {
+            let p = if len == 0 { 0 } else { at };
+            at += 4 * len as u64;
+            p
+        };
+        let (k, d, dk, rowstat, gpart, pa, pb, tg) = (next(lay.k), next(lay.d), next(lay.dk), next(lay.rowstat), next(lay.gpart), next(lay.part_a), next(lay.part_b), next(lay.tgpart));
+        let ptr = |v: &In| v.device_ptr(&gpu.stream).0;
+        let mix = j.mix.as_ref().map_or(0, ptr);
+        let dmix = j.dmix.as_mut().map_or(0, |d| d.device_ptr_mut(&gpu.stream).0);
+        let (da, db) = (j.da.device_ptr_mut(&gpu.stream).0, j.db.device_ptr_mut(&gpu.stream).0);
+        let kept = j.kept.dev.device_ptr(&gpu.stream).0;
+        table.extend([ptr(&j.a), ptr(&j.b), mix, ptr(&j.g), j.ld as u64, kept, rule_code(j.rule) as u64, k, d, dk, rowstat, gpart, pa, pb, tg, da, db, dmix]);
+    }
+    let table_dev = gpu.stream.clone_htod(&table).map_err(|e| cuda_err("upload of the adapter backward job table", e))?;
+    let (h32, i32_, c32, r32, z32) = (heads as u32, n_in as u32, c as u32, rh as u32, z as u32);
+    let err = |what: &'static str| move |e| cuda_err(what, e);
+    // 1. K and D
+    let fshared = 2 * heads * (rh + 1) * 36 * 4;
+    let f = gpu.func_shared("snella_merge_bwd_kd_batch", fshared, 1024)?;
+    let cfg = LaunchConfig { grid_dim: (c.div_ceil(32) as u32, n_in.div_ceil(32) as u32, z32), block_dim: (256, 1, 1), shared_mem_bytes: fshared as u32 };
+    let mut lb = gpu.stream.launch_builder(&f);
+    lb.arg(&table_dev).arg(&h32).arg(&i32_).arg(&c32).arg(&r32);
+    // SAFETY: A, B checked against the shape; K and D sized n and H·n per adapter in the scratch.
+    unsafe { lb.launch(cfg) }.map_err(err("snella_merge_bwd_kd_batch"))?;
+    // 2. M, Ĝ, the row statistics and ∂L/∂K, one block per row
+    let f = gpu.func("snella_merge_bwd_rows_grad_batch");
+    let cfg = LaunchConfig { grid_dim: (n_in as u32, 1, z32), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut lb = gpu.stream.launch_builder(&f);
+    lb.arg(&table_dev).arg(&c32);
+    // SAFETY: G holds (n_in − 1)·ld + c floats (checked), K, ∂L/∂K n, rowstat 4·n_in and gpart n_in
+    // with the mixture (null without), the kept words KEPT_WORDS.
+    unsafe { lb.launch(cfg) }.map_err(err("snella_merge_bwd_rows_grad_batch"))?;
+    // 3. the tiles with ∂L/∂K as their gradient
+    let shared = super::merge::check_pieces(heads, rh)?;
+    let name = match super::merge::tile_sums_per_thread(heads, rh) {
+        0..=6 => "snella_merge_bwd_tiles_r6_batch",
+        7..=8 => "snella_merge_bwd_tiles_r8_batch",
+        _ => "snella_merge_bwd_tiles_r32_batch",
+    };
+    let f = gpu.func_shared(name, shared, 1024)?;
+    let jt32 = lay.jt as u32;
+    let cfg = LaunchConfig { grid_dim: (lay.n_sa as u32, lay.n_it as u32, z32), block_dim: (256, 1, 1), shared_mem_bytes: shared as u32 };
+    let mut lb = gpu.stream.launch_builder(&f);
+    lb.arg(&table_dev).arg(&h32).arg(&i32_).arg(&c32).arg(&r32).arg(&jt32);
+    // SAFETY: the partials are sized for this grid (n_sa × n_it blocks) per adapter; the body
+    // bounds-checks rows and columns; H ≤ 8 and the per-thread sums ≤ 32 (check_pieces).
+    unsafe { lb.launch(cfg) }.map_err(err(name))?;
+    // 4. dA, dB (and dmix)
+    let (nb_a, nb_b) = ((heads * n_in * rh).div_ceil(256), (heads * c * rh).div_ceil(256));
+    let blocks = nb_a + nb_b + with_dmix as usize;
+    let f = gpu.func("snella_merge_bwd_finish_batch");
+    let (ns_a32, ns_b32, nb_a32, nb_b32) = (lay.n_sa as u32, lay.n_it as u32, nb_a as u32, nb_b as u32);
+    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, z32), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut lb = gpu.stream.launch_builder(&f);
+    lb.arg(&table_dev).arg(&ns_a32).arg(&ns_b32).arg(&h32).arg(&i32_).arg(&c32).arg(&r32).arg(&nb_a32).arg(&nb_b32);
+    // SAFETY: dA, dB hold H·n_in·rh and H·c·rh floats (checked), dmix 3 when given (with the
+    // mixture); the partials were written for every valid (h, row, r).
+    unsafe { lb.launch(cfg) }.map_err(err("snella_merge_bwd_finish_batch"))?;
+    drop(scratch);
+    Ok(())
+}
