@@ -377,3 +377,35 @@ pub fn linear_fwd_bf16x<W: DevicePtr<f32>, Bi: DevicePtr<f32>, R: DevicePtr<f32>
     }
     Ok(())
 }
+
+/// `y16 = x16·Wᵀ + b` written in bf16 (`[rows, n_out]`, `u16` bits) by the GEMM's epilogue, with the
+/// bias rounded to bf16 first (as PyTorch's autocast `F.linear` casts it): the output of a linear
+/// whose consumers read it in bf16 only (`qkv` for the fused attention, `fc1` for the GELU; session
+/// 10), saving the f32 output and its conversion pass. `w` in f32 (converted) or bf16.
+///
+/// # Errors
+/// `CUDA_ERROR` when cuBLASLt fails; `CUDA_OOM` for the bf16 copies of `W` and `b`; `Tensor` when
+/// `x16`, a bf16 `w` or `y16` is short, or the bias is not `n_out` long.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_fwd_bf16_out<W: DevicePtr<f32>>(
+    gpu: &Gpu, x16: &CudaSlice<u16>, w: Wt<'_, W>, bias: &cudarc::driver::CudaView<'_, f32>, rows: usize, n_in: usize, n_out: usize, y16: &mut CudaSlice<u16>,
+) -> Result<(), SnellaError> {
+    use crate::gemm_lt::{matmul_bf16_out, OperandType};
+    use crate::ops::reduce::check_len;
+    if rows == 0 || n_out == 0 {
+        return Ok(());
+    }
+    if n_in == 0 {
+        return Err(SnellaError::config("linear_fwd.n_in", 0, "at least 1 with a bf16 input"));
+    }
+    check_len("linear_fwd", "x", x16.len(), rows * n_in)?;
+    check_len("linear_fwd", "y", y16.len(), rows * n_out)?;
+    if bias.len() != n_out {
+        return Err(SnellaError::tensor("<device>", "linear_fwd.bias", format!("has {} elements, expected out = {n_out}", bias.len())));
+    }
+    let w16 = w.bf16(gpu, "linear_fwd", n_out * n_in)?;
+    let b16 = to_bf16(gpu, bias, n_out)?;
+    let (bp, _rb) = b16.device_ptr(&gpu.stream);
+    // SAFETY: x16 holds rows·n_in, w16 n_out·n_in, b16 n_out and y16 rows·n_out values (checked).
+    unsafe { matmul_bf16_out(gpu, false, true, rows, n_out, n_in, OperandType::Bf16, x16, &*w16, Some(bp), y16) }
+}

@@ -36,6 +36,8 @@ struct Key {
     ty: OperandType,
     tf32: bool,
     bias: bool,
+    /// `D` (and `C`, the bias) in bf16 instead of f32 ([`matmul_bf16_out`]).
+    d16: bool,
     /// Alignment (bytes, a power of two ≤ 256) of the A, B, C and D addresses: the heuristic's
     /// algorithm is only valid for pointers at least this aligned.
     align: [u32; 4],
@@ -141,15 +143,16 @@ fn plan(lt_: &Lt, key: Key) -> Result<Plan, SnellaError> {
     let mk = |t, r, c, ld: u64| lt::create_matrix_layout(t, r, c, ld as i64).map_err(lt_err("cublasLtMatrixLayoutCreate"));
     p.a = mk(ty, a_rows, a_cols, lda)?;
     p.b = mk(ty, b_rows, b_cols, ldb)?;
-    p.c = mk(sys::cudaDataType::CUDA_R_32F, lm, ln, lm)?;
+    let out_ty = if key.d16 { sys::cudaDataType::CUDA_R_16BF } else { sys::cudaDataType::CUDA_R_32F };
+    p.c = mk(out_ty, lm, ln, lm)?;
     let (ta, tb) = (key.tb as i32, key.ta as i32);
     set_desc(p.desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &ta)?;
     set_desc(p.desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &tb)?;
     let epi = if key.bias { sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS } else { sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT };
     set_desc(p.desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi)?;
     if key.bias {
-        let bt = sys::cudaDataType::CUDA_R_32F;
-        set_desc(p.desc, A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt)?;
+        // a bf16 D takes a bf16 bias (CUDA 13's heuristic refused bf16 D with an f32 bias, session 9)
+        set_desc(p.desc, A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &out_ty)?;
     }
     let pref = lt::create_matmul_pref().map_err(lt_err("cublasLtMatmulPreferenceCreate"))?;
     let ws = WORKSPACE;
@@ -192,15 +195,48 @@ pub unsafe fn matmul<A: DevicePtr<T>, B: DevicePtr<T>, T, D: DevicePtrMut<f32>>(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let lt_ = gpu.lt()?;
     let (ap, _ra) = a.device_ptr(&gpu.stream);
     let (bp, _rb) = b.device_ptr(&gpu.stream);
     let (dp, _rd) = d.device_ptr_mut(&gpu.stream);
+    matmul_ptrs(gpu, ta, tb, m, n, k, ty, ap, bp, c, bias, dp, false)
+}
+
+/// [`matmul`] writing `D: [m, n]` in bf16 (`u16` bits; f32 accumulation, the epilogue's sum rounded
+/// once to nearest even) with a bf16 bias `[n]` when given, and no `C`: a linear's output that only
+/// bf16 consumers read (session 10: `qkv` for the fused attention, the MLP pre-activation for the
+/// GELU, as PyTorch's autocast `F.linear` gives them with the bias cast to bf16), without an f32
+/// copy and a conversion pass.
+///
+/// # Errors
+/// `CUDA_ERROR` when cuBLASLt fails (no algorithm, launch failure).
+///
+/// # Safety
+/// The buffers must hold the extents given.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_bf16_out<A: DevicePtr<T>, B: DevicePtr<T>, T>(
+    gpu: &Gpu, ta: bool, tb: bool, m: usize, n: usize, k: usize, ty: OperandType, a: &A, b: &B, bias16: Option<u64>, d: &mut CudaSlice<u16>,
+) -> Result<(), SnellaError> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let (ap, _ra) = a.device_ptr(&gpu.stream);
+    let (bp, _rb) = b.device_ptr(&gpu.stream);
+    let (dp, _rd) = d.device_ptr_mut(&gpu.stream);
+    matmul_ptrs(gpu, ta, tb, m, n, k, ty, ap, bp, None, bias16, dp, true)
+}
+
+/// The cuBLASLt call of [`matmul`] and [`matmul_bf16_out`] on device addresses (`d16`: `C`, `D` and
+/// the bias in bf16).
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_ptrs(
+    gpu: &Gpu, ta: bool, tb: bool, m: usize, n: usize, k: usize, ty: OperandType, ap: u64, bp: u64, c: Option<u64>, bias: Option<u64>, dp: u64, d16: bool,
+) -> Result<(), SnellaError> {
+    let lt_ = gpu.lt()?;
     let (wp, _rw) = lt_.workspace.device_ptr(&gpu.stream);
     let (alpha, beta) = (1.0f32, if c.is_some() { 1.0f32 } else { 0.0 });
     let cp = c.unwrap_or(dp);
     let align = [alignment(ap), alignment(bp), alignment(cp), alignment(dp)];
-    let key = Key { ta, tb, m, n, k, ty, tf32: gpu.precision() != Precision::F32, bias: bias.is_some(), align };
+    let key = Key { ta, tb, m, n, k, ty, tf32: gpu.precision() != Precision::F32, bias: bias.is_some(), d16, align };
     let mut plans = lt_.plans.lock().expect("cuBLASLt plans");
     if !plans.contains_key(&key) {
         let p = plan(lt_, key)?;

@@ -360,6 +360,24 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn effective_weight_act(&self, w0: &Self::Buf, chunks: &[(&Self::Buf, &Self::Kept, SparsifyRule)], n_in: usize, c: usize) -> Self::Act {
         effective_weight_f32(self, w0, chunks, n_in, c)
     }
+    /// A linear's output `x·Wᵀ (+ x·delta) + b` (`[rows, n_out]`) in the form [`Backend::act`] makes,
+    /// for consumers that read only that form. The default computes it in f32 with
+    /// [`Backend::linear_fwd`] and hands it to [`Backend::act`]; CUDA bf16 writes it in bf16 from the
+    /// GEMM's epilogue with the bias rounded to bf16 (session 10; PyTorch's autocast `F.linear`).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_fwd_act(&self, x: &Self::Act, w: Weight<'_, Self>, delta: Option<&Self::Buf>, bias: &Self::Buf, rows: usize, n_in: usize, n_out: usize) -> Self::Act {
+        let mut y = self.empty(rows * n_out);
+        self.linear_fwd(x, w, delta, bias, None, rows, n_in, n_out, &mut y);
+        self.act(y)
+    }
+    /// Whether a ViT forward takes `fc1`'s output from [`Backend::linear_fwd_act`] (then the GELU
+    /// from it with [`Backend::gelu_fwd_from`]) and, when the attention of head dimension `hd` reads
+    /// its input in that form, `qkv`'s too, instead of an f32 output converted by
+    /// [`Backend::gelu_fwd_keep`] / [`Backend::attention_input`]. False by default (CUDA bf16: true).
+    fn linear_out_act(&self, hd: usize) -> (bool, bool) {
+        let _ = hd;
+        (false, false)
+    }
     /// Whether a ViT forward pass builds every adapted linear's effective weight and kept sets up
     /// front with one [`Backend::effective_weights`] call (where [`Backend::keep_effective_weight`]
     /// holds: CUDA bf16, session 10) instead of linear by linear. False by default.

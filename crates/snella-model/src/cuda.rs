@@ -81,6 +81,11 @@ pub struct CudaBackend {
     /// end ([`Backend::batch_adapter_bwd`], session 10; it applies with the fused adapter backward);
     /// true by default, false when `SNELLA_MERGE_BATCH` is `off` or `fwd` (the same bits).
     pub batch_merge_bwd: bool,
+    /// Whether a bf16 step has `qkv` (with the fused attention) and `fc1` written in bf16 by their
+    /// GEMMs, the bias rounded to bf16 as PyTorch's autocast does ([`Backend::linear_out_act`],
+    /// session 10); true by default, false when `SNELLA_LINEAR_OUT=f32` is set when the backend is
+    /// made (f32 outputs converted afterwards, the bias added in f32: the session-9 numerics).
+    pub linear_out_bf16: bool,
 }
 
 /// One row of [`CudaBackend::profile_report`]: an op, its summed device time (ms) and its calls.
@@ -141,9 +146,10 @@ impl CudaBackend {
         let fused_attention = std::env::var("SNELLA_ATTENTION").map(|v| v != "unfused").unwrap_or(true);
         let separate_delta = std::env::var("SNELLA_DELTA_PRODUCTS").map(|v| v == "separate").unwrap_or(false);
         let fused_adapter_bwd = std::env::var("SNELLA_ADAPTER_BWD").map(|v| v != "composed").unwrap_or(true);
+        let linear_out_bf16 = std::env::var("SNELLA_LINEAR_OUT").map(|v| v != "f32").unwrap_or(true);
         let batch = std::env::var("SNELLA_MERGE_BATCH").unwrap_or_default();
         let (batch_merge, batch_merge_bwd) = (batch != "off", batch != "off" && batch != "fwd");
-        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention, separate_delta, keep_weight: true, ln_bf16_dy: true, fused_adapter_bwd, batch_merge, batch_merge_bwd })
+        Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention, separate_delta, keep_weight: true, ln_bf16_dy: true, fused_adapter_bwd, batch_merge, batch_merge_bwd, linear_out_bf16 })
     }
 
     /// Starts recording a pair of device events around every op (for the benchmark's per-op
@@ -256,6 +262,27 @@ impl Backend for CudaBackend {
             };
             ok("linear_fwd", r);
         })
+    }
+    fn linear_fwd_act(&self, x: &CudaAct, w: Weight<'_, Self>, delta: Option<&CudaSlice<f32>>, bias: &CudaSlice<f32>, rows: usize, n_in: usize, n_out: usize) -> CudaAct {
+        match (x, delta) {
+            (CudaAct::Bf16(x16), None) if self.gpu.precision() == snella_cuda::device::Precision::Bf16 && self.linear_out_bf16 => {
+                self.timed("linear_fwd (+ bias, bf16 out)", || {
+                    // SAFETY: the GEMM writes all rows·n_out values.
+                    let mut y16 = ok("alloc", unsafe { self.gpu.uninit::<u16>(rows * n_out) });
+                    ok("linear_fwd_bf16_out", gemm::linear_fwd_bf16_out(&self.gpu, x16, wt(w), &bias.slice(..), rows, n_in, n_out, &mut y16));
+                    CudaAct::Bf16(y16)
+                })
+            }
+            _ => {
+                let mut y = self.empty(rows * n_out);
+                self.linear_fwd(x, w, delta, bias, None, rows, n_in, n_out, &mut y);
+                self.act(y)
+            }
+        }
+    }
+    fn linear_out_act(&self, hd: usize) -> (bool, bool) {
+        let on = self.linear_out_bf16 && self.gpu.precision() == snella_cuda::device::Precision::Bf16;
+        (on, on && self.flash_attention(hd))
     }
     fn linear_bwd_products(&self, dy: &CudaSlice<f32>, w: Weight<'_, Self>, x: &CudaAct, rows: usize, n_in: usize, n_out: usize, dx: Option<&mut CudaSlice<f32>>, gt: Option<&mut CudaSlice<f32>>) {
         self.timed("linear_bwd_products (dgrad + wgrad)", || {

@@ -234,12 +234,31 @@ impl<B: Backend> Linear<B> {
     /// [`Linear::forward_keep`] adding `residual: [rows, out]` to the output (a ViT block's
     /// `x + proj(·)` and `h + fc2(·)`), in the same backend call as the product and the bias.
     pub fn forward_res(&self, be: &B, x: &B::Act, rows: usize, kept: Option<KeptSets<B>>, residual: Option<&B::Buf>) -> (B::Buf, KeptSets<B>) {
-        let mut y = be.empty(rows * self.n_out);
         let (b, n_in, n_out) = (&self.bias.value, self.n_in, self.n_out);
+        self.forward_with(be, kept, |w, delta| {
+            let mut y = be.empty(rows * n_out);
+            be.linear_fwd(x, w, delta, b, residual, rows, n_in, n_out, &mut y);
+            y
+        })
+    }
+
+    /// [`Linear::forward_keep`] with the output as [`Backend::linear_fwd_act`] makes it (in a CUDA
+    /// bf16 step: written in bf16 by the GEMM, session 10), for a consumer that reads it in that
+    /// form only (`qkv`'s fused attention, `fc1`'s GELU).
+    pub fn forward_act(&self, be: &B, x: &B::Act, rows: usize, kept: Option<KeptSets<B>>) -> (B::Act, KeptSets<B>) {
+        let (b, n_in, n_out) = (&self.bias.value, self.n_in, self.n_out);
+        self.forward_with(be, kept, |w, delta| be.linear_fwd_act(x, w, delta, b, rows, n_in, n_out))
+    }
+
+    /// The weight of this step's product (kept, built here, or `W0`) handed to `product(weight,
+    /// delta)` (`delta`: the separate `Σ ΔWᵀ` of [`Backend::separate_delta_products`]), with the kept
+    /// sets (and weight) for the backward.
+    fn forward_with<T>(&self, be: &B, kept: Option<KeptSets<B>>, product: impl FnOnce(Weight<'_, B>, Option<&B::Buf>) -> T) -> (T, KeptSets<B>) {
+        let n_in = self.n_in;
         let (sets, weight) = kept.map_or((None, None), |k| (Some(k.sets), k.weight));
         if let (Some(wa), true) = (weight, self.active()) {
             // the effective weight made earlier in this step (same A, B and sets)
-            be.linear_fwd(x, Weight::Act(&wa), None, b, residual, rows, n_in, n_out, &mut y);
+            let y = product(Weight::Act(&wa), None);
             return (y, KeptSets { sets: sets.unwrap_or_default(), weight: Some(wa) });
         }
         let separate = be.separate_delta_products();
@@ -257,25 +276,21 @@ impl<B: Backend> Linear<B> {
                 .collect();
             assert_eq!(parts.len(), self.deltas.len(), "{}: every chunk has a kernel adapter", self.name);
             let wa = be.effective_weight_act(&self.weight.value, &parts, n_in, self.chunk());
-            be.linear_fwd(x, Weight::Act(&wa), None, b, residual, rows, n_in, n_out, &mut y);
+            let y = product(Weight::Act(&wa), None);
             let sets = mats.into_iter().map(|m| m.and_then(|m| m.set)).collect();
             return (y, KeptSets { sets, weight: Some(wa) });
         }
         let Some((e, mats)) = self.effective(be, separate, sets, false) else {
-            be.linear_fwd(x, Weight::Buf(&self.weight.value), None, b, residual, rows, n_in, n_out, &mut y);
-            return (y, KeptSets::default());
+            return (product(Weight::Buf(&self.weight.value), None), KeptSets::default());
         };
         let sets = mats.into_iter().map(|m| m.and_then(|m| m.set)).collect();
-        let weight = if separate {
-            be.linear_fwd(x, Weight::Buf(&self.weight.value), Some(&e), b, residual, rows, n_in, n_out, &mut y);
-            None
+        let (y, weight) = if separate {
+            (product(Weight::Buf(&self.weight.value), Some(&e)), None)
         } else if be.keep_effective_weight() {
             let wa = be.act(e);
-            be.linear_fwd(x, Weight::Act(&wa), None, b, residual, rows, n_in, n_out, &mut y);
-            Some(wa)
+            (product(Weight::Act(&wa), None), Some(wa))
         } else {
-            be.linear_fwd(x, Weight::Buf(&e), None, b, residual, rows, n_in, n_out, &mut y);
-            None
+            (product(Weight::Buf(&e), None), None)
         };
         (y, KeptSets { sets, weight })
     }

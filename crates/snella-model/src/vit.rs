@@ -269,19 +269,33 @@ impl<B: Backend> Vit<B> {
         let (d, t, rows) = (cfg.embed_dim, cfg.tokens(), b * cfg.tokens());
         let mut r1 = be.empty(rows);
         let (ln1, xh1) = be.layernorm_fwd_xhat(&x, &blk.norm1.0.value, &blk.norm1.1.value, rows, d, cfg.ln_eps, &mut r1);
-        let (qkv, k_qkv) = blk.qkv.forward_keep(be, &ln1, rows, kq);
+        // session 10 (CUDA bf16): qkv and fc1 written in bf16 by their GEMMs, read only in bf16
+        let (fc1_act, qkv_act) = be.linear_out_act(cfg.head_dim());
+        let (qkv, k_qkv) = if qkv_act {
+            blk.qkv.forward_act(be, &ln1, rows, kq)
+        } else {
+            let (qkv, k) = blk.qkv.forward_keep(be, &ln1, rows, kq);
+            (be.attention_input(qkv, cfg.head_dim()), k)
+        };
         drop(ln1);
-        let qkv = be.attention_input(qkv, cfg.head_dim());
         let (att, saved) = be.attention_fwd(&qkv, b, t, cfg.num_heads, cfg.head_dim());
         let (h, k_proj) = blk.proj.forward_res(be, &att, rows, kp, Some(&x));
         drop(x);
         let mut r2 = be.empty(rows);
         let (ln2, xh2) = be.layernorm_fwd_xhat(&h, &blk.norm2.0.value, &blk.norm2.1.value, rows, d, cfg.ln_eps, &mut r2);
-        let (f1, k_fc1) = blk.fc1.forward_keep(be, &ln2, rows, k1);
-        drop(ln2);
         // the pre-activation is kept as a bf16 linear's output is under autocast (CUDA bf16) and the
-        // GELU output is rebuilt from it in backward
-        let (f1, g) = be.gelu_fwd_keep(f1, rows * cfg.mlp_hidden);
+        // GELU output is rebuilt from it in backward (from the same bf16 values where the GEMM writes
+        // them, as the forward's GELU reads them then)
+        let (f1, g, k_fc1) = if fc1_act {
+            let (f1, k) = blk.fc1.forward_act(be, &ln2, rows, k1);
+            let g = be.gelu_fwd_from(&f1, rows * cfg.mlp_hidden);
+            (f1, g, k)
+        } else {
+            let (f1, k) = blk.fc1.forward_keep(be, &ln2, rows, k1);
+            let (f1, g) = be.gelu_fwd_keep(f1, rows * cfg.mlp_hidden);
+            (f1, g, k)
+        };
+        drop(ln2);
         let (out, k_fc2) = blk.fc2.forward_res(be, &g, rows, k2, Some(&h));
         if !train {
             return (out, None, [k_qkv, k_proj, k_fc1, k_fc2]);
