@@ -390,7 +390,7 @@ pub fn linear_fwd_bf16x<W: DevicePtr<f32>, Bi: DevicePtr<f32>, R: DevicePtr<f32>
 pub fn linear_fwd_bf16_out<W: DevicePtr<f32>>(
     gpu: &Gpu, x16: &CudaSlice<u16>, w: Wt<'_, W>, bias: &cudarc::driver::CudaView<'_, f32>, rows: usize, n_in: usize, n_out: usize, y16: &mut CudaSlice<u16>,
 ) -> Result<(), SnellaError> {
-    use crate::gemm_lt::{matmul_bf16_out, OperandType};
+    use crate::gemm_lt::{matmul, OperandType};
     use crate::ops::reduce::check_len;
     if rows == 0 || n_out == 0 {
         return Ok(());
@@ -407,5 +407,5 @@ pub fn linear_fwd_bf16_out<W: DevicePtr<f32>>(
     let b16 = to_bf16(gpu, bias, n_out)?;
     let (bp, _rb) = b16.device_ptr(&gpu.stream);
     // SAFETY: x16 holds rows·n_in, w16 n_out·n_in, b16 n_out and y16 rows·n_out values (checked).
-    unsafe { matmul_bf16_out(gpu, false, true, rows, n_out, n_in, OperandType::Bf16, x16, &*w16, Some(bp), y16) }
+    unsafe { matmul(gpu, false, true, rows, n_out, n_in, OperandType::Bf16, x16, &*w16, None, Some(bp), y16) }
 }

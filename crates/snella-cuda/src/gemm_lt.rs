@@ -1,7 +1,8 @@
 //! Row-major GEMMs with fused epilogues on cuBLASLt (design.md: "use cuBLASLt epilogues where they
 //! fuse"): `D = op(A)·op(B) + C + bias` with the residual `C` and the bias vector added by the GEMM
 //! itself instead of two more passes over `D`. Operands are f32 (strict f32 or TF32 compute) or
-//! bf16 (f32 accumulation); `C`, `D` and the bias are f32.
+//! bf16 (f32 accumulation); `C`, `D` and the bias are f32, or bf16 for an output only bf16
+//! consumers read (session 10).
 //!
 //! As in [`crate::gemm`], row-major `D[m,n]` is column-major `Dᵀ[n,m] = op(B)ᵀ·op(A)ᵀ`: cuBLASLt's
 //! A is our B and its B our A, and the bias (one value per row of the column-major `D`) is one per
@@ -36,7 +37,7 @@ struct Key {
     ty: OperandType,
     tf32: bool,
     bias: bool,
-    /// `D` (and `C`, the bias) in bf16 instead of f32 ([`matmul_bf16_out`]).
+    /// `D` (and `C`, the bias) in bf16 instead of f32 ([`OutputType`]).
     d16: bool,
     /// Alignment (bytes, a power of two ≤ 256) of the A, B, C and D addresses: the heuristic's
     /// algorithm is only valid for pointers at least this aligned.
@@ -177,8 +178,9 @@ fn plan(lt_: &Lt, key: Key) -> Result<Plan, SnellaError> {
     Ok(p)
 }
 
-/// Row-major `D[m,n] = op(A)·op(B) + C + bias` (`C: [m,n]` f32 when given — it may be `D` itself —,
-/// `bias: [n]` f32 when given), `A` `[m,k]` (`[k,m]` when `ta`) and `B` `[k,n]` (`[n,k]` when `tb`)
+/// Row-major `D[m,n] = op(A)·op(B) + C + bias` (`C: [m,n]` when given — it may be `D` itself —,
+/// `bias: [n]` when given; `C`, `D` and the bias of [`OutputType`] `E`: f32, or bf16 as `u16` bits),
+/// `A` `[m,k]` (`[k,m]` when `ta`) and `B` `[k,n]` (`[n,k]` when `tb`)
 /// of `ty` (bf16 as `u16` bits). f32 operands multiply in the device's precision (strict f32 or
 /// TF32). The sum is formed as cuBLASLt's epilogue does: `(op(A)·op(B) + C) + bias`.
 ///
@@ -188,7 +190,7 @@ fn plan(lt_: &Lt, key: Key) -> Result<Plan, SnellaError> {
 /// # Safety
 /// The buffers must hold the extents given; `C`, when not `D`, must not overlap `D`.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn matmul<A: DevicePtr<T>, B: DevicePtr<T>, T, D: DevicePtrMut<f32>>(
+pub unsafe fn matmul<A: DevicePtr<T>, B: DevicePtr<T>, T, E: OutputType, D: DevicePtrMut<E>>(
     gpu: &Gpu, ta: bool, tb: bool, m: usize, n: usize, k: usize, ty: OperandType, a: &A, b: &B, c: Option<u64>,
     bias: Option<u64>, d: &mut D,
 ) -> Result<(), SnellaError> {
@@ -198,34 +200,25 @@ pub unsafe fn matmul<A: DevicePtr<T>, B: DevicePtr<T>, T, D: DevicePtrMut<f32>>(
     let (ap, _ra) = a.device_ptr(&gpu.stream);
     let (bp, _rb) = b.device_ptr(&gpu.stream);
     let (dp, _rd) = d.device_ptr_mut(&gpu.stream);
-    matmul_ptrs(gpu, ta, tb, m, n, k, ty, ap, bp, c, bias, dp, false)
+    matmul_ptrs(gpu, ta, tb, m, n, k, ty, ap, bp, c, bias, dp, E::BF16)
 }
 
-/// [`matmul`] writing `D: [m, n]` in bf16 (`u16` bits; f32 accumulation, the epilogue's sum rounded
-/// once to nearest even) with a bf16 bias `[n]` when given, and no `C`: a linear's output that only
-/// bf16 consumers read (session 10: `qkv` for the fused attention, the MLP pre-activation for the
-/// GELU, as PyTorch's autocast `F.linear` gives them with the bias cast to bf16), without an f32
-/// copy and a conversion pass.
-///
-/// # Errors
-/// `CUDA_ERROR` when cuBLASLt fails (no algorithm, launch failure).
-///
-/// # Safety
-/// The buffers must hold the extents given.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn matmul_bf16_out<A: DevicePtr<T>, B: DevicePtr<T>, T>(
-    gpu: &Gpu, ta: bool, tb: bool, m: usize, n: usize, k: usize, ty: OperandType, a: &A, b: &B, bias16: Option<u64>, d: &mut CudaSlice<u16>,
-) -> Result<(), SnellaError> {
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    let (ap, _ra) = a.device_ptr(&gpu.stream);
-    let (bp, _rb) = b.device_ptr(&gpu.stream);
-    let (dp, _rd) = d.device_ptr_mut(&gpu.stream);
-    matmul_ptrs(gpu, ta, tb, m, n, k, ty, ap, bp, None, bias16, dp, true)
+/// The element type of [`matmul`]'s `C`, `D` and bias: `f32`, or `u16` holding bf16 bits (session
+/// 10: a linear's output that only bf16 consumers read — `qkv` for the fused attention, the MLP
+/// pre-activation for the GELU — written by the epilogue, the f32 sum rounded once to nearest
+/// even, with a bf16 bias as PyTorch's autocast `F.linear` casts it; no f32 copy, no conversion pass).
+pub trait OutputType {
+    /// Whether the values are bf16.
+    const BF16: bool;
+}
+impl OutputType for f32 {
+    const BF16: bool = false;
+}
+impl OutputType for u16 {
+    const BF16: bool = true;
 }
 
-/// The cuBLASLt call of [`matmul`] and [`matmul_bf16_out`] on device addresses (`d16`: `C`, `D` and
+/// The cuBLASLt call of [`matmul`] on device addresses (`d16`: `C`, `D` and
 /// the bias in bf16).
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul_ptrs(
