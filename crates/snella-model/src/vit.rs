@@ -320,8 +320,10 @@ impl<B: Backend> Vit<B> {
         // a block's input gradient is the previous block's fc2 ∂L/∂y: with a frozen fc2 bias the
         // LayerNorm backward also writes it in the form the products read
         let fc2_frozen: Vec<bool> = self.blocks.iter().map(|blk| blk.fc2.bias.train.is_none()).collect();
-        // session 10: the kernel adapters' backward waits for one batched call at the end
-        let defer = be.batch_adapter_bwd();
+        // session 10: the kernel adapters' backward waits for one batched call at the end (not with
+        // checkpointing, where the weight gradients held until then, 340 MB at ViT-B, would add to
+        // the peak that checkpointing is there to lower)
+        let defer = be.batch_adapter_bwd() && !self.recompute;
         if defer {
             self.linears_mut().into_iter().for_each(|l| l.deferred = Some(Vec::new()));
         }
