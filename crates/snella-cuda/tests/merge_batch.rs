@@ -108,7 +108,7 @@ fn batched_effective_weights_equal_the_per_adapter_path() {
 #[test]
 fn batched_effective_weights_refuse_short_tensors_and_k_beyond_n() {
     let Some(gpu) = setup() else { return };
-    let (a, b, w0) = (up(&gpu, &vec![0.1f32; 2 * 8 * 4]), up(&gpu, &vec![0.1f32; 2 * 6 * 4]), up(&gpu, &vec![0f32; 48]));
+    let (a, b, w0) = (up(&gpu, &[0.1f32; 2 * 8 * 4]), up(&gpu, &[0.1f32; 2 * 6 * 4]), up(&gpu, &[0f32; 48]));
     let job = |k: usize, bl: usize| LayerJob {
         w0: w0.slice(..),
         n_in: 8,
@@ -130,7 +130,8 @@ fn batched_adapter_backward_equals_the_per_adapter_path() {
     let Some(gpu) = setup() else { return };
     use snella_cuda::ops::merge_batch::{adapter_bwd_batch, GradJob};
     // (n_in, c, chunks of a layer with ld = chunks·c, heads, rh, mixture per chunk)
-    let cases: Vec<(usize, usize, usize, usize, Vec<Option<[f32; 3]>>)> = vec![
+    type Case = (usize, usize, usize, usize, Vec<Option<[f32; 3]>>);
+    let cases: Vec<Case> = vec![
         (33, 65, 2, 4, vec![Some([1.1, 0.9, 0.01]), Some([0.7, 1e-6, -0.02]), None]),
         (33, 65, 2, 4, vec![Some([0.9, 1.2, 0.0])]),
         (70, 31, 1, 8, vec![None, Some([1.0, 1.0, 0.0])]),

@@ -29,6 +29,13 @@ const MAX_GROUP_BYTES: usize = 256 << 20;
 /// Most chunks of the top-k's tie count (`MAX_CHUNKS` in topk.cu).
 const MAX_CHUNKS: usize = 4096;
 
+/// A launch group of the forward: `(H, n_in, c, rh, mixture)`.
+type FwdKey = (usize, usize, usize, usize, bool);
+/// A launch group of the backward: `(H, n_in, c, rh, mixture, dmix)`.
+type BwdKey = (usize, usize, usize, usize, bool, bool);
+/// One linear's result: its bf16 effective weight and its chunks' kept sets.
+pub type LayerWeight = (CudaSlice<u16>, Vec<CudaKept>);
+
 /// One kernel adapter of a linear for [`effective_weights_bf16`].
 pub struct AdapterJob<'a> {
     /// `A: [heads, n_in, rh]` (f32).
@@ -70,7 +77,7 @@ pub struct LayerJob<'a> {
 /// `Tensor` naming the layer and chunk when `A`, `B`, the mixture or `W0` is shorter than its shape;
 /// `Config` when `k > n_in·c`, `n_in·c ≥ 2³²`, or `heads`/`rh` are beyond the kernels' limits
 /// ([`check_pieces`]); `CUDA_OOM` / `CUDA_ERROR` on allocation, upload or launch failure.
-pub fn effective_weights_bf16(gpu: &Gpu, layers: &[LayerJob<'_>]) -> Result<Vec<(CudaSlice<u16>, Vec<CudaKept>)>, SnellaError> {
+pub fn effective_weights_bf16(gpu: &Gpu, layers: &[LayerJob<'_>]) -> Result<Vec<LayerWeight>, SnellaError> {
     // validate, and allocate the outputs
     let mut out = Vec::with_capacity(layers.len());
     for (li, l) in layers.iter().enumerate() {
@@ -108,7 +115,7 @@ pub fn effective_weights_bf16(gpu: &Gpu, layers: &[LayerJob<'_>]) -> Result<Vec<
         out.push((w, sets));
     }
     // groups of one shape, in order of first appearance
-    let mut groups: Vec<((usize, usize, usize, usize, bool), Vec<(usize, usize)>)> = Vec::new();
+    let mut groups: Vec<(FwdKey, Vec<(usize, usize)>)> = Vec::new();
     for (li, l) in layers.iter().enumerate() {
         if l.n_in * l.c == 0 {
             continue;
@@ -133,7 +140,7 @@ pub fn effective_weights_bf16(gpu: &Gpu, layers: &[LayerJob<'_>]) -> Result<Vec<
 
 /// The seven launches of one group of same-shape adapters (`members`: (layer, chunk) pairs).
 fn launch_group(
-    gpu: &Gpu, layers: &[LayerJob<'_>], out: &mut [(CudaSlice<u16>, Vec<CudaKept>)], key: (usize, usize, usize, usize, bool), members: &[(usize, usize)],
+    gpu: &Gpu, layers: &[LayerJob<'_>], out: &mut [LayerWeight], key: FwdKey, members: &[(usize, usize)],
 ) -> Result<(), SnellaError> {
     let (heads, n_in, c, rh, mixture) = key;
     let n = n_in * c;
@@ -256,7 +263,7 @@ pub struct GradJob<'a, 'b> {
 /// As [`super::merge::merge_bwd_from_grad`], naming the job's index.
 pub fn adapter_bwd_batch(gpu: &Gpu, jobs: &mut [GradJob<'_, '_>]) -> Result<(), SnellaError> {
     use super::merge::{check, merge_bwd_from_grad};
-    let mut groups: Vec<((usize, usize, usize, usize, bool, bool), Vec<usize>)> = Vec::new();
+    let mut groups: Vec<(BwdKey, Vec<usize>)> = Vec::new();
     for (ji, j) in jobs.iter_mut().enumerate() {
         let named = |e: SnellaError| SnellaError::tensor("<device>", &format!("adapter backward job {ji}"), e.to_string());
         if j.n_in == 0 || j.c == 0 || (j.mix.is_none() && j.dmix.is_some()) {
@@ -310,7 +317,7 @@ struct BwdLayout {
     jt: usize,
 }
 
-fn bwd_layout(gpu: &Gpu, key: (usize, usize, usize, usize, bool, bool)) -> BwdLayout {
+fn bwd_layout(gpu: &Gpu, key: BwdKey) -> BwdLayout {
     let (heads, n_in, c, rh, mixture, _) = key;
     let n = n_in * c;
     let (n_it, n_jt) = (n_in.div_ceil(32), c.div_ceil(32));
@@ -338,7 +345,7 @@ fn bwd_layout(gpu: &Gpu, key: (usize, usize, usize, usize, bool, bool)) -> BwdLa
 }
 
 /// The four launches of one group of same-shape adapter backwards (`members`: job indices).
-fn bwd_group(gpu: &Gpu, jobs: &mut [GradJob<'_, '_>], key: (usize, usize, usize, usize, bool, bool), members: &[usize]) -> Result<(), SnellaError> {
+fn bwd_group(gpu: &Gpu, jobs: &mut [GradJob<'_, '_>], key: BwdKey, members: &[usize]) -> Result<(), SnellaError> {
     let (heads, n_in, c, rh, _, with_dmix) = key;
     let lay = bwd_layout(gpu, key);
     let z = members.len();
