@@ -74,17 +74,18 @@ pub struct CudaBackend {
     pub fused_adapter_bwd: bool,
     /// Whether a bf16 forward builds every adapted linear's effective weight up front, one launch
     /// per kernel for each group of same-shape adapters ([`Backend::batch_effective_weights`],
-    /// session 10); true by default, false when the environment variable `SNELLA_MERGE_BATCH=off` is
-    /// set when the backend is made (linear by linear: the same bits, for comparisons and tests).
+    /// session 10; the same bits as linear by linear). False by default until it has run on a GPU;
+    /// true when the environment variable `SNELLA_MERGE_BATCH` is `on` or `fwd` when the backend is
+    /// made.
     pub batch_merge: bool,
     /// Whether a backward pass defers every kernel adapter's backward to one batched call at its
-    /// end ([`Backend::batch_adapter_bwd`], session 10; it applies with the fused adapter backward);
-    /// true by default, false when `SNELLA_MERGE_BATCH` is `off` or `fwd` (the same bits).
+    /// end ([`Backend::batch_adapter_bwd`], session 10; it applies with the fused adapter backward;
+    /// the same bits). False by default until it has run on a GPU; true with `SNELLA_MERGE_BATCH=on`.
     pub batch_merge_bwd: bool,
     /// Whether a bf16 step has `qkv` (with the fused attention) and `fc1` written in bf16 by their
     /// GEMMs, the bias rounded to bf16 as PyTorch's autocast does ([`Backend::linear_out_act`],
-    /// session 10); true by default, false when `SNELLA_LINEAR_OUT=f32` is set when the backend is
-    /// made (f32 outputs converted afterwards, the bias added in f32: the session-9 numerics).
+    /// session 10). False by default (f32 outputs converted afterwards, the bias added in f32) until
+    /// it has run on a GPU and through the recipe; true with `SNELLA_LINEAR_OUT=bf16`.
     pub linear_out_bf16: bool,
 }
 
@@ -146,9 +147,11 @@ impl CudaBackend {
         let fused_attention = std::env::var("SNELLA_ATTENTION").map(|v| v != "unfused").unwrap_or(true);
         let separate_delta = std::env::var("SNELLA_DELTA_PRODUCTS").map(|v| v == "separate").unwrap_or(false);
         let fused_adapter_bwd = std::env::var("SNELLA_ADAPTER_BWD").map(|v| v != "composed").unwrap_or(true);
-        let linear_out_bf16 = std::env::var("SNELLA_LINEAR_OUT").map(|v| v != "f32").unwrap_or(true);
+        // session 10's paths are opt-in until they have run on a GPU (written when no device could
+        // be had; see bench/PERF.md "Session 10"): SNELLA_MERGE_BATCH=on|fwd, SNELLA_LINEAR_OUT=bf16
+        let linear_out_bf16 = std::env::var("SNELLA_LINEAR_OUT").map(|v| v == "bf16").unwrap_or(false);
         let batch = std::env::var("SNELLA_MERGE_BATCH").unwrap_or_default();
-        let (batch_merge, batch_merge_bwd) = (batch != "off", batch != "off" && batch != "fwd");
+        let (batch_merge, batch_merge_bwd) = (batch == "on" || batch == "fwd", batch == "on");
         Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention, separate_delta, keep_weight: true, ln_bf16_dy: true, fused_adapter_bwd, batch_merge, batch_merge_bwd, linear_out_bf16 })
     }
 

@@ -263,8 +263,8 @@ fn gpu_bf16_layernorm_dy_copy_gives_bit_identical_step() {
 }
 
 /// Every adapted linear's effective weight and kept sets built up front by one batched call, and
-/// every kernel adapter's backward in one batched call at the end of the backward pass (defaults
-/// `batch_merge`, `batch_merge_bwd`, session 10: one launch per kernel for each group of same-shape
+/// every kernel adapter's backward in one batched call at the end of the backward pass
+/// (`batch_merge`, `batch_merge_bwd`, session 10: one launch per kernel for each group of same-shape
 /// adapters) give bit-identical gradients and updated values to the linear-by-linear path, with the
 /// default (fused) adapter backward on both sides, for SNELLA (LoRA: no batched job, the same path).
 #[test]
