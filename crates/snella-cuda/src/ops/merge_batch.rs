@@ -104,9 +104,14 @@ pub fn effective_weights_bf16(gpu: &Gpu, layers: &[LayerJob<'_>]) -> Result<Vec<
             if j.k > n {
                 return Err(SnellaError::config("k", j.k, &format!("at most n = {n} (layer {li} chunk {ci})")));
             }
-            // zeroed by snella_merge_fwd_tiles_batch before any other kernel reads it
-            // SAFETY: every word is written (zeroed) by the first kernel of the adapter's group.
-            let dev = unsafe { gpu.uninit::<u32>(KEPT_WORDS) }?;
+            // zeroed by snella_merge_fwd_tiles_batch before any other kernel reads it (an empty
+            // adapter joins no launch: a zeroed state, as the per-adapter select leaves it)
+            let dev = if n == 0 {
+                super::topk::new_state(gpu)?
+            } else {
+                // SAFETY: every word is written (zeroed) by the first kernel of the adapter's group.
+                unsafe { gpu.uninit::<u32>(KEPT_WORDS) }?
+            };
             sets.push(CudaKept { dev, n, k: j.k });
         }
         // SAFETY: every chunk's c·n_in values are written by the sparsify pass below (n > 0), and a
