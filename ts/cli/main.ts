@@ -50,7 +50,7 @@ function withRecipe(c: Command, d: Partial<JobOptions>): Command {
     .option('--test-split <name>', 'test list file or subfolder', d.testSplit ?? 'test')
     .option('--test-data <dir>', 'a separate test folder (ImageFolder data)')
     .option('--out <dir>', 'output folder (adapter, results.json)', d.out ?? 'runs/latest')
-    .option('--overwrite', 'replace an adapter (and a training checkpoint) already in --out', false)
+    .option('--overwrite', 'replace an adapter (and a training checkpoint) already in --out', d.overwrite ?? false)
     .option('--checkpoint-dir <dir>', 'training checkpoint folder, saved each epoch and on Ctrl-C (default: OUT/checkpoint)')
     .option('--resume', 'continue from the checkpoint in --checkpoint-dir (same options as the interrupted run)', false)
     .option('--report <dir>', 'write a self-contained HTML training report (DIR/report.html, DIR/history.json)')
@@ -115,8 +115,8 @@ export function program(): Command {
       process.exitCode = await run(o as JobOptions);
     });
   withRecipe(
-    p.command('demo').description('a short SNELLA run of the bundled ViT-Tiny on a bundled 10-class Flowers-102 subset'),
-    { epochs: 10, batch: 32, lr: 2e-3, warmup: 1, sT: 0.5, trainSplit: 'train', testSplit: 'test', out: 'runs/demo' },
+    p.command('demo').description('a short SNELLA run of the bundled ViT-Tiny on a bundled 10-class Flowers-102 subset (a re-run replaces what an earlier one wrote to --out)'),
+    { epochs: 10, batch: 32, lr: 2e-3, warmup: 1, sT: 0.5, trainSplit: 'train', testSplit: 'test', out: 'runs/demo', overwrite: true },
   )
     .option('--model <file>', 'checkpoint', path.join(ASSETS, 'models/vit_tiny_patch8_64.safetensors'))
     .option('--data <dir>', 'data folder', path.join(ASSETS, 'flowers10-64'))
@@ -131,7 +131,7 @@ export function program(): Command {
         process.exitCode = EXIT.failure;
         return;
       }
-      process.exitCode = await run({ ...(o as JobOptions), overwrite: true });
+      process.exitCode = await run(o as JobOptions);
     });
   return p;
 }

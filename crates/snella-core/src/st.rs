@@ -117,7 +117,7 @@ fn check_header(path: &str, bytes: &[u8]) -> Result<()> {
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
     let rest = (bytes.len() - 8) as u64;
     if n > rest {
-        return Err(bad(format!("the header length {n} exceeds the {rest} bytes after it (truncated or corrupt file)")));
+        return Err(bad(format!("the header length {n} exceeds the {rest} bytes after it (not a safetensors file, or a truncated or corrupt one)")));
     }
     let n = n as usize;
     let text = std::str::from_utf8(&bytes[8..8 + n]).map_err(|e| bad(format!("the header is not UTF-8: {e}")))?;
