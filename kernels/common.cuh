@@ -69,8 +69,10 @@ struct SnellaFwdJob {
   __nv_bfloat16* w;
   unsigned k, rule;
 };
-// Words of a top-k state (topk.cu's layout; ops/topk.rs KEPT_WORDS).
+// Words of a top-k state and the first word of its digit-0 histogram (topk.cu's layout, which
+// asserts both; ops/topk.rs KEPT_WORDS, HIST0_WORD).
 #define SNELLA_KEPT_WORDS (32u + 2048u + 2048u + 512u + 4096u)
+#define SNELLA_KEPT_HIST0 32u
 
 // One adapter of the batched backward merge path (session 10; ops/merge_batch.rs, 18 u64 words):
 // the `_batch` backward entry points of merge.cu give blockIdx.z to one adapter each (one shape for

@@ -205,11 +205,11 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // The same for adapter blockIdx.z of a job table (SnellaFwdJob, with a mixture), the digit-0
-// histogram going to its top-k state (word 32, topk.cu W_HIST0).
+// histogram going to its top-k state (topk.cu W_HIST0).
 extern "C" __global__ void __launch_bounds__(256)
     snella_merge_fwd_softmax_batch(const SnellaFwdJob* __restrict__ jobs, unsigned n_out) {
   const SnellaFwdJob& jb = jobs[blockIdx.z];
-  snella_merge::fwd_softmax_body(jb.M, n_out, jb.mix, jb.st + 32);
+  snella_merge::fwd_softmax_body(jb.M, n_out, jb.mix, jb.st + SNELLA_KEPT_HIST0);
 }
 
 // Backward step 1 (mixture only): rowstat[i] = (max_j K/γ, Σ_j exp(K/γ − max), s_i = Σ_j Ĝ·P, Σ_j Ĝ),

@@ -28,6 +28,8 @@ constexpr unsigned W_THR = 0, W_CUT = 1, W_TAU = 2, W_K = 3, W_TIES = 4;
 constexpr unsigned W_S1 = 8, W_S2 = 12, W_TAUMAX = 16;
 constexpr unsigned W_HIST0 = 32, W_HIST1 = W_HIST0 + 2048, W_HIST2 = W_HIST1 + 2048;
 constexpr unsigned W_CNT = W_HIST2 + 512, MAX_CHUNKS = 4096;
+// the layout the batched kernels of merge.cu use through common.cuh
+static_assert(W_CNT + MAX_CHUNKS == SNELLA_KEPT_WORDS && W_HIST0 == SNELLA_KEPT_HIST0, "top-k state layout");
 
 __device__ __forceinline__ unsigned key(float x) { return snella_magnitude_key(x); }
 

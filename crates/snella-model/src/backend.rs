@@ -368,9 +368,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// PyTorch's autocast `F.linear`).
     #[allow(clippy::too_many_arguments)]
     fn linear_fwd_act(&self, x: &Self::Act, w: Weight<'_, Self>, delta: Option<&Self::Buf>, bias: &Self::Buf, rows: usize, n_in: usize, n_out: usize) -> Self::Act {
-        let mut y = self.empty(rows * n_out);
-        self.linear_fwd(x, w, delta, bias, None, rows, n_in, n_out, &mut y);
-        self.act(y)
+        linear_fwd_f32_act(self, x, w, delta, bias, rows, n_in, n_out)
     }
     /// Whether a ViT forward takes `fc1`'s output from [`Backend::linear_fwd_act`] (then the GELU
     /// from it with [`Backend::gelu_fwd_from`]) and, when the attention of head dimension `hd` reads
@@ -519,6 +517,15 @@ pub struct GradJob<'a, B: Backend> {
     pub dmix: Option<&'a mut B::Buf>,
 }
 
+/// [`Backend::linear_fwd_act`]'s default: [`Backend::linear_fwd`] into an f32 output, then
+/// [`Backend::act`] (also what CUDA runs for the operands its bf16-output GEMM does not take).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_fwd_f32_act<B: Backend>(be: &B, x: &B::Act, w: Weight<'_, B>, delta: Option<&B::Buf>, bias: &B::Buf, rows: usize, n_in: usize, n_out: usize) -> B::Act {
+    let mut y = be.empty(rows * n_out);
+    be.linear_fwd(x, w, delta, bias, None, rows, n_in, n_out, &mut y);
+    be.act(y)
+}
+
 /// [`Backend::effective_weights`]'s default: per layer, [`Backend::merge_fwd_select`] into a fresh
 /// `M` for each chunk, then [`Backend::effective_weight_act`].
 pub fn effective_weights_each<B: Backend>(be: &B, layers: &[WeightJob<'_, B>]) -> Vec<(B::Act, Vec<B::Kept>)> {
@@ -536,7 +543,6 @@ pub fn effective_weights_each<B: Backend>(be: &B, layers: &[WeightJob<'_, B>]) -
                 .collect();
             let parts: Vec<_> = ms.iter().zip(&l.chunks).map(|((m, s), j)| (m, s, j.rule)).collect();
             let w = be.effective_weight_act(l.w0, &parts, l.n_in, l.c);
-            drop(parts);
             (w, ms.into_iter().map(|(_, s)| s).collect())
         })
         .collect()

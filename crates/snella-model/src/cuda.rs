@@ -276,11 +276,7 @@ impl Backend for CudaBackend {
                     CudaAct::Bf16(y16)
                 })
             }
-            _ => {
-                let mut y = self.empty(rows * n_out);
-                self.linear_fwd(x, w, delta, bias, None, rows, n_in, n_out, &mut y);
-                self.act(y)
-            }
+            _ => crate::backend::linear_fwd_f32_act(self, x, w, delta, bias, rows, n_in, n_out),
         }
     }
     fn linear_out_act(&self, hd: usize) -> (bool, bool) {

@@ -94,10 +94,13 @@ pub struct Linear<B: Backend> {
     pub deltas: Vec<Option<Delta<B>>>,
     /// The original `W0` while merged (see [`Linear::merge`]).
     pub original: Option<B::Buf>,
-    /// `Some` while a backward pass defers its kernel adapters' backward
-    /// ([`Backend::batch_adapter_bwd`]): the weight gradient and kept sets the fused backward left
-    /// for [`Linear::grad_jobs`]; `None` (the default) runs it at once.
-    pub deferred: Option<Vec<PendingGrad<B>>>,
+    /// Whether the fused backward leaves its kernel adapters' backward in [`Linear::pending`] for one
+    /// batched call ([`Backend::batch_adapter_bwd`]; set by the ViT backward for its pass) instead
+    /// of running it at once (false, the default).
+    pub defer_adapter_bwd: bool,
+    /// The weight gradient and kept sets waiting for [`Linear::grad_jobs`] (one backward pass: at
+    /// most one).
+    pub pending: Option<PendingGrad<B>>,
 }
 
 /// A weight gradient `g: [n_in, n_out]` and its chunks' kept sets, waiting for the batched adapter
@@ -120,7 +123,8 @@ impl<B: Backend> Linear<B> {
             bias: Param::frozen(be, format!("{name}.bias"), vec![n_out], b),
             deltas: (0..chunks).map(|_| None).collect(),
             original: None,
-            deferred: None,
+            defer_adapter_bwd: false,
+            pending: None,
         }
     }
 
@@ -403,8 +407,9 @@ impl<B: Backend> Linear<B> {
         let mut dx = need_dx.then(|| be.empty(rows * n_in));
         let mut g = be.empty(n_in * n_out);
         be.linear_bwd_products_g(dy, Weight::Act(w), x, rows, n_in, n_out, dx.as_mut(), &mut g);
-        if let Some(pending) = self.deferred.as_mut() {
-            pending.push(PendingGrad { g, sets });
+        if self.defer_adapter_bwd {
+            assert!(self.pending.is_none(), "{}: one deferred adapter backward per pass", self.name);
+            self.pending = Some(PendingGrad { g, sets });
             return dx;
         }
         for (i, (d, set)) in self.deltas.iter_mut().zip(&sets).enumerate() {
@@ -415,16 +420,13 @@ impl<B: Backend> Linear<B> {
         dx
     }
 
-    /// The adapter backward jobs of the weight gradients deferred in [`Linear::deferred`] (one per
-    /// chunk of each), borrowing them and the adapters' gradients; empty when nothing waits.
+    /// The adapter backward jobs of the weight gradient waiting in [`Linear::pending`] (one per
+    /// chunk), borrowing it and the adapters' gradients; empty when nothing waits.
     pub fn grad_jobs(&mut self) -> Vec<GradJob<'_, B>> {
         let (n_in, n_out, c) = (self.n_in, self.n_out, self.chunk());
-        let Linear { deferred, deltas, .. } = self;
-        let Some(pending) = deferred.as_ref() else { return Vec::new() };
+        let Linear { pending, deltas, .. } = self;
+        let Some(p) = pending.as_ref() else { return Vec::new() };
         let mut jobs = Vec::new();
-        // one backward pass per step: a linear holds at most one pending gradient
-        let Some(p) = pending.last() else { return jobs };
-        assert_eq!(pending.len(), 1, "one deferred adapter backward per linear and pass");
         for (i, (d, set)) in deltas.iter_mut().zip(&p.sets).enumerate() {
             if let Some(Delta::Kernel(k)) = d {
                 let (da, db) = (&mut k.a.train.as_mut().expect("A trainable").grad, &mut k.b.train.as_mut().expect("B trainable").grad);

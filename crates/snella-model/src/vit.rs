@@ -245,20 +245,17 @@ impl<B: Backend> Vit<B> {
     /// [`Backend::effective_weights`] call (linears that [`Linear::weight_job`] leaves out get empty
     /// [`KeptSets`] and build theirs in their forward).
     fn effective_weights(&self, be: &B) -> Vec<[KeptSets<B>; 4]> {
-        let lins: Vec<[&Linear<B>; 4]> = self.blocks.iter().map(|b| [&b.qkv, &b.proj, &b.fc1, &b.fc2]).collect();
-        let jobs: Vec<_> = lins.iter().flatten().filter_map(|l| l.weight_job()).collect();
-        let mut made = be.effective_weights(&jobs).into_iter();
-        lins.iter()
-            .map(|ls| {
-                ls.map(|l| match l.weight_job() {
-                    Some(_) => {
-                        let (w, sets) = made.next().expect("one result per job");
-                        KeptSets { sets: sets.into_iter().map(Some).collect(), weight: Some(w) }
-                    }
-                    None => KeptSets::default(),
-                })
-            })
-            .collect()
+        let jobs: Vec<_> = self.blocks.iter().flat_map(|b| [&b.qkv, &b.proj, &b.fc1, &b.fc2]).map(|l| l.weight_job()).collect();
+        let has: Vec<bool> = jobs.iter().map(Option::is_some).collect();
+        let mut made = be.effective_weights(&jobs.into_iter().flatten().collect::<Vec<_>>()).into_iter();
+        let mut kept = has.into_iter().map(|h| match h {
+            true => {
+                let (w, sets) = made.next().expect("one result per job");
+                KeptSets { sets: sets.into_iter().map(Some).collect(), weight: Some(w) }
+            }
+            false => KeptSets::default(),
+        });
+        self.blocks.iter().map(|_| std::array::from_fn(|_| kept.next().expect("four linears per block"))).collect()
     }
 
     /// One block's forward; `kept` reuses the kept sets of an earlier forward of the same step (a
@@ -325,7 +322,7 @@ impl<B: Backend> Vit<B> {
         // the peak that checkpointing is there to lower)
         let defer = be.batch_adapter_bwd() && !self.recompute;
         if defer {
-            self.linears_mut().into_iter().for_each(|l| l.deferred = Some(Vec::new()));
+            self.linears_mut().into_iter().for_each(|l| l.defer_adapter_bwd = true);
         }
         let mut dx_act = None;
         for (i, (blk, saved)) in self.blocks.iter_mut().zip(cache.blocks).enumerate().rev() {
@@ -359,7 +356,10 @@ impl<B: Backend> Vit<B> {
                     be.adapter_bwd_batch(&mut jobs);
                 }
             }
-            lins.iter_mut().for_each(|l| l.deferred = None);
+            lins.iter_mut().for_each(|l| {
+                l.defer_adapter_bwd = false;
+                l.pending = None;
+            });
         }
     }
 

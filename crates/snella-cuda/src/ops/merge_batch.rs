@@ -14,7 +14,7 @@
 //! [`super::sparsify::sparsify_into_weight_bf16`] (tested in `tests/snella_ops.rs`). The top-k
 //! states are zeroed by the first kernel instead of a memset each.
 
-use super::merge::check_pieces;
+use super::merge::{check, check_pieces};
 use super::sparsify::rule_code;
 use super::topk::{CudaKept, KEPT_WORDS};
 use super::In;
@@ -35,6 +35,15 @@ type FwdKey = (usize, usize, usize, usize, bool);
 type BwdKey = (usize, usize, usize, usize, bool, bool);
 /// One linear's result: its bf16 effective weight and its chunks' kept sets.
 pub type LayerWeight = (CudaSlice<u16>, Vec<CudaKept>);
+
+/// A per-adapter check's error with the tensor's name prefixed by where it is in the batch (`at`:
+/// e.g. "layer 3 chunk 1"); other errors (a `Config` names its own field) are returned as they are.
+fn located(e: SnellaError, at: &str) -> SnellaError {
+    match e {
+        SnellaError::Tensor { file, tensor, message } => SnellaError::Tensor { file, tensor: format!("{at} {tensor}"), message },
+        other => other,
+    }
+}
 
 /// One kernel adapter of a linear for [`effective_weights_bf16`].
 pub struct AdapterJob<'a> {
@@ -82,25 +91,16 @@ pub fn effective_weights_bf16(gpu: &Gpu, layers: &[LayerJob<'_>]) -> Result<Vec<
     let mut out = Vec::with_capacity(layers.len());
     for (li, l) in layers.iter().enumerate() {
         let n = l.n_in * l.c;
-        let tensor = |what: &str, got: usize, want: usize| {
-            if got < want {
-                Err(SnellaError::tensor("<device>", &format!("layer {li} {what}"), format!("has {got} elements, expected {want}")))
-            } else {
-                Ok(())
-            }
-        };
-        tensor("W0", l.w0.len(), l.chunks.len() * n)?;
+        if l.w0.len() < l.chunks.len() * n {
+            return Err(SnellaError::tensor("<device>", &format!("layer {li} W0"), format!("has {} elements, expected {}", l.w0.len(), l.chunks.len() * n)));
+        }
         if n > u32::MAX as usize || l.n_in.div_ceil(32) > 65535 {
             return Err(SnellaError::config("in/out", format!("{}x{}", l.n_in, l.c), "below 2^32 entries and 65535·32 rows per adapter on the CUDA backend"));
         }
         let mut sets = Vec::with_capacity(l.chunks.len());
         for (ci, j) in l.chunks.iter().enumerate() {
-            check_pieces(j.heads, j.rh)?;
-            tensor(&format!("chunk {ci} A"), j.a.len(), j.heads * l.n_in * j.rh)?;
-            tensor(&format!("chunk {ci} B"), j.b.len(), j.heads * l.c * j.rh)?;
-            if let Some(x) = &j.mix {
-                tensor(&format!("chunk {ci} mixture"), x.len(), 3)?;
-            }
+            // the per-adapter merge's own checks (A, B, mixture, pieces; M is allocated here)
+            check(&j.a, &j.b, j.heads, l.n_in, l.c, j.rh, j.mix.as_ref(), n, "M").map_err(|e| located(e, &format!("layer {li} chunk {ci}")))?;
             if j.k > n {
                 return Err(SnellaError::config("k", j.k, &format!("at most n = {n} (layer {li} chunk {ci})")));
             }
@@ -270,7 +270,7 @@ pub fn adapter_bwd_batch(gpu: &Gpu, jobs: &mut [GradJob<'_, '_>]) -> Result<(), 
     use super::merge::{check, merge_bwd_from_grad};
     let mut groups: Vec<(BwdKey, Vec<usize>)> = Vec::new();
     for (ji, j) in jobs.iter_mut().enumerate() {
-        let named = |e: SnellaError| SnellaError::tensor("<device>", &format!("adapter backward job {ji}"), e.to_string());
+        let named = |e: SnellaError| located(e, &format!("adapter backward job {ji}"));
         if j.n_in == 0 || j.c == 0 || (j.mix.is_none() && j.dmix.is_some()) {
             let GradJob { g, ld, kept, rule, a, b, heads, n_in, c, rh, mix, da, db, dmix } = j;
             merge_bwd_from_grad(gpu, a, b, *heads, *n_in, *c, *rh, mix.as_ref(), g, *ld, kept, *rule, da, db, dmix.as_mut()).map_err(named)?;
@@ -295,11 +295,12 @@ pub fn adapter_bwd_batch(gpu: &Gpu, jobs: &mut [GradJob<'_, '_>]) -> Result<(), 
             None => groups.push((key, vec![ji])),
         }
     }
+    let sms = super::merge::sm_count(gpu);
     for (key, members) in &groups {
-        let per_job = bwd_layout(gpu, *key).total;
-        let per = (MAX_GROUP_BYTES / (4 * per_job)).clamp(1, 65535);
+        let lay = bwd_layout(*key, sms);
+        let per = (MAX_GROUP_BYTES / (4 * lay.total)).clamp(1, 65535);
         for part in members.chunks(per) {
-            bwd_group(gpu, jobs, *key, part)?;
+            bwd_group(gpu, jobs, *key, &lay, part)?;
         }
     }
     Ok(())
@@ -322,12 +323,11 @@ struct BwdLayout {
     jt: usize,
 }
 
-fn bwd_layout(gpu: &Gpu, key: BwdKey) -> BwdLayout {
+fn bwd_layout(key: BwdKey, sms: usize) -> BwdLayout {
     let (heads, n_in, c, rh, mixture, _) = key;
     let n = n_in * c;
     let (n_it, n_jt) = (n_in.div_ceil(32), c.div_ceil(32));
     // the per-adapter partition (ops/merge.rs `tiles`), so that the partial sums keep their order
-    let sms = super::merge::sm_count(gpu);
     let jt = [8usize, 4, 2].into_iter().find(|&t| n_it * n_jt.div_ceil(t) >= 4 * sms).unwrap_or(1);
     let n_sa = n_jt.div_ceil(jt);
     let r1 = rh + 1;
@@ -350,9 +350,8 @@ fn bwd_layout(gpu: &Gpu, key: BwdKey) -> BwdLayout {
 }
 
 /// The four launches of one group of same-shape adapter backwards (`members`: job indices).
-fn bwd_group(gpu: &Gpu, jobs: &mut [GradJob<'_, '_>], key: BwdKey, members: &[usize]) -> Result<(), SnellaError> {
+fn bwd_group(gpu: &Gpu, jobs: &mut [GradJob<'_, '_>], key: BwdKey, lay: &BwdLayout, members: &[usize]) -> Result<(), SnellaError> {
     let (heads, n_in, c, rh, _, with_dmix) = key;
-    let lay = bwd_layout(gpu, key);
     let z = members.len();
     // SAFETY: every scratch value is written by an earlier kernel of the group before it is read
     // (K, D by kd; ∂L/∂K, rowstat, gpart by rows_grad; the partials by the tiles kernel).
@@ -395,7 +394,7 @@ fn bwd_group(gpu: &Gpu, jobs: &mut [GradJob<'_, '_>], key: BwdKey, members: &[us
     // with the mixture (null without), the kept words KEPT_WORDS.
     unsafe { lb.launch(cfg) }.map_err(err("snella_merge_bwd_rows_grad_batch"))?;
     // 3. the tiles with ∂L/∂K as their gradient
-    let shared = super::merge::check_pieces(heads, rh)?;
+    let shared = check_pieces(heads, rh)?;
     let name = match super::merge::tile_sums_per_thread(heads, rh) {
         0..=6 => "snella_merge_bwd_tiles_r6_batch",
         7..=8 => "snella_merge_bwd_tiles_r8_batch",
