@@ -13,6 +13,7 @@ const attachCases: [string, Partial<AttachOptions>, RegExp][] = [
   ['s0 < 0', { s0: -0.5 }, /^invalid config: s0 = -0.5: a sparsity in \[0, 1\)/],
   ['numClasses 0', { numClasses: 0 }, /^invalid config: numClasses = 0: an integer ≥ 1/],
   ['unknown method', { method: 'adalora' as AttachOptions['method'] }, /^invalid config: method = adalora: one of snella, snell, lora, linear, full/],
+  ['a misspelt option', { numclasses: 5 } as Partial<AttachOptions>, /^invalid config: numclasses: not an option of attach\(\); did you mean numClasses\? its options: method, numClasses, rank, heads, targets, s0, rule, seed$/],
 ];
 
 for (const [what, opts, re] of attachCases) {
@@ -59,6 +60,8 @@ const trainCases: [string, Partial<TrainOptions>, RegExp][] = [
   ['negative seed', { seed: -1 }, /^invalid config: seed = -1: an integer in \[0, 4294967295\]/],
   ['negative prefetch', { prefetch: -1 }, /^invalid config: prefetch = -1: an integer ≥ 0/],
   ['resume without a folder', { resume: true }, /^invalid config: resume = true: needs checkpointDir/],
+  ['an unknown option', { learningRate: 0.01 } as Partial<TrainOptions>, /^invalid config: learningRate: not an option of train\(\); its options: train, epochs, batchSize, lr, /],
+  ['a miscased option', { batchsize: 8 } as Partial<TrainOptions>, /^invalid config: batchsize: not an option of train\(\); did you mean batchSize\? /],
   ['empty checkpoint folder name', { checkpointDir: '' }, /^invalid config: checkpointDir = : a folder path/],
 ];
 

@@ -7,6 +7,7 @@ import type { NativeModel } from '../native/binding';
 import { fromNative, native, nativeAsync, SnellaError } from './errors';
 import { binding } from './native';
 import { loadCheckpoint, saveCheckpoint, type CheckpointInfo } from './checkpoint';
+import { validateAttachKeys } from './validate';
 
 /**
  * Where to compute: `cpu` (the f32 reference backend, multi-threaded), `cuda` (first GPU; needs an
@@ -250,8 +251,8 @@ export class VitModel {
    *
    * @param opts - see {@link AttachOptions}.
    * @returns this model (for chaining).
-   * @throws {@link SnellaError} `CONFIG` naming the field out of range, or when a method is
-   *   attached already; `TARGET` listing the real layer names when a target matches nothing.
+   * @throws {@link SnellaError} `CONFIG` naming the field out of range or a key that is not an
+   *   option, or when a method is attached already; `TARGET` listing the real layer names when a target matches nothing.
    *
    * @example
    * ```ts
@@ -262,6 +263,7 @@ export class VitModel {
    * ```
    */
   attach(opts: AttachOptions): this {
+    validateAttachKeys(opts);
     const known = ['snella', 'snell', 'lora', 'linear', 'full'];
     if (!known.includes(opts.method)) {
       throw new SnellaError('CONFIG', `invalid config: method = ${String(opts.method)}: one of ${known.join(', ')}`);

@@ -4,10 +4,49 @@
  * @module
  */
 import { SnellaError } from './errors';
+import type { AttachOptions } from './model';
 import type { TrainOptions } from './train';
 
 function fail(field: string, v: unknown, range: string): never {
   throw new SnellaError('CONFIG', `invalid config: ${field} = ${String(v)}: ${range}`);
+}
+
+/** Every option of {@link train}; `satisfies` keeps the list complete when an option is added. */
+const TRAIN_KEYS = Object.keys({
+  train: 1, epochs: 1, batchSize: 1, lr: 1, weightDecay: 1, warmupEpochs: 1, sT: 1, allocatorBeta1: 1, allocatorBeta2: 1,
+  allocatorWarmupRounds: 1, allocatorFinalRounds: 1, allocatorInterval: 1, recompute: 1, seed: 1, prefetch: 1,
+  microBatches: 1, devices: 1, distributed: 1, callbacks: 1, signal: 1, checkpointDir: 1, resume: 1, overwriteCheckpoint: 1,
+} satisfies Record<keyof TrainOptions, 1>);
+
+/** Every option of {@link VitModel.attach}. */
+const ATTACH_KEYS = Object.keys({
+  method: 1, numClasses: 1, rank: 1, heads: 1, targets: 1, s0: 1, rule: 1, seed: 1,
+} satisfies Record<keyof AttachOptions, 1>);
+
+/**
+ * Refuses a key of an options object that the function does not know (a misspelt `learningRate`
+ * for `lr` would otherwise be ignored silently and train with the default).
+ * @param opts - the user's options object.
+ * @param known - the option names the function reads.
+ * @param what - the function, as it appears in the message (`train()`).
+ * @throws {@link SnellaError} `CONFIG` naming the first unknown key, a case-insensitive match
+ *   when there is one, and the known options.
+ */
+function checkKnownKeys(opts: object, known: readonly string[], what: string): void {
+  for (const k of Object.keys(opts)) {
+    if (known.includes(k)) continue;
+    const near = known.find((n) => n.toLowerCase() === k.toLowerCase());
+    const hint = near ? `did you mean ${near}? ` : '';
+    throw new SnellaError('CONFIG', `invalid config: ${k}: not an option of ${what}; ${hint}its options: ${known.join(', ')}`);
+  }
+}
+
+/**
+ * Checks that {@link VitModel.attach}'s options name only known options.
+ * @throws {@link SnellaError} `CONFIG` naming an unknown key.
+ */
+export function validateAttachKeys(opts: AttachOptions): void {
+  checkKnownKeys(opts, ATTACH_KEYS, 'attach()');
 }
 
 const isInt = (v: unknown): v is number => typeof v === 'number' && Number.isInteger(v);
@@ -15,10 +54,12 @@ const isInt = (v: unknown): v is number => typeof v === 'number' && Number.isInt
 /**
  * Checks the options of {@link train} that the native trainer would report under internal names
  * (or not at all): `sT`, the allocator's β and schedule, `seed`, `prefetch`, the checkpoint
- * options, `microBatches`, `devices` and `distributed`.
- * @throws {@link SnellaError} `CONFIG` naming the first field out of range and the allowed range.
+ * options, `microBatches`, `devices` and `distributed`; and that every key is an option of train().
+ * @throws {@link SnellaError} `CONFIG` naming the first field out of range and the allowed range,
+ *   or the first key that is not an option.
  */
 export function validateTrainOptions(opts: TrainOptions, epochs: number): void {
+  checkKnownKeys(opts, TRAIN_KEYS, 'train()');
   const unit = (field: string, v: number | undefined, what: string) => {
     if (v !== undefined && !(typeof v === 'number' && v >= 0 && v < 1)) fail(field, v, `${what} in [0, 1)`);
   };
