@@ -269,14 +269,18 @@ pub struct GradJob<'a, 'b> {
 pub fn adapter_bwd_batch(gpu: &Gpu, jobs: &mut [GradJob<'_, '_>]) -> Result<(), SnellaError> {
     use super::merge::{check, merge_bwd_from_grad};
     let mut groups: Vec<(BwdKey, Vec<usize>)> = Vec::new();
+    // jobs for the per-adapter function, run once every job is validated (a bad job writes nothing)
+    let mut alone = Vec::new();
     for (ji, j) in jobs.iter_mut().enumerate() {
         let named = |e: SnellaError| located(e, &format!("adapter backward job {ji}"));
         if j.n_in == 0 || j.c == 0 || (j.mix.is_none() && j.dmix.is_some()) {
-            let GradJob { g, ld, kept, rule, a, b, heads, n_in, c, rh, mix, da, db, dmix } = j;
-            merge_bwd_from_grad(gpu, a, b, *heads, *n_in, *c, *rh, mix.as_ref(), g, *ld, kept, *rule, da, db, dmix.as_mut()).map_err(named)?;
+            alone.push(ji);
             continue;
         }
         let n = j.n_in * j.c;
+        if j.n_in.div_ceil(32) > 65535 {
+            return Err(named(SnellaError::config("in", j.n_in, "at most 65535·32 rows on the CUDA backend")));
+        }
         if j.ld < j.c || j.g.len() < (j.n_in - 1) * j.ld + j.c {
             return Err(named(SnellaError::tensor("<device>", "G", format!("has {} elements at row stride {}, expected {} rows of {}", j.g.len(), j.ld, j.n_in, j.c))));
         }
@@ -294,6 +298,11 @@ pub fn adapter_bwd_batch(gpu: &Gpu, jobs: &mut [GradJob<'_, '_>]) -> Result<(), 
             Some(g) => g.1.push(ji),
             None => groups.push((key, vec![ji])),
         }
+    }
+    for ji in alone {
+        let GradJob { g, ld, kept, rule, a, b, heads, n_in, c, rh, mix, da, db, dmix } = &mut jobs[ji];
+        merge_bwd_from_grad(gpu, a, b, *heads, *n_in, *c, *rh, mix.as_ref(), g, *ld, kept, *rule, da, db, dmix.as_mut())
+            .map_err(|e| located(e, &format!("adapter backward job {ji}")))?;
     }
     let sms = super::merge::sm_count(gpu);
     for (key, members) in &groups {
