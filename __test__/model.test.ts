@@ -63,7 +63,10 @@ test('attach: trainable counts are exact per method (spec §1, §4)', (t) => {
   const counts: Record<string, number> = {};
   for (const method of ['linear', 'snella', 'snell', 'lora', 'full'] as const) {
     const m = VitModel.load(MODEL, { device: 'cpu' });
+    t.is(m.numClasses, 100, 'the checkpoint head before attach');
     m.attach({ method, numClasses: 10, rank: 8 });
+    t.is(m.numClasses, 10, `${method}: the new head after attach`);
+    t.is(m.config.num_classes, 100, 'config stays the checkpoint');
     counts[method] = m.trainableCount;
     m.dispose();
   }

@@ -233,11 +233,23 @@ export class VitModel {
   }
 
   /**
-   * The model's shape and normalisation, read from the checkpoint.
+   * The model's shape and normalisation, read from the checkpoint. Its `num_classes` stays the
+   * checkpoint's head after {@link VitModel.attach}; {@link VitModel.numClasses} gives the classes
+   * the model predicts now.
    * @throws {@link SnellaError} `DISPOSED` after {@link VitModel.dispose}.
    */
   get config(): VitConfig {
     return native(() => this.native.config()) as VitConfig;
+  }
+
+  /**
+   * Classes the model predicts now (the width of {@link VitModel.predict}'s logits): the attached
+   * method's `numClasses`, or the checkpoint's `num_classes` with no method attached.
+   * @throws {@link SnellaError} `DISPOSED` after {@link VitModel.dispose}.
+   */
+  get numClasses(): number {
+    const m = native(() => this.native.method()) as { num_classes: number } | null;
+    return m ? m.num_classes : this.config.num_classes;
   }
 
   /**
