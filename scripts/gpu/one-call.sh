@@ -67,28 +67,7 @@ if [ "$(left)" -gt 300 ]; then
     timeout 60 python3 ref_snella.py bench --model vit_base_patch16_224 --method $m --batch 8 --dtype fp32 --steps 10 >> "$out/ref.jsonl"
   done
 fi
-python3 - "$out" "$choice" <<'PY'
-import json, sys
-out, choice = sys.argv[1], sys.argv[2]
-ours = json.load(open(f"{out}/ours.json"))
-ref = [json.loads(l) for l in open(f"{out}/ref.jsonl") if l.strip()]
-rm = {(r["n_in"], r["n_out"]): r["ms"] for r in ref if r.get("op")}
-for m in ours["merge"]:
-    m["reference_ms"] = rm.get(tuple(m["shape"]))
-    m["speedup"] = round(m["reference_ms"] / m["ours_ms"], 2) if m["reference_ms"] else None
-rb = [r for r in ref if r.get("model")]
-r64 = next(r for r in rb if r["batch"] == 64)
-ours["vit_b16_step"]["reference"] = {"img_per_s": r64["img_per_s"], "peak_mib": r64["peak_mib"], "step_ms": r64["step_ms"], "dtype": r64["dtype"]}
-ours["reference_b8_fp32"] = [r for r in rb if r["batch"] == 8]
-ours["env"] = choice
-ours["command"] = f"scripts/gpu-bundle.sh && (device) bash .gpu/one-call.sh (gpu_bench 64 10 with {choice}, then ref_snella.py)"
-json.dump(ours, open(f"{out}/gpu-bench.json", "w"), indent=1)
-s = ours["vit_b16_step"]
-print("STEP ours", json.dumps(s["ours"]), "| reference", json.dumps(s["reference"]))
-print("RATIO", round(s["ours"]["img_per_s"] / s["reference"]["img_per_s"], 2), "x img/s,", round(s["ours"]["peak_mib"] / s["reference"]["peak_mib"], 3), "x peak")
-for m in ours["merge"]:
-    print("MERGE", m["shape"], m["ours_ms"], "ms vs", m["reference_ms"], "ms:", m["speedup"], "x")
-PY
+python3 assemble_bench.py "$out" "scripts/gpu-bundle.sh && (device) bash .gpu/one-call.sh (gpu_bench 64 10 with $choice, then ref_snella.py)" "$choice"
 echo "[$(( $(date +%s) - t0 )) s] bench done"
 
 if [ -d ../.gpu-node ]; then

@@ -19,20 +19,5 @@ python3 ref_snella.py bench --model vit_base_patch16_224 --method snella --batch
 for m in lora snella full; do
   python3 ref_snella.py bench --model vit_base_patch16_224 --method $m --batch 8 --dtype fp32 --steps 10 >> "$out/ref.jsonl"
 done
-python3 - "$out" <<'PY'
-import json, sys
-out = sys.argv[1]
-ours = json.load(open(f"{out}/ours.json"))
-ref = [json.loads(l) for l in open(f"{out}/ref.jsonl") if l.strip()]
-rm = {(r["n_in"], r["n_out"]): r["ms"] for r in ref if r.get("op")}
-for m in ours["merge"]:
-    m["reference_ms"] = rm.get(tuple(m["shape"]))
-    m["speedup"] = round(m["reference_ms"] / m["ours_ms"], 2) if m["reference_ms"] else None
-rb = [r for r in ref if r.get("model")]
-r64 = next(r for r in rb if r["batch"] == 64)
-ours["vit_b16_step"]["reference"] = {"img_per_s": r64["img_per_s"], "peak_mib": r64["peak_mib"], "step_ms": r64["step_ms"], "dtype": r64["dtype"]}
-ours["reference_b8_fp32"] = [r for r in rb if r["batch"] == 8]
-ours["command"] = "scripts/gpu-bundle.sh && (device) bash .gpu/run-bench.sh"
-json.dump(ours, open(f"{out}/gpu-bench.json", "w"), indent=1)
-print(json.dumps(ours, indent=1))
-PY
+python3 assemble_bench.py "$out" "scripts/gpu-bundle.sh && (device) bash .gpu/run-bench.sh"
+cat "$out/gpu-bench.json"
