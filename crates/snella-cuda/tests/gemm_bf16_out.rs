@@ -1,8 +1,11 @@
 //! `gemm::linear_fwd_bf16_out` (session 10: a linear's output written in bf16 by cuBLASLt's bias
 //! epilogue, the bias rounded to bf16) against an f64 reference on the same bf16 inputs: every
-//! output within one bf16 rounding of the exact value (`|gpu − ref| ≤ 2⁻⁸·|ref|`, plus 1e-6 of the
-//! row's scale for the f32 accumulation near zero), on shapes of a ViT-B `qkv` and `fc1` slice and odd
-//! ones. Without CUDA it prints `skipped: no CUDA (...)` and returns (project rule).
+//! output within two bf16 roundings, one of the product `x·Wᵀ` and one of the sum with the bias
+//! (`|gpu − ref| ≤ 2⁻⁸·(|x·Wᵀ| + |ref|)`, plus 1e-6 of the row's scale for the f32 accumulation),
+//! on shapes of a ViT-B `qkv` and `fc1` slice and odd ones. One rounding alone does not hold: on an
+//! H100 (CUDA 13, session 11) a 33×70→45 output came 0.88 bf16 ulp from the exact value, as when the
+//! epilogue rounds the product to bf16 before adding the bias, which PyTorch's bf16 `addmm` through
+//! the same cuBLASLt bias epilogue does too. Without CUDA it prints `skipped: no CUDA (...)` and returns (project rule).
 
 use half::bf16;
 use snella_cuda::gemm::{linear_fwd_bf16_out, to_bf16, Wt};
@@ -33,11 +36,11 @@ fn bf16_output_linear_is_within_one_rounding_of_the_exact_product() {
                 }
                 let want = acc + br[o];
                 let g = got[i * n_out + o];
-                let tol = want.abs() / 256.0 + 1e-6 * (scale + br[o].abs());
+                let tol = (acc.abs() + want.abs()) / 256.0 + 1e-6 * (scale + br[o].abs());
                 assert!((g - want).abs() <= tol, "{rows}x{n_in}x{n_out} [{i},{o}]: got {g}, exact {want} (tolerance {tol:.3e})");
                 worst = worst.max((g - want).abs() / want.abs().max(1e-30));
             }
         }
-        println!("linear_fwd_bf16_out {rows}x{n_in}->{n_out}: worst relative error {worst:.2e} (one bf16 rounding: 3.9e-3)");
+        println!("linear_fwd_bf16_out {rows}x{n_in}->{n_out}: worst relative error {worst:.2e} (one bf16 rounding: 3.9e-3; two near cancellation can be far more)");
     }
 }

@@ -323,7 +323,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
     }
     /// Whether a ViT backward pass hands every kernel adapter's backward from its layer's weight
     /// gradient to one [`Backend::adapter_bwd_batch`] call at its end, keeping the weight gradients
-    /// until then (CUDA bf16 with the fused adapter backward and `SNELLA_MERGE_BATCH=on`, session 10),
+    /// until then (CUDA bf16 with the fused adapter backward unless `SNELLA_MERGE_BATCH=off` or `fwd`; session 10),
     /// instead of running
     /// [`Backend::adapter_bwd_from_grad`] layer by layer. False by default.
     fn batch_adapter_bwd(&self) -> bool {
@@ -364,7 +364,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// A linear's output `x·Wᵀ (+ x·delta) + b` (`[rows, n_out]`) in the form [`Backend::act`] makes,
     /// for consumers that read only that form. The default computes it in f32 with
     /// [`Backend::linear_fwd`] and hands it to [`Backend::act`]; CUDA bf16 writes it in bf16 from the
-    /// GEMM's epilogue with the bias rounded to bf16 when `SNELLA_LINEAR_OUT=bf16` (session 10;
+    /// GEMM's epilogue with the bias rounded to bf16 unless `SNELLA_LINEAR_OUT=f32` (session 10;
     /// PyTorch's autocast `F.linear`).
     #[allow(clippy::too_many_arguments)]
     fn linear_fwd_act(&self, x: &Self::Act, w: Weight<'_, Self>, delta: Option<&Self::Buf>, bias: &Self::Buf, rows: usize, n_in: usize, n_out: usize) -> Self::Act {
@@ -373,15 +373,15 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Whether a ViT forward takes `fc1`'s output from [`Backend::linear_fwd_act`] (then the GELU
     /// from it with [`Backend::gelu_fwd_from`]) and, when the attention of head dimension `hd` reads
     /// its input in that form, `qkv`'s too, instead of an f32 output converted by
-    /// [`Backend::gelu_fwd_keep`] / [`Backend::attention_input`]. False by default (CUDA bf16 with
-    /// `SNELLA_LINEAR_OUT=bf16`: true).
+    /// [`Backend::gelu_fwd_keep`] / [`Backend::attention_input`]. False by default (CUDA bf16: true
+    /// unless `SNELLA_LINEAR_OUT=f32`).
     fn linear_out_act(&self, hd: usize) -> (bool, bool) {
         let _ = hd;
         (false, false)
     }
     /// Whether a ViT forward pass builds every adapted linear's effective weight and kept sets up
     /// front with one [`Backend::effective_weights`] call (where [`Backend::keep_effective_weight`]
-    /// holds: CUDA bf16 with `SNELLA_MERGE_BATCH=on` or `fwd`, session 10) instead of linear by
+    /// holds: CUDA bf16 unless `SNELLA_MERGE_BATCH=off`, session 10) instead of linear by
     /// linear. False by default.
     fn batch_effective_weights(&self) -> bool {
         false

@@ -74,18 +74,19 @@ pub struct CudaBackend {
     pub fused_adapter_bwd: bool,
     /// Whether a bf16 forward builds every adapted linear's effective weight up front, one launch
     /// per kernel for each group of same-shape adapters ([`Backend::batch_effective_weights`],
-    /// session 10; the same bits as linear by linear). False by default until it has run on a GPU;
-    /// true when the environment variable `SNELLA_MERGE_BATCH` is `on` or `fwd` when the backend is
-    /// made.
+    /// session 10; the same bits as linear by linear, tested on an H100 in session 11). True by
+    /// default; false when the environment variable `SNELLA_MERGE_BATCH` is `off` when the backend
+    /// is made (linear by linear, for comparisons).
     pub batch_merge: bool,
     /// Whether a backward pass defers every kernel adapter's backward to one batched call at its
     /// end ([`Backend::batch_adapter_bwd`], session 10; it applies with the fused adapter backward;
-    /// the same bits). False by default until it has run on a GPU; true with `SNELLA_MERGE_BATCH=on`.
+    /// the same bits). True by default; false with `SNELLA_MERGE_BATCH=off` or `=fwd` (forward only).
     pub batch_merge_bwd: bool,
     /// Whether a bf16 step has `qkv` (with the fused attention) and `fc1` written in bf16 by their
     /// GEMMs, the bias rounded to bf16 as PyTorch's autocast does ([`Backend::linear_out_act`],
-    /// session 10). False by default (f32 outputs converted afterwards, the bias added in f32) until
-    /// it has run on a GPU and through the recipe; true with `SNELLA_LINEAR_OUT=bf16`.
+    /// session 10). True by default since session 11 (H100: 1947 → 2052 img/s; recipe 5 seeds
+    /// mean 43.6% vs 42.0% with f32 outputs, same call); `SNELLA_LINEAR_OUT=f32` keeps f32 outputs
+    /// converted afterwards, the bias added in f32.
     pub linear_out_bf16: bool,
 }
 
@@ -147,11 +148,11 @@ impl CudaBackend {
         let fused_attention = std::env::var("SNELLA_ATTENTION").map(|v| v != "unfused").unwrap_or(true);
         let separate_delta = std::env::var("SNELLA_DELTA_PRODUCTS").map(|v| v == "separate").unwrap_or(false);
         let fused_adapter_bwd = std::env::var("SNELLA_ADAPTER_BWD").map(|v| v != "composed").unwrap_or(true);
-        // session 10's paths are opt-in until they have run on a GPU (written when no device could
-        // be had; see bench/PERF.md "Session 10"): SNELLA_MERGE_BATCH=on|fwd, SNELLA_LINEAR_OUT=bf16
-        let linear_out_bf16 = std::env::var("SNELLA_LINEAR_OUT").map(|v| v == "bf16").unwrap_or(false);
+        // session 10's paths, the defaults since they ran on an H100 in session 11 (bench/PERF.md
+        // "Session 11"): SNELLA_MERGE_BATCH=off|fwd, SNELLA_LINEAR_OUT=f32 go back for comparisons
+        let linear_out_bf16 = std::env::var("SNELLA_LINEAR_OUT").map(|v| v != "f32").unwrap_or(true);
         let batch = std::env::var("SNELLA_MERGE_BATCH").unwrap_or_default();
-        let (batch_merge, batch_merge_bwd) = (batch == "on" || batch == "fwd", batch == "on");
+        let (batch_merge, batch_merge_bwd) = (batch != "off", batch != "off" && batch != "fwd");
         Ok(CudaBackend { gpu: Gpu::new(ordinal)?, prof: None, fused_attention, separate_delta, keep_weight: true, ln_bf16_dy: true, fused_adapter_bwd, batch_merge, batch_merge_bwd, linear_out_bf16 })
     }
 
