@@ -3,6 +3,8 @@
 # of session 10's opt-in paths, which could not get a device in that session. Runs their GPU tests
 # and the whole-step tests, then `gpu_bench quick` alternating (one binary, environment switches):
 #   baseline | SNELLA_MERGE_BATCH=fwd | =on | =on with SNELLA_LINEAR_OUT=bf16
+# (both paths are the defaults since session 11: the baseline is now set explicitly to session 9's
+# path, SNELLA_MERGE_BATCH=off SNELLA_LINEAR_OUT=f32; scripts/gpu/one-call.sh is the current one)
 # and, when .gpu-node/ is there, recipe seeds 0–3 with and without both switches. Prints the figures;
 # logs in $OUT. Usage: bash .gpu/ab-session10.sh   (≈ 6 min on an H100)
 set -uo pipefail
@@ -18,7 +20,7 @@ for t in bin/snella-cuda-merge_batch bin/snella-cuda-gemm_bf16_out bin/snella-mo
 done
 echo "tests done in $(( $(date +%s) - t0 )) s"
 for i in 1 2; do
-  for mode in "SNELLA_X=baseline" "SNELLA_MERGE_BATCH=fwd" "SNELLA_MERGE_BATCH=on" "SNELLA_MERGE_BATCH=on SNELLA_LINEAR_OUT=bf16"; do
+  for mode in "SNELLA_MERGE_BATCH=off SNELLA_LINEAR_OUT=f32" "SNELLA_MERGE_BATCH=fwd SNELLA_LINEAR_OUT=f32" "SNELLA_MERGE_BATCH=on SNELLA_LINEAR_OUT=f32" "SNELLA_MERGE_BATCH=on SNELLA_LINEAR_OUT=bf16"; do
     env $mode timeout 90 ./bin/gpu_bench 64 10 quick > "$out/quick.json" 2>"$out/quick.err" || tail -5 "$out/quick.err"
     python3 -c "
 import json; d=json.load(open('$out/quick.json'))['vit_b16_step']
@@ -27,6 +29,6 @@ print('$mode | $i |', d['ours']['img_per_s'], 'img/s', d['ours']['peak_mib'], 'M
 done
 echo "A/B done in $(( $(date +%s) - t0 )) s"
 if [ -d ../.gpu-node ]; then
-  (cd ../.gpu-node && SNELLA_AB_ENV="SNELLA_MERGE_BATCH=on SNELLA_LINEAR_OUT=bf16" bash recipe-seeds.sh 0 1 2 3)
+  (cd ../.gpu-node && SNELLA_MERGE_BATCH=off SNELLA_LINEAR_OUT=f32 SNELLA_AB_ENV="SNELLA_MERGE_BATCH=on SNELLA_LINEAR_OUT=bf16" bash recipe-seeds.sh 0 1 2 3)
 fi
 echo "all done in $(( $(date +%s) - t0 )) s"
