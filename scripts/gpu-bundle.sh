@@ -9,7 +9,7 @@
 #                            .gpu/run-dp-bench.sh runs it into $OUT/dp-bench.json
 #   .gpu/ref_snella.py       the PyTorch reference, timed side by side by run-bench.sh
 #   .gpu/run.sh              runs the tests; .gpu/run-bench.sh runs tests + benchmarks
-#   .gpu/ab-session10.sh     the first GPU run of session 10's opt-in paths (tests, A/B, recipe)
+#   .gpu/one-call.sh         tests, A/B against session 9's path, bench beside the reference, recipe seeds, in one deadline
 # Usage: scripts/gpu-bundle.sh; then on the device: bash .gpu/run.sh   or   bash .gpu/run-bench.sh
 # SNELLA_BUNDLE_XZ=1 packs bin/ as bin.tar.xz (≈ 3 MB instead of ≈ 25 MB, so that .gpu and
 # .gpu-node fit the device tool's 64 MiB together); run.sh unpacks it.
@@ -35,7 +35,7 @@ cp target/release/examples/gpu_bench target/release/examples/dp_bench .gpu/bin/
 strip .gpu/bin/* 2>/dev/null || true
 ref=../shared/reference/ref_snella.py
 [ -f "$ref" ] && cp "$ref" .gpu/ref_snella.py
-cp scripts/gpu/ab-session10.sh scripts/gpu/one-call.sh scripts/gpu/run-bench.sh scripts/gpu/ncu-step.sh scripts/gpu/run-dp-bench.sh scripts/gpu/nccl-env.sh scripts/gpu/check_timm.py scripts/gpu/assemble_bench.py .gpu/
+cp scripts/gpu/one-call.sh scripts/gpu/run-bench.sh scripts/gpu/ncu-step.sh scripts/gpu/run-dp-bench.sh scripts/gpu/nccl-env.sh scripts/gpu/check_timm.py scripts/gpu/assemble_bench.py .gpu/
 cat > .gpu/run.sh <<'RUN'
 #!/usr/bin/env bash
 # Runs every bundled test executable; each one's output goes to $OUT/<name>.log.

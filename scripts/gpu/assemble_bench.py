@@ -1,12 +1,11 @@
 """On the GPU machine: joins our gpu_bench JSON and the PyTorch reference's JSON lines (ref_snella.py)
-from the same run into the results layout of bench/results/ and prints the headline ratios.
-Usage: python3 assemble_bench.py OUT_DIR COMMAND [ENV]   (reads OUT_DIR/ours.json, OUT_DIR/ref.jsonl;
+from the same run into the results layout of bench/results/, with the command that made them.
+Usage: python3 assemble_bench.py OUT_DIR COMMAND   (reads OUT_DIR/ours.json, OUT_DIR/ref.jsonl;
 writes OUT_DIR/gpu-bench.json)"""
 import json
 import sys
 
 out, command = sys.argv[1], sys.argv[2]
-env = sys.argv[3] if len(sys.argv) > 3 else None
 ours = json.load(open(f"{out}/ours.json"))
 ref = [json.loads(l) for l in open(f"{out}/ref.jsonl") if l.strip()]
 rm = {(r["n_in"], r["n_out"]): r["ms"] for r in ref if r.get("op")}
@@ -17,12 +16,5 @@ rb = [r for r in ref if r.get("model")]
 r64 = next(r for r in rb if r["batch"] == 64)
 ours["vit_b16_step"]["reference"] = {"img_per_s": r64["img_per_s"], "peak_mib": r64["peak_mib"], "step_ms": r64["step_ms"], "dtype": r64["dtype"]}
 ours["reference_b8_fp32"] = [r for r in rb if r["batch"] == 8]
-if env:
-    ours["env"] = env
 ours["command"] = command
 json.dump(ours, open(f"{out}/gpu-bench.json", "w"), indent=1)
-s = ours["vit_b16_step"]
-print("STEP ours", json.dumps(s["ours"]), "| reference", json.dumps(s["reference"]))
-print("RATIO", round(s["ours"]["img_per_s"] / s["reference"]["img_per_s"], 2), "x img/s,", round(s["ours"]["peak_mib"] / s["reference"]["peak_mib"], 3), "x peak")
-for m in ours["merge"]:
-    print("MERGE", m["shape"], m["ours_ms"], "ms vs", m["reference_ms"], "ms:", m["speedup"], "x")
