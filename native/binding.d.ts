@@ -29,8 +29,13 @@ export declare class NativeModel {
   prepare(cfg: any): void
   /** Starts epoch `t` (the allocator's round). */
   beginEpoch(t: number): void
-  /** One training step (async): images `[b,3,H,W]` f32, labels `[b]`. */
-  trainStep(images: Float32Array, labels: Uint32Array): Promise<{ step: number, loss: number, correct: number, batch: number, lr: number }>
+  /**
+   * One training step (async): images `[b,3,H,W]` f32 (or `null`: the batch the previous step
+   * staged, when it returned `staged: true`), labels `[b]`, and optionally the next batch's
+   * images, which the step copies to the device while it computes (`staged: true` in the result;
+   * not in a data-parallel group). See `Session::train_step_next`.
+   */
+  trainStep(images: Float32Array | undefined | null, labels: Uint32Array, next?: Float32Array | undefined | null): Promise<{ step: number, loss: number, correct: number, batch: number, lr: number, staged: boolean }>
   /** Logits `[b, classes]` (async). */
   predict(images: Float32Array, batch: number): Promise<Float32Array>
   /** `{ lossSum, correct }` over a labelled batch (async). */

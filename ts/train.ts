@@ -315,29 +315,43 @@ async function trainLoop(
     let correct = 0;
     let seen = 0;
     let last = performance.now();
-    for await (const batch of epoch === start.epoch ? batchesFrom(loader, epoch, start.batch) : loader.epoch(epoch)) {
-      if (opts.signal?.aborted) {
-        aborted = true;
-        break;
+    // One batch ahead: each step also stages the next batch's images on the device while it
+    // computes (`staged: true`), and the next call then passes no images (not in a data-parallel
+    // group, whose ranks slice host images).
+    const it = (epoch === start.epoch ? batchesFrom(loader, epoch, start.batch) : loader.epoch(epoch))[Symbol.asyncIterator]();
+    let staged = false;
+    try {
+      for (let cur = await it.next(); !cur.done; ) {
+        if (opts.signal?.aborted) {
+          aborted = true;
+          break;
+        }
+        const batch = cur.value;
+        const nxt = await it.next();
+        const next = dataParallel === undefined && !nxt.done ? nxt.value.images : undefined;
+        const r = await nativeAsync(() => model.native.trainStep(staged ? null : batch.images, batch.labels, next));
+        staged = r.staged;
+        cur = nxt;
+        const now = performance.now();
+        steps++;
+        images += batch.size;
+        lossSum += r.loss * batch.size;
+        correct += r.correct;
+        seen += batch.size;
+        await cb.onStep?.({
+          step: r.step,
+          totalSteps,
+          epoch,
+          loss: r.loss,
+          accuracy: r.correct / batch.size,
+          lr: r.lr,
+          batch: batch.size,
+          imagesPerSecond: (batch.size * 1000) / Math.max(1e-9, now - last),
+        });
+        last = performance.now();
       }
-      const r = await nativeAsync(() => model.native.trainStep(batch.images, batch.labels));
-      const now = performance.now();
-      steps++;
-      images += batch.size;
-      lossSum += r.loss * batch.size;
-      correct += r.correct;
-      seen += batch.size;
-      await cb.onStep?.({
-        step: r.step,
-        totalSteps,
-        epoch,
-        loss: r.loss,
-        accuracy: r.correct / batch.size,
-        lr: r.lr,
-        batch: batch.size,
-        imagesPerSecond: (batch.size * 1000) / Math.max(1e-9, now - last),
-      });
-      last = performance.now();
+    } finally {
+      await it.return?.();
     }
     if (seen === 0) break;
     const seconds = (performance.now() - e0) / 1000;

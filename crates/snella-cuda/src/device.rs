@@ -31,6 +31,8 @@ pub struct Gpu {
     precision: std::sync::atomic::AtomicU8,
     /// A page-locked staging buffer for large uploads (grow-only), see [`Gpu::upload`].
     staging: Mutex<Option<cudarc::driver::PinnedHostSlice<f32>>>,
+    /// The copy stream and buffers of [`Gpu::upload_beside`], made at its first call.
+    pub(crate) beside: Mutex<Option<crate::beside::Beside>>,
     /// The device's default memory pool (what `cuMemAllocAsync` draws from), when the device has one.
     pool: Option<PoolHandle>,
     /// `"NVIDIA H200 (sm_90)"`-style description.
@@ -64,7 +66,7 @@ impl Gpu {
         let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("cannot create a cuBLAS handle", e))?;
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let (ma, mi) = ctx.compute_capability().unwrap_or((0, 0));
-        Ok(Arc::new(Gpu { ctx, stream, blas, module, funcs: Mutex::new(HashMap::new()), peak: AtomicUsize::new(0), used_at_reset: AtomicUsize::new(0), precision: std::sync::atomic::AtomicU8::new(Precision::F32 as u8), staging: Mutex::new(None), pool, description: format!("{name} (sm_{ma}{mi}), {driver}"), lt: std::sync::OnceLock::new() }))
+        Ok(Arc::new(Gpu { ctx, stream, blas, module, funcs: Mutex::new(HashMap::new()), peak: AtomicUsize::new(0), used_at_reset: AtomicUsize::new(0), precision: std::sync::atomic::AtomicU8::new(Precision::F32 as u8), staging: Mutex::new(None), beside: Mutex::new(None), pool, description: format!("{name} (sm_{ma}{mi}), {driver}"), lt: std::sync::OnceLock::new() }))
     }
 
     /// The cuBLASLt handle and workspace of this device, created on first use.

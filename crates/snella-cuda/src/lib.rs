@@ -8,6 +8,7 @@
 //! - [`gemm`] is the row-major GEMM on cuBLAS, [`gemm_lt`] the GEMMs with fused bias/residual
 //!   epilogues on cuBLASLt; [`ops`] the safe launchers of `kernels/*.cu`.
 
+pub mod beside;
 pub mod device;
 pub mod gemm;
 pub mod gemm_lt;

@@ -79,26 +79,37 @@ fn step_bench(be: &CudaBackend, kind: MethodKind, batch: usize, steps: usize) ->
 }
 
 fn step_bench_with(be: &CudaBackend, kind: MethodKind, batch: usize, steps: usize, recompute: bool) -> String {
-    let mut s = Session { be: be.clone(), vit: vit_b16(be), method: None, trainer: None, source: String::new() };
+    let mut s = Session::new(be.clone(), vit_b16(be), "");
     s.attach(MethodConfig { kind, rank: 32, heads: 2, s0: 0.7, num_classes: 100, ..MethodConfig::default() }).unwrap();
     s.prepare(TrainConfig { epochs: 1, steps_per_epoch: 1000, batch_size: batch, warmup_epochs: 0, recompute, ..TrainConfig::default() }).unwrap();
     let n = batch * 3 * 224 * 224;
     let mut rng = 3u64;
     let images = uniform(n, 1.0, &mut rng);
     let labels: Vec<u32> = (0..batch as u32).map(|i| i % 100).collect();
+    // The next batch is staged during each step (Session::train_step_next), as the TypeScript
+    // training loop does; SNELLA_PREFETCH=off uploads each batch at the start of its step instead.
+    let prefetch = std::env::var("SNELLA_PREFETCH").map_or(true, |v| v != "off");
+    let step = |s: &mut Session<CudaBackend>| {
+        if prefetch {
+            let here = if s.staged.is_some() { None } else { Some(&images[..]) };
+            s.train_step_next(here, &labels, Some(&images)).unwrap();
+        } else {
+            s.train_step(&images, &labels).unwrap();
+        }
+    };
     be.gpu.reset_peak();
     for _ in 0..3 {
-        s.train_step(&images, &labels).unwrap();
+        step(&mut s);
     }
     be.gpu.sync().unwrap();
     let t = Instant::now();
     for _ in 0..steps {
-        s.train_step(&images, &labels).unwrap();
+        step(&mut s);
     }
     be.gpu.sync().unwrap();
     let dt = t.elapsed().as_secs_f64() / steps as f64;
     format!(
-        "{{\"method\":\"{kind:?}\",\"batch\":{batch},\"dtype\":\"f32\",\"step_ms\":{:.2},\"img_per_s\":{:.1},\"peak_mib\":{:.1},\"peak_tensor_mib\":{:.1},\"trainable\":{}}}",
+        "{{\"method\":\"{kind:?}\",\"prefetch\":{prefetch},\"batch\":{batch},\"dtype\":\"f32\",\"step_ms\":{:.2},\"img_per_s\":{:.1},\"peak_mib\":{:.1},\"peak_tensor_mib\":{:.1},\"trainable\":{}}}",
         dt * 1e3,
         batch as f64 / dt,
         be.gpu.peak_bytes() as f64 / 1048576.0,
@@ -112,7 +123,7 @@ fn step_bench_with(be: &CudaBackend, kind: MethodKind, batch: usize, steps: usiz
 fn profile_step(be: &CudaBackend, kind: MethodKind, batch: usize) -> String {
     let mut pb = be.clone();
     pb.enable_profile();
-    let mut s = Session { be: pb.clone(), vit: vit_b16(&pb), method: None, trainer: None, source: String::new() };
+    let mut s = Session::new(pb.clone(), vit_b16(&pb), "");
     s.attach(MethodConfig { kind, rank: 32, heads: 2, s0: 0.7, num_classes: 100, ..MethodConfig::default() }).unwrap();
     s.prepare(TrainConfig { epochs: 1, steps_per_epoch: 1000, batch_size: batch, warmup_epochs: 0, ..TrainConfig::default() }).unwrap();
     let mut rng = 3u64;

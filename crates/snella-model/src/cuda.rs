@@ -229,6 +229,9 @@ impl Backend for CudaBackend {
             ok("upload", self.gpu.upload(data))
         })
     }
+    fn upload_beside(&self, data: &[f32]) -> CudaSlice<f32> {
+        self.timed("upload beside", || ok("upload beside", self.gpu.upload_beside(data)))
+    }
     fn download(&self, buf: &CudaSlice<f32>) -> Vec<f32> {
         ok("download", self.gpu.stream.clone_dtoh(buf).map_err(|e| snella_cuda::device::cuda_err("download", e)))
     }

@@ -3,7 +3,7 @@
 
 use crate::backend::Backend;
 use crate::peft::{attach, MethodConfig};
-use crate::trainer::{kernel_adapters, StepStats, TrainConfig, Trainer};
+use crate::trainer::{kernel_adapters, Images, StepStats, TrainConfig, Trainer};
 use crate::vit::Vit;
 use snella_core::st::{self, HostTensor};
 use snella_core::{Result, SnellaError};
@@ -46,6 +46,8 @@ pub struct Session<B: Backend> {
     pub trainer: Option<Trainer>,
     /// The checkpoint the model came from.
     pub source: String,
+    /// The next batch's images, staged on the backend by the last [`Session::train_step_next`].
+    pub staged: Option<B::Buf>,
 }
 
 impl<B: Backend> Session<B> {
@@ -56,7 +58,13 @@ impl<B: Backend> Session<B> {
     pub fn load(be: B, path: &str) -> Result<Self> {
         let f = st::read(path)?;
         let vit = Vit::from_file(&be, f)?;
-        Ok(Session { be, vit, method: None, trainer: None, source: path.to_string() })
+        Ok(Session::new(be, vit, path))
+    }
+
+    /// A session over a model already built (`source` names where it came from), with nothing
+    /// attached or prepared.
+    pub fn new(be: B, vit: Vit<B>, source: &str) -> Self {
+        Session { be, vit, method: None, trainer: None, source: source.to_string(), staged: None }
     }
 
     /// Attaches a method (see [`attach`]). Only once per session.
@@ -118,9 +126,50 @@ impl<B: Backend> Session<B> {
     /// Shape errors, labels out of range, a merged model, non-finite values (see [`Trainer::step`]).
     pub fn train_step(&mut self, images: &[f32], labels: &[u32]) -> Result<StepStats> {
         self.check_batch(images, labels)?;
+        self.staged = None;
         let Session { be, vit, trainer, .. } = self;
         let tr = trainer.as_mut().ok_or_else(|| SnellaError::config("trainer", "none", "call prepare() before training"))?;
         tr.step(be, vit, images, labels)
+    }
+
+    /// One training step that also stages `next`, the next batch's images (`[b', C, H, W]`, any
+    /// `b' ≥ 1`), on the backend while this step computes ([`Trainer::step_next`]): on CUDA the next
+    /// step then starts without waiting for its upload. `images: None` trains on the batch the
+    /// previous call staged (its [`StepStats::staged`] was true); `Some` trains on these images and
+    /// drops anything staged. The result is the same as [`Session::train_step`] on the same images.
+    ///
+    /// # Errors
+    /// As [`Session::train_step`]; [`SnellaError::Config`] for `images: None` with nothing staged;
+    /// [`SnellaError::Tensor`] when `next` or the staged batch does not hold whole images of the
+    /// model's size (the staged batch must hold `labels.len()` of them).
+    pub fn train_step_next(&mut self, images: Option<&[f32]>, labels: &[u32], next: Option<&[f32]>) -> Result<StepStats> {
+        let c = &self.vit.cfg;
+        let per = c.in_chans * c.img_size * c.img_size;
+        if let Some(n) = next {
+            if n.is_empty() || n.len() % per != 0 {
+                return Err(SnellaError::tensor("<next>", "images", format!("has {} values; expected a whole number ≥ 1 of {}×{}×{} images", n.len(), c.in_chans, c.img_size, c.img_size)));
+            }
+        }
+        let staged = self.staged.take();
+        let x = match images {
+            Some(h) => {
+                self.check_batch(h, labels)?;
+                Images::Host(h)
+            }
+            None => {
+                let Some(x) = staged else {
+                    return Err(SnellaError::config("images", "none", "images for this step: the previous step staged none (pass `next` to stage a batch)"));
+                };
+                self.check_labels(labels)?;
+                self.check_not_merged()?;
+                Images::Staged(x)
+            }
+        };
+        let Session { be, vit, trainer, .. } = self;
+        let tr = trainer.as_mut().ok_or_else(|| SnellaError::config("trainer", "none", "call prepare() before training"))?;
+        let (stats, staged) = tr.step_next(be, vit, x, labels, per, next)?;
+        self.staged = staged;
+        Ok(stats)
     }
 
     /// Checks a training batch before any work: `images` holds `labels.len() ≥ 1` images of the
@@ -132,6 +181,10 @@ impl<B: Backend> Session<B> {
     pub fn check_batch(&self, images: &[f32], labels: &[u32]) -> Result<()> {
         self.check_images(images, labels.len())?;
         self.check_labels(labels)?;
+        self.check_not_merged()
+    }
+
+    fn check_not_merged(&self) -> Result<()> {
         if self.vit.linears().iter().any(|l| l.original.is_some()) {
             return Err(SnellaError::config("merged", "true", "unmerge() before training"));
         }

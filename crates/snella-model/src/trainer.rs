@@ -121,6 +121,19 @@ pub struct StepStats {
     pub batch: usize,
     /// The learning rate used.
     pub lr: f64,
+    /// Whether this step also staged the next batch's images on the backend
+    /// ([`Trainer::step_next`]); the caller then passes no images for that batch.
+    #[serde(default)]
+    pub staged: bool,
+}
+
+/// A training batch's images `[b, C, H, W]` (f32, normalised, NCHW).
+pub enum Images<'a, B: Backend> {
+    /// On the host (uploaded by the step).
+    Host(&'a [f32]),
+    /// Already on the backend: what the previous [`Trainer::step_next`] staged with
+    /// [`Backend::upload_beside`].
+    Staged(B::Buf),
 }
 
 /// Training state that is not in the model: step counters and the allocator.
@@ -252,6 +265,33 @@ impl Trainer {
         self.apply(be, vit, loss_sum, correct, b)
     }
 
+    /// [`Trainer::step`] that also stages `next` (the next batch's images, any size) on the backend
+    /// while this step computes, so that the next step does not wait for its upload: the host fills
+    /// a page-locked buffer and the DMA runs on a second stream during this step's forward
+    /// ([`Backend::upload_beside`]). Pass the returned buffer as [`Images::Staged`] to the next call.
+    /// With [`TrainConfig::micro_batches`] `> 1` nothing is staged (the step slices host images).
+    ///
+    /// # Errors
+    /// As [`Trainer::step`]; [`SnellaError::Config`] for [`Images::Staged`] with micro-batches, and
+    /// [`SnellaError::Tensor`] when staged images do not hold `labels.len()` images of `per` values.
+    pub fn step_next<B: Backend>(&mut self, be: &B, vit: &mut Vit<B>, images: Images<'_, B>, labels: &[u32], per: usize, next: Option<&[f32]>) -> Result<(StepStats, Option<B::Buf>)> {
+        let b = labels.len();
+        let x = match images {
+            Images::Host(h) if self.cfg.micro_batches.max(1) > 1 || b == 0 => return self.step(be, vit, h, labels).map(|s| (s, None)),
+            Images::Staged(_) if self.cfg.micro_batches.max(1) > 1 => {
+                return Err(SnellaError::config("micro_batches", self.cfg.micro_batches, "1 for a step on staged images (pass the images instead)"));
+            }
+            Images::Host(h) => be.upload(h),
+            Images::Staged(x) => x,
+        };
+        if be.len(&x) != b * per {
+            return Err(SnellaError::tensor("<staged>", "images", format!("has {} values; expected {b} images of {per} = {}", be.len(&x), b * per)));
+        }
+        let ((loss_sum, correct), staged) = self.forward_backward_x(be, vit, x, labels, b, next);
+        let stats = self.apply(be, vit, loss_sum, correct, b)?;
+        Ok((StepStats { staged: staged.is_some(), ..stats }, staged))
+    }
+
     /// Forward and backward of `images: [b, C, H, W]`, `labels: [b]` (a whole batch, or one
     /// data-parallel rank's shard of it) as [`TrainConfig::micro_batches`] micro-batches, each
     /// normalised by `norm` (the global batch size), their gradients added in order into the
@@ -308,10 +348,19 @@ impl Trainer {
     /// and returns `(Σ loss over the slice in f64, correct top-1)`. When the loss is not finite the
     /// backward pass is skipped (the gradients are then stale; the caller stops the step).
     pub fn forward_backward<B: Backend>(&self, be: &B, vit: &mut Vit<B>, images: &[f32], labels: &[u32], norm: usize) -> (f64, usize) {
+        let x = be.upload(images);
+        self.forward_backward_x(be, vit, x, labels, norm, None).0
+    }
+
+    /// [`Trainer::forward_backward`] of images already on the backend (`x`), staging `next` with
+    /// [`Backend::upload_beside`] once the forward is queued (the host copies while the device
+    /// computes). Returns the loss sum and correct count, and the staged batch.
+    fn forward_backward_x<B: Backend>(&self, be: &B, vit: &mut Vit<B>, x: B::Buf, labels: &[u32], norm: usize, next: Option<&[f32]>) -> ((f64, usize), Option<B::Buf>) {
         let b = labels.len();
         vit.recompute = self.cfg.recompute;
-        let x = be.upload(images);
         let (logits, cache) = vit.forward(be, &x, b, true);
+        drop(x);
+        let staged = next.map(|n| be.upload_beside(n));
         let c = vit.head.n_out;
         let mut dlogits = be.empty(b * c);
         let (sum, correct) = if norm == b {
@@ -324,7 +373,7 @@ impl Trainer {
         if sum.is_finite() {
             vit.backward(be, cache.expect("train cache"), &dlogits);
         }
-        (sum, correct)
+        ((sum, correct), staged)
     }
 
     /// The end of a step, once the gradients of the whole batch are in place (summed over
@@ -377,7 +426,7 @@ impl Trainer {
         if let Some(i) = non_finite {
             return Err(SnellaError::NonFinite { tensor: format!("{} (after the update)", trained[i].name), step });
         }
-        Ok(StepStats { step, loss, correct, batch, lr })
+        Ok(StepStats { step, loss, correct, batch, lr, staged: false })
     }
 }
 

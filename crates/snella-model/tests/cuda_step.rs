@@ -42,7 +42,7 @@ fn session_hd64<B: Backend>(be: B) -> Session<B> {
 fn session_hd64_kind<B: Backend>(be: B, kind: MethodKind) -> Session<B> {
     let shape = VitShape { img_size: 32, patch_size: 16, embed_dim: 128, depth: 2, num_heads: 2, mlp_hidden: 256, num_classes: 5, init_bound: 0.3 };
     let vit = Vit::from_file(&be, random_vit(&shape, 21)).expect("random vit");
-    prepared_kind(Session { be, vit, method: None, trainer: None, source: String::new() }, kind)
+    prepared_kind(Session::new(be, vit, ""), kind)
 }
 
 /// One training step on `x` (6 images, fixed labels); every trainable tensor's name, value and
@@ -390,4 +390,37 @@ fn bf16_step_check(tag: &str, mut cpu: Session<CpuBackend>, mut gpu: Session<Cud
     }
     assert!(fails.is_empty(), "{tag}: {}", fails.join("; "));
     errs
+}
+
+/// Staging the next batch on the copy stream during a step (`Session::train_step_next`, the
+/// bench's and the TypeScript loop's path) gives bit-identical training to uploading each batch at
+/// its step: three bf16 SNELLA steps over three different batches (the last one of 4 images), then
+/// every trainable value and gradient compared.
+#[test]
+fn gpu_staged_batches_give_bit_identical_steps() {
+    if let Err(e) = snella_cuda::probe::probe() {
+        println!("skipped: no CUDA ({e})");
+        return;
+    }
+    let be = CudaBackend::new(0).unwrap();
+    be.gpu.set_precision(snella_cuda::device::Precision::Bf16).unwrap();
+    let per = 3 * 32 * 32;
+    let xs: Vec<Vec<f32>> = [6usize, 6, 4].iter().enumerate().map(|(k, &b)| snella_core::gradcheck::rand_vec(b * per, 40 + k as u64, 1.5).iter().map(|&v| v as f32).collect()).collect();
+    let labels = |x: &Vec<f32>| (0..(x.len() / per) as u32).map(|i| i % 5).collect::<Vec<u32>>();
+    let params = |s: &mut Session<CudaBackend>| {
+        let be = s.be.clone();
+        s.vit.params_mut().into_iter().filter_map(|p| p.train.as_ref().map(|t| (p.name.clone(), be.download(&p.value), be.download(&t.grad)))).collect::<Vec<_>>()
+    };
+    let mut plain = session_hd64(be.clone());
+    let a: Vec<f32> = xs.iter().map(|x| plain.train_step(x, &labels(x)).unwrap().loss).collect();
+    let mut staged = session_hd64(be.clone());
+    let mut b = Vec::new();
+    for (i, x) in xs.iter().enumerate() {
+        let here = if i == 0 { Some(&x[..]) } else { None };
+        let r = staged.train_step_next(here, &labels(x), xs.get(i + 1).map(|v| &v[..])).unwrap();
+        assert_eq!(r.staged, i + 1 < xs.len());
+        b.push(r.loss);
+    }
+    assert_eq!(a, b, "losses");
+    assert_same_params(&params(&mut plain), &params(&mut staged), "staged batches");
 }

@@ -36,10 +36,13 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    fn train_step(&mut self, x: &[f32], y: &[u32]) -> std::result::Result<StepStats, SnellaError> {
-        match self.dp.as_mut() {
-            Some(d) => d.step(&mut self.sess, x, y),
-            None => self.sess.train_step(x, y),
+    /// One step on `x` (or, when `None`, the batch the previous step staged), staging `next` when
+    /// the engine can (not in a data-parallel group, whose ranks slice host images).
+    fn train_step(&mut self, x: Option<&[f32]>, y: &[u32], next: Option<&[f32]>) -> std::result::Result<StepStats, SnellaError> {
+        match (self.dp.as_mut(), x) {
+            (Some(d), Some(x)) => d.step(&mut self.sess, x, y),
+            (Some(_), None) => Err(SnellaError::config("images", "none", "images for every step in a data-parallel group (nothing is staged there)")),
+            (None, x) => self.sess.train_step_next(x, y, next),
         }
     }
 
@@ -270,10 +273,13 @@ impl NativeModel {
         with(&self.inner, |a| dispatch_engine!(a, e => e.begin_epoch(t as usize).map_err(js_err)))
     }
 
-    /// One training step (async): images `[b,3,H,W]` f32, labels `[b]`.
-    #[napi(ts_return_type = "Promise<{ step: number, loss: number, correct: number, batch: number, lr: number }>")]
-    pub fn train_step(&self, images: Float32Array, labels: Uint32Array) -> AsyncTask<Job> {
-        AsyncTask::new(Job { inner: self.inner.clone(), kind: JobKind::Train(images.to_vec(), labels.to_vec()) })
+    /// One training step (async): images `[b,3,H,W]` f32 (or `null`: the batch the previous step
+    /// staged, when it returned `staged: true`), labels `[b]`, and optionally the next batch's
+    /// images, which the step copies to the device while it computes (`staged: true` in the result;
+    /// not in a data-parallel group). See `Session::train_step_next`.
+    #[napi(ts_return_type = "Promise<{ step: number, loss: number, correct: number, batch: number, lr: number, staged: boolean }>")]
+    pub fn train_step(&self, images: Option<Float32Array>, labels: Uint32Array, next: Option<Float32Array>) -> AsyncTask<Job> {
+        AsyncTask::new(Job { inner: self.inner.clone(), kind: JobKind::Train(images.map(|x| x.to_vec()), labels.to_vec(), next.map(|x| x.to_vec())) })
     }
 
     /// Logits `[b, classes]` (async).
@@ -459,7 +465,7 @@ impl NativeModel {
 /// The work of an async call.
 pub enum JobKind {
     /// A training step.
-    Train(Vec<f32>, Vec<u32>),
+    Train(Option<Vec<f32>>, Vec<u32>, Option<Vec<f32>>),
     /// Logits.
     Predict(Vec<f32>, usize),
     /// Loss and accuracy.
@@ -500,8 +506,8 @@ impl Task for Job {
                     process_group(a, cfg).map_err(js_err)?;
                     return Ok(JobOut::Json(dispatch_engine!(a, e => e.group_info())));
                 }
-                JobKind::Train(x, y) => {
-                    return dispatch_engine!(a, e => e.train_step(x, y)).map(|r| JobOut::Json(serde_json::to_value(r).expect("json"))).map_err(js_err);
+                JobKind::Train(x, y, next) => {
+                    return dispatch_engine!(a, e => e.train_step(x.as_deref(), y, next.as_deref())).map(|r| JobOut::Json(serde_json::to_value(r).expect("json"))).map_err(js_err);
                 }
                 _ => {}
             }

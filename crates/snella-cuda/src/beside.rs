@@ -1,0 +1,107 @@
+//! Uploads beside the queued work: the next training batch's images copied to the device on a
+//! second stream while the current step still runs ([`Gpu::upload_beside`]).
+//!
+//! [`Gpu::upload`] must wait for the stream before it refills its page-locked staging buffer, and
+//! its copy runs on the compute stream, so the GPU idles while the host fills the buffer and while
+//! the DMA runs (≈ 1.9 ms per ViT-B/16 batch of 64 at 224 px, bench/PERF.md). Here the host fills a
+//! second page-locked buffer while the GPU computes, the DMA goes through a copy stream into a
+//! device slot kept between calls, and the compute stream only takes a device-to-device copy of the
+//! slot (≈ 25 µs for that batch on an H200) in its own order.
+
+use crate::device::{cuda_err, Gpu};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
+use snella_core::SnellaError;
+use std::sync::Arc;
+
+/// The copy stream, its page-locked buffer and device slot (both grow-only), and the two events
+/// that order them against the compute stream.
+pub struct Beside {
+    copy: Arc<CudaStream>,
+    host: Option<PinnedHostSlice<f32>>,
+    slot: Option<CudaSlice<f32>>,
+    /// Recorded on the copy stream after the last copy into the slot.
+    copied: CudaEvent,
+    /// Recorded on the compute stream after the last copy out of the slot.
+    consumed: CudaEvent,
+}
+
+impl Beside {
+    /// A copy stream and its events on `gpu`'s context (no buffers yet).
+    ///
+    /// # Errors
+    /// `CUDA_ERROR` when the stream or an event cannot be created.
+    pub fn new(gpu: &Gpu) -> Result<Self, SnellaError> {
+        let copy = gpu.ctx.new_stream().map_err(|e| cuda_err("copy stream", e))?;
+        let copied = gpu.ctx.new_event(None).map_err(|e| cuda_err("copy event", e))?;
+        let consumed = gpu.ctx.new_event(None).map_err(|e| cuda_err("copy event", e))?;
+        Ok(Beside { copy, host: None, slot: None, copied, consumed })
+    }
+}
+
+impl Drop for Beside {
+    /// Waits for the copy stream, so the page-locked buffer is not freed under a copy.
+    fn drop(&mut self) {
+        let _ = self.copy.synchronize();
+    }
+}
+
+impl Gpu {
+    /// A new device buffer holding `data`, copied beside the work queued so far: the host fills a
+    /// page-locked buffer while the GPU runs, the DMA goes on a separate stream, and only a
+    /// device-to-device copy joins the compute stream, after everything queued before this call.
+    /// The buffer is therefore ready for work queued after this call (the next step), like
+    /// [`Gpu::upload`]'s, without the compute stream waiting for the host.
+    ///
+    /// Costs one device slot of `data.len()` f32 values kept between calls (grow-only, from the
+    /// memory pool) besides the returned buffer.
+    ///
+    /// # Errors
+    /// `CUDA_OOM` for the slot or the buffer; `CUDA_ERROR` when the stream, the page-locked buffer or
+    /// a copy fails.
+    pub fn upload_beside(&self, data: &[f32]) -> Result<CudaSlice<f32>, SnellaError> {
+        use rayon::prelude::*;
+        let n = data.len();
+        if n == 0 {
+            return self.zeros(0);
+        }
+        let mut g = self.beside.lock().expect("beside uploads");
+        if g.is_none() {
+            *g = Some(Beside::new(self)?);
+        }
+        let b = g.as_mut().expect("set above");
+        // the page-locked buffer's previous copy (a step ago) must be done before it is refilled
+        b.copied.synchronize().map_err(|e| cuda_err("upload beside (wait for the previous copy)", e))?;
+        if b.host.as_ref().map_or(true, |h| h.len() < n) {
+            b.host = None;
+            // SAFETY: written below before any copy reads it.
+            b.host = Some(unsafe { self.ctx.alloc_pinned::<f32>(n.max(1)) }.map_err(|e| cuda_err("page-locked buffer for uploads beside", e))?);
+        }
+        if b.slot.as_ref().map_or(true, |s| s.len() < n) {
+            // A new slot is valid in the compute stream's order: the copy stream waits for that
+            // point once (this upload then does not overlap). The old slot is freed in the compute
+            // stream's order too, after any copy out of it queued there.
+            // SAFETY: the copy below writes the n values read later.
+            b.slot = Some(unsafe { self.uninit::<f32>(n) }?);
+            b.copy.join(&self.stream).map_err(|e| cuda_err("upload beside (order the new slot)", e))?;
+        }
+        let host = b.host.as_mut().expect("set above").as_mut_slice().map_err(|e| cuda_err("page-locked buffer for uploads beside", e))?;
+        host[..n].par_chunks_mut(1 << 16).zip(data.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
+        // the slot's previous contents must have been copied out before they are overwritten
+        b.copy.wait(&b.consumed).map_err(|e| cuda_err("upload beside (wait for the slot)", e))?;
+        {
+            let slot = b.slot.as_mut().expect("set above");
+            let (dp, _rec) = cudarc::driver::DevicePtrMut::device_ptr_mut(slot, &b.copy);
+            // SAFETY: `host[..n]` is not written again before `copied` (recorded next) completes: the
+            // next call waits for it first; the slot holds at least n values.
+            unsafe { cudarc::driver::result::memcpy_htod_async(dp, &host[..n], b.copy.cu_stream()) }.map_err(|e| cuda_err("upload beside (copy)", e))?;
+        }
+        b.copied.record(&b.copy).map_err(|e| cuda_err("upload beside (record)", e))?;
+        self.stream.wait(&b.copied).map_err(|e| cuda_err("upload beside (join)", e))?;
+        // SAFETY: the copy below writes all n values.
+        let mut out = unsafe { self.uninit::<f32>(n) }?;
+        let slot = b.slot.as_ref().expect("set above");
+        self.stream.memcpy_dtod(&slot.slice(..n), &mut out.slice_mut(..n)).map_err(|e| cuda_err("upload beside (device copy)", e))?;
+        b.consumed.record(&self.stream).map_err(|e| cuda_err("upload beside (record)", e))?;
+        Ok(out)
+    }
+}
