@@ -317,18 +317,20 @@ async function trainLoop(
     let last = performance.now();
     // One batch ahead: each step also stages the next batch's images on the device while it
     // computes (`staged: true`), and the next call then passes no images (not in a data-parallel
-    // group, whose ranks slice host images).
+    // group, whose ranks slice host images, nor with micro-batches, which slice them too).
+    const stage = dataParallel === undefined && (opts.microBatches ?? 1) === 1;
     const it = (epoch === start.epoch ? batchesFrom(loader, epoch, start.batch) : loader.epoch(epoch))[Symbol.asyncIterator]();
     let staged = false;
     try {
       for (let cur = await it.next(); !cur.done; ) {
+        const batch = cur.value;
+        const nxt = await it.next();
+        // checked after loading the next batch, so an abort during that load stops here too
         if (opts.signal?.aborted) {
           aborted = true;
           break;
         }
-        const batch = cur.value;
-        const nxt = await it.next();
-        const next = dataParallel === undefined && !nxt.done ? nxt.value.images : undefined;
+        const next = stage && !nxt.done ? nxt.value.images : undefined;
         const r = await nativeAsync(() => model.native.trainStep(staged ? null : batch.images, batch.labels, next));
         staged = r.staged;
         cur = nxt;

@@ -4,9 +4,12 @@
 //! [`Gpu::upload`] must wait for the stream before it refills its page-locked staging buffer, and
 //! its copy runs on the compute stream, so the GPU idles while the host fills the buffer and while
 //! the DMA runs (≈ 1.9 ms per ViT-B/16 batch of 64 at 224 px, bench/PERF.md). Here the host fills a
-//! second page-locked buffer while the GPU computes, the DMA goes through a copy stream into a
-//! device slot kept between calls, and the compute stream only takes a device-to-device copy of the
-//! slot (≈ 25 µs for that batch on an H200) in its own order.
+//! second page-locked buffer while the GPU runs the work queued before the call (the training
+//! step calls it once the forward pass is queued), the DMA goes through a copy stream into a device
+//! slot kept between calls, and the compute stream waits for that DMA and then takes a
+//! device-to-device copy of the slot (≈ 25 µs for that batch on an H200). The work queued before
+//! the call therefore hides the fill and the DMA when it lasts longer than they do (a ViT-B/16
+//! forward pass at batch 64: ≈ 9 ms against ≈ 2 ms); the work queued after it waits for them.
 
 use crate::device::{cuda_err, Gpu};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
@@ -47,10 +50,12 @@ impl Drop for Beside {
 
 impl Gpu {
     /// A new device buffer holding `data`, copied beside the work queued so far: the host fills a
-    /// page-locked buffer while the GPU runs, the DMA goes on a separate stream, and only a
-    /// device-to-device copy joins the compute stream, after everything queued before this call.
-    /// The buffer is therefore ready for work queued after this call (the next step), like
-    /// [`Gpu::upload`]'s, without the compute stream waiting for the host.
+    /// page-locked buffer while the GPU runs that work, the DMA goes on a separate stream, and the
+    /// compute stream, after everything queued before this call, waits for the DMA and copies the
+    /// result device to device into the returned buffer. The buffer is therefore ready for work
+    /// queued after this call, like [`Gpu::upload`]'s, and the GPU only idles when the queued work
+    /// ends before the fill and the DMA do (the first call, or one that grows the device slot, also
+    /// waits for that work before its DMA).
     ///
     /// Costs one device slot of `data.len()` f32 values kept between calls (grow-only, from the
     /// memory pool) besides the returned buffer.
@@ -95,8 +100,13 @@ impl Gpu {
             // next call waits for it first; the slot holds at least n values.
             unsafe { cudarc::driver::result::memcpy_htod_async(dp, &host[..n], b.copy.cu_stream()) }.map_err(|e| cuda_err("upload beside (copy)", e))?;
         }
-        b.copied.record(&b.copy).map_err(|e| cuda_err("upload beside (record)", e))?;
-        self.stream.wait(&b.copied).map_err(|e| cuda_err("upload beside (join)", e))?;
+        // Past here a DMA out of the page-locked buffer may be in flight: on an error, wait for the
+        // copy stream, since `copied` may not cover it for the next call's refill.
+        let joined = b.copied.record(&b.copy).and_then(|_| self.stream.wait(&b.copied));
+        if let Err(e) = joined {
+            let _ = b.copy.synchronize();
+            return Err(cuda_err("upload beside (join)", e));
+        }
         // SAFETY: the copy below writes all n values.
         let mut out = unsafe { self.uninit::<f32>(n) }?;
         let slot = b.slot.as_ref().expect("set above");

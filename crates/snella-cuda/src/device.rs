@@ -16,7 +16,8 @@ static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/snella.fatbin")
 pub struct Gpu {
     /// The context.
     pub ctx: Arc<CudaContext>,
-    /// The stream every op runs on (in order; the host syncs only to read results).
+    /// The stream every op runs on (in order; the host syncs only to read results). Only
+    /// [`Gpu::upload_beside`] also copies on a second stream, ordered against this one by events.
     pub stream: Arc<CudaStream>,
     /// cuBLAS on `stream`.
     pub blas: CudaBlas,
@@ -56,7 +57,9 @@ impl Gpu {
         let driver = probe()?;
         let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("cannot create a CUDA context", e))?;
         // SAFETY: every op of a Gpu runs in order on its one stream, so cudarc's per-buffer
-        // read/write events (two driver objects created and destroyed per allocation) order nothing.
+        // read/write events (two driver objects created and destroyed per allocation) order nothing;
+        // the one exception, the copy stream of `Gpu::upload_beside`, orders its buffers with its
+        // own events (crate::beside).
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let pool = default_pool(&ctx);

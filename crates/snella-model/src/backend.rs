@@ -52,9 +52,11 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn act(&self, x: Self::Buf) -> Self::Act;
     /// A buffer holding a copy of `data`.
     fn upload(&self, data: &[f32]) -> Self::Buf;
-    /// [`Backend::upload`] without holding up the work queued so far: the buffer is ready for work
-    /// queued after this call. CUDA copies on a second stream while the GPU runs (the next training
-    /// batch during this step; `snella_cuda::beside`); the default is [`Backend::upload`].
+    /// [`Backend::upload`] while the work queued so far runs: the buffer is ready for work queued
+    /// after this call. CUDA fills a page-locked buffer and copies on a second stream while the GPU
+    /// runs the queued work, which then hides the upload when it lasts longer (the next training
+    /// batch during this step's forward pass; `snella_cuda::beside`); the default is
+    /// [`Backend::upload`].
     fn upload_beside(&self, data: &[f32]) -> Self::Buf {
         self.upload(data)
     }

@@ -46,8 +46,10 @@ pub struct Session<B: Backend> {
     pub trainer: Option<Trainer>,
     /// The checkpoint the model came from.
     pub source: String,
-    /// The next batch's images, staged on the backend by the last [`Session::train_step_next`].
-    pub staged: Option<B::Buf>,
+    /// The next batch's images, staged on the backend by the last [`Session::train_step_next`],
+    /// with the optimizer step count after that step: they are used only while the trainer is
+    /// still at that step (any other step, or a new trainer, makes them stale).
+    pub staged: Option<(u64, B::Buf)>,
 }
 
 impl<B: Backend> Session<B> {
@@ -135,11 +137,14 @@ impl<B: Backend> Session<B> {
     /// One training step that also stages `next`, the next batch's images (`[b', C, H, W]`, any
     /// `b' ≥ 1`), on the backend while this step computes ([`Trainer::step_next`]): on CUDA the next
     /// step then starts without waiting for its upload. `images: None` trains on the batch the
-    /// previous call staged (its [`StepStats::staged`] was true); `Some` trains on these images and
-    /// drops anything staged. The result is the same as [`Session::train_step`] on the same images.
+    /// previous call staged (its [`StepStats::staged`] was true, and no other step ran since);
+    /// `Some` trains on these images and drops anything staged. The result is the same as
+    /// [`Session::train_step`] on the same images. An error other than a bad `next` drops the
+    /// staged batch too: pass the images again.
     ///
     /// # Errors
-    /// As [`Session::train_step`]; [`SnellaError::Config`] for `images: None` with nothing staged;
+    /// As [`Session::train_step`]; [`SnellaError::Config`] for `images: None` with nothing staged
+    /// (or staged before another step);
     /// [`SnellaError::Tensor`] when `next` or the staged batch does not hold whole images of the
     /// model's size (the staged batch must hold `labels.len()` of them).
     pub fn train_step_next(&mut self, images: Option<&[f32]>, labels: &[u32], next: Option<&[f32]>) -> Result<StepStats> {
@@ -150,7 +155,8 @@ impl<B: Backend> Session<B> {
                 return Err(SnellaError::tensor("<next>", "images", format!("has {} values; expected a whole number ≥ 1 of {}×{}×{} images", n.len(), c.in_chans, c.img_size, c.img_size)));
             }
         }
-        let staged = self.staged.take();
+        let at = self.trainer.as_ref().map(|t| t.step);
+        let staged = self.staged.take().and_then(|(step, x)| (Some(step) == at).then_some(x));
         let x = match images {
             Some(h) => {
                 self.check_batch(h, labels)?;
@@ -168,7 +174,7 @@ impl<B: Backend> Session<B> {
         let Session { be, vit, trainer, .. } = self;
         let tr = trainer.as_mut().ok_or_else(|| SnellaError::config("trainer", "none", "call prepare() before training"))?;
         let (stats, staged) = tr.step_next(be, vit, x, labels, per, next)?;
-        self.staged = staged;
+        self.staged = staged.map(|x| (stats.step, x));
         Ok(stats)
     }
 

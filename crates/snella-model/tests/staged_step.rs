@@ -74,6 +74,11 @@ fn staged_step_refuses_misuse_by_name() {
     assert!(s.train_step_next(Some(&batch(0)), &LABELS, Some(&batch(1))).unwrap().staged);
     s.train_step(&batch(1), &LABELS).unwrap();
     assert!(s.train_step_next(None, &LABELS, None).is_err());
+    // nor after a new trainer (prepare again), even with the batch still held
+    assert!(s.train_step_next(Some(&batch(0)), &LABELS, Some(&batch(1))).unwrap().staged);
+    s.prepare(TrainConfig { epochs: 2, batch_size: 4, steps_per_epoch: 3, warmup_epochs: 0, ..TrainConfig::default() }).unwrap();
+    let e = s.train_step_next(None, &LABELS, None).unwrap_err().to_string();
+    assert!(e.contains("staged none"), "{e}");
 }
 
 #[test]
