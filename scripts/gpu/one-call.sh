@@ -9,13 +9,26 @@
 #      NSYS=1, where each one's step time goes between kernels (nsys-step.sh);
 #   3. recipe seeds (spec §8, bf16) with the defaults, seed by seed while time is left
 #      ($OUT/recipe-seeds.jsonl).
-# Usage: DEADLINE=560 bash .gpu/one-call.sh   (seconds; prints the figures, logs in $OUT)
+# Usage: DEADLINE=560 bash .gpu/one-call.sh   (seconds; prints the figures, logs in $OUT);
+#        FULL_BENCH=0 for the short form of step 1 (tests; the reference's SNELLA and full steps
+#        beside `gpu_bench quick`), RECIPE_SEEDS="0" for fewer seeds.
 set -uo pipefail
 cd "$(dirname "$0")"
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 t0=$(date +%s)
 left() { echo $(( ${DEADLINE:-560} - ($(date +%s) - t0) )); }
 
+if [ "${FULL_BENCH:-1}" = 0 ]; then
+  # short form, for a call with little device time left: the tests, then the reference's SNELLA and
+  # full fine-tuning steps at batch 64 bf16 beside our quick bench (no merge, TF32/f32 or batch 8 rows)
+  timeout "$(left)" bash run.sh > "$out/run.log" 2>&1 || echo "SOME GPU TESTS FAILED"
+  grep -E "^== |test result|FAILED|panicked" "$out/run.log" | head -40
+  for m in snella full; do
+    python3 ref_snella.py bench --model vit_base_patch16_224 --method $m --batch 64 --dtype bf16 --steps 10 2>/dev/null | tail -1
+  done
+  ./bin/gpu_bench 64 10 quick 2>/dev/null
+  echo
+else
 timeout "$(left)" bash run-bench.sh > "$out/run-bench.log" 2>&1
 grep -E "^== |test result|FAILED|panicked|SOME GPU TESTS FAILED" "$out/run-bench.log" | head -40
 python3 - "$out/gpu-bench.json" <<'PY'
@@ -26,6 +39,7 @@ print("RATIO", round(s["ours"]["img_per_s"] / s["reference"]["img_per_s"], 2), "
 for m in d["merge"]:
     print("MERGE", m["shape"], m["ours_ms"], "ms vs", m["reference_ms"], "ms:", m["speedup"], "x")
 PY
+fi
 echo "[$(( $(date +%s) - t0 )) s] tests and bench done"
 
 quick() {  # quick <label> <env...>: one gpu_bench quick, one line of figures
@@ -44,7 +58,7 @@ for round in 1 2; do
   quick "defaults (round $round)" SNELLA_X=default
 done
 if [ "${NSYS:-0}" = 1 ]; then
-  for v in "$ab" SNELLA_X=default; do
+  for v in SNELLA_X=default "$ab"; do
     [ "$(left)" -lt 150 ] && break
     echo "== nsys, $v"
     env $v timeout 120 bash nsys-step.sh 64 4 quick 2>/dev/null | python3 -c "
@@ -55,7 +69,7 @@ print(json.dumps(d)); [print(' gap', g) for g in big[:8]]" || echo "nsys-step fa
 fi
 
 if [ -d ../.gpu-node ]; then
-  for s in 0 1 2 3 4; do
+  for s in ${RECIPE_SEEDS:-0 1 2 3 4}; do
     [ "$(left)" -lt 75 ] && break
     (cd ../.gpu-node && timeout $(( $(left) - 10 )) bash recipe-seeds.sh "$s")
   done
