@@ -35,7 +35,7 @@ cp target/release/examples/gpu_bench target/release/examples/dp_bench .gpu/bin/
 strip .gpu/bin/* 2>/dev/null || true
 ref=../shared/reference/ref_snella.py
 [ -f "$ref" ] && cp "$ref" .gpu/ref_snella.py
-cp scripts/gpu/one-call.sh scripts/gpu/run-bench.sh scripts/gpu/ncu-step.sh scripts/gpu/nsys-step.sh scripts/gpu/run-dp-bench.sh scripts/gpu/nccl-env.sh scripts/gpu/check_timm.py scripts/gpu/assemble_bench.py .gpu/
+cp scripts/gpu/one-call.sh scripts/gpu/run-bench.sh scripts/gpu/ncu-step.sh scripts/gpu/run-dp-bench.sh scripts/gpu/nccl-env.sh scripts/gpu/check_timm.py scripts/gpu/assemble_bench.py .gpu/
 cat > .gpu/run.sh <<'RUN'
 #!/usr/bin/env bash
 # Runs every bundled test executable; each one's output goes to $OUT/<name>.log.

@@ -5,8 +5,7 @@
 #   1. run-bench.sh: every GPU test, then `gpu_bench 64 10` and the PyTorch reference side by side
 #      ($OUT/gpu-bench.json);
 #   2. `gpu_bench quick` alternating a baseline (the environment in AB_ENV, default
-#      SNELLA_PREFETCH=off: each batch uploaded at its step) and the defaults, two rounds; then, with
-#      NSYS=1, where each one's step time goes between kernels (nsys-step.sh);
+#      SNELLA_PREFETCH=off: each batch uploaded at its step) and the defaults, two rounds;
 #   3. recipe seeds (spec §8, bf16) with the defaults, seed by seed while time is left
 #      ($OUT/recipe-seeds.jsonl).
 # Usage: DEADLINE=560 bash .gpu/one-call.sh   (seconds; prints the figures, logs in $OUT);
@@ -57,16 +56,6 @@ for round in 1 2; do
   quick "$ab (round $round)" $ab
   quick "defaults (round $round)" SNELLA_X=default
 done
-if [ "${NSYS:-0}" = 1 ]; then
-  for v in SNELLA_X=default "$ab"; do
-    [ "$(left)" -lt 150 ] && break
-    echo "== nsys, $v"
-    env $v timeout 120 bash nsys-step.sh 64 4 quick 2>/dev/null | python3 -c "
-import json, sys
-d = json.loads(sys.stdin.read()); big = d.pop('largest_gaps'); d.pop('host_api')
-print(json.dumps(d)); [print(' gap', g) for g in big[:8]]" || echo "nsys-step failed"
-  done
-fi
 
 if [ -d ../.gpu-node ]; then
   for s in ${RECIPE_SEEDS:-0 1 2 3 4}; do
