@@ -53,6 +53,17 @@ fn step_params(mut s: Session<CudaBackend>, x: &[f32]) -> Vec<(String, Vec<f32>,
     s.vit.params_mut().into_iter().filter_map(|p| p.train.as_ref().map(|t| (p.name.clone(), be.download(&p.value), be.download(&t.grad)))).collect()
 }
 
+/// A CUDA backend multiplying in bf16, or `None` after printing `skipped: no CUDA (…)`.
+fn bf16_gpu() -> Option<CudaBackend> {
+    if let Err(e) = snella_cuda::probe::probe() {
+        println!("skipped: no CUDA ({e})");
+        return None;
+    }
+    let be = CudaBackend::new(0).unwrap();
+    be.gpu.set_precision(snella_cuda::device::Precision::Bf16).unwrap();
+    Some(be)
+}
+
 /// `a` and `b` (from [`step_params`]) hold the same tensors bit for bit.
 fn assert_same_params(a: &[(String, Vec<f32>, Vec<f32>)], b: &[(String, Vec<f32>, Vec<f32>)], what: &str) {
     assert!(a.len() > 10, "{what}: {} trainable tensors", a.len());
@@ -204,12 +215,7 @@ fn hd64_bf16_step(fused: bool) {
 /// the CPU. (Written in session 5 after the device time was spent: first run pending.)
 #[test]
 fn gpu_bf16_recompute_gives_bit_identical_step() {
-    if let Err(e) = snella_cuda::probe::probe() {
-        println!("skipped: no CUDA ({e})");
-        return;
-    }
-    let be = CudaBackend::new(0).unwrap();
-    be.gpu.set_precision(snella_cuda::device::Precision::Bf16).unwrap();
+    let Some(be) = bf16_gpu() else { return };
     let x: Vec<f32> = snella_core::gradcheck::rand_vec(6 * 3 * 32 * 32, 8, 1.5).iter().map(|&v| v as f32).collect();
     let run = |recompute: bool| {
         let mut s = session_hd64(be.clone());
@@ -399,12 +405,7 @@ fn bf16_step_check(tag: &str, mut cpu: Session<CpuBackend>, mut gpu: Session<Cud
 /// every trainable value and gradient compared.
 #[test]
 fn gpu_staged_batches_give_bit_identical_steps() {
-    if let Err(e) = snella_cuda::probe::probe() {
-        println!("skipped: no CUDA ({e})");
-        return;
-    }
-    let be = CudaBackend::new(0).unwrap();
-    be.gpu.set_precision(snella_cuda::device::Precision::Bf16).unwrap();
+    let Some(be) = bf16_gpu() else { return };
     let per = 3 * 32 * 32;
     let xs: Vec<Vec<f32>> = [4usize, 6, 6].iter().enumerate().map(|(k, &b)| snella_core::gradcheck::rand_vec(b * per, 40 + k as u64, 1.5).iter().map(|&v| v as f32).collect()).collect();
     let labels = |x: &Vec<f32>| (0..(x.len() / per) as u32).map(|i| i % 5).collect::<Vec<u32>>();

@@ -1,7 +1,8 @@
 //! Activation checkpointing (`TrainConfig::recompute`) changes memory, not results: two SNELLA
 //! training steps with and without it give bit-identical parameters, gradients and AdamW moments.
 
-use snella_model::backend::Backend;
+mod common;
+
 use snella_model::cpu::CpuBackend;
 use snella_model::peft::{MethodConfig, MethodKind};
 use snella_model::session::Session;
@@ -17,12 +18,7 @@ fn trained(recompute: bool) -> Vec<(String, Vec<f32>, Vec<f32>, Vec<f32>)> {
         let x: Vec<f32> = snella_core::gradcheck::rand_vec(4 * 3 * 16 * 16, 9 + k, 1.5).iter().map(|&v| v as f32).collect();
         s.train_step(&x, &[0, 1, 2, 3]).unwrap();
     }
-    let be = CpuBackend;
-    s.vit
-        .params_mut()
-        .into_iter()
-        .filter_map(|p| p.train.as_ref().map(|t| (p.name.clone(), be.download(&p.value), be.download(&t.grad), be.download(&t.m))))
-        .collect()
+    common::trainable_state(&mut s)
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //! (CPU here; `cuda_step.rs` runs the same comparison on the GPU, where the upload goes through a
 //! second stream.)
 
-use snella_model::backend::Backend;
+mod common;
+
 use snella_model::cpu::CpuBackend;
 use snella_model::peft::{MethodConfig, MethodKind};
 use snella_model::session::Session;
@@ -27,15 +28,6 @@ fn batch(k: u64) -> Vec<f32> {
 
 const LABELS: [u32; 4] = [0, 3, 2, 4];
 
-fn state(s: &mut Session<CpuBackend>) -> Vec<(String, Vec<f32>, Vec<f32>, Vec<f32>)> {
-    let be = CpuBackend;
-    s.vit
-        .params_mut()
-        .into_iter()
-        .filter_map(|p| p.train.as_ref().map(|t| (p.name.clone(), be.download(&p.value), be.download(&t.grad), be.download(&t.m))))
-        .collect()
-}
-
 #[test]
 fn staged_steps_give_bit_identical_training() {
     let xs: Vec<Vec<f32>> = (0..3).map(batch).collect();
@@ -50,7 +42,7 @@ fn staged_steps_give_bit_identical_training() {
         got.push(r.loss);
     }
     assert_eq!(losses, got);
-    let (a, b) = (state(&mut plain), state(&mut staged));
+    let (a, b) = (common::trainable_state(&mut plain), common::trainable_state(&mut staged));
     assert!(a.len() > 30);
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x, y, "{} differs when batches are staged", x.0);
