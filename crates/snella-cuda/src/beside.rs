@@ -76,12 +76,12 @@ impl Gpu {
         let b = g.as_mut().expect("set above");
         // the page-locked buffer's previous copy (a step ago) must be done before it is refilled
         b.copied.synchronize().map_err(|e| cuda_err("upload beside (wait for the previous copy)", e))?;
-        if b.host.as_ref().map_or(true, |h| h.len() < n) {
+        if b.host.as_ref().is_none_or(|h| h.len() < n) {
             b.host = None;
             // SAFETY: written below before any copy reads it.
             b.host = Some(unsafe { self.ctx.alloc_pinned::<f32>(n.max(1)) }.map_err(|e| cuda_err("page-locked buffer for uploads beside", e))?);
         }
-        if b.slot.as_ref().map_or(true, |s| s.len() < n) {
+        if b.slot.as_ref().is_none_or(|s| s.len() < n) {
             // A new slot is valid in the compute stream's order: the copy stream waits for that
             // point once (this upload then does not overlap). The old slot is freed in the compute
             // stream's order too, after any copy out of it queued there.
