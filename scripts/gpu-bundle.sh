@@ -9,7 +9,7 @@
 #                            .gpu/run-dp-bench.sh runs it into $OUT/dp-bench.json
 #   .gpu/ref_snella.py       the PyTorch reference, timed side by side by run-bench.sh
 #   .gpu/run.sh              runs the tests; .gpu/run-bench.sh runs tests + benchmarks
-#   .gpu/one-call.sh         tests, A/B against session 9's path, bench beside the reference, recipe seeds, in one deadline
+#   .gpu/one-call.sh         tests, bench beside the reference, an A/B (AB_ENV), recipe seeds, in one deadline
 # Usage: scripts/gpu-bundle.sh; then on the device: bash .gpu/run.sh   or   bash .gpu/run-bench.sh
 # SNELLA_BUNDLE_XZ=1 packs bin/ as bin.tar.xz (≈ 3 MB instead of ≈ 25 MB, so that .gpu and
 # .gpu-node fit the device tool's 64 MiB together); run.sh unpacks it.

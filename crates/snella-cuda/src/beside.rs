@@ -64,7 +64,6 @@ impl Gpu {
     /// `CUDA_OOM` for the slot or the buffer; `CUDA_ERROR` when the stream, the page-locked buffer or
     /// a copy fails.
     pub fn upload_beside(&self, data: &[f32]) -> Result<CudaSlice<f32>, SnellaError> {
-        use rayon::prelude::*;
         let n = data.len();
         if n == 0 {
             return self.zeros(0);
@@ -76,11 +75,6 @@ impl Gpu {
         let b = g.as_mut().expect("set above");
         // the page-locked buffer's previous copy (a step ago) must be done before it is refilled
         b.copied.synchronize().map_err(|e| cuda_err("upload beside (wait for the previous copy)", e))?;
-        if b.host.as_ref().is_none_or(|h| h.len() < n) {
-            b.host = None;
-            // SAFETY: written below before any copy reads it.
-            b.host = Some(unsafe { self.ctx.alloc_pinned::<f32>(n.max(1)) }.map_err(|e| cuda_err("page-locked buffer for uploads beside", e))?);
-        }
         if b.slot.as_ref().is_none_or(|s| s.len() < n) {
             // A new slot is valid in the compute stream's order: the copy stream waits for that
             // point once (this upload then does not overlap). The old slot is freed in the compute
@@ -89,16 +83,15 @@ impl Gpu {
             b.slot = Some(unsafe { self.uninit::<f32>(n) }?);
             b.copy.join(&self.stream).map_err(|e| cuda_err("upload beside (order the new slot)", e))?;
         }
-        let host = b.host.as_mut().expect("set above").as_mut_slice().map_err(|e| cuda_err("page-locked buffer for uploads beside", e))?;
-        host[..n].par_chunks_mut(1 << 16).zip(data.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
+        let host = self.fill_pinned(&mut b.host, data)?;
         // the slot's previous contents must have been copied out before they are overwritten
         b.copy.wait(&b.consumed).map_err(|e| cuda_err("upload beside (wait for the slot)", e))?;
         {
             let slot = b.slot.as_mut().expect("set above");
             let (dp, _rec) = cudarc::driver::DevicePtrMut::device_ptr_mut(slot, &b.copy);
-            // SAFETY: `host[..n]` is not written again before `copied` (recorded next) completes: the
+            // SAFETY: `host` (n values) is not written again before `copied` (recorded next) completes: the
             // next call waits for it first; the slot holds at least n values.
-            unsafe { cudarc::driver::result::memcpy_htod_async(dp, &host[..n], b.copy.cu_stream()) }.map_err(|e| cuda_err("upload beside (copy)", e))?;
+            unsafe { cudarc::driver::result::memcpy_htod_async(dp, &*host, b.copy.cu_stream()) }.map_err(|e| cuda_err("upload beside (copy)", e))?;
         }
         // Past here a DMA out of the page-locked buffer may be in flight: on an error, wait for the
         // copy stream, since `copied` may not cover it for the next call's refill.

@@ -208,7 +208,6 @@ impl Gpu {
     /// # Errors
     /// `CUDA_OOM` for the device buffer; `CUDA_ERROR` when the staging buffer or the copy fails.
     pub fn upload(&self, data: &[f32]) -> Result<CudaSlice<f32>, SnellaError> {
-        use rayon::prelude::*;
         let n = data.len();
         if n < STAGED_MIN {
             return self.stream.clone_htod(data).map_err(|e| self.oom(n * 4, e));
@@ -216,23 +215,35 @@ impl Gpu {
         let mut g = self.staging.lock().expect("staging buffer");
         // the previous copy out of the buffer must be done before it is refilled or freed
         self.sync()?;
-        if g.as_ref().map_or(true, |p| p.len() < n) {
-            *g = None;
-            // SAFETY: the buffer is written below before any copy reads it.
-            *g = Some(unsafe { self.ctx.alloc_pinned::<f32>(n) }.map_err(|e| cuda_err("page-locked staging buffer", e))?);
-        }
-        let p = g.as_mut().expect("staging buffer");
-        let host = p.as_mut_slice().map_err(|e| cuda_err("page-locked staging buffer", e))?;
-        host[..n].par_chunks_mut(1 << 16).zip(data.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
+        let host = self.fill_pinned(&mut g, data)?;
         // SAFETY: the copy below writes all n values.
         let mut dev = unsafe { self.uninit::<f32>(n) }?;
         {
             let (dp, _rec) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut dev, &self.stream);
-            // SAFETY: `host[..n]` stays valid and unwritten until the next upload, which waits for the
+            // SAFETY: `host` (n values) stays valid and unwritten until the next upload, which waits for the
             // stream (above) before writing into it; dev holds n values.
-            unsafe { cudarc::driver::result::memcpy_htod_async(dp, &host[..n], self.stream.cu_stream()) }.map_err(|e| cuda_err("upload", e))?;
+            unsafe { cudarc::driver::result::memcpy_htod_async(dp, &*host, self.stream.cu_stream()) }.map_err(|e| cuda_err("upload", e))?;
         }
         Ok(dev)
+    }
+
+    /// Copies `data` into the page-locked buffer `buf` (grown, never shrunk, to hold it), by all
+    /// cores in parallel, and returns its first `data.len()` values. The caller has made sure no copy
+    /// still reads `buf` ([`Gpu::upload`], [`Gpu::upload_beside`]).
+    ///
+    /// # Errors
+    /// `CUDA_ERROR` when the page-locked buffer cannot be allocated or mapped.
+    pub(crate) fn fill_pinned<'a>(&self, buf: &'a mut Option<cudarc::driver::PinnedHostSlice<f32>>, data: &[f32]) -> Result<&'a mut [f32], SnellaError> {
+        use rayon::prelude::*;
+        let n = data.len();
+        if buf.as_ref().is_none_or(|p| p.len() < n) {
+            *buf = None;
+            // SAFETY: the buffer is written below before any copy reads it.
+            *buf = Some(unsafe { self.ctx.alloc_pinned::<f32>(n.max(1)) }.map_err(|e| cuda_err("page-locked buffer for uploads", e))?);
+        }
+        let host = buf.as_mut().expect("set above").as_mut_slice().map_err(|e| cuda_err("page-locked buffer for uploads", e))?;
+        host[..n].par_chunks_mut(1 << 16).zip(data.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
+        Ok(&mut host[..n])
     }
 
     /// Waits for all queued work.
